@@ -1,0 +1,10 @@
+"""cblr_ext: curvature-based layer-wise learning rates for large-batch training.
+
+``LARS``, ``MCLR`` and ``CBLR`` are ``torch.optim`` optimizers sharing one
+implementation (docs/algorithm.md), with interchangeable backends.
+"""
+from .backends import BackendUnavailable, available_backends
+from .optimizer import CBLR, LARS, MCLR, LayerwiseOptimizer
+
+__all__ = ["LARS", "MCLR", "CBLR", "LayerwiseOptimizer", "available_backends", "BackendUnavailable"]
+__version__ = "0.1.0"

@@ -1,0 +1,114 @@
+"""The reference backend: a readable single-tensor for-loop over the layers.
+
+It is the ground truth every fused backend is tested against, so it favours
+clarity over speed and may read values on the host.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .. import layer_math as lm
+from ..functional import (LayerBatch, REDUCTION_COLUMNS, STAT_COLUMNS, lr_value, state_dtype)
+
+name = "reference"
+
+
+def available(device: torch.device) -> bool:
+    return True
+
+
+def _layer_kappa(batch: LayerBatch, i: int, w: Tensor, g: Tensor, w_norm: Tensor, g_norm: Tensor) -> Tensor:
+    """This step's curvature measurement of layer i by the group's rule."""
+    hp = batch.hp
+    if batch.rule == "lars":
+        return lm.lars_kappa(w_norm, g_norm, hp["weight_decay"], hp["eps"])
+    if batch.rule == "mclr":
+        q = lm.curvature_quotients(lm.decayed_grad(g, w, hp["weight_decay"]), w)
+        return lm.median_kappa(lm.lower_median(q, approx=hp["median"] == "approx"), hp["eps"])
+    diff_norm, step_norm = batch.secant[i]
+    return lm.secant_kappa(diff_norm, step_norm, hp["eps"])
+
+
+def reduce(batch: LayerBatch) -> Tensor:
+    """Pass 1: per layer ‖w‖, ‖g‖, the measurement κ, whether it counts, and the
+    non-finite flag, all of the current inputs."""
+    hp = batch.hp
+    out = torch.full((len(batch), REDUCTION_COLUMNS), float("nan"), dtype=torch.float32, device=batch.device)
+    for i, (p, grad, state) in enumerate(zip(batch.params, batch.grads, batch.states)):
+        w, g = p.to(state_dtype(p)), grad.to(state_dtype(p))
+        w_norm = torch.linalg.vector_norm(w).float()
+        g_norm = torch.linalg.vector_norm(g).float()
+        kappa = _layer_kappa(batch, i, w, g, w_norm, g_norm).float()
+        if batch.rule == "cblr":
+            measured = torch.tensor(batch.adapt[i], device=p.device) & ~torch.isnan(batch.secant[i, 1])
+        else:
+            measured = torch.tensor(batch.adapt[i], device=p.device) & lm.measurement_due(
+                state["age"], hp["curvature_interval"])
+        out[i] = torch.stack([w_norm, g_norm, kappa, measured.float(), (~torch.isfinite(g).all()).float()])
+    return out
+
+
+def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
+    """Pass 2: ratio and update of every layer; nothing changes when ``found_inf``."""
+    hp = batch.hp
+    lr = lr_value(hp["lr"], batch.device)
+    skip = bool(found_inf)
+    stats = torch.zeros((len(batch), STAT_COLUMNS), dtype=torch.float32, device=batch.device)
+    for i, (p, grad, state) in enumerate(zip(batch.params, batch.grads, batch.states)):
+        current = red[i, :3]
+        # lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
+        w_norm, g_norm, kappa = state["lagged"] if hp["lag"] and "lagged" in state else current
+        measured = red[i, 3] > 0
+        ratio, new_bar, used, fallback = lm.layer_ratio(
+            kappa, measured, state["kappa"], w_norm, g_norm,
+            torch.tensor(batch.adapt[i], device=p.device),
+            trust_coefficient=hp["trust_coefficient"], curvature_ema=hp["curvature_ema"],
+            max_ratio=hp["max_ratio"], weight_decay=hp["weight_decay"], eps=hp["eps"],
+            fallback_trust=hp["fallback_trust"])
+        alpha = lr * ratio
+        step_norm = torch.zeros((), device=p.device)
+        if not skip:
+            dtype = state_dtype(p)
+            w = p.to(dtype)  # p itself when already fp32/fp64
+            d = lm.decayed_grad(grad.to(dtype), w, hp["weight_decay"])
+            v = None
+            if batch.uses_momentum:
+                v = state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=dtype))
+            s = lm.momentum_update(w, d, v, alpha, hp["momentum"], hp["nesterov"])
+            if w is not p:
+                p.copy_(w)
+            if batch.keeps_prev_step:
+                state["prev_step"] = s.clone() if s is v else s
+            state["kappa"] = new_bar
+            state["age"] = lm.next_age(state["age"], measured)
+            if hp["lag"]:
+                state["lagged"] = current.clone()
+            step_norm = torch.linalg.vector_norm(s).float()
+        stats[i] = torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()])
+    return stats
+
+
+def snapshot(tensors: list) -> list:
+    return [t.clone() for t in tensors]
+
+
+def shift(params: list, steps: list) -> None:
+    for p, s in zip(params, steps):
+        p.add_(s.to(p.dtype))
+
+
+def restore(dst: list, src: list) -> None:
+    for d, s in zip(dst, src):
+        d.copy_(s)
+
+
+def secant_norms(w_t: list, g_t: list, w_p: list, g_p: list, steps: list, weight_decay: float) -> Tensor:
+    """Per layer (‖d(w_t) − d(w_p)‖, ‖s‖), d = g + β·w, both gradients on the same batch."""
+    rows = []
+    for wt, gt, wp, gp, s in zip(w_t, g_t, w_p, g_p, steps):
+        dtype = state_dtype(wt)
+        diff = (lm.decayed_grad(gt.to(dtype), wt.to(dtype), weight_decay)
+                - lm.decayed_grad(gp.to(dtype), wp.to(dtype), weight_decay))
+        rows.append(torch.stack([torch.linalg.vector_norm(diff), torch.linalg.vector_norm(s)]).float())
+    return torch.stack(rows)

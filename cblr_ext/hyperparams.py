@@ -1,0 +1,75 @@
+"""Group hyperparameters: defaults per rule and validation.
+
+Validation runs when a group is added and again before every step (a user may
+edit ``param_groups`` directly, as LR schedulers do), so a bad value is
+reported before any tensor is modified.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+RULES = ("lars", "mclr", "cblr")
+BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
+MEDIANS = ("exact", "approx")
+
+# The rule-specific defaults come from docs/algorithm.md ("Defaults").
+RULE_DEFAULTS = {
+    "lars": dict(trust_coefficient=1e-3, curvature_ema=0.0),
+    "mclr": dict(trust_coefficient=1e-3, curvature_ema=0.0),
+    "cblr": dict(trust_coefficient=1.0, curvature_ema=0.5),
+}
+
+
+def _number(name, value):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
+        return None  # a device tensor (lr): its value is not read on the host
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise ValueError(f"{name} must not be NaN")
+    return value
+
+
+def validate_group(group: dict, rule: str) -> None:
+    """Raise ``ValueError`` naming the first bad hyperparameter of ``group``."""
+    lr = _number("lr", group["lr"])
+    if lr is not None and lr < 0:
+        raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+    momentum = _number("momentum", group["momentum"])
+    if not 0.0 <= momentum < 1.0:
+        raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
+    wd = _number("weight_decay", group["weight_decay"])
+    if wd < 0:
+        raise ValueError(f"Invalid weight_decay: {wd} (must be >= 0)")
+    if not _number("trust_coefficient", group["trust_coefficient"]) > 0:
+        raise ValueError(f"Invalid trust_coefficient: {group['trust_coefficient']} (must be > 0)")
+    if not _number("fallback_trust", group["fallback_trust"]) > 0:
+        raise ValueError(f"Invalid fallback_trust: {group['fallback_trust']} (must be > 0)")
+    if _number("eps", group["eps"]) < 0:
+        raise ValueError(f"Invalid eps: {group['eps']} (must be >= 0)")
+    ema = _number("curvature_ema", group["curvature_ema"])
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"Invalid curvature_ema: {ema} (must be in [0, 1))")
+    if group["max_ratio"] is not None and not _number("max_ratio", group["max_ratio"]) > 0:
+        raise ValueError(f"Invalid max_ratio: {group['max_ratio']} (must be None or > 0)")
+    k = group["curvature_interval"]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"Invalid curvature_interval: {k!r} (must be an integer >= 1)")
+    if group["nesterov"] and momentum == 0:
+        raise ValueError("Invalid nesterov: Nesterov momentum requires momentum > 0")
+    if group["backend"] not in BACKENDS:
+        raise ValueError(f"Invalid backend: {group['backend']!r} (choose from {', '.join(BACKENDS)})")
+    if group["median"] not in MEDIANS:
+        raise ValueError(f"Invalid median: {group['median']!r} (choose from {', '.join(MEDIANS)})")
+    if group["lag"] not in (0, 1) or isinstance(group["lag"], bool):
+        raise ValueError(f"Invalid lag: {group['lag']!r} (must be 0 or 1)")
+    if group["lag"] and rule == "cblr":
+        raise ValueError("Invalid lag: lag=1 exists for LARS and MCLR only (CBLR measures with a closure)")
+    if not isinstance(group["adapt"], bool):
+        raise ValueError(f"Invalid adapt: {group['adapt']!r} (must be a bool)")

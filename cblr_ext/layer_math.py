@@ -1,0 +1,116 @@
+"""The layer math of docs/algorithm.md, once, in Python.
+
+Every function is elementwise over tensors of per-layer scalars, so the same
+code serves the reference backend (0-d tensors, one layer at a time) and the
+Python side of the device backends (1-D tensors, one entry per layer).  No
+function reads a value on the host: everything is ``torch.where`` so that a
+step never synchronises with the device.  The C++/CUDA twin of this file is
+``csrc/layer_math.h``; keep the two in step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_APPROX_MASK = -65536  # 0xFFFF0000 as int32: keeps sign, exponent, 7 mantissa bits
+
+
+def lars_kappa(w_norm: Tensor, g_norm: Tensor, weight_decay: float, eps: float) -> Tensor:
+    """LARS curvature (‖g‖ + β‖w‖ + ε) / ‖w‖: the layer-aggregated secant slope."""
+    return (g_norm + w_norm * weight_decay + eps) / w_norm
+
+
+def median_kappa(median: Tensor, eps: float) -> Tensor:
+    """MCLR curvature m + ε; undefined (NaN) when the median is 0 or missing."""
+    return torch.where(median > 0, median + eps, torch.full_like(median, float("nan")))
+
+
+def secant_kappa(diff_norm: Tensor, step_norm: Tensor, eps: float) -> Tensor:
+    """CBLR curvature (‖d(w) − d(w+s)‖ + ε) / ‖s‖; undefined when either norm is 0."""
+    defined = (diff_norm > 0) & (step_norm > 0)
+    return torch.where(defined, (diff_norm + eps) / step_norm, torch.full_like(diff_norm, float("nan")))
+
+
+def decayed_grad(g: Tensor, w: Tensor, weight_decay: float) -> Tensor:
+    """d = g + β·w, rounded after the product and after the sum (no fused multiply-add),
+    so that every backend forms bit-identical curvature quotients."""
+    return g + w * weight_decay
+
+
+def curvature_quotients(d: Tensor, w: Tensor) -> Tensor:
+    """h_i = |d_i| / |w_i| over the elements with w_i ≠ 0 (flattened)."""
+    nonzero = w != 0
+    return d.abs()[nonzero] / w.abs()[nonzero]
+
+
+def lower_median(q: Tensor, approx: bool = False) -> Tensor:
+    """The ⌈n/2⌉-th smallest of ``q`` (what ``torch.median`` returns), NaN when n = 0.
+
+    ``approx`` rounds the result toward zero to 8 significant bits (bfloat16
+    precision): truncation is monotonic, so this equals the lower median of the
+    truncated quotients, which one 2^16-bin histogram pass over the float bits
+    finds exactly.  Relative error < 2^-7.
+    """
+    if q.numel() == 0:
+        return torch.full((), float("nan"), dtype=torch.float32, device=q.device)
+    m = q.median().float()
+    if approx:
+        m = (m.view(torch.int32) & _APPROX_MASK).view(torch.float32)
+    return m
+
+
+def fallback_ratio(w_norm: Tensor, g_norm: Tensor, weight_decay: float, eps: float,
+                   fallback_trust: float) -> Tensor:
+    """η_F·‖w‖ / (‖g‖ + β‖w‖ + ε), or 1 where that is undefined (‖w‖ = 0, ‖g‖ = 0, not finite)."""
+    r = fallback_trust * w_norm / (g_norm + w_norm * weight_decay + eps)
+    defined = (w_norm > 0) & (g_norm > 0) & torch.isfinite(r) & (r > 0)
+    return torch.where(defined, r, torch.ones_like(r))
+
+
+def layer_ratio(kappa: Tensor, measured: Tensor, kappa_bar: Tensor, w_norm: Tensor, g_norm: Tensor,
+                adapt: Tensor, *, trust_coefficient: float, curvature_ema: float, max_ratio,
+                weight_decay: float, eps: float, fallback_trust: float):
+    """Ratio r of one step from a (possibly missing) measurement and the running κ̄.
+
+    ``kappa``: this step's measurement (ignored where ``measured`` is False).
+    ``kappa_bar``: κ̄ so far, NaN before the first valid measurement.
+    Returns (ratio, new κ̄, κ̄ used or NaN, fallback flag); not-adapted layers get r = 1
+    and keep κ̄ unchanged.
+    """
+    valid = measured & torch.isfinite(kappa) & (kappa > 0) & adapt
+    ema_value = kappa_bar * curvature_ema + kappa * (1.0 - curvature_ema)
+    new_bar = torch.where(valid, torch.where(torch.isnan(kappa_bar), kappa, ema_value), kappa_bar)
+    rule_ratio = trust_coefficient / new_bar
+    # On a measuring step the fresh measurement decides; in between, κ̄ is reused.
+    use_rule = torch.where(measured, valid, torch.isfinite(kappa_bar)) & adapt
+    use_rule = use_rule & torch.isfinite(rule_ratio) & (rule_ratio > 0)
+    ratio = torch.where(use_rule, rule_ratio,
+                        fallback_ratio(w_norm, g_norm, weight_decay, eps, fallback_trust))
+    if max_ratio is not None:
+        ratio = torch.clamp(ratio, max=max_ratio)
+    ratio = torch.where(adapt, ratio, torch.ones_like(ratio))
+    used = torch.where(use_rule, new_bar, torch.full_like(new_bar, float("nan")))
+    return ratio, new_bar, used, adapt & ~use_rule
+
+
+def measurement_due(age: Tensor, curvature_interval: int) -> Tensor:
+    """A layer re-measures when ``curvature_interval`` steps have passed since its
+    last attempt (``age`` starts at +inf, so the first opportunity measures)."""
+    return age >= curvature_interval
+
+
+def next_age(age: Tensor, measured: Tensor) -> Tensor:
+    return torch.where(measured, torch.ones_like(age), age + 1)
+
+
+def momentum_update(w: Tensor, d: Tensor, v, alpha, momentum: float, nesterov: bool):
+    """v ← μ·v + α·d; s = v, or μ·v + α·d with Nesterov (s = α·d without momentum);
+    w ← w − s.  Updates ``w`` and ``v`` in place and returns s."""
+    scaled = d * alpha
+    if v is None:
+        s = scaled
+    else:
+        v.mul_(momentum).add_(scaled)
+        s = v * momentum + scaled if nesterov else v
+    w.sub_(s)
+    return s

@@ -1,0 +1,265 @@
+"""``LARS``, ``MCLR`` and ``CBLR``: one ``torch.optim.Optimizer`` implementation,
+three curvature rules (docs/algorithm.md)."""
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from . import backends
+from . import layer_math as lm
+from .functional import (LayerBatch, RED_NONFINITE, STAT_NAMES, init_layer_state, prev_step)
+from .hyperparams import RULE_DEFAULTS, validate_group
+
+
+class LayerwiseOptimizer(Optimizer):
+    """Shared implementation; subclasses set ``rule``.
+
+    Args (every one but ``skip_nonfinite`` may be overridden per param group,
+    plus ``adapt``):
+        lr: γ, a float or a 0-d tensor.
+        momentum, weight_decay, nesterov: as in ``torch.optim.SGD`` (dampening 0).
+        trust_coefficient: η of r = η / κ̄.
+        eps: ε of the curvature rules.
+        exclude_1d: 0-d and 1-D tensors (biases, norms) are not adapted (r = 1).
+        curvature_ema: ρ of κ̄ = ρ·κ̄ + (1−ρ)·κ.
+        max_ratio: upper bound on r, or None.
+        fallback_trust: η_F of the LARS fallback ratio.
+        curvature_interval: re-measure κ every k-th step, reuse κ̄ in between.
+        lag: 1 = LARS/MCLR measure on the previous step's inputs (one-pass variant).
+        median: "exact" or "approx" (MCLR; see ``layer_math.lower_median``).
+        skip_nonfinite: skip the whole step when any gradient holds NaN/Inf.
+        backend: "auto", "reference", "cpp", "triton" or "cuda".
+    """
+
+    rule = None
+
+    def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=None,
+                 eps=1e-8, nesterov=False, exclude_1d=True, curvature_ema=None, max_ratio=None,
+                 fallback_trust=1e-3, skip_nonfinite=True, backend="auto", curvature_interval=1,
+                 lag=0, median="exact", adapt=True):
+        rule_defaults = RULE_DEFAULTS[self.rule]
+        defaults = dict(
+            lr=lr, momentum=momentum, weight_decay=weight_decay,
+            trust_coefficient=rule_defaults["trust_coefficient"] if trust_coefficient is None else trust_coefficient,
+            eps=eps, nesterov=nesterov, exclude_1d=exclude_1d,
+            curvature_ema=rule_defaults["curvature_ema"] if curvature_ema is None else curvature_ema,
+            max_ratio=max_ratio, fallback_trust=fallback_trust, backend=backend,
+            curvature_interval=curvature_interval, lag=lag, median=median, adapt=adapt)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._skipped_steps = 0
+        self._stats = []
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            validate_group(group, self.rule)
+            for p in group["params"]:
+                if p.is_complex():
+                    raise ValueError(f"{type(self).__name__} does not support complex parameters")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_stats", [])
+
+    # ----------------------------------------------------------------- step
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One optimizer step.  ``closure`` (zero grads, forward, backward, return
+        the loss) is required by CBLR on re-measure steps and optional otherwise."""
+        for group in self.param_groups:
+            validate_group(group, self.rule)
+        if self.rule == "cblr":
+            return self._cblr_step(closure)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._run(self._batches())
+        return loss
+
+    def _batches(self):
+        """Validate every group's gradients, then bundle each group's layers."""
+        batches = []
+        for gi, group in enumerate(self.param_groups):
+            devices = {p.device for p in group["params"]}
+            if len(devices) > 1:
+                raise ValueError(f"param group {gi} mixes devices {sorted(map(str, devices))}; "
+                                 "put parameters of each device in their own group")
+            params, names = [], []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"(param group {gi}, parameter {pi})")
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} does not match "
+                                       f"parameter {pi} of group {gi}, shape {tuple(p.shape)}")
+                params.append(p)
+                names.append(group["param_names"][pi] if "param_names" in group else f"{gi}.{pi}")
+            for p in params:
+                init_layer_state(self.state[p], p)
+            adapt = [group["adapt"] and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
+            hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            batches.append(LayerBatch(self.rule, params, [p.grad for p in params],
+                                      [self.state[p] for p in params], adapt, hp, names=names))
+        return [b for b in batches if len(b)]
+
+    @staticmethod
+    def _backend(batch):
+        return backends.get(batch.hp["backend"], batch.device)
+
+    def _run(self, batches):
+        """Pass 1 over every group, one step-wide skip decision, pass 2 over every group."""
+        work = [(b, self._backend(b)) for b in batches]
+        reductions = [backend.reduce(b) for b, backend in work]
+        if not work:
+            return
+        device = batches[0].device
+        found_inf = torch.zeros((), dtype=torch.bool, device=device)
+        if self.skip_nonfinite:
+            for red in reductions:
+                found_inf = found_inf | (red[:, RED_NONFINITE] > 0).any().to(device)
+        self._stats = []
+        for (b, backend), red in zip(work, reductions):
+            self._stats.append((b.names, backend.apply(b, red, found_inf)))
+        # A device tensor: counting skipped steps must not sync the host.
+        self._skipped_steps = self._skipped_steps + found_inf.to(torch.int64)
+
+    def _cblr_step(self, closure):
+        """CBLR: gradient at w_t, and on a re-measure step a second gradient on the same
+        batch at w_t + s_{t−1}; then parameters and .grad are restored bit-exactly."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        batches = self._batches()
+        for b in batches:
+            b.secant = torch.full((len(b), 2), float("nan"), dtype=torch.float32, device=b.device)
+        probes = [self._probe_mask(b) for b in batches]
+        if any(any(mask) for mask in probes):
+            if closure is None:
+                raise RuntimeError(
+                    "CBLR needs step(closure) on a re-measure step (every curvature_interval-th "
+                    "step): the closure re-evaluates the loss on the same batch at w + s. "
+                    "Nothing was modified.")
+            if not (self.skip_nonfinite and self._any_nonfinite(batches)):
+                self._measure_secants(batches, probes, closure)
+        self._run(batches)
+        return loss
+
+    @staticmethod
+    def _probe_mask(batch):
+        """Layers of ``batch`` that measure this step: adapted, due, with a previous step."""
+        k = batch.hp["curvature_interval"]
+        return [batch.adapt[i] and prev_step(batch, i) is not None
+                and bool(lm.measurement_due(batch.states[i]["age"], k))
+                for i in range(len(batch))]
+
+    @staticmethod
+    def _any_nonfinite(batches):
+        flags = [torch.stack([~torch.isfinite(g).all() for g in b.grads]).any() for b in batches]
+        return bool(torch.stack([f.cpu() for f in flags]).any())
+
+    def _measure_secants(self, batches, probes, closure):
+        work = []
+        for b in batches:
+            backend = self._backend(b)
+            shifted = [i for i in range(len(b)) if prev_step(b, i) is not None]
+            params = [b.params[i] for i in shifted]
+            saved_w = backend.snapshot(params)
+            saved_g = backend.snapshot(b.grads)
+            work.append((b, backend, shifted, params, saved_w, saved_g))
+        for b, backend, shifted, params, *_ in work:
+            backend.shift(params, [prev_step(b, i) for i in shifted])
+        with torch.enable_grad():
+            closure()
+        for (b, backend, shifted, params, saved_w, saved_g), probe in zip(work, probes):
+            measured = [j for j, i in enumerate(shifted) if probe[i]]
+            probe_grads = [params[j].grad for j in measured]
+            if any(g is None for g in probe_grads):
+                raise RuntimeError("CBLR: the closure left a measured parameter without .grad")
+            if measured:
+                rows = backend.secant_norms(
+                    [saved_w[j] for j in measured], [saved_g[shifted[j]] for j in measured],
+                    [params[j] for j in measured], probe_grads,
+                    [prev_step(b, shifted[j]) for j in measured], b.hp["weight_decay"])
+                b.secant[[shifted[j] for j in measured]] = rows
+            backend.restore(params, saved_w)
+            for p, g in zip(b.params, saved_g):
+                if p.grad is not None and p.grad.shape == g.shape:
+                    p.grad.copy_(g)
+                else:
+                    p.grad = g
+            b.grads = [p.grad for p in b.params]
+
+    # ---------------------------------------------------------- inspection
+
+    @property
+    def skipped_steps(self) -> int:
+        """Steps skipped because a gradient held NaN/Inf (reading it syncs the device)."""
+        return int(self._skipped_steps)
+
+    def layer_stats(self) -> dict:
+        """Per layer of the last step: ‖w‖, ‖g‖, ‖s‖ (step length), κ (κ̄ used, NaN for the
+        fallback and not-adapted layers), r, α and whether the fallback was used.
+
+        Keyed by parameter name where names were given, else "group.index".  The
+        statistics stay on the device during ``step()``; this call copies them.
+        """
+        out = {}
+        for names, stats in self._stats:
+            rows = stats.detach().cpu().tolist()
+            for name, row in zip(names, rows):
+                entry = dict(zip(STAT_NAMES, row))
+                entry["fallback"] = bool(entry["fallback"])
+                out[name] = entry
+        return out
+
+    # ----------------------------------------------------------- state dict
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["skipped_steps"] = self.skipped_steps
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        skipped = state_dict.pop("skipped_steps", 0)
+        super().load_state_dict(state_dict)
+        # torch casts floating state to the parameter's dtype; ours keeps its own
+        # (fp32 state for fp16/bf16 parameters, fp32 κ̄).
+        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for key, value in state_dict["state"].get(pid, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
+        self._skipped_steps = skipped
+
+
+class LARS(LayerwiseOptimizer):
+    """LARS (You et al. 2017): κ = (‖g‖ + β‖w‖ + ε) / ‖w‖, the CBLR special case."""
+
+    rule = "lars"
+
+
+class MCLR(LayerwiseOptimizer):
+    """Median-curvature LR: κ = median_i |d_i| / |w_i| + ε over the layer's elements."""
+
+    rule = "mclr"
+
+
+class CBLR(LayerwiseOptimizer):
+    """Curvature-based LR: κ = (‖d(w) − d(w + s_{t−1})‖ + ε) / ‖s_{t−1}‖ measured with
+    ``step(closure)`` on the same mini-batch; η defaults to 1, ρ to 0.5."""
+
+    rule = "cblr"
+
+    def __init__(self, params, lr=0.1, **kwargs):
+        super().__init__(params, lr=lr, **kwargs)
