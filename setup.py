@@ -13,8 +13,9 @@ setup(
     package_dir={"cblr_ext.kernels": "kernels"},
     install_requires=["torch>=2.6", "tqdm"],
     extras_require={
-        "test": ["pytest", "numpy"],
+        # The Triton backend's tests run its kernels on the CPU (TRITON_INTERPRET=1).
+        "test": ["pytest", "numpy", "triton"],
         "triton": ["triton"],
-        "bench": ["pytest-benchmark", "matplotlib", "tqdm"],
+        "bench": ["pytest-benchmark", "matplotlib", "pytorch-optimizer"],
     },
 )
