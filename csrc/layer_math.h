@@ -1,0 +1,173 @@
+// The per-layer math of docs/algorithm.md in C++: the twin of cblr_ext/layer_math.py,
+// function by function, shared by the CPU kernels (csrc/cpu) and the CUDA kernels.
+//
+// Torch-free and header-only.  Every function is CBLR_HD (host and device under
+// nvcc).  Scalar rules run in fp32 with the hyperparameters rounded to fp32, as the
+// Python twin does when it combines fp32 tensors with Python floats.  Build with
+// -ffp-contract=off (nvcc: --fmad=false) so that no multiply-add is fused: the MCLR
+// quotients must be bit-identical across backends.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__CUDACC__)
+#define CBLR_HD __host__ __device__ __forceinline__
+#else
+#define CBLR_HD inline
+#endif
+
+namespace cblr {
+
+// Measurement rules: which curvature estimate a group uses.
+enum Rule : int { RULE_LARS = 0, RULE_MCLR = 1, RULE_CBLR = 2 };
+
+CBLR_HD float quiet_nan() { return __builtin_nanf(""); }
+
+CBLR_HD bool is_finite(float x) { return x - x == 0.0f; }  // false for ±inf and NaN
+
+// LARS curvature (‖g‖ + β‖w‖ + ε) / ‖w‖.
+CBLR_HD float lars_kappa(float w_norm, float g_norm, float weight_decay, float eps) {
+  return (g_norm + w_norm * weight_decay + eps) / w_norm;
+}
+
+// MCLR curvature m + ε; NaN when the median is 0 or missing (NaN compares false).
+CBLR_HD float median_kappa(float median, float eps) {
+  return median > 0.0f ? median + eps : quiet_nan();
+}
+
+// CBLR curvature (‖d(w) − d(w+s)‖ + ε) / ‖s‖; NaN when either norm is 0.
+CBLR_HD float secant_kappa(float diff_norm, float step_norm, float eps) {
+  return (diff_norm > 0.0f && step_norm > 0.0f) ? (diff_norm + eps) / step_norm : quiet_nan();
+}
+
+// d = g + β·w, rounded after the product and after the sum (no fused multiply-add).
+template <typename T>
+CBLR_HD T decayed_grad(T g, T w, T weight_decay) {
+  T product = w * weight_decay;
+  return g + product;
+}
+
+// h = |d| / |w|, defined for w ≠ 0 only (the caller skips w = 0).
+template <typename T>
+CBLR_HD T curvature_quotient(T d, T w) {
+  return (d < T(0) ? -d : d) / (w < T(0) ? -w : w);
+}
+
+// The fp32 bits of a non-negative quotient order like the values; NaN bits sort last.
+CBLR_HD uint32_t float_bits(float x) {
+  uint32_t bits;
+  memcpy(&bits, &x, sizeof bits);
+  return bits;
+}
+
+CBLR_HD float bits_float(uint32_t bits) {
+  float x;
+  memcpy(&x, &bits, sizeof x);
+  return x;
+}
+
+CBLR_HD bool is_nan_bits(uint32_t bits) { return (bits & 0x7FFFFFFFu) > 0x7F800000u; }
+
+// median="approx": the median rounded toward zero to bf16 precision (relative error < 2^-7).
+constexpr uint32_t kApproxMask = 0xFFFF0000u;
+
+CBLR_HD float approx_median(float median) { return bits_float(float_bits(median) & kApproxMask); }
+
+// Position of the lower median (the ⌈n/2⌉-th smallest, zero-based) among n > 0 values.
+CBLR_HD int64_t lower_median_rank(int64_t n) { return (n - 1) / 2; }
+
+// η_F·‖w‖ / (‖g‖ + β‖w‖ + ε), or 1 where that is undefined.
+CBLR_HD float fallback_ratio(float w_norm, float g_norm, float weight_decay, float eps,
+                             float fallback_trust) {
+  float r = fallback_trust * w_norm / (g_norm + w_norm * weight_decay + eps);
+  bool defined = w_norm > 0.0f && g_norm > 0.0f && is_finite(r) && r > 0.0f;
+  return defined ? r : 1.0f;
+}
+
+// Group hyperparameters of the ratio rule, rounded to fp32 once.
+struct RatioParams {
+  float trust_coefficient;
+  float curvature_ema;
+  float one_minus_ema;  // 1 − ρ computed in double, then rounded (as Python does)
+  bool has_max_ratio;
+  float max_ratio;
+  float weight_decay;
+  float eps;
+  float fallback_trust;
+};
+
+CBLR_HD RatioParams make_ratio_params(double trust_coefficient, double curvature_ema,
+                                      bool has_max_ratio, double max_ratio, double weight_decay,
+                                      double eps, double fallback_trust) {
+  RatioParams p;
+  p.trust_coefficient = float(trust_coefficient);
+  p.curvature_ema = float(curvature_ema);
+  p.one_minus_ema = float(1.0 - curvature_ema);
+  p.has_max_ratio = has_max_ratio;
+  p.max_ratio = float(max_ratio);
+  p.weight_decay = float(weight_decay);
+  p.eps = float(eps);
+  p.fallback_trust = float(fallback_trust);
+  return p;
+}
+
+struct LayerRatio {
+  float ratio;     // r (1 for layers not adapted)
+  float new_bar;   // κ̄ after this step
+  float used;      // κ̄ the rule used, NaN for the fallback and not-adapted layers
+  bool fallback;   // adapted, but the rule was undefined
+};
+
+// Ratio of one step from a (possibly missing) measurement κ and the running κ̄.
+CBLR_HD LayerRatio layer_ratio(float kappa, bool measured, float kappa_bar, float w_norm,
+                               float g_norm, bool adapt, const RatioParams& p) {
+  bool valid = measured && is_finite(kappa) && kappa > 0.0f && adapt;
+  float ema_value = kappa_bar * p.curvature_ema + kappa * p.one_minus_ema;
+  float new_bar = valid ? (kappa_bar != kappa_bar ? kappa : ema_value) : kappa_bar;
+  float rule_ratio = p.trust_coefficient / new_bar;
+  // On a measuring step the fresh measurement decides; in between, κ̄ is reused.
+  bool use_rule = (measured ? valid : is_finite(kappa_bar)) && adapt;
+  use_rule = use_rule && is_finite(rule_ratio) && rule_ratio > 0.0f;
+  float ratio = use_rule ? rule_ratio
+                         : fallback_ratio(w_norm, g_norm, p.weight_decay, p.eps, p.fallback_trust);
+  if (p.has_max_ratio && ratio > p.max_ratio) ratio = p.max_ratio;
+  LayerRatio out;
+  out.ratio = adapt ? ratio : 1.0f;
+  out.new_bar = new_bar;
+  out.used = use_rule ? new_bar : quiet_nan();
+  out.fallback = adapt && !use_rule;
+  return out;
+}
+
+// A layer re-measures when curvature_interval steps have passed since its last attempt.
+CBLR_HD bool measurement_due(float age, int64_t curvature_interval) {
+  return age >= float(curvature_interval);
+}
+
+CBLR_HD float next_age(float age, bool measured) { return measured ? 1.0f : age + 1.0f; }
+
+// Per-element momentum update in the math type T:
+//   v ← μ·v + α·d;  s = v, or μ·v + α·d with Nesterov (s = α·d without momentum);  w ← w − s.
+// Returns s; updates w and (when has_momentum) v.
+template <typename T>
+CBLR_HD T momentum_update(T& w, T d, T& v, T alpha, T momentum, bool has_momentum,
+                          bool nesterov) {
+  T scaled = d * alpha;
+  T s = scaled;
+  if (has_momentum) {
+    T decayed = v * momentum;
+    v = decayed + scaled;
+    if (nesterov) {
+      T look_ahead = v * momentum;
+      s = look_ahead + scaled;
+    } else {
+      s = v;
+    }
+  }
+  w = w - s;
+  return s;
+}
+
+}  // namespace cblr
