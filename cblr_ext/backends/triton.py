@@ -1,0 +1,299 @@
+"""The Triton backend: multi-tensor kernels (``cblr_ext.kernels``), one launch per
+pass per dtype of a param group, and the per-layer math on device as [L]
+tensors through ``layer_math``.  Nothing is read on the host during a step.
+
+Triton is imported on first use, not with ``cblr_ext``: on the CPU the kernels
+run in the Triton interpreter, which ``TRITON_INTERPRET=1`` selects only when
+set before triton is imported.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import torch
+from torch import Tensor
+
+from .. import layer_math as lm
+from ..functional import LayerBatch, RED_KAPPA, RED_MEASURED, lr_value
+
+name = "triton"
+
+# Elements per program (one chunk).  A power of two; tests lower it to split
+# layers over many chunks.
+CHUNK = 4096
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def available(device) -> bool | str:
+    device = torch.device(device)
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install triton)"
+    if device.type == "cuda":
+        return True
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") == "1":
+            return True
+        return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton"
+    return f"no Triton support for {device.type} tensors"
+
+
+# ------------------------------------------------------------------ checks
+
+def _dense(t: Tensor) -> bool:
+    """Elements are the ``numel`` consecutive slots from ``data_ptr`` in some order."""
+    formats = {4: torch.channels_last, 5: torch.channels_last_3d}
+    return (t.numel() == 0 or t.is_contiguous()
+            or (t.dim() in formats and t.is_contiguous(memory_format=formats[t.dim()])))
+
+
+def _check(tensors: list, what: str, like: list | None = None) -> None:
+    """A clear error, before anything is modified, for what the kernels cannot address."""
+    for i, t in enumerate(tensors):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"triton backend: {what} {i} has dtype {t.dtype}; supported are "
+                             "float32, float16 and bfloat16 (use backend='reference' or 'cpp')")
+        if not _dense(t):
+            raise ValueError(f"triton backend: {what} {i} is not dense (strides {t.stride()})")
+        if like is not None and t.numel() and (t.dtype, t.stride()) != (like[i].dtype, like[i].stride()):
+            raise ValueError(f"triton backend: {what} {i} must have the dtype and strides of its "
+                             f"parameter ({like[i].dtype}, {like[i].stride()}), got ({t.dtype}, {t.stride()})")
+
+
+def _check_state(batch: LayerBatch) -> None:
+    for key in ("momentum_buffer", "prev_step"):
+        for i, (p, state) in enumerate(zip(batch.params, batch.states)):
+            buf = state.get(key)
+            if buf is not None and (buf.dtype != torch.float32 or buf.shape != p.shape
+                                    or (p.numel() and buf.stride() != p.stride())):
+                raise ValueError(f"triton backend: state[{key!r}] of layer {i} must be float32 with the "
+                                 f"parameter's shape and strides")
+
+
+# ----------------------------------------------------------------- helpers
+
+_flag_vectors: dict = {}
+
+
+def _adapt_vector(batch: LayerBatch) -> Tensor:
+    """The group's per-layer adapt flags on the device (cached: no copy per step)."""
+    from ..kernels.chunks import to_device
+    key = (batch.device, tuple(batch.adapt))
+    if key not in _flag_vectors:
+        _flag_vectors[key] = to_device([int(a) for a in batch.adapt], batch.device).bool()
+    return _flag_vectors[key]
+
+
+def _fused_lag(batch: LayerBatch) -> bool:
+    """lag=1 with every layer's previous inputs stashed: pass 1 skips the norms and the
+    update pass measures them for the next step (the one-pass variant)."""
+    return bool(batch.hp["lag"]) and all("lagged" in s for s in batch.states)
+
+
+def _stack_state(states: list, key: str) -> Tensor:
+    return torch.stack([s[key] for s in states])
+
+
+def _times_lr(x: Tensor, lr) -> Tensor:
+    """x·γ; a float γ stays a kernel scalar, so no host-to-device copy per step."""
+    return x * lr_value(lr, x.device) if isinstance(lr, Tensor) else x * float(lr)
+
+
+def _launch(kernel, plan, *args, **constexprs):
+    from ..kernels.chunks import LAUNCH_OPTIONS, TL_DTYPES
+    if plan.n_chunks:
+        kernel[(plan.n_chunks,)](plan.chunks, *args, DTYPE=TL_DTYPES[plan.dtype], BLOCK=plan.block,
+                                 **constexprs, **LAUNCH_OPTIONS)
+
+
+# ------------------------------------------------------------------ pass 1
+
+def _median_bits(batch: LayerBatch, ptrs: Tensor, plans: list, h_nan: Tensor,
+                 run_first_pass) -> Tensor:
+    """Per-layer lower median of the curvature quotients by radix selection (NaN for
+    no quotient or a NaN one).  ``run_first_pass(hist, prefix, shift, bits)`` runs
+    pass 1, which also fills the first histogram."""
+    from ..kernels import median, reduce as kr
+    from ..kernels.chunks import LAUNCH_OPTIONS
+    n = len(batch)
+    prefix = torch.zeros(n, dtype=torch.int32, device=batch.device)
+    rank = torch.zeros_like(prefix)
+    count = torch.zeros_like(prefix)
+    for i, (shift, bits) in enumerate(median.passes(batch.hp["median"] == "approx")):
+        hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=batch.device)
+        if i == 0:
+            run_first_pass(hist, prefix, shift, bits)
+        else:
+            for plan in plans:
+                _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, float(batch.hp["weight_decay"]),
+                        NORMS=False, STATS=False, HIST=True, FILTER=True, SHIFT=shift, BITS=bits)
+        median.radix_select_kernel[(n,)](hist, prefix, rank, count, SHIFT=shift, BITS=bits, FIRST=i == 0,
+                                         **LAUNCH_OPTIONS)
+    missing = (count == 0) | (h_nan > 0)
+    return torch.where(missing, torch.full_like(h_nan, float("nan")), prefix.view(torch.float32))
+
+
+def reduce(batch: LayerBatch) -> Tensor:
+    """Pass 1: per layer ‖w‖, ‖g‖, κ, measured, non-finite (see ``reference.reduce``).
+    In the fused lag=1 mode ‖w‖ and ‖g‖ (and LARS's κ) are NaN: apply measures them."""
+    from ..kernels import reduce as kr
+    from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
+    _check(batch.params, "parameter")
+    _check(batch.grads, "gradient", like=batch.params)
+    _check_state(batch)
+    hp, n, device = batch.hp, len(batch), batch.device
+    fused = _fused_lag(batch)
+    ptrs = pointer_table([batch.params, batch.grads])
+    plans = chunk_plans(batch.params, CHUNK)
+    sums = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
+
+    def first_pass(hist, prefix, shift, bits):
+        for plan in plans:
+            partials = torch.empty((plan.n_chunks, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
+            _launch(kr.chunk_stats_kernel, plan, ptrs, n, partials, hist, prefix, float(hp["weight_decay"]),
+                    NORMS=not fused, STATS=True, HIST=hist is not None, FILTER=False, SHIFT=shift, BITS=bits)
+            sum_per_layer(plan, partials, sums)
+
+    nan = torch.full((n,), float("nan"), device=device)
+    if batch.rule == "mclr":
+        median = _median_bits(batch, ptrs, plans, sums[:, kr.P_H_NAN.value], first_pass)
+        kappa = lm.median_kappa(median, hp["eps"])
+    else:
+        first_pass(None, None, 0, 1)
+    w_norm, g_norm = (nan, nan) if fused else (sums[:, kr.P_W2.value].sqrt(), sums[:, kr.P_G2.value].sqrt())
+    adapt = _adapt_vector(batch)
+    if batch.rule == "lars":
+        kappa = lm.lars_kappa(w_norm, g_norm, hp["weight_decay"], hp["eps"])
+    if batch.rule == "cblr":
+        kappa = lm.secant_kappa(batch.secant[:, 0], batch.secant[:, 1], hp["eps"])
+        measured = adapt & ~torch.isnan(batch.secant[:, 1])
+    else:
+        measured = adapt & lm.measurement_due(_stack_state(batch.states, "age"), hp["curvature_interval"])
+    nonfinite = sums[:, kr.P_NONFINITE.value] > 0
+    return torch.stack([w_norm, g_norm, kappa, measured.float(), nonfinite.float()], dim=1)
+
+
+# ------------------------------------------------------------------ pass 2
+
+def _state_buffers(batch: LayerBatch, key: str, wanted: bool) -> list:
+    """The fp32 per-layer buffers ``state[key]``, created as zeros on first use."""
+    if not wanted:
+        return [None] * len(batch)
+    return [s.setdefault(key, torch.zeros_like(p, dtype=torch.float32)) for p, s in zip(batch.params, batch.states)]
+
+
+def _stash_lagged(batch: LayerBatch, current: Tensor, keep: Tensor) -> None:
+    """state["lagged"] ← this step's (‖w‖, ‖g‖, κ) unless the step is skipped.  A layer
+    stashing for the first time on a skipped step gets NaN (the host cannot know)."""
+    old = torch.stack([s.get("lagged", torch.full((3,), float("nan"), device=current.device))
+                       for s in batch.states])
+    new = torch.where(keep, old, current)
+    for state, row in zip(batch.states, new.unbind()):
+        if "lagged" in state:
+            state["lagged"].copy_(row)
+        else:
+            state["lagged"] = row.clone()
+
+
+def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
+    """Pass 2: ratio (on device, ``layer_math``) and the fused update; nothing changes
+    when ``found_inf``.  Returns the [L, 7] statistics of ``STAT_NAMES``."""
+    from ..kernels import update as ku
+    from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
+    hp, n, device = batch.hp, len(batch), batch.device
+    fused = _fused_lag(batch)
+    current = red[:, :3]
+    if hp["lag"]:
+        # lag=1: the ratio uses the previous step's inputs (this step's on the first step).
+        source = torch.stack([s["lagged"] if "lagged" in s else current[i] for i, s in enumerate(batch.states)])
+    else:
+        source = current
+    w_norm, g_norm, kappa = source.unbind(1)
+    measured = red[:, RED_MEASURED] > 0
+    kappa_bar = _stack_state(batch.states, "kappa")
+    age = _stack_state(batch.states, "age")
+    ratio, new_bar, used, fallback = lm.layer_ratio(
+        kappa, measured, kappa_bar, w_norm, g_norm, _adapt_vector(batch),
+        trust_coefficient=hp["trust_coefficient"], curvature_ema=hp["curvature_ema"],
+        max_ratio=hp["max_ratio"], weight_decay=hp["weight_decay"], eps=hp["eps"],
+        fallback_trust=hp["fallback_trust"])
+    alpha = _times_lr(ratio, hp["lr"])
+
+    momentum = _state_buffers(batch, "momentum_buffer", batch.uses_momentum)
+    steps = _state_buffers(batch, "prev_step", batch.keeps_prev_step)
+    ptrs = pointer_table([batch.params, batch.grads, momentum, steps])
+    sums = torch.zeros((n, ku.UPDATE_PARTIALS.value), dtype=torch.float32, device=device)
+    skip = found_inf.to(device=device, dtype=torch.uint8)
+    for plan in chunk_plans(batch.params, CHUNK):
+        partials = torch.empty((plan.n_chunks, ku.UPDATE_PARTIALS.value), dtype=torch.float32, device=device)
+        _launch(ku.momentum_update_kernel, plan, ptrs, n, alpha, skip, partials, float(hp["weight_decay"]),
+                float(hp["momentum"]), MOMENTUM=batch.uses_momentum, NESTEROV=bool(hp["nesterov"]),
+                STORE_STEP=batch.keeps_prev_step, INPUT_NORMS=fused)
+        sum_per_layer(plan, partials, sums)
+    step_norm = sums[:, ku.U_S2.value].sqrt()  # 0 on a skipped step: the kernel read nothing
+
+    keep = found_inf.to(device)
+    torch._foreach_copy_([s["kappa"] for s in batch.states], list(torch.where(keep, kappa_bar, new_bar)))
+    torch._foreach_copy_([s["age"] for s in batch.states],
+                         list(torch.where(keep, age, lm.next_age(age, measured))))
+    if hp["lag"]:
+        if fused:
+            in_w, in_g = sums[:, ku.U_W2.value].sqrt(), sums[:, ku.U_G2.value].sqrt()
+            in_kappa = (lm.lars_kappa(in_w, in_g, hp["weight_decay"], hp["eps"]) if batch.rule == "lars"
+                        else red[:, RED_KAPPA])
+            current = torch.stack([in_w, in_g, in_kappa], dim=1)
+        _stash_lagged(batch, current, keep)
+    return torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()], dim=1)
+
+
+# ------------------------------------------------------- CBLR closure protocol
+
+def _copy(dst: list, src: list) -> None:
+    from ..kernels import closure as kc
+    from ..kernels.chunks import chunk_plans, pointer_table
+    if not src:
+        return
+    ptrs = pointer_table([dst, src])
+    for plan in chunk_plans(src, CHUNK):
+        _launch(kc.copy_kernel, plan, ptrs, len(src))
+
+
+def snapshot(tensors: list) -> list:
+    _check(tensors, "tensor")
+    saved = [torch.empty_like(t) for t in tensors]  # same strides for dense tensors
+    _copy(saved, tensors)
+    return saved
+
+
+def restore(dst: list, src: list) -> None:
+    _check(src, "saved tensor", like=dst)
+    _copy(dst, src)
+
+
+def shift(params: list, steps: list) -> None:
+    """w ← w + s_{t−1} (s rounded to w's dtype first, like the reference)."""
+    from ..kernels import closure as kc
+    from ..kernels.chunks import chunk_plans, pointer_table
+    _check(params, "parameter")
+    if not params:
+        return
+    ptrs = pointer_table([params, steps])
+    for plan in chunk_plans(params, CHUNK):
+        _launch(kc.shift_kernel, plan, ptrs, len(params))
+
+
+def secant_norms(w_t: list, g_t: list, w_p: list, g_p: list, steps: list, weight_decay: float) -> Tensor:
+    """Per layer (‖d(w_t) − d(w_p)‖, ‖s‖), d = g + β·w: [L, 2] fp32."""
+    from ..kernels import closure as kc
+    from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
+    for what, tensors in (("saved parameter", w_t), ("saved gradient", g_t), ("probe gradient", g_p)):
+        _check(tensors, what, like=w_p)
+    n, device = len(w_p), w_p[0].device
+    ptrs = pointer_table([w_t, g_t, w_p, g_p, steps])
+    sums = torch.zeros((n, kc.SECANT_PARTIALS.value), dtype=torch.float32, device=device)
+    for plan in chunk_plans(w_p, CHUNK):
+        partials = torch.empty((plan.n_chunks, kc.SECANT_PARTIALS.value), dtype=torch.float32, device=device)
+        _launch(kc.secant_partials_kernel, plan, ptrs, n, partials, float(weight_decay))
+        sum_per_layer(plan, partials, sums)
+    return sums.sqrt()

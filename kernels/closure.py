@@ -1,0 +1,47 @@
+"""CBLR's closure protocol as multi-tensor kernels: save / exact restore (a copy),
+the shift w ← w + s_{t−1}, and the per-chunk partials of the secant norms."""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .chunks import chunk_span, tensor_ptr
+
+ROLE_DST, ROLE_SRC = tl.constexpr(0), tl.constexpr(1)
+ROLE_W, ROLE_S = tl.constexpr(0), tl.constexpr(1)
+ROLE_WT, ROLE_GT, ROLE_WP, ROLE_GP, ROLE_STEP = (tl.constexpr(i) for i in range(5))
+SECANT_PARTIALS = tl.constexpr(2)  # ‖d(w_t) − d(w_p)‖², ‖s‖²
+
+
+@triton.jit
+def copy_kernel(chunks, ptrs, n_layers, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """dst ← src, bit-exact (same dtype)."""
+    c, row, offs, mask = chunk_span(chunks, BLOCK)
+    x = tl.load(tensor_ptr(ptrs, ROLE_SRC, n_layers, row, DTYPE) + offs, mask=mask)
+    tl.store(tensor_ptr(ptrs, ROLE_DST, n_layers, row, DTYPE) + offs, x, mask=mask)
+
+
+@triton.jit
+def shift_kernel(chunks, ptrs, n_layers, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """w ← w + s, with s (fp32 state) first rounded to w's dtype like ``p.add_(s.to(p.dtype))``."""
+    c, row, offs, mask = chunk_span(chunks, BLOCK)
+    w_ptr = tensor_ptr(ptrs, ROLE_W, n_layers, row, DTYPE) + offs
+    s = tl.load(tensor_ptr(ptrs, ROLE_S, n_layers, row, tl.float32) + offs, mask=mask)
+    w = tl.load(w_ptr, mask=mask).to(tl.float32)
+    tl.store(w_ptr, (w + s.to(DTYPE).to(tl.float32)).to(DTYPE), mask=mask)
+
+
+@triton.jit
+def secant_partials_kernel(chunks, ptrs, n_layers, partials, weight_decay,
+                           DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Per chunk Σ (d(w_t) − d(w_p))² and Σ s², d = g + β·w in fp32."""
+    c, row, offs, mask = chunk_span(chunks, BLOCK)
+    w_t = tl.load(tensor_ptr(ptrs, ROLE_WT, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    g_t = tl.load(tensor_ptr(ptrs, ROLE_GT, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    w_p = tl.load(tensor_ptr(ptrs, ROLE_WP, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    g_p = tl.load(tensor_ptr(ptrs, ROLE_GP, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    s = tl.load(tensor_ptr(ptrs, ROLE_STEP, n_layers, row, tl.float32) + offs, mask=mask, other=0.0)
+    diff = (g_t + w_t * weight_decay) - (g_p + w_p * weight_decay)
+    out = partials + c * SECANT_PARTIALS
+    tl.store(out, tl.sum(diff * diff, axis=0))
+    tl.store(out + 1, tl.sum(s * s, axis=0))
