@@ -1,0 +1,150 @@
+"""``python -m bench``: time every optimizer implementation side by side on
+real models' parameter shapes; print a table, write bench/results/<device>.json
+and a PNG chart.  See bench/README.md."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import re
+import sys
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import cblr_ext
+
+from . import report, runner, suites, timing
+from .cases import TRAFFIC, all_cases
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true",
+                    help="under a minute: ResNet-50 at --small size, few samples, fp32, no torch.compile")
+    ap.add_argument("--suite", action="append", choices=list(suites.SUITES),
+                    help=f"suite to run (repeatable; default: {', '.join(suites.DEFAULT_SUITES)})")
+    ap.add_argument("--small", action="store_true",
+                    help=f"model suites with widths / {suites.SMALL_DIVISOR} (~1/16 of the parameters)")
+    ap.add_argument("--dtype", action="append", choices=list(runner.DTYPES),
+                    help="parameter dtype (repeatable; default: fp32, plus bf16 where the device has native bf16)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) cases")
+    ap.add_argument("--compile-timeout", type=float, default=120.0,
+                    help="seconds for compiling + timing one torch.compile case before it is recorded as failed")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and PNG files")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap.parse_args(argv)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """bf16 arithmetic in hardware (CUDA bf16, or CPU AVX512-BF16 / AMX)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        model = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text()).group(1)
+    except (OSError, AttributeError):
+        model = platform.processor() or platform.machine()
+    return model.strip()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    budget = timing.QUICK if args.quick else timing.FULL
+    suite_names = args.suite or (suites.QUICK_SUITES if args.quick else suites.DEFAULT_SUITES)
+    chosen = [suites.get(name, small=args.small or args.quick) for name in suite_names]
+    dtypes = args.dtype or (["fp32"] + (["bf16"] if native_bf16(device) and not args.quick else []))
+    cases, unavailable = all_cases(device, compile_reference=not (args.quick or args.no_compile))
+
+    copy = timing.copy_bandwidth(device, 128 if args.quick else 512, budget)
+    meta = {
+        "device": device.type, "device_name": device_name(device), "torch_version": torch.__version__,
+        "cblr_ext_version": cblr_ext.__version__, "threads": torch.get_num_threads(),
+        "python": platform.python_version(), "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        "quick": args.quick, "budget": vars(budget), "copy_bandwidth": copy,
+        "backends_unavailable": unavailable,
+        "suites": {s.name: {"tensors": len(s), "numel": s.numel, "description": s.description} for s in chosen},
+        "traffic_model": {f"{opt} {variant}".strip(): {"param_elements": t.param, "state_elements": t.state,
+                                                        "counted": t.counted}
+                          for (opt, variant), t in TRAFFIC.items()},
+    }
+
+    records = []
+    # A compilation that timed out on one suite is not retried on the next ones
+    # (on CPU it takes minutes: dynamo unrolls the reference's per-layer loop).
+    compile_timed_out = {}
+    progress = tqdm(total=len(chosen) * len(dtypes) * len(cases), unit="case",
+                    disable=args.quiet or not sys.stderr.isatty())
+    for suite in chosen:
+        for dtype_name in dtypes:
+            dtype = runner.DTYPES[dtype_name]
+            params, grad_sets = runner.make_tensors(suite, dtype, device)
+            for case in cases:
+                progress.set_description(f"{suite.name} {dtype_name} {case.optimizer} {case.backend} {case.variant}")
+                try:
+                    if case.isolated and (case.optimizer, case.variant) in compile_timed_out:
+                        result = {"error": compile_timed_out[case.optimizer, case.variant]}
+                    elif case.isolated:
+                        result = runner.measure_isolated(case, suite, dtype, device, budget, args.compile_timeout)
+                        if result.get("error", "").startswith("timed out"):
+                            compile_timed_out[case.optimizer, case.variant] = (
+                                f"skipped: timed out on {suite.name} {dtype_name} already")
+                    else:
+                        result = runner.measure(case, params, grad_sets, budget, device)
+                except Exception as exc:  # one failing implementation must not end the run
+                    result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+                records.append(_record(suite, dtype_name, dtype, case, result))
+                progress.update()
+            del params, grad_sets
+    progress.close()
+
+    report.derive(records, copy["gbps"])
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = slug(f"{device.type}-{meta['device_name']}-{meta['threads']}t") + ("-quick" if args.quick else "")
+    report.write_json(args.out / f"{stem}.json", meta, records)
+    report.chart(args.out / f"{stem}.png", meta, records)
+    print(f"{meta['device_name']}, torch {meta['torch_version']}, {meta['threads']} threads; "
+          f"copy bandwidth {copy['gbps']:.1f} GB/s")
+    for name, why in unavailable.items():
+        print(f"not benchmarked: {name}: {why}")
+    print(report.table(records))
+    print(f"\nwrote {args.out / stem}.json and .png")
+    return 0
+
+
+def _record(suite, dtype_name, dtype, case, result) -> dict:
+    record = {"suite": suite.name, "dtype": dtype_name, "optimizer": case.optimizer, "backend": case.backend,
+              "variant": case.variant, "suite_tensors": len(suite), "suite_numel": suite.numel,
+              "bytes_per_step": case.traffic.bytes_per_step(suite.numel, dtype, case.state_dtype(dtype)),
+              "state_dtype": str(case.state_dtype(dtype)).removeprefix("torch."),
+              "compare_to": case.compare_to, "error": result.get("error")}
+    for field in report.TIMING_FIELDS:
+        record[field] = result.get(field)
+    for field in ("first_call_s", "closure_ms", "closure_calls", "with_closure_ms"):
+        if field in result:
+            record[field] = result[field]
+    for field in report.DERIVED_FIELDS[1:]:
+        record[field] = None
+    return record
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The (optimizer, backend, variant) table: what one run measures side by side.
+
+Every case builds an optimizer over the suite's parameters and returns its
+step; the bytes each step must move come from the (optimizer, variant)
+traffic model below, the same for every implementation of that variant, so
+achieved GB/s compares implementations doing the same job (bench/README.md).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+import cblr_ext
+from cblr_ext.hyperparams import BACKENDS
+
+# One set of hyperparameters for every optimizer (momentum and weight decay on,
+# as in large-batch training), so all cases do the same elementwise work.
+LR, MOMENTUM, WEIGHT_DECAY, TRUST = 0.01, 0.9, 1e-4, 1e-3
+CBLR_NEVER = 10**9  # curvature_interval: measure once, reuse κ̄ afterwards
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """Element reads + writes per parameter element, of parameter-dtype tensors
+    (w, g and their copies) and of state-dtype tensors (momentum v, s, scratch)."""
+
+    param: int
+    state: int
+    counted: str
+
+    def bytes_per_step(self, numel: int, param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
+        return numel * (self.param * param_dtype.itemsize + self.state * state_dtype.itemsize)
+
+
+UPDATE = "update: read w, g, v; write w, v"
+TRAFFIC = {
+    ("SGD", ""): Traffic(3, 2, UPDATE),
+    ("LARS", "lag=0"): Traffic(5, 2, "norms pass: read w, g; " + UPDATE),
+    ("LARS", "lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms for the next step on the fly)"),
+    ("MCLR", "exact"): Traffic(5, 4, "median pass: read w, g, write + read quotients; " + UPDATE),
+    ("MCLR", "approx"): Traffic(5, 2, "median pass: read w, g (histogram on chip); " + UPDATE),
+    ("MCLR", "exact,lag=1"): Traffic(4, 4, "non-finite check: read g; " + UPDATE + "; write + read quotients"),
+    ("MCLR", "approx,lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (histogram on the fly)"),
+    ("CBLR", "reuse"): Traffic(5, 2, "norms pass: read w, g; " + UPDATE + " (closure's grad write not counted)"),
+    ("CBLR", "re-measure"): Traffic(19, 4, "snapshot w, g: 4; shift: read w, s, write w; secant: read w, g, "
+                                    "w+s, g(w+s), s; restore w, g: 4; norms pass + " + UPDATE
+                                    + " (closures' grad writes not counted)"),
+}
+
+# The cblr_ext variants: (optimizer, variant) -> constructor keywords.
+VARIANTS = {
+    ("LARS", "lag=0"): dict(lag=0),
+    ("LARS", "lag=1"): dict(lag=1),
+    ("MCLR", "exact"): dict(median="exact"),
+    ("MCLR", "approx"): dict(median="approx"),
+    ("MCLR", "exact,lag=1"): dict(median="exact", lag=1),
+    ("MCLR", "approx,lag=1"): dict(median="approx", lag=1),
+    ("CBLR", "re-measure"): dict(curvature_interval=1),
+    ("CBLR", "reuse"): dict(curvature_interval=CBLR_NEVER),
+}
+# torch.compile of the reference step: the rules without a closure protocol.
+COMPILED_VARIANTS = (("LARS", "lag=0"), ("MCLR", "exact"))
+COMPILED = "torch.compile(reference)"
+
+
+@dataclass
+class Step:
+    """A built case: ``run()`` is one optimizer step.  CBLR steps call ``closure``
+    (which only writes gradients) ``closure_calls`` times; its cost is timed
+    apart and subtracted."""
+
+    run: Callable[[], None]
+    closure: Optional[Callable[[], None]] = None
+    closure_calls: int = 0
+
+
+@dataclass(frozen=True)
+class Case:
+    optimizer: str
+    backend: str
+    variant: str
+    traffic: Traffic
+    build: Callable  # (params, grad_sets) -> Step
+    # The (optimizer, variant) whose reference-backend time the speed-up is taken over.
+    compare_to: Optional[tuple] = None
+    # cblr_ext keeps fp32 state for fp16/bf16 parameters; torch keeps the parameter dtype.
+    fp32_state: bool = False
+    isolated: bool = False  # run in a child process under a time limit (compilation)
+
+    @property
+    def key(self) -> tuple:
+        return (self.optimizer, self.backend, self.variant)
+
+    def state_dtype(self, param_dtype: torch.dtype) -> torch.dtype:
+        return torch.promote_types(param_dtype, torch.float32) if self.fp32_state else param_dtype
+
+
+def _cblr_ext_step(optimizer, backend, variant, compiled=False):
+    cls = getattr(cblr_ext, optimizer)
+    kwargs = dict(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, backend=backend, **VARIANTS[optimizer, variant])
+    if optimizer != "CBLR":
+        kwargs["trust_coefficient"] = TRUST
+
+    def build(params, grad_sets):
+        opt = cls(params, **kwargs)
+        if optimizer != "CBLR":
+            return Step(torch.compile(opt.step) if compiled else opt.step)
+        calls = itertools.count()
+
+        def closure():
+            # Alternate two gradient sets so the secant sees a real gradient change.
+            for p, g in zip(params, grad_sets[next(calls) % 2]):
+                p.grad.copy_(g)
+
+        return Step(lambda: opt.step(closure), closure, 2 if variant == "re-measure" else 1)
+
+    return build
+
+
+def _torch_sgd(flag):
+    def build(params, grad_sets):
+        opt = torch.optim.SGD(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **{flag: True})
+        return Step(opt.step)
+    return build
+
+
+def _pytorch_optimizer_lars(foreach):
+    def build(params, grad_sets):
+        from pytorch_optimizer import LARS  # optional: pip install -e ".[bench]"
+        opt = LARS(params, lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, trust_coefficient=TRUST,
+                   foreach=foreach)
+        return Step(opt.step)
+    return build
+
+
+def all_cases(device: torch.device, compile_reference: bool) -> tuple:
+    """(cases, {backend: why it is not benchmarked}) for ``device``."""
+    cases = [Case("SGD", "torch", "fused", TRAFFIC["SGD", ""], _torch_sgd("fused")),
+             Case("SGD", "torch", "foreach", TRAFFIC["SGD", ""], _torch_sgd("foreach"))]
+    backends = cblr_ext.available_backends(device)
+    missing = {}
+    for name in BACKENDS:
+        if name != "auto" and name not in backends:
+            try:
+                cblr_ext.backends.get(name, device)
+            except cblr_ext.BackendUnavailable as exc:
+                missing[name] = str(exc)
+    for (optimizer, variant), traffic in ((k, TRAFFIC[k]) for k in VARIANTS):
+        for backend in backends:
+            cases.append(Case(optimizer, backend, variant, traffic, _cblr_ext_step(optimizer, backend, variant),
+                              compare_to=(optimizer, variant), fp32_state=True))
+    if compile_reference:
+        for optimizer, variant in COMPILED_VARIANTS:
+            cases.append(Case(optimizer, COMPILED, variant, TRAFFIC[optimizer, variant],
+                              _cblr_ext_step(optimizer, "reference", variant, compiled=True),
+                              compare_to=(optimizer, variant), fp32_state=True, isolated=True))
+    else:
+        missing[COMPILED] = "skipped (--quick or --no-compile)"
+    for foreach, variant in ((True, "foreach"), (False, "per-param")):
+        cases.append(Case("LARS", "pytorch-optimizer", variant, TRAFFIC["LARS", "lag=0"],
+                          _pytorch_optimizer_lars(foreach), compare_to=("LARS", "lag=0")))
+    return cases, missing
+
+
+def find(cases, key) -> Case:
+    return next(c for c in cases if c.key == tuple(key))

@@ -1,0 +1,69 @@
+"""Wall-clock timing of one call repeated: warm-up, then samples until a count
+or a time budget is reached, summarised by median and interquartile range."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How long to measure one case: ``warmup`` untimed calls, then at least
+    ``min_samples`` and at most ``max_samples`` timed calls, stopping after
+    ``seconds`` once ``min_samples`` are in."""
+
+    warmup: int
+    min_samples: int
+    max_samples: int
+    seconds: float
+
+
+FULL = Budget(warmup=2, min_samples=5, max_samples=30, seconds=3.0)
+QUICK = Budget(warmup=1, min_samples=3, max_samples=5, seconds=0.5)
+
+
+def synchronizer(device: torch.device):
+    """What to call so that the clock stops after queued device work finished."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def sample(fn, budget: Budget, device: torch.device) -> list:
+    """Seconds per call of ``fn`` (no arguments), one entry per timed call."""
+    sync = synchronizer(device)
+    for _ in range(budget.warmup):
+        fn()
+    sync()
+    samples = []
+    deadline = time.perf_counter() + budget.seconds
+    while len(samples) < budget.max_samples and (
+            len(samples) < budget.min_samples or time.perf_counter() < deadline):
+        start = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - start)
+    return samples
+
+
+def summarize(samples: list) -> dict:
+    """Median and spread (interquartile range) in milliseconds."""
+    ms = [s * 1e3 for s in samples]
+    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
+    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
+            "min_ms": min(ms), "samples": len(ms)}
+
+
+def copy_bandwidth(device: torch.device, megabytes: int, budget: Budget) -> dict:
+    """Achievable memory bandwidth: ``dst.copy_(src)`` on a buffer larger than the
+    caches, counting 2 × size bytes (one read, one write) per copy."""
+    numel = megabytes * 2**20 // 4
+    src = torch.ones(numel, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    stats = summarize(sample(lambda: dst.copy_(src), budget, device))
+    stats["buffer_mb"] = megabytes
+    stats["gbps"] = 2 * numel * 4 / (stats["median_ms"] * 1e-3) / 1e9
+    return stats
