@@ -138,10 +138,15 @@ def _pytorch_optimizer_lars(foreach):
 
 def all_cases(device: torch.device, compile_reference: bool) -> tuple:
     """(cases, {backend: why it is not benchmarked}) for ``device``."""
+    device = torch.device(device)
     cases = [Case("SGD", "torch", "fused", TRAFFIC["SGD", ""], _torch_sgd("fused")),
              Case("SGD", "torch", "foreach", TRAFFIC["SGD", ""], _torch_sgd("foreach"))]
     backends = cblr_ext.available_backends(device)
     missing = {}
+    if device.type == "cpu" and "triton" in backends:
+        # TRITON_INTERPRET=1 runs kernels in a Python interpreter: for tests, not timing.
+        backends.remove("triton")
+        missing["triton"] = "runs on CPU only in the Triton interpreter (TRITON_INTERPRET=1): not timed"
     for name in BACKENDS:
         if name != "auto" and name not in backends:
             try:
