@@ -149,23 +149,19 @@ class LayerwiseOptimizer(Optimizer):
                     "CBLR needs step(closure) on a re-measure step (every curvature_interval-th "
                     "step): the closure re-evaluates the loss on the same batch at w + s. "
                     "Nothing was modified.")
-            if not (self.skip_nonfinite and self._any_nonfinite(batches)):
-                self._measure_secants(batches, probes, closure)
+            # A non-finite g_t is found by pass 1 (no extra pass here); the step is
+            # then skipped, probe or not.
+            self._measure_secants(batches, probes, closure)
         self._run(batches)
         return loss
 
     @staticmethod
     def _probe_mask(batch):
-        """Layers of ``batch`` that measure this step: adapted, due, with a previous step."""
-        k = batch.hp["curvature_interval"]
-        return [batch.adapt[i] and prev_step(batch, i) is not None
-                and bool(lm.measurement_due(batch.states[i]["age"], k))
-                for i in range(len(batch))]
-
-    @staticmethod
-    def _any_nonfinite(batches):
-        flags = [torch.stack([~torch.isfinite(g).all() for g in b.grads]).any() for b in batches]
-        return bool(torch.stack([f.cpu() for f in flags]).any())
+        """Layers of ``batch`` that measure this step: adapted, due, with a previous step.
+        (One host read per group: the closure must know whether to run again.)"""
+        ages = torch.stack([state["age"] for state in batch.states])
+        due = lm.measurement_due(ages, batch.hp["curvature_interval"]).tolist()
+        return [batch.adapt[i] and due[i] and prev_step(batch, i) is not None for i in range(len(batch))]
 
     def _measure_secants(self, batches, probes, closure):
         work = []
