@@ -232,3 +232,39 @@ def test_cblr_nesterov_keeps_its_own_step():
     # secant of d = a ⊙ w along s0 (β = 0)
     expected = torch.linalg.vector_norm(torch.tensor([a], dtype=torch.float64) * s0) / torch.linalg.vector_norm(s0)
     assert opt.layer_stats()["0.0"]["kappa"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_cblr_fallbacks_zero_secant_and_zero_step():
+    """A loss linear in w has a constant gradient: ‖d(w) − d(w+s)‖ = 0, no curvature seen.
+    With γ = 0 the step is 0: ‖s‖ = 0.  Both fall back to the LARS ratio."""
+    c = torch.tensor([[0.5, -1.5]], dtype=torch.float64)
+    for lr in (0.3, 0.0):
+        p = layer([2.0, 1.0], torch.float64)
+        opt = CBLR([p], lr=lr, eps=0.0, fallback_trust=0.02, backend="reference")
+        calls = 0
+
+        def closure():
+            nonlocal calls
+            calls += 1
+            opt.zero_grad()
+            loss = (c * p).sum()
+            loss.backward()
+            return loss
+        for _ in range(3):
+            w = p.detach().reshape(-1).tolist()
+            opt.step(closure)
+            stats = opt.layer_stats()["0.0"]
+            r = 0.02 * norm(w) / norm([0.5, 1.5])
+            assert stats["fallback"] and stats["ratio"] == pytest.approx(r, rel=1e-12)
+        assert calls == 5  # steps 1 and 2 probed, and found no curvature
+        assert torch.isnan(opt.state[p]["kappa"])
+
+
+def test_lars_zero_weights_fall_back_to_ratio_one():
+    p = layer([0.0, 0.0])
+    opt = LARS([p], lr=0.1, weight_decay=0.1, backend="reference")
+    set_grad(p, [1.0, 2.0])
+    opt.step()  # κ = (‖g‖ + 0 + ε)/0 is not finite; the fallback η_F·0/‖g‖ is 0: r = 1
+    assert_close(p, [-0.1, -0.2])
+    stats = opt.layer_stats()["0.0"]
+    assert stats["fallback"] and stats["ratio"] == 1.0
