@@ -255,7 +255,7 @@ def test_cblr_fallbacks_zero_secant_and_zero_step():
             opt.step(closure)
             stats = opt.layer_stats()["0.0"]
             r = 0.02 * norm(w) / norm([0.5, 1.5])
-            assert stats["fallback"] and stats["ratio"] == pytest.approx(r, rel=1e-12)
+            assert stats["fallback"] and stats["ratio"] == pytest.approx(r, rel=1e-6)  # fp32 scalars
         assert calls == 5  # steps 1 and 2 probed, and found no curvature
         assert torch.isnan(opt.state[p]["kappa"])
 
