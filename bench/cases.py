@@ -19,7 +19,9 @@ from cblr_ext.hyperparams import BACKENDS
 # One set of hyperparameters for every optimizer (momentum and weight decay on,
 # as in large-batch training), so all cases do the same elementwise work.
 LR, MOMENTUM, WEIGHT_DECAY, TRUST = 0.01, 0.9, 1e-4, 1e-3
-CBLR_NEVER = 10**9  # curvature_interval: measure once, reuse κ̄ afterwards
+# curvature_interval of the reuse variant: the second call measures (the first has no
+# s_{t−1}), every later one reuses κ̄; the runner's untimed calls cover both.
+CBLR_NEVER = 10**9
 
 
 @dataclass(frozen=True)

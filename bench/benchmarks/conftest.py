@@ -6,6 +6,7 @@ import torch
 import cblr_ext
 
 from bench import runner, suites
+from bench.cases import all_cases
 
 
 def pytest_addoption(parser):
@@ -32,6 +33,12 @@ def tensors(suite, device):
 
 
 def pytest_generate_tests(metafunc):
-    """``backend``: every cblr_ext backend that runs on the benchmark device."""
+    """``backend``: every cblr_ext backend that runs on the benchmark device;
+    ``case``: every case of the report but the torch.compile ones (``python -m
+    bench`` times those in a child process under a time limit)."""
+    device = torch.device(metafunc.config.getoption("--bench-device"))
     if "backend" in metafunc.fixturenames:
-        metafunc.parametrize("backend", cblr_ext.available_backends(metafunc.config.getoption("--bench-device")))
+        metafunc.parametrize("backend", cblr_ext.available_backends(device))
+    if "case" in metafunc.fixturenames:
+        cases = all_cases(device, compile_reference=False)[0]
+        metafunc.parametrize("case", cases, ids=[f"{c.optimizer}-{c.backend}-{c.variant}" for c in cases])

@@ -8,7 +8,6 @@ import cblr_ext
 from cblr_ext import backends
 from cblr_ext.functional import REDUCTION_COLUMNS, STAT_COLUMNS
 
-from bench import runner
 from bench.cases import LR, MOMENTUM, WEIGHT_DECAY
 
 
