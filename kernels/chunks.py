@@ -20,6 +20,7 @@ TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat1
 # Launch options shared by every kernel: no fused multiply-add, so that
 # d = fl(g + fl(β·w)) and the momentum update round exactly like the reference.
 LAUNCH_OPTIONS = dict(enable_fp_fusion=False)
+CHUNK_WARPS = 8  # a 4096-element chunk is 16 elements per thread
 
 
 @triton.jit
@@ -37,6 +38,19 @@ def chunk_span(chunks, BLOCK: tl.constexpr):
 def tensor_ptr(ptrs, role, n_layers, row, DTYPE: tl.constexpr):
     """Pointer to the first element of layer ``row``'s tensor of ``role``."""
     return tl.load(ptrs + role * n_layers + row).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """fp32 → DTYPE, round to nearest even (what ``Tensor.to`` does).  bf16 is rounded
+    in integer form, as the hardware does it: the interpreter's own cast truncates."""
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        rounded = tl.where(x != x, 0x7FC0, rounded)  # keep NaN a NaN
+        return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        return x.to(DTYPE)
 
 
 @triton.jit
@@ -125,4 +139,4 @@ def sum_per_layer(plan: ChunkPlan, partials: torch.Tensor, out: torch.Tensor) ->
     n_cols = partials.shape[1]
     sum_partials_kernel[(plan.rows.numel(),)](
         partials, plan.chunk_begin, plan.rows, out, N_COLS=n_cols,
-        COLS=triton.next_power_of_2(n_cols), BLOCK_C=64)
+        COLS=triton.next_power_of_2(n_cols), BLOCK_C=64, num_warps=2)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunks import chunk_span, tensor_ptr
+from .chunks import chunk_span, round_to, tensor_ptr
 
 ROLE_DST, ROLE_SRC = tl.constexpr(0), tl.constexpr(1)
 ROLE_W, ROLE_S = tl.constexpr(0), tl.constexpr(1)
@@ -28,7 +28,7 @@ def shift_kernel(chunks, ptrs, n_layers, DTYPE: tl.constexpr, BLOCK: tl.constexp
     w_ptr = tensor_ptr(ptrs, ROLE_W, n_layers, row, DTYPE) + offs
     s = tl.load(tensor_ptr(ptrs, ROLE_S, n_layers, row, tl.float32) + offs, mask=mask)
     w = tl.load(w_ptr, mask=mask).to(tl.float32)
-    tl.store(w_ptr, (w + s.to(DTYPE).to(tl.float32)).to(DTYPE), mask=mask)
+    tl.store(w_ptr, round_to(w + round_to(s, DTYPE).to(tl.float32), DTYPE), mask=mask)
 
 
 @triton.jit

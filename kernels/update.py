@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunks import chunk_span, tensor_ptr
+from .chunks import chunk_span, round_to, tensor_ptr
 
 ROLE_W, ROLE_G, ROLE_V, ROLE_S = (tl.constexpr(i) for i in range(4))
 U_S2, U_W2, U_G2 = (tl.constexpr(i) for i in range(3))
@@ -39,7 +39,7 @@ def momentum_update_kernel(chunks, ptrs, n_layers, alpha, skip, partials, weight
             s = v
     else:
         s = scaled
-    tl.store(w_ptr, (w - s).to(DTYPE), mask=mask)
+    tl.store(w_ptr, round_to(w - s, DTYPE), mask=mask)
     if STORE_STEP:
         tl.store(tensor_ptr(ptrs, ROLE_S, n_layers, row, tl.float32) + offs, s, mask=mask)
     out = partials + c * UPDATE_PARTIALS

@@ -101,10 +101,10 @@ def _times_lr(x: Tensor, lr) -> Tensor:
 
 
 def _launch(kernel, plan, *args, **constexprs):
-    from ..kernels.chunks import LAUNCH_OPTIONS, TL_DTYPES
+    from ..kernels.chunks import CHUNK_WARPS, LAUNCH_OPTIONS, TL_DTYPES
     if plan.n_chunks:
         kernel[(plan.n_chunks,)](plan.chunks, *args, DTYPE=TL_DTYPES[plan.dtype], BLOCK=plan.block,
-                                 **constexprs, **LAUNCH_OPTIONS)
+                                 num_warps=CHUNK_WARPS, **constexprs, **LAUNCH_OPTIONS)
 
 
 # ------------------------------------------------------------------ pass 1
@@ -128,8 +128,9 @@ def _median_bits(batch: LayerBatch, ptrs: Tensor, plans: list, h_nan: Tensor,
             for plan in plans:
                 _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, float(batch.hp["weight_decay"]),
                         NORMS=False, STATS=False, HIST=True, FILTER=True, SHIFT=shift, BITS=bits)
+        # One program scans a layer's whole histogram: about 32 bins per thread.
         median.radix_select_kernel[(n,)](hist, prefix, rank, count, SHIFT=shift, BITS=bits, FIRST=i == 0,
-                                         **LAUNCH_OPTIONS)
+                                         num_warps=min(32, max(4, (1 << bits) // 1024)), **LAUNCH_OPTIONS)
     missing = (count == 0) | (h_nan > 0)
     return torch.where(missing, torch.full_like(h_nan, float("nan")), prefix.view(torch.float32))
 
