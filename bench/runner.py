@@ -7,6 +7,7 @@ so a compilation that fails or hangs becomes a record, not a crash.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import time
 import traceback
@@ -60,6 +61,8 @@ def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch
 def _child(conn, case_key, suite, dtype, device, budget, torch_threads):
     from .cases import all_cases, find  # imported here: the child is a fresh interpreter
     torch.set_num_threads(torch_threads)
+    # Graph breaks in the reference backend (host reads) are expected: no warnings per break.
+    torch._logging.set_logs(dynamo=logging.ERROR)
     try:
         case = find(all_cases(device, compile_reference=True)[0], case_key)
         params, grad_sets = make_tensors(suite, dtype, device)
@@ -86,7 +89,8 @@ def measure_isolated(case, suite, dtype, device, budget: timing.Budget, timeout_
     except EOFError:
         return {"error": f"child process died (exit code {proc.exitcode})"}
     finally:
+        proc.join(timeout=30)  # let a child that answered exit cleanly
         if proc.is_alive():
             proc.kill()
-        proc.join()
+            proc.join()
         parent.close()

@@ -11,7 +11,8 @@ import torch
 
 @dataclass(frozen=True)
 class Budget:
-    """How long to measure one case: ``warmup`` untimed calls, then at least
+    """How long to measure one case: ``warmup`` untimed calls (after the runner's
+    first call, which also compiles and allocates state), then at least
     ``min_samples`` and at most ``max_samples`` timed calls, stopping after
     ``seconds`` once ``min_samples`` are in."""
 
