@@ -103,8 +103,8 @@ def test_microbenchmarks_run():
     """The pytest-benchmark suite runs (each benchmark once, untimed) on the tiny suite."""
     pytest.importorskip("pytest_benchmark")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "bench/benchmarks",
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "bench/benchmarks",
                            "--bench-suite", "tiny", "--benchmark-disable"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert " passed" in proc.stdout and "failed" not in proc.stdout
+    assert " passed" in proc.stdout and "failed" not in proc.stdout and "error" not in proc.stdout
