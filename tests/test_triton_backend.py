@@ -49,8 +49,8 @@ def layer_shapes():
 
 
 def make_params(shapes, dtype=torch.float32, device="cpu", seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return [torch.randn(s, generator=gen).to(device=device, dtype=dtype).requires_grad_() for s in shapes]
+    gen = torch.Generator(device).manual_seed(seed)
+    return [torch.randn(s, generator=gen, device=device).to(dtype).requires_grad_() for s in shapes]
 
 
 def run(rule, backend, shapes, steps, dtype=torch.float32, device="cpu", lr=0.5, **kwargs):
@@ -58,9 +58,9 @@ def run(rule, backend, shapes, steps, dtype=torch.float32, device="cpu", lr=0.5,
     path but stays bounded, so the non-adapted bias (r = 1) does not diverge."""
     params = make_params(shapes, dtype, device)
     opt = RULES[rule](params, lr=lr, backend=backend, **kwargs)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator(device).manual_seed(1)
     for _ in range(steps):
-        targets = [torch.randn(p.shape, generator=gen).to(device=device, dtype=dtype) for p in params]
+        targets = [torch.randn(p.shape, generator=gen, device=device).to(dtype) for p in params]
 
         def closure():
             opt.zero_grad()
@@ -335,3 +335,127 @@ def test_kernels_compile_for_a_cuda_target():
     if done.returncode and "ptxas" in done.stderr and "not found" in done.stderr.lower():
         pytest.skip("ptxas is not available")
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+# ------------------------------------------------- steady state, on the CPU
+
+@interpreted
+@pytest.mark.parametrize("rule", RULES)
+def test_steady_state_steps_copy_nothing_to_the_device(small_chunks, monkeypatch, rule):
+    """Once warmed up (grads kept in place), a step reuses the cached chunk and pointer
+    tables: no host-to-device copy, as CUDA-graph replay requires."""
+    from cblr_ext.kernels import chunks
+    params = make_params(layer_shapes())
+    opt = RULES[rule](params, lr=0.1, momentum=0.9, backend="triton")
+    for p in params:
+        p.grad = torch.zeros_like(p)
+
+    def closure():
+        for p in params:
+            p.grad.copy_(p.detach().sin())
+    for _ in range(2):
+        closure()
+        opt.step(closure)
+
+    def no_copies(*args):
+        raise AssertionError("a host list was copied to the device during a steady-state step")
+    monkeypatch.setattr(chunks, "to_device", no_copies)
+    closure()
+    opt.step(closure)
+
+
+# ------------------------------------------------------------------- GPU
+
+def model_shapes(suite):
+    from bench.suites import SUITES  # the repository's model-shape suites
+    return [shape for _, shape in SUITES[suite].shapes]
+
+
+@needs_gpu
+@pytest.mark.parametrize("suite", ["resnet50", "bert-base"])
+@pytest.mark.parametrize("rule", RULES)
+def test_gpu_parity_at_real_sizes(rule, suite):
+    kwargs = dict(momentum=0.9, weight_decay=1e-4, lr=0.1)
+    ref = run(rule, "reference", model_shapes(suite), 10, device="cuda", **kwargs)
+    tri = run(rule, "triton", model_shapes(suite), 10, device="cuda", **kwargs)
+    assert_same_run(ref, tri, tol=1e-5)
+
+
+def gpu_setup(rule, shapes, backend="triton"):
+    params = make_params(shapes, device="cuda")
+    opt = RULES[rule](params, lr=0.1, momentum=0.9, weight_decay=1e-4, backend=backend)
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    return params, opt
+
+
+def set_grads(params, step):
+    for i, p in enumerate(params):
+        p.grad.copy_(torch.sin(p.detach() * (step + 1) + i))
+
+
+@needs_gpu
+@pytest.mark.parametrize("rule", ["lars", "mclr"])
+def test_cuda_graph_capture_and_replay_matches_eager(rule):
+    shapes = [(512, 256), (256,), (64, 32, 3, 3), (0,)]
+    eager, eager_opt = gpu_setup(rule, shapes)
+    for step in range(6):
+        set_grads(eager, step)
+        eager_opt.step()
+
+    params, opt = gpu_setup(rule, shapes)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: compile kernels, create state and tables
+        for step in range(3):
+            set_grads(params, step)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(3, 6):
+        set_grads(params, step)
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(eager, params):
+        assert torch.equal(p, q)
+
+
+@needs_gpu
+@pytest.mark.parametrize("rule", ["lars", "mclr"])
+def test_a_warm_step_makes_no_host_sync(rule):
+    params, opt = gpu_setup(rule, [(512, 256), (256,), (64, 32, 3, 3)])
+    set_grads(params, 0)
+    opt.step()
+    set_grads(params, 1)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+        opt.param_groups[0]["lr"] = torch.tensor(0.05, device="cuda")
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@needs_gpu
+def test_cblr_protocol_ops_make_no_host_sync():
+    """The optimizer decides on the host whether to probe; the backend's kernels
+    between the closure's calls must not sync."""
+    params, opt = gpu_setup("cblr", [(512, 256), (64, 32, 3, 3)])
+    set_grads(params, 0)
+    opt.step(lambda: set_grads(params, 0))
+    torch.cuda.synchronize()
+    steps = [opt.state[p]["momentum_buffer"] for p in params]
+    grads = [p.grad for p in params]
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        saved_w, saved_g = tb.snapshot(params), tb.snapshot(grads)
+        tb.shift(params, steps)
+        probe = [g * 1.01 for g in saved_g]
+        norms = tb.secant_norms(saved_w, saved_g, params, probe, steps, 1e-4)
+        tb.restore(params, saved_w)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(a, b) for a, b in zip(params, saved_w)) and torch.isfinite(norms).all()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import weakref
 
 import torch
 from torch import Tensor
@@ -260,9 +261,28 @@ def _copy(dst: list, src: list) -> None:
         _launch(kc.copy_kernel, plan, ptrs, len(src))
 
 
+# Save buffers per list of source tensors (by data pointers), reused every step so
+# that the snapshot kernels read and write fixed addresses (cached pointer tables,
+# CUDA-graph capture).  An entry goes when its first source tensor is freed.
+_save_buffers: dict = {}
+
+
+def _forget_save_buffers(key, entry) -> None:
+    if _save_buffers.get(key) is entry:
+        del _save_buffers[key]
+
+
 def snapshot(tensors: list) -> list:
+    """Copies of ``tensors``, valid until the next snapshot of the same tensors (the
+    optimizer restores from them within the step)."""
     _check(tensors, "tensor")
-    saved = [torch.empty_like(t) for t in tensors]  # same strides for dense tensors
+    if not tensors:
+        return []
+    key = tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors)
+    saved = _save_buffers.get(key)
+    if saved is None:
+        saved = _save_buffers[key] = [torch.empty_like(t) for t in tensors]  # same strides: dense
+        weakref.finalize(tensors[0], _forget_save_buffers, key, saved)
     _copy(saved, tensors)
     return saved
 
