@@ -141,7 +141,7 @@ def _record(suite, dtype_name, dtype, case, result) -> dict:
     for field in ("first_call_s", "closure_ms", "closure_calls", "with_closure_ms"):
         if field in result:
             record[field] = result[field]
-    for field in report.DERIVED_FIELDS[1:]:
+    for field in report.DERIVED_FIELDS:
         record[field] = None
     return record
 

@@ -7,7 +7,7 @@ from pathlib import Path
 # A record is one (suite, dtype, optimizer, backend, variant); these identify it.
 KEY_FIELDS = ("suite", "dtype", "optimizer", "backend", "variant")
 TIMING_FIELDS = ("median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "samples")
-DERIVED_FIELDS = ("bytes_per_step", "gbps", "fraction_of_copy", "speedup_vs_reference", "ratio_to_fused_sgd")
+DERIVED_FIELDS = ("gbps", "fraction_of_copy", "speedup_vs_reference", "ratio_to_fused_sgd")
 FUSED_SGD = ("SGD", "torch", "fused")
 
 
