@@ -55,7 +55,6 @@ CBLR_HD T curvature_quotient(T d, T w) {
   return (d < T(0) ? -d : d) / (w < T(0) ? -w : w);
 }
 
-// The fp32 bits of a non-negative quotient order like the values; NaN bits sort last.
 CBLR_HD uint32_t float_bits(float x) {
   uint32_t bits;
   memcpy(&bits, &x, sizeof bits);
@@ -68,12 +67,15 @@ CBLR_HD float bits_float(uint32_t bits) {
   return x;
 }
 
-CBLR_HD bool is_nan_bits(uint32_t bits) { return (bits & 0x7FFFFFFFu) > 0x7F800000u; }
-
 // median="approx": the median rounded toward zero to bf16 precision (relative error < 2^-7).
 constexpr uint32_t kApproxMask = 0xFFFF0000u;
 
-CBLR_HD float approx_median(float median) { return bits_float(float_bits(median) & kApproxMask); }
+// The volatile keeps gcc 12.2 (Debian) from miscompiling float -> bits & mask -> float
+// under a branch into the identity (seen at -O1..-O3 with -fPIC).
+CBLR_HD float approx_median(float median) {
+  volatile uint32_t bits = float_bits(median) & kApproxMask;
+  return bits_float(bits);
+}
 
 // Position of the lower median (the ⌈n/2⌉-th smallest, zero-based) among n > 0 values.
 CBLR_HD int64_t lower_median_rank(int64_t n) { return (n - 1) / 2; }

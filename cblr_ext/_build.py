@@ -1,0 +1,46 @@
+"""Loading the C++ extension: ``cblr_ext._C`` when setup.py built it, else a JIT build
+of ``csrc/`` with ninja into a cache directory on first use (torch's own extension
+cache, ``TORCH_EXTENSIONS_DIR``; rebuilt when a source changes)."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+_CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("binding.cpp", "cpu/step.cpp", "cpu/protocol.cpp")
+# -ffp-contract=off: no fused multiply-add, so MCLR quotients are bit-identical across backends.
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+LINK_FLAGS = ["-fopenmp"]
+# A JIT build runs where it is used, so it may tune for this CPU.
+JIT_CXX_FLAGS = CXX_FLAGS + ["-march=native"]
+JIT_NAME = "cblr_ext_cpu"
+
+_loaded = None
+
+
+def source_paths() -> list:
+    return [str(_CSRC / s) for s in SOURCES]
+
+
+def jit_build(build_directory=None, verbose=False) -> str:
+    """Compile csrc/ with ninja (MAX_JOBS bounds the parallel jobs) and load the ops."""
+    from torch.utils import cpp_extension
+
+    if not _CSRC.is_dir():
+        raise ImportError(f"cblr_ext._C is not built and the C++ sources are missing ({_CSRC})")
+    cpp_extension.load(name=JIT_NAME, sources=source_paths(), extra_cflags=JIT_CXX_FLAGS,
+                       extra_ldflags=LINK_FLAGS, build_directory=build_directory,
+                       is_python_module=False, verbose=verbose)
+    return "jit"
+
+
+def load() -> str:
+    """Register the ``torch.ops.cblr_ext`` ops once; returns how: "setup.py" or "jit"."""
+    global _loaded
+    if _loaded is None:
+        try:
+            importlib.import_module("cblr_ext._C")
+            _loaded = "setup.py"
+        except ImportError:
+            _loaded = jit_build()
+    return _loaded

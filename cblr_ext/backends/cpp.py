@@ -1,0 +1,104 @@
+"""The fused C++ CPU backend: every pass is one multi-tensor op over all layers of a
+param group (``torch.ops.cblr_ext``, csrc/), the layer math shared with the CUDA
+kernels through csrc/layer_math.h.
+
+This module only packs a ``LayerBatch`` into tensor lists and flags, and creates the
+state tensors the ops write into (momentum buffers, ``prev_step``, ``lagged``).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..functional import LayerBatch, lr_value, state_dtype
+
+name = "cpp"
+
+_ops = None
+
+
+def _load():
+    global _ops
+    if _ops is None:
+        from .. import ops  # noqa: F401  (loads or JIT-builds the extension)
+        _ops = torch.ops.cblr_ext
+    return _ops
+
+
+def available(device: torch.device):
+    if device.type != "cpu":
+        return "the cpp backend runs on CPU tensors only"
+    try:
+        _load()
+    except Exception as exc:  # a failed JIT build is a reason, not a crash
+        return f"the C++ extension could not be loaded or built: {exc}"
+    return True
+
+
+def _lagged_valid(batch: LayerBatch) -> list:
+    """Per layer: does state["lagged"] hold a stash from an earlier step (lag=1)?"""
+    if not batch.hp["lag"]:
+        return [False] * len(batch)
+    return [("lagged" in s) for s in batch.states]
+
+
+def reduce(batch: LayerBatch) -> torch.Tensor:
+    hp = batch.hp
+    return _load().reduce(
+        batch.rule, batch.params, batch.grads, [s["age"] for s in batch.states], batch.adapt,
+        _lagged_valid(batch), batch.secant, float(hp["weight_decay"]), float(hp["eps"]),
+        int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx")
+
+
+def _state_tensors(batch: LayerBatch, key: str, make, keep: bool) -> list:
+    """state[key] of every layer; where missing, ``make(param)``, stored in the state if ``keep``."""
+    out = []
+    for p, state in zip(batch.params, batch.states):
+        tensor = state.get(key)
+        if tensor is None:
+            tensor = make(p)
+            if keep:
+                state[key] = tensor
+        out.append(tensor)
+    return out
+
+
+def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torch.Tensor:
+    hp = batch.hp
+    lagged_valid = _lagged_valid(batch)
+    # A skipped step creates no state, as in the reference (found_inf lives on the CPU).
+    skip = bool(found_inf)
+    momentum_buffers, prev_steps, lagged = [], [], []
+    if batch.uses_momentum and not skip:
+        momentum_buffers = _state_tensors(
+            batch, "momentum_buffer", lambda p: torch.zeros_like(p, dtype=state_dtype(p)), True)
+    if batch.keeps_prev_step and not skip:
+        prev_steps = _state_tensors(
+            batch, "prev_step", lambda p: torch.empty_like(p, dtype=state_dtype(p)), True)
+    if hp["lag"]:  # the stash of a layer without one is only read after this step writes it
+        lagged = _state_tensors(batch, "lagged", lambda p: torch.empty(3, dtype=torch.float32), not skip)
+    return _load().apply(
+        batch.rule, batch.params, batch.grads, momentum_buffers, prev_steps,
+        [s["kappa"] for s in batch.states], [s["age"] for s in batch.states], lagged, batch.adapt,
+        lagged_valid, red, found_inf.reshape(()), lr_value(hp["lr"], batch.device),
+        float(hp["momentum"]), bool(hp["nesterov"]), float(hp["weight_decay"]), float(hp["eps"]),
+        float(hp["trust_coefficient"]), float(hp["curvature_ema"]),
+        None if hp["max_ratio"] is None else float(hp["max_ratio"]), float(hp["fallback_trust"]),
+        int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx")
+
+
+def snapshot(tensors: list) -> list:
+    return _load().snapshot(tensors) if tensors else []
+
+
+def shift(params: list, steps: list) -> None:
+    if params:
+        _load().shift(params, steps)
+
+
+def restore(dst: list, src: list) -> None:
+    if dst:
+        _load().restore(dst, src)
+
+
+def secant_norms(w_t: list, g_t: list, w_p: list, g_p: list, steps: list, weight_decay: float) -> torch.Tensor:
+    return _load().secant_norms(w_t, g_t, w_p, g_p, steps, float(weight_decay))

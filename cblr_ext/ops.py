@@ -1,0 +1,49 @@
+"""The ``torch.ops.cblr_ext`` ops (schemas declared once, in csrc/binding.cpp) and their
+fake implementations, so that ``torch.compile`` can trace around them.
+
+Importing this module loads the extension (``_build.load``: compiled, or JIT-built).
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _build
+
+_build.load()
+
+REDUCTION_COLUMNS = 5
+STAT_COLUMNS = 7
+
+
+@torch.library.register_fake("cblr_ext::reduce")
+def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, secant, weight_decay, eps,
+                 curvature_interval, lag, approx_median):
+    return params[0].new_empty((len(params), REDUCTION_COLUMNS), dtype=torch.float32)
+
+
+@torch.library.register_fake("cblr_ext::apply")
+def _apply_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, adapt,
+                lagged_valid, red, found_inf, lr, momentum, nesterov, weight_decay, eps,
+                trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
+                approx_median):
+    return params[0].new_empty((len(params), STAT_COLUMNS), dtype=torch.float32)
+
+
+@torch.library.register_fake("cblr_ext::snapshot")
+def _snapshot_fake(tensors):
+    return [torch.empty_like(t) for t in tensors]
+
+
+@torch.library.register_fake("cblr_ext::restore")
+def _restore_fake(dst, src):
+    return None
+
+
+@torch.library.register_fake("cblr_ext::shift")
+def _shift_fake(params, steps):
+    return None
+
+
+@torch.library.register_fake("cblr_ext::secant_norms")
+def _secant_norms_fake(w_t, g_t, w_p, g_p, steps, weight_decay):
+    return w_t[0].new_empty((len(w_t), 2), dtype=torch.float32)

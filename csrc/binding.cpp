@@ -1,0 +1,279 @@
+// The torch side of the CPU backend: op schemas (declared once, here), input checks
+// (every check runs before anything is written), and the translation of tensor
+// lists into the torch-free layer views of csrc/cpu/kernels.h.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace {
+
+using at::Tensor;
+using cblr::cpu::DType;
+using cblr::cpu::LayerRef;
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::F32;
+    case at::kDouble: return DType::F64;
+    case at::kHalf: return DType::F16;
+    case at::kBFloat16: return DType::BF16;
+    default: TORCH_CHECK(false, "cblr_ext cpp backend: unsupported dtype ", t.scalar_type());
+  }
+}
+
+at::ScalarType state_dtype(const Tensor& param) {
+  return param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+cblr::Rule rule_of(const std::string& rule) {
+  if (rule == "lars") return cblr::RULE_LARS;
+  if (rule == "mclr") return cblr::RULE_MCLR;
+  TORCH_CHECK(rule == "cblr", "cblr_ext cpp backend: unknown rule '", rule, "'");
+  return cblr::RULE_CBLR;
+}
+
+// `other` may be read as flat memory alongside `param`: same device, size and layout.
+void check_companion(const Tensor& param, const Tensor& other, at::ScalarType dtype, const char* what,
+                     size_t i) {
+  TORCH_CHECK(other.device() == param.device(), "cblr_ext cpp backend: ", what, " of layer ", i,
+              " is on ", other.device(), ", its parameter on ", param.device());
+  TORCH_CHECK(other.scalar_type() == dtype, "cblr_ext cpp backend: ", what, " of layer ", i, " has dtype ",
+              other.scalar_type(), ", expected ", dtype);
+  TORCH_CHECK(other.sizes() == param.sizes() && other.strides() == param.strides(), "cblr_ext cpp backend: ",
+              what, " of layer ", i, " must have its parameter's shape and strides");
+}
+
+void check_param(const Tensor& param, size_t i) {
+  TORCH_CHECK(param.device().is_cpu(), "cblr_ext cpp backend: layer ", i, " is on ", param.device());
+  dtype_of(param);
+  TORCH_CHECK(param.is_non_overlapping_and_dense(), "cblr_ext cpp backend: layer ", i,
+              " is not dense (a view with gaps or overlaps); pass a dense parameter");
+}
+
+void check_scalar_state(const Tensor& t, int64_t numel, const char* what, size_t i) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == numel && t.is_contiguous(),
+              "cblr_ext cpp backend: ", what, " of layer ", i, " must be a contiguous CPU fp32 tensor of ",
+              numel, " element(s)");
+}
+
+void check_count(size_t got, size_t layers, const char* what, bool optional) {
+  TORCH_CHECK(got == layers || (optional && got == 0), "cblr_ext cpp backend: ", layers, " layers but ", got,
+              " ", what);
+}
+
+cblr::cpu::StepConfig step_config(const std::string& rule, double weight_decay, double eps,
+                                  int64_t curvature_interval, bool lag, bool approx_median) {
+  cblr::cpu::StepConfig cfg;
+  cfg.rule = rule_of(rule);
+  cfg.weight_decay = weight_decay;
+  cfg.curvature_interval = curvature_interval;
+  cfg.lag = lag;
+  cfg.approx_median = approx_median;
+  cfg.ratio.weight_decay = float(weight_decay);
+  cfg.ratio.eps = float(eps);
+  cfg.threads = at::get_num_threads();
+  return cfg;
+}
+
+Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages,
+              c10::List<bool> adapt, c10::List<bool> lagged_valid, const std::optional<Tensor>& secant,
+              double weight_decay, double eps, int64_t curvature_interval, bool lag, bool approx_median) {
+  const size_t count = params.size();
+  check_count(grads.size(), count, "gradients", false);
+  check_count(ages.size(), count, "ages", false);
+  check_count(adapt.size(), count, "adapt flags", false);
+  check_count(lagged_valid.size(), count, "lag flags", false);
+  cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
+  Tensor secant_rows;
+  if (cfg.rule == cblr::RULE_CBLR) {
+    TORCH_CHECK(secant.has_value(), "cblr_ext cpp backend: CBLR's reduce needs the secant norms");
+    secant_rows = secant->to(at::kFloat).contiguous();
+    TORCH_CHECK(secant_rows.dim() == 2 && secant_rows.size(0) == int64_t(count) && secant_rows.size(1) == 2,
+                "cblr_ext cpp backend: secant must be [layers, 2]");
+  }
+  std::vector<LayerRef> layers(count);
+  for (size_t i = 0; i < count; ++i) {
+    check_param(params[i], i);
+    check_companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
+    check_scalar_state(ages[i], 1, "age", i);
+    LayerRef& l = layers[i];
+    l.dtype = dtype_of(params[i]);
+    l.n = params[i].numel();
+    l.w = params[i].data_ptr();
+    l.g = grads[i].data_ptr();
+    l.age = ages[i].data_ptr<float>();
+    l.adapt = adapt.get(i);
+    l.lagged_valid = lagged_valid.get(i);
+  }
+  Tensor red = at::empty({int64_t(count), cblr::cpu::RED_COLUMNS}, at::kFloat);
+  cblr::cpu::reduce_layers(cfg, layers, secant_rows.defined() ? secant_rows.data_ptr<float>() : nullptr,
+                           red.data_ptr<float>());
+  return red;
+}
+
+Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grads,
+             at::TensorList momentum_buffers, at::TensorList prev_steps, at::TensorList kappas,
+             at::TensorList ages, at::TensorList lagged, c10::List<bool> adapt, c10::List<bool> lagged_valid,
+             const Tensor& red, const Tensor& found_inf, const Tensor& lr, double momentum, bool nesterov,
+             double weight_decay, double eps, double trust_coefficient, double curvature_ema,
+             std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag,
+             bool approx_median) {
+  const size_t count = params.size();
+  check_count(grads.size(), count, "gradients", false);
+  check_count(momentum_buffers.size(), count, "momentum buffers", true);
+  check_count(prev_steps.size(), count, "previous steps", true);
+  check_count(kappas.size(), count, "kappas", false);
+  check_count(ages.size(), count, "ages", false);
+  check_count(lagged.size(), count, "lag stashes", !lag);
+  check_count(adapt.size(), count, "adapt flags", false);
+  check_count(lagged_valid.size(), count, "lag flags", false);
+  TORCH_CHECK(red.device().is_cpu() && red.scalar_type() == at::kFloat && red.is_contiguous() &&
+                  red.dim() == 2 && red.size(0) == int64_t(count) && red.size(1) == cblr::cpu::RED_COLUMNS,
+              "cblr_ext cpp backend: red must be a contiguous fp32 [layers, 5] CPU tensor");
+  TORCH_CHECK(found_inf.numel() == 1 && lr.numel() == 1, "cblr_ext cpp backend: found_inf and lr are scalars");
+  cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
+  cfg.momentum = momentum;
+  cfg.nesterov = nesterov;
+  cfg.ratio = cblr::make_ratio_params(trust_coefficient, curvature_ema, max_ratio.has_value(),
+                                      max_ratio.value_or(0.0), weight_decay, eps, fallback_trust);
+  std::vector<LayerRef> layers(count);
+  for (size_t i = 0; i < count; ++i) {
+    check_param(params[i], i);
+    check_companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
+    check_scalar_state(kappas[i], 1, "kappa", i);
+    check_scalar_state(ages[i], 1, "age", i);
+    LayerRef& l = layers[i];
+    if (!momentum_buffers.empty()) {
+      check_companion(params[i], momentum_buffers[i], state_dtype(params[i]), "momentum buffer", i);
+      l.v = momentum_buffers[i].data_ptr();
+    }
+    if (!prev_steps.empty()) {
+      check_companion(params[i], prev_steps[i], state_dtype(params[i]), "previous step", i);
+      l.prev = prev_steps[i].data_ptr();
+    }
+    if (lag) {
+      check_scalar_state(lagged[i], 3, "lag stash", i);
+      l.lagged = lagged[i].data_ptr<float>();
+    }
+    l.dtype = dtype_of(params[i]);
+    l.n = params[i].numel();
+    l.w = params[i].data_ptr();
+    l.g = grads[i].data_ptr();
+    l.kappa = kappas[i].data_ptr<float>();
+    l.age = ages[i].data_ptr<float>();
+    l.adapt = adapt.get(i);
+    l.lagged_valid = lagged_valid.get(i);
+  }
+  Tensor stats = at::empty({int64_t(count), cblr::cpu::STAT_COLUMNS}, at::kFloat);
+  cblr::cpu::apply_layers(cfg, layers, red.data_ptr<float>(), found_inf.item<bool>(), lr.item<float>(),
+                          stats.data_ptr<float>());
+  return stats;
+}
+
+std::vector<Tensor> snapshot(at::TensorList tensors) {
+  std::vector<Tensor> copies;
+  std::vector<const void*> src;
+  std::vector<void*> dst;
+  std::vector<int64_t> bytes;
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    check_param(tensors[i], i);
+    copies.push_back(at::empty_like(tensors[i]));  // keeps the (dense) layout
+    src.push_back(tensors[i].data_ptr());
+    dst.push_back(copies.back().data_ptr());
+    bytes.push_back(tensors[i].numel() * tensors[i].element_size());
+  }
+  cblr::cpu::copy_layers(src, dst, bytes, at::get_num_threads());
+  return copies;
+}
+
+void restore(at::TensorList dst, at::TensorList src) {
+  check_count(src.size(), dst.size(), "sources", false);
+  std::vector<const void*> from;
+  std::vector<void*> to;
+  std::vector<int64_t> bytes;
+  for (size_t i = 0; i < dst.size(); ++i) {
+    check_param(dst[i], i);
+    check_companion(dst[i], src[i], dst[i].scalar_type(), "source", i);
+    from.push_back(src[i].data_ptr());
+    to.push_back(dst[i].data_ptr());
+    bytes.push_back(dst[i].numel() * dst[i].element_size());
+  }
+  cblr::cpu::copy_layers(from, to, bytes, at::get_num_threads());
+}
+
+void shift(at::TensorList params, at::TensorList steps) {
+  check_count(steps.size(), params.size(), "steps", false);
+  std::vector<cblr::cpu::ShiftLayer> layers;
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_param(params[i], i);
+    check_companion(params[i], steps[i], state_dtype(params[i]), "step", i);
+    layers.push_back({dtype_of(params[i]), params[i].numel(), params[i].data_ptr(), steps[i].data_ptr()});
+  }
+  cblr::cpu::shift_layers(layers, at::get_num_threads());
+}
+
+Tensor secant_norms(at::TensorList w_t, at::TensorList g_t, at::TensorList w_p, at::TensorList g_p,
+                    at::TensorList steps, double weight_decay) {
+  const size_t count = w_t.size();
+  check_count(g_t.size(), count, "gradients g_t", false);
+  check_count(w_p.size(), count, "probe parameters", false);
+  check_count(g_p.size(), count, "probe gradients", false);
+  check_count(steps.size(), count, "steps", false);
+  std::vector<cblr::cpu::SecantLayer> layers;
+  for (size_t i = 0; i < count; ++i) {
+    check_param(w_t[i], i);
+    const at::ScalarType dtype = w_t[i].scalar_type();
+    check_companion(w_t[i], g_t[i], dtype, "gradient g_t", i);
+    check_companion(w_t[i], w_p[i], dtype, "probe parameter", i);
+    check_companion(w_t[i], g_p[i], dtype, "probe gradient", i);
+    check_companion(w_t[i], steps[i], state_dtype(w_t[i]), "step", i);
+    layers.push_back({dtype_of(w_t[i]), w_t[i].numel(), w_t[i].data_ptr(), g_t[i].data_ptr(), w_p[i].data_ptr(),
+                      g_p[i].data_ptr(), steps[i].data_ptr()});
+  }
+  Tensor out = at::empty({int64_t(count), 2}, at::kFloat);
+  cblr::cpu::secant_layers(layers, weight_decay, at::get_num_threads(), out.data_ptr<float>());
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(cblr_ext, m) {
+  m.def("reduce(str rule, Tensor[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, bool[] lagged_valid, "
+        "Tensor? secant, float weight_decay, float eps, int curvature_interval, bool lag, bool approx_median) "
+        "-> Tensor");
+  m.def("apply(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, bool[] adapt, "
+        "bool[] lagged_valid, Tensor red, Tensor found_inf, Tensor lr, float momentum, bool nesterov, "
+        "float weight_decay, float eps, float trust_coefficient, float curvature_ema, float? max_ratio, "
+        "float fallback_trust, int curvature_interval, bool lag, bool approx_median) -> Tensor");
+  m.def("snapshot(Tensor[] tensors) -> Tensor[]");
+  m.def("restore(Tensor(a!)[] dst, Tensor[] src) -> ()");
+  m.def("shift(Tensor(a!)[] params, Tensor[] steps) -> ()");
+  m.def("secant_norms(Tensor[] w_t, Tensor[] g_t, Tensor[] w_p, Tensor[] g_p, Tensor[] steps, "
+        "float weight_decay) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
+  m.impl("reduce", &reduce);
+  m.impl("apply", &apply);
+  m.impl("snapshot", &snapshot);
+  m.impl("restore", &restore);
+  m.impl("shift", &shift);
+  m.impl("secant_norms", &secant_norms);
+}
+
+// An empty Python module, so that the setup.py build imports as ``cblr_ext._C``
+// (importing it registers the ops above).
+extern "C" PyObject* PyInit__C() {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}

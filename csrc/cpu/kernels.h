@@ -1,0 +1,64 @@
+// Torch-free entry points of the CPU backend (csrc/binding.cpp wraps them as torch ops).
+// Each call handles all layers of one param group; work is split into (layer, chunk)
+// items run by `threads` OpenMP threads, with results independent of the thread count.
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "layers.h"
+
+namespace cblr {
+namespace cpu {
+
+// Group hyperparameters of one step.
+struct StepConfig {
+  Rule rule = RULE_LARS;
+  double weight_decay = 0, momentum = 0;
+  bool nesterov = false;
+  int64_t curvature_interval = 1;
+  bool lag = false;
+  bool approx_median = false;
+  RatioParams ratio{};
+  int threads = 1;
+};
+
+// Reduction columns (functional.RED_*) and statistics columns (functional.STAT_NAMES).
+enum { RED_W_NORM, RED_G_NORM, RED_KAPPA, RED_MEASURED, RED_NONFINITE, RED_COLUMNS };
+enum { STAT_W_NORM, STAT_G_NORM, STAT_STEP_NORM, STAT_KAPPA, STAT_RATIO, STAT_ALPHA, STAT_FALLBACK,
+       STAT_COLUMNS };
+
+// Pass 1: writes red[L][RED_COLUMNS].  Layers with a valid lag stash get only the
+// non-finite check (their other columns are NaN).  secant: CBLR's [L][2] or null.
+void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* secant,
+                   float* red);
+
+// Pass 2: ratio and update; writes stats[L][STAT_COLUMNS] and, unless skip, the
+// parameters, momentum buffers, prev steps, κ̄, age and the lag stash.
+void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
+                  bool skip, float lr, float* stats);
+
+// CBLR closure protocol.  Pointers are to n dense elements; parameters and gradients in
+// the storage type, steps s_{t−1} in the math type.
+struct ShiftLayer {
+  DType dtype;
+  int64_t n;
+  void* param;
+  const void* step;
+};
+struct SecantLayer {
+  DType dtype;
+  int64_t n;
+  const void *w_t, *g_t, *w_p, *g_p, *step;
+};
+
+// dst[i] = src[i], bytes[i] bytes each.
+void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& dst,
+                 const std::vector<int64_t>& bytes, int threads);
+// param += step rounded to the parameter's storage type.
+void shift_layers(const std::vector<ShiftLayer>& layers, int threads);
+// out[L][2] = (‖d(w_t) − d(w_p)‖, ‖s‖), d = g + β·w.
+void secant_layers(const std::vector<SecantLayer>& layers, double weight_decay, int threads, float* out);
+
+}  // namespace cpu
+}  // namespace cblr

@@ -1,0 +1,51 @@
+// The work-list runner and the grow-only scratch buffers shared by the CPU passes.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <type_traits>
+
+#include "layers.h"
+
+namespace cblr {
+namespace cpu {
+
+// Runs f(item) for item in [0, count) on up to `threads` threads, one item at a time
+// (dynamic: chunks of one layer and whole small layers mix well).  Calls with less
+// than one chunk of work stay on the calling thread.
+template <typename F>
+void parallel_items(int64_t count, int threads, int64_t elements, F&& f) {
+  const int team = elements > kChunk ? threads : 1;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(team)
+  for (int64_t item = 0; item < count; ++item) f(item);
+}
+
+// Calls f(std::true_type{}) or f(std::false_type{}): a runtime flag as a template argument.
+template <typename F>
+void with_flag(bool flag, F&& f) {
+  if (flag) {
+    f(std::true_type{});
+  } else {
+    f(std::false_type{});
+  }
+}
+
+// A buffer reused across calls (fresh pages each step would cost more than the step's
+// work); callers hold scratch_mutex() while they use one.
+class Scratch {
+ public:
+  unsigned char* get(int64_t bytes) {
+    if (bytes > size_) {
+      data_.reset(new unsigned char[bytes]);  // uninitialised: untouched pages stay free
+      size_ = bytes;
+    }
+    return data_.get();
+  }
+
+ private:
+  std::unique_ptr<unsigned char[]> data_;
+  int64_t size_ = 0;
+};
+
+}  // namespace cpu
+}  // namespace cblr

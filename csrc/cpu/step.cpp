@@ -1,0 +1,382 @@
+// The two passes of a step over all layers of a param group: reduce (pass 1) and
+// apply (ratio and update, pass 2), with the MCLR median riding along whichever
+// pass streams the inputs (median.h).
+#include <cmath>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "kernels.h"
+#include "lanes.h"
+#include "median.h"
+#include "parallel.h"
+
+namespace cblr {
+namespace cpu {
+namespace {
+
+std::mutex g_scratch_mutex;
+Scratch g_candidates;  // per selecting layer, n slots: chunk slices of bracket candidates
+Scratch g_quotients;   // lag=1: all quotients of the inputs (the update overwrites w)
+
+struct ChunkResult {
+  double w2 = 0, g2 = 0, s2 = 0;
+  MedianCounts counts;
+};
+
+// Which layers select a median in this pass, their brackets and scratch slices.
+class MedianPlan {
+ public:
+  MedianPlan(const std::vector<LayerRef>& layers, const std::vector<char>& selects, bool keep_quotients,
+             double weight_decay, int threads)
+      : selects_(selects), offset_(layers.size(), 0), f32_(layers.size()), f64_(layers.size()) {
+    int64_t bytes = 0;
+    std::vector<int> selecting;
+    for (size_t i = 0; i < layers.size(); ++i) {
+      if (!selects[i]) continue;
+      offset_[i] = bytes;
+      bytes += layers[i].n * math_size(layers[i].dtype);
+      selecting.push_back(int(i));
+    }
+    if (selecting.empty()) return;
+    candidates_ = g_candidates.get(bytes);
+    if (keep_quotients) quotients_ = g_quotients.get(bytes);
+    parallel_items(int64_t(selecting.size()), threads, kChunk * int64_t(selecting.size()), [&](int64_t k) {
+      const LayerRef& l = layers[selecting[k]];
+      dispatch(l.dtype, [&](auto tag) {
+        using P = decltype(tag);
+        bracket<math_t<P>>(selecting[k]) = make_bracket(static_cast<const P*>(l.w), static_cast<const P*>(l.g),
+                                                        l.n, math_t<P>(weight_decay));
+      });
+    });
+  }
+
+  bool selects(int layer) const { return selects_[layer]; }
+
+  template <typename T>
+  Bracket<T>& bracket(int layer) { return brackets(T{})[layer]; }
+
+  // The bracket a chunk collects against, or null (no median, or already known).
+  template <typename T>
+  const Bracket<T>* collecting(int layer) {
+    return selects_[layer] && !bracket<T>(layer).known ? &bracket<T>(layer) : nullptr;
+  }
+  template <typename T>
+  T* candidates(int layer) { return reinterpret_cast<T*>(candidates_ + offset_[layer]); }
+  template <typename T>
+  T* quotients(int layer) { return reinterpret_cast<T*>(quotients_ + offset_[layer]); }
+
+ private:
+  std::vector<char> selects_;
+  std::vector<int64_t> offset_;
+  std::vector<Bracket<float>> f32_;
+  std::vector<Bracket<double>> f64_;
+  std::vector<Bracket<float>>& brackets(float) { return f32_; }
+  std::vector<Bracket<double>>& brackets(double) { return f64_; }
+  unsigned char* candidates_ = nullptr;
+  unsigned char* quotients_ = nullptr;
+};
+
+// Per layer: the sums of its chunks in chunk order (deterministic).
+struct LayerSums {
+  double w2 = 0, g2 = 0, s2 = 0;
+  MedianCounts counts;
+  std::vector<std::pair<int64_t, int64_t>> slices;  // (chunk begin, candidates) per chunk
+};
+
+std::vector<LayerSums> sum_chunks(size_t layers, const std::vector<Chunk>& chunks,
+                                  const std::vector<ChunkResult>& results) {
+  std::vector<LayerSums> sums(layers);
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    LayerSums& s = sums[chunks[k].layer];
+    s.w2 += results[k].w2;
+    s.g2 += results[k].g2;
+    s.s2 += results[k].s2;
+    s.counts.add(results[k].counts);
+    s.slices.emplace_back(chunks[k].begin, results[k].counts.inside);
+  }
+  return sums;
+}
+
+template <typename P>
+bool any_nonfinite(const P* g, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(load(g[i]))) return true;
+  }
+  return false;
+}
+
+// ‖g‖² summed in double is finite iff every element is, unless fp64 values overflow it.
+bool layer_nonfinite(const LayerRef& l, double g2) {
+  if (std::isfinite(g2)) return false;
+  if (l.dtype != DType::F64) return true;
+  return any_nonfinite(static_cast<const double*>(l.g), l.n);
+}
+
+// The median of each selecting layer, as fp32 (NaN elsewhere).  The fallback reads the
+// quotients stored by the pass (lag=1: w is overwritten) or recomputes them from w and g.
+std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPlan& plan,
+                                  const std::vector<LayerSums>& sums, bool from_quotients,
+                                  double weight_decay, int threads) {
+  std::vector<float> medians(layers.size(), std::nanf(""));
+  std::vector<int> selecting;
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (plan.selects(int(i))) selecting.push_back(int(i));
+  }
+  parallel_items(int64_t(selecting.size()), threads, kChunk * int64_t(selecting.size()), [&](int64_t k) {
+    const int i = selecting[k];
+    const LayerRef& l = layers[i];
+    dispatch(l.dtype, [&](auto tag) {
+      using P = decltype(tag);
+      using T = math_t<P>;
+      auto all_quotients = [&](T* out) {
+        int64_t m = 0;
+        if (from_quotients) {
+          const T* q = plan.quotients<T>(i);
+          for (int64_t j = 0; j < l.n; ++j) {
+            if (q[j] >= 0) out[m++] = q[j];
+          }
+        } else {
+          const P* w = static_cast<const P*>(l.w);
+          const P* g = static_cast<const P*>(l.g);
+          for (int64_t j = 0; j < l.n; ++j) {
+            if (load(w[j]) != 0) out[m++] = quotient_at(w, g, j, T(weight_decay));
+          }
+        }
+        return m;
+      };
+      medians[i] = float(finish_median(plan.bracket<T>(i), sums[i].counts, sums[i].slices,
+                                       plan.candidates<T>(i), all_quotients));
+    });
+  });
+  return medians;
+}
+
+float kappa_from_median(float median, const StepConfig& cfg) {
+  return median_kappa(cfg.approx_median ? approx_median(median) : median, cfg.ratio.eps);
+}
+
+// ------------------------------------------------------------------------ pass 1
+
+template <typename P>
+void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, const Bracket<math_t<P>>* bracket,
+                  math_t<P>* candidates, math_t<P> weight_decay, ChunkResult& r) {
+  using T = math_t<P>;
+  const P* w = static_cast<const P*>(l.w) + c.begin;
+  const P* g = static_cast<const P*>(l.g) + c.begin;
+  const int64_t n = c.end - c.begin;
+  Acc8 aw, ag;
+  if (!full) {  // lag=1 stash present: only the non-finite check, over g
+    for_lanes(n, [&](int64_t j, int u) {
+      double y = load(g[j]);
+      ag.lane[u] += y * y;
+    });
+  } else if (!bracket) {
+    for_lanes(n, [&](int64_t j, int u) {
+      double x = load(w[j]), y = load(g[j]);
+      aw.lane[u] += x * x;
+      ag.lane[u] += y * y;
+    });
+  } else {
+    T h[kBlock];
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = std::min(kBlock, n - b);
+      for_lanes(m, [&](int64_t j, int u) {
+        T wv = load(w[b + j]), gv = load(g[b + j]);
+        aw.lane[u] += double(wv) * double(wv);
+        ag.lane[u] += double(gv) * double(gv);
+        T q = curvature_quotient(decayed_grad(gv, wv, weight_decay), wv);
+        h[j] = wv != 0 ? q : kNoQuotient<T>;
+      });
+      collect_block(h, m, *bracket, candidates + c.begin, r.counts);
+    }
+  }
+  r.w2 = aw.total();
+  r.g2 = ag.total();
+}
+
+// ------------------------------------------------------------------------ pass 2
+
+// Lag: 0 = no stash, 1 = measure the inputs' norms, 2 = norms and median quotients.
+template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
+void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> momentum,
+                 math_t<P> weight_decay, const Bracket<math_t<P>>* bracket, math_t<P>* candidates,
+                 math_t<P>* quotients, ChunkResult& r) {
+  using T = math_t<P>;
+  P* w = static_cast<P*>(l.w) + c.begin;
+  const P* g = static_cast<const P*>(l.g) + c.begin;
+  T* v = Momentum ? static_cast<T*>(l.v) + c.begin : nullptr;
+  T* prev = KeepPrev ? static_cast<T*>(l.prev) + c.begin : nullptr;
+  T* h = Lag == 2 ? quotients + c.begin : nullptr;
+  const int64_t n = c.end - c.begin;
+  Acc8 aw, ag, as;
+  auto update = [&](int64_t i, int u) {
+    T wv = load(w[i]), gv = load(g[i]);
+    if (Lag) {
+      aw.lane[u] += double(wv) * double(wv);
+      ag.lane[u] += double(gv) * double(gv);
+    }
+    T d = decayed_grad(gv, wv, weight_decay);
+    if (Lag == 2) {
+      T q = curvature_quotient(d, wv);
+      h[i] = wv != 0 ? q : kNoQuotient<T>;
+    }
+    T vv = Momentum ? v[i] : T(0);
+    T s = momentum_update(wv, d, vv, alpha, momentum, Momentum, Nesterov);
+    w[i] = store<P>(wv);
+    if (Momentum) v[i] = vv;
+    if (KeepPrev) prev[i] = s;
+    as.lane[u] += double(s) * double(s);
+  };
+  if (Lag == 2) {
+    for (int64_t b = 0; b < n; b += kBlock) {
+      const int64_t m = std::min(kBlock, n - b);
+      for_lanes(m, [&](int64_t j, int u) { update(b + j, u); });
+      collect_block(h + b, m, *bracket, candidates + c.begin, r.counts);
+    }
+  } else {
+    for_lanes(n, update);
+  }
+  r.w2 = aw.total();
+  r.g2 = ag.total();
+  r.s2 = as.total();
+}
+
+template <typename P>
+void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk& c, float alpha, int lag,
+                          MedianPlan& plan, ChunkResult& r) {
+  using T = math_t<P>;
+  const Bracket<T>* bracket = plan.collecting<T>(c.layer);
+  if (lag == 2 && !bracket) lag = 1;  // median known up front (small layer) or not needed
+  with_flag(l.v != nullptr, [&](auto momentum) {
+    with_flag(cfg.nesterov, [&](auto nesterov) {
+      with_flag(l.prev != nullptr, [&](auto keep_prev) {
+        auto run = [&](auto lag_mode) {
+          apply_chunk<P, momentum.value, nesterov.value && momentum.value, keep_prev.value, lag_mode.value>(
+              l, c, T(alpha), T(cfg.momentum), T(cfg.weight_decay), bracket,
+              lag_mode.value == 2 ? plan.candidates<T>(c.layer) : nullptr,
+              lag_mode.value == 2 ? plan.quotients<T>(c.layer) : nullptr, r);
+        };
+        if (lag == 2) {
+          run(std::integral_constant<int, 2>{});
+        } else if (lag == 1) {
+          run(std::integral_constant<int, 1>{});
+        } else {
+          run(std::integral_constant<int, 0>{});
+        }
+      });
+    });
+  });
+}
+
+}  // namespace
+
+void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* secant,
+                   float* red) {
+  const size_t count = layers.size();
+  std::vector<char> full(count), measured(count), selects(count);
+  for (size_t i = 0; i < count; ++i) {
+    const LayerRef& l = layers[i];
+    full[i] = !(cfg.lag && l.lagged_valid);
+    measured[i] = l.adapt && (cfg.rule == RULE_CBLR ? !std::isnan(secant[2 * i + 1])
+                                                    : measurement_due(*l.age, cfg.curvature_interval));
+    selects[i] = cfg.rule == RULE_MCLR && full[i] && measured[i];
+  }
+  std::lock_guard<std::mutex> lock(g_scratch_mutex);
+  MedianPlan plan(layers, selects, false, cfg.weight_decay, cfg.threads);
+  const std::vector<Chunk> chunks = make_chunks(layers);
+  std::vector<ChunkResult> results(chunks.size());
+  parallel_items(int64_t(chunks.size()), cfg.threads, total_elements(layers), [&](int64_t k) {
+    const Chunk& c = chunks[k];
+    const LayerRef& l = layers[c.layer];
+    dispatch(l.dtype, [&](auto tag) {
+      using P = decltype(tag);
+      using T = math_t<P>;
+      reduce_chunk<P>(l, c, full[c.layer], plan.collecting<T>(c.layer), plan.candidates<T>(c.layer),
+                      T(cfg.weight_decay), results[k]);
+    });
+  });
+  const std::vector<LayerSums> sums = sum_chunks(count, chunks, results);
+  const std::vector<float> medians = finish_medians(layers, plan, sums, false, cfg.weight_decay, cfg.threads);
+  const float nan = std::nanf("");
+  for (size_t i = 0; i < count; ++i) {
+    float* row = red + i * RED_COLUMNS;
+    const float w_norm = full[i] ? float(std::sqrt(sums[i].w2)) : nan;
+    const float g_norm = full[i] ? float(std::sqrt(sums[i].g2)) : nan;
+    float kappa = nan;
+    if (cfg.rule == RULE_LARS) {
+      kappa = lars_kappa(w_norm, g_norm, cfg.ratio.weight_decay, cfg.ratio.eps);
+    } else if (cfg.rule == RULE_MCLR) {
+      kappa = kappa_from_median(medians[i], cfg);
+    } else {
+      kappa = secant_kappa(secant[2 * i], secant[2 * i + 1], cfg.ratio.eps);
+    }
+    row[RED_W_NORM] = w_norm;
+    row[RED_G_NORM] = g_norm;
+    row[RED_KAPPA] = kappa;
+    row[RED_MEASURED] = measured[i] ? 1.0f : 0.0f;
+    row[RED_NONFINITE] = layer_nonfinite(layers[i], sums[i].g2) ? 1.0f : 0.0f;
+  }
+}
+
+void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
+                  bool skip, float lr, float* stats) {
+  const size_t count = layers.size();
+  std::vector<LayerRatio> ratios(count);
+  std::vector<float> alphas(count), new_ages(count);
+  std::vector<char> selects(count);
+  for (size_t i = 0; i < count; ++i) {
+    const LayerRef& l = layers[i];
+    const float* r = red + i * RED_COLUMNS;
+    // lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
+    const float* inputs = cfg.lag && l.lagged_valid ? l.lagged : r;
+    const bool measured = r[RED_MEASURED] > 0;
+    ratios[i] = layer_ratio(inputs[RED_KAPPA], measured, *l.kappa, inputs[RED_W_NORM], inputs[RED_G_NORM],
+                            l.adapt, cfg.ratio);
+    alphas[i] = lr * ratios[i].ratio;
+    new_ages[i] = next_age(*l.age, measured);
+    // The stash needs a median only where the next step will measure.
+    selects[i] = cfg.lag && cfg.rule == RULE_MCLR && l.adapt &&
+                 measurement_due(new_ages[i], cfg.curvature_interval);
+    float* row = stats + i * STAT_COLUMNS;
+    row[STAT_W_NORM] = inputs[RED_W_NORM];
+    row[STAT_G_NORM] = inputs[RED_G_NORM];
+    row[STAT_STEP_NORM] = 0.0f;
+    row[STAT_KAPPA] = ratios[i].used;
+    row[STAT_RATIO] = ratios[i].ratio;
+    row[STAT_ALPHA] = alphas[i];
+    row[STAT_FALLBACK] = ratios[i].fallback ? 1.0f : 0.0f;
+  }
+  if (skip) return;
+  std::lock_guard<std::mutex> lock(g_scratch_mutex);
+  MedianPlan plan(layers, selects, true, cfg.weight_decay, cfg.threads);
+  const std::vector<Chunk> chunks = make_chunks(layers);
+  std::vector<ChunkResult> results(chunks.size());
+  parallel_items(int64_t(chunks.size()), cfg.threads, total_elements(layers), [&](int64_t k) {
+    const Chunk& c = chunks[k];
+    const LayerRef& l = layers[c.layer];
+    const int lag = !cfg.lag ? 0 : plan.selects(c.layer) ? 2 : 1;
+    dispatch(l.dtype, [&](auto tag) {
+      apply_chunk_dispatch<decltype(tag)>(cfg, l, c, alphas[c.layer], lag, plan, results[k]);
+    });
+  });
+  const std::vector<LayerSums> sums = sum_chunks(count, chunks, results);
+  const std::vector<float> medians = finish_medians(layers, plan, sums, true, cfg.weight_decay, cfg.threads);
+  for (size_t i = 0; i < count; ++i) {
+    const LayerRef& l = layers[i];
+    stats[i * STAT_COLUMNS + STAT_STEP_NORM] = float(std::sqrt(sums[i].s2));
+    *l.kappa = ratios[i].new_bar;
+    *l.age = new_ages[i];
+    if (cfg.lag) {
+      const float w_norm = float(std::sqrt(sums[i].w2)), g_norm = float(std::sqrt(sums[i].g2));
+      l.lagged[RED_W_NORM] = w_norm;
+      l.lagged[RED_G_NORM] = g_norm;
+      l.lagged[RED_KAPPA] = cfg.rule == RULE_LARS
+                                ? lars_kappa(w_norm, g_norm, cfg.ratio.weight_decay, cfg.ratio.eps)
+                                : kappa_from_median(medians[i], cfg);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace cblr
