@@ -1,6 +1,20 @@
 """Build script: the Python package, the Triton kernels (installed as
 ``cblr_ext.kernels``) and the C++/CUDA extension ``cblr_ext._C``."""
+import importlib.util
+
 from setuptools import setup
+from torch.utils.cpp_extension import BuildExtension, CppExtension
+
+
+def _build_config():
+    """cblr_ext/_build.py (sources and flags, shared with the JIT build), loaded by path."""
+    spec = importlib.util.spec_from_file_location("cblr_ext_build", "cblr_ext/_build.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_build = _build_config()
 
 setup(
     name="cblr_ext",
@@ -12,6 +26,9 @@ setup(
     packages=["cblr_ext", "cblr_ext.backends", "cblr_ext.kernels"],
     package_dir={"cblr_ext.kernels": "kernels"},
     install_requires=["torch>=2.6", "tqdm"],
+    ext_modules=[CppExtension("cblr_ext._C", [f"csrc/{src}" for src in _build.SOURCES],
+                              extra_compile_args=_build.CXX_FLAGS, extra_link_args=_build.LINK_FLAGS)],
+    cmdclass={"build_ext": BuildExtension},
     extras_require={
         # The Triton backend's tests run its kernels on the CPU (TRITON_INTERPRET=1).
         "test": ["pytest", "numpy", "triton"],
