@@ -135,7 +135,10 @@ def pointer_table(roles: list) -> torch.Tensor:
 
 
 def sum_per_layer(plan: ChunkPlan, partials: torch.Tensor, out: torch.Tensor) -> None:
-    """out[row, :] = Σ over the layer's chunks of partials[c, :] for the layers of ``plan``."""
+    """out[row, :] = Σ over the layer's chunks of partials[c, :] for the layers of ``plan``
+    (``out`` comes zeroed)."""
+    if plan.n_chunks == 0:
+        return  # every layer of the plan is empty: its rows of ``out`` stay as they are
     n_cols = partials.shape[1]
     sum_partials_kernel[(plan.rows.numel(),)](
         partials, plan.chunk_begin, plan.rows, out, N_COLS=n_cols,

@@ -29,29 +29,35 @@ def quotient_keys(w, g, weight_decay):
 def count_bins(hist, row, key, selected, prefix, SHIFT: tl.constexpr, BITS: tl.constexpr,
                FILTER: tl.constexpr):
     """Histogram of bits [SHIFT, SHIFT+BITS) of the keys whose higher bits equal the
-    prefix found by the previous passes (integer atomics: exact)."""
+    prefix found by the previous passes (integer atomics: exact; relaxed, as only the
+    counts matter)."""
     if FILTER:
         high = SHIFT + BITS
         selected = selected & ((key >> high) == (tl.load(prefix + row) >> high))
     bins = (key >> SHIFT) & ((1 << BITS) - 1)
-    tl.atomic_add(hist + row * (1 << BITS) + bins, 1, mask=selected)
+    tl.atomic_add(hist + row * (1 << BITS) + bins, 1, mask=selected, sem="relaxed")
 
 
 @triton.jit
-def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, weight_decay,
+def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, measure, weight_decay,
                        DTYPE: tl.constexpr, NORMS: tl.constexpr, STATS: tl.constexpr,
                        HIST: tl.constexpr, FILTER: tl.constexpr, SHIFT: tl.constexpr,
                        BITS: tl.constexpr, BLOCK: tl.constexpr):
     """One pass over a chunk.  STATS: write the partial row (‖w‖², ‖g‖² when NORMS,
     non-finite g, NaN quotients when HIST).  HIST: add the chunk's quotients to the
-    layer's histogram.  Without NORMS and HIST only g is read."""
+    layer's histogram if ``measure[row]``.  A pass that is only HIST reads nothing of a
+    layer that does not measure; without NORMS and HIST only g is read."""
     c, row, offs, mask = chunk_span(chunks, BLOCK)
+    if HIST:
+        measuring = tl.where(tl.load(measure + row) != 0, BLOCK, 0)
+        hist_mask = mask & (tl.arange(0, BLOCK) < measuring)  # a vector mask, as in update.py
+        mask = mask if STATS else hist_mask
     g = tl.load(tensor_ptr(ptrs, ROLE_G, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     if NORMS or HIST:
         w = tl.load(tensor_ptr(ptrs, ROLE_W, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     if HIST:
         key = quotient_keys(w, g, weight_decay)
-        selected = mask & (w != 0)
+        selected = hist_mask & (w != 0)
         count_bins(hist, row, key, selected, prefix, SHIFT, BITS, FILTER)
     if STATS:
         out = partials + c * STAT_PARTIALS

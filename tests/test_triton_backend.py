@@ -309,7 +309,7 @@ COMPILE_SCRIPT = textwrap.dedent("""
                        target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False))
     head = dict(chunks=P, ptrs=P, n_layers="i32")
     for dt in (tl.float32, tl.bfloat16):
-        build(reduce.chunk_stats_kernel, dict(head, partials="*fp32", hist="*i32", prefix="*i32",
+        build(reduce.chunk_stats_kernel, dict(head, partials="*fp32", hist="*i32", prefix="*i32", measure="*u8",
               weight_decay="fp32"), dict(DTYPE=dt, NORMS=True, STATS=True, HIST=True, FILTER=True,
               SHIFT=10, BITS=10, BLOCK=4096))
         build(update.momentum_update_kernel, dict(head, alpha="*fp32", skip="*u8", partials="*fp32",

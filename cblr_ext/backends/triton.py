@@ -110,25 +110,28 @@ def _launch(kernel, plan, *args, **constexprs):
 
 # ------------------------------------------------------------------ pass 1
 
-def _median_bits(batch: LayerBatch, ptrs: Tensor, plans: list, h_nan: Tensor,
-                 run_first_pass) -> Tensor:
-    """Per-layer lower median of the curvature quotients by radix selection (NaN for
-    no quotient or a NaN one).  ``run_first_pass(hist, prefix, shift, bits)`` runs
+def _median(batch: LayerBatch, ptrs: Tensor, plans: list, measuring: Tensor, h_nan: Tensor,
+            run_first_pass) -> Tensor:
+    """Per-layer lower median of the curvature quotients by radix selection; NaN for no
+    quotient, a NaN quotient, or a layer not ``measuring`` (its histogram passes read
+    nothing).  ``run_first_pass(hist, prefix, measure, shift, bits)`` runs
     pass 1, which also fills the first histogram."""
     from ..kernels import median, reduce as kr
     from ..kernels.chunks import LAUNCH_OPTIONS
     n = len(batch)
+    measure = measuring.to(torch.uint8)
     prefix = torch.zeros(n, dtype=torch.int32, device=batch.device)
     rank = torch.zeros_like(prefix)
     count = torch.zeros_like(prefix)
     for i, (shift, bits) in enumerate(median.passes(batch.hp["median"] == "approx")):
         hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=batch.device)
         if i == 0:
-            run_first_pass(hist, prefix, shift, bits)
+            run_first_pass(hist, prefix, measure, shift, bits)
         else:
             for plan in plans:
-                _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, float(batch.hp["weight_decay"]),
-                        NORMS=False, STATS=False, HIST=True, FILTER=True, SHIFT=shift, BITS=bits)
+                _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, measure,
+                        float(batch.hp["weight_decay"]), NORMS=False, STATS=False, HIST=True, FILTER=True,
+                        SHIFT=shift, BITS=bits)
         # One program scans a layer's whole histogram: about 32 bins per thread.
         median.radix_select_kernel[(n,)](hist, prefix, rank, count, SHIFT=shift, BITS=bits, FIRST=i == 0,
                                          num_warps=min(32, max(4, (1 << bits) // 1024)), **LAUNCH_OPTIONS)
@@ -138,7 +141,8 @@ def _median_bits(batch: LayerBatch, ptrs: Tensor, plans: list, h_nan: Tensor,
 
 def reduce(batch: LayerBatch) -> Tensor:
     """Pass 1: per layer ‖w‖, ‖g‖, κ, measured, non-finite (see ``reference.reduce``).
-    In the fused lag=1 mode ‖w‖ and ‖g‖ (and LARS's κ) are NaN: apply measures them."""
+    MCLR's κ is NaN where the layer does not measure (it is not used there).  In the
+    fused lag=1 mode ‖w‖ and ‖g‖ (and LARS's κ) are NaN too: apply measures them."""
     from ..kernels import reduce as kr
     from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
     _check(batch.params, "parameter")
@@ -149,29 +153,34 @@ def reduce(batch: LayerBatch) -> Tensor:
     ptrs = pointer_table([batch.params, batch.grads])
     plans = chunk_plans(batch.params, CHUNK)
     sums = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
-
-    def first_pass(hist, prefix, shift, bits):
-        for plan in plans:
-            partials = torch.empty((plan.n_chunks, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
-            _launch(kr.chunk_stats_kernel, plan, ptrs, n, partials, hist, prefix, float(hp["weight_decay"]),
-                    NORMS=not fused, STATS=True, HIST=hist is not None, FILTER=False, SHIFT=shift, BITS=bits)
-            sum_per_layer(plan, partials, sums)
-
-    nan = torch.full((n,), float("nan"), device=device)
-    if batch.rule == "mclr":
-        median = _median_bits(batch, ptrs, plans, sums[:, kr.P_H_NAN.value], first_pass)
-        kappa = lm.median_kappa(median, hp["eps"])
-    else:
-        first_pass(None, None, 0, 1)
-    w_norm, g_norm = (nan, nan) if fused else (sums[:, kr.P_W2.value].sqrt(), sums[:, kr.P_G2.value].sqrt())
     adapt = _adapt_vector(batch)
-    if batch.rule == "lars":
-        kappa = lm.lars_kappa(w_norm, g_norm, hp["weight_decay"], hp["eps"])
     if batch.rule == "cblr":
-        kappa = lm.secant_kappa(batch.secant[:, 0], batch.secant[:, 1], hp["eps"])
         measured = adapt & ~torch.isnan(batch.secant[:, 1])
     else:
         measured = adapt & lm.measurement_due(_stack_state(batch.states, "age"), hp["curvature_interval"])
+
+    def first_pass(hist, prefix, measure, shift, bits):
+        for plan in plans:
+            partials = torch.empty((plan.n_chunks, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
+            _launch(kr.chunk_stats_kernel, plan, ptrs, n, partials, hist, prefix, measure,
+                    float(hp["weight_decay"]), NORMS=not fused, STATS=True, HIST=hist is not None,
+                    FILTER=False, SHIFT=shift, BITS=bits)
+            sum_per_layer(plan, partials, sums)
+
+    if batch.rule == "mclr":
+        # lag=1 stashes κ of every layer (as the reference does) for the next step,
+        # which may be due when this one is not.
+        measuring = torch.ones_like(adapt) if hp["lag"] else measured
+        median = _median(batch, ptrs, plans, measuring, sums[:, kr.P_H_NAN.value], first_pass)
+        kappa = lm.median_kappa(median, hp["eps"])
+    else:
+        first_pass(None, None, None, 0, 1)
+    nan = torch.full((n,), float("nan"), device=device)
+    w_norm, g_norm = (nan, nan) if fused else (sums[:, kr.P_W2.value].sqrt(), sums[:, kr.P_G2.value].sqrt())
+    if batch.rule == "lars":
+        kappa = lm.lars_kappa(w_norm, g_norm, hp["weight_decay"], hp["eps"])
+    elif batch.rule == "cblr":
+        kappa = lm.secant_kappa(batch.secant[:, 0], batch.secant[:, 1], hp["eps"])
     nonfinite = sums[:, kr.P_NONFINITE.value] > 0
     return torch.stack([w_norm, g_norm, kappa, measured.float(), nonfinite.float()], dim=1)
 
@@ -190,12 +199,12 @@ def _stash_lagged(batch: LayerBatch, current: Tensor, keep: Tensor) -> None:
     stashing for the first time on a skipped step gets NaN (the host cannot know)."""
     old = torch.stack([s.get("lagged", torch.full((3,), float("nan"), device=current.device))
                        for s in batch.states])
-    new = torch.where(keep, old, current)
-    for state, row in zip(batch.states, new.unbind()):
-        if "lagged" in state:
-            state["lagged"].copy_(row)
-        else:
-            state["lagged"] = row.clone()
+    rows = torch.where(keep, old, current).unbind()
+    stashed = [i for i, s in enumerate(batch.states) if "lagged" in s]
+    if stashed:
+        torch._foreach_copy_([batch.states[i]["lagged"] for i in stashed], [rows[i] for i in stashed])
+    for i, state in enumerate(batch.states):
+        state.setdefault("lagged", rows[i].clone())
 
 
 def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
