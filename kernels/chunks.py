@@ -35,6 +35,13 @@ def chunk_span(chunks, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def lanes_if(cond, mask, BLOCK: tl.constexpr):
+    """``mask`` where the scalar ``cond`` holds, else all false.  Built as a vector
+    compare: the interpreter rejects a broadcast scalar mask."""
+    return mask & (tl.arange(0, BLOCK) < tl.where(cond, BLOCK, 0))
+
+
+@triton.jit
 def tensor_ptr(ptrs, role, n_layers, row, DTYPE: tl.constexpr):
     """Pointer to the first element of layer ``row``'s tensor of ``role``."""
     return tl.load(ptrs + role * n_layers + row).to(tl.pointer_type(DTYPE))

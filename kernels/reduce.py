@@ -5,7 +5,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunks import chunk_span, tensor_ptr
+from .chunks import chunk_span, lanes_if, tensor_ptr
 
 # Partial columns written by ``chunk_stats_kernel`` (``.value`` on the host).
 P_W2, P_G2, P_NONFINITE, P_H_NAN = (tl.constexpr(i) for i in range(4))
@@ -39,22 +39,27 @@ def count_bins(hist, row, key, selected, prefix, SHIFT: tl.constexpr, BITS: tl.c
 
 
 @triton.jit
-def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, measure, weight_decay,
-                       DTYPE: tl.constexpr, NORMS: tl.constexpr, STATS: tl.constexpr,
-                       HIST: tl.constexpr, FILTER: tl.constexpr, SHIFT: tl.constexpr,
-                       BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass over a chunk.  STATS: write the partial row (‖w‖², ‖g‖² when NORMS,
-    non-finite g, NaN quotients when HIST).  HIST: add the chunk's quotients to the
-    layer's histogram if ``measure[row]``.  A pass that is only HIST reads nothing of a
-    layer that does not measure; without NORMS and HIST only g is read."""
+def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, norm_rows, measure, weight_decay,
+                       DTYPE: tl.constexpr, STATS: tl.constexpr, HIST: tl.constexpr, FILTER: tl.constexpr,
+                       SHIFT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over a chunk.  STATS: write the partial row: non-finite g, ‖w‖² and ‖g‖²
+    if ``norm_rows[row]`` (lag=1 skips layers whose previous norms are stashed), NaN
+    quotients.  HIST: add the quotients to the layer's histogram if ``measure[row]``.
+    Only what is needed is read: g for the non-finite check, w for norms or quotients."""
     c, row, offs, mask = chunk_span(chunks, BLOCK)
+    if STATS:
+        g_mask = mask
+        norm_mask = lanes_if(tl.load(norm_rows + row) != 0, mask, BLOCK)
+        w_mask = norm_mask
     if HIST:
-        measuring = tl.where(tl.load(measure + row) != 0, BLOCK, 0)
-        hist_mask = mask & (tl.arange(0, BLOCK) < measuring)  # a vector mask, as in update.py
-        mask = mask if STATS else hist_mask
-    g = tl.load(tensor_ptr(ptrs, ROLE_G, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
-    if NORMS or HIST:
-        w = tl.load(tensor_ptr(ptrs, ROLE_W, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+        hist_mask = lanes_if(tl.load(measure + row) != 0, mask, BLOCK)
+        if STATS:
+            w_mask = w_mask | hist_mask
+        else:
+            g_mask = hist_mask
+            w_mask = hist_mask
+    g = tl.load(tensor_ptr(ptrs, ROLE_G, n_layers, row, DTYPE) + offs, mask=g_mask, other=0.0).to(tl.float32)
+    w = tl.load(tensor_ptr(ptrs, ROLE_W, n_layers, row, DTYPE) + offs, mask=w_mask, other=0.0).to(tl.float32)
     if HIST:
         key = quotient_keys(w, g, weight_decay)
         selected = hist_mask & (w != 0)
@@ -63,12 +68,8 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, measure, 
         out = partials + c * STAT_PARTIALS
         finite = tl.abs(g) < float("inf")
         tl.store(out + P_NONFINITE, tl.max(tl.where(mask & ~finite, 1.0, 0.0), axis=0))
-        if NORMS:
-            tl.store(out + P_W2, tl.sum(w * w, axis=0))
-            tl.store(out + P_G2, tl.sum(g * g, axis=0))
-        else:
-            tl.store(out + P_W2, 0.0)
-            tl.store(out + P_G2, 0.0)
+        tl.store(out + P_W2, tl.sum(tl.where(norm_mask, w * w, 0.0), axis=0))
+        tl.store(out + P_G2, tl.sum(tl.where(norm_mask, g * g, 0.0), axis=0))
         if HIST:
             tl.store(out + P_H_NAN, tl.max(tl.where(selected & (key == NAN_KEY), 1.0, 0.0), axis=0))
         else:

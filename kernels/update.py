@@ -11,7 +11,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunks import chunk_span, round_to, tensor_ptr
+from .chunks import chunk_span, lanes_if, round_to, tensor_ptr
 
 ROLE_W, ROLE_G, ROLE_V, ROLE_S = (tl.constexpr(i) for i in range(4))
 U_S2, U_W2, U_G2 = (tl.constexpr(i) for i in range(3))
@@ -23,8 +23,7 @@ def momentum_update_kernel(chunks, ptrs, n_layers, alpha, skip, partials, weight
                            DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                            STORE_STEP: tl.constexpr, INPUT_NORMS: tl.constexpr, BLOCK: tl.constexpr):
     c, row, offs, mask = chunk_span(chunks, BLOCK)
-    live = tl.where(tl.load(skip) == 0, BLOCK, 0)  # a vector mask (the interpreter rejects a broadcast scalar)
-    mask = mask & (tl.arange(0, BLOCK) < live)
+    mask = lanes_if(tl.load(skip) == 0, mask, BLOCK)
     w_ptr = tensor_ptr(ptrs, ROLE_W, n_layers, row, DTYPE) + offs
     w = tl.load(w_ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(tensor_ptr(ptrs, ROLE_G, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)

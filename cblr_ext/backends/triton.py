@@ -86,10 +86,11 @@ def _adapt_vector(batch: LayerBatch) -> Tensor:
     return _flag_vectors[key]
 
 
-def _fused_lag(batch: LayerBatch) -> bool:
-    """lag=1 with every layer's previous inputs stashed: pass 1 skips the norms and the
-    update pass measures them for the next step (the one-pass variant)."""
-    return bool(batch.hp["lag"]) and all("lagged" in s for s in batch.states)
+def _lag_stash(batch: LayerBatch) -> Tensor:
+    """[L, 3] (‖w‖, ‖g‖, κ) of the previous step's inputs (lag=1); NaN rows where none is
+    stashed (first step, or a first step that was skipped)."""
+    missing = torch.full((3,), float("nan"), device=batch.device)
+    return torch.stack([s.get("lagged", missing) for s in batch.states])
 
 
 def _stack_state(states: list, key: str) -> Tensor:
@@ -129,8 +130,8 @@ def _median(batch: LayerBatch, ptrs: Tensor, plans: list, measuring: Tensor, h_n
             run_first_pass(hist, prefix, measure, shift, bits)
         else:
             for plan in plans:
-                _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, measure,
-                        float(batch.hp["weight_decay"]), NORMS=False, STATS=False, HIST=True, FILTER=True,
+                _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, None, measure,
+                        float(batch.hp["weight_decay"]), STATS=False, HIST=True, FILTER=True,
                         SHIFT=shift, BITS=bits)
         # One program scans a layer's whole histogram: about 32 bins per thread.
         median.radix_select_kernel[(n,)](hist, prefix, rank, count, SHIFT=shift, BITS=bits, FIRST=i == 0,
@@ -141,17 +142,22 @@ def _median(batch: LayerBatch, ptrs: Tensor, plans: list, measuring: Tensor, h_n
 
 def reduce(batch: LayerBatch) -> Tensor:
     """Pass 1: per layer ‖w‖, ‖g‖, κ, measured, non-finite (see ``reference.reduce``).
-    MCLR's κ is NaN where the layer does not measure (it is not used there).  In the
-    fused lag=1 mode ‖w‖ and ‖g‖ (and LARS's κ) are NaN too: apply measures them."""
+    MCLR's κ is NaN where the layer does not measure (it is not used there).  Under
+    lag=1, ‖w‖ and ‖g‖ (and LARS's κ) are measured only for layers without a stash
+    (NaN elsewhere): the update pass measures them for the next step, so pass 1
+    reads just g for the non-finite check (the one-pass variant)."""
     from ..kernels import reduce as kr
     from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
     _check(batch.params, "parameter")
     _check(batch.grads, "gradient", like=batch.params)
     _check_state(batch)
     hp, n, device = batch.hp, len(batch), batch.device
-    fused = _fused_lag(batch)
     ptrs = pointer_table([batch.params, batch.grads])
     plans = chunk_plans(batch.params, CHUNK)
+    if hp["lag"]:
+        norm_rows = torch.isnan(_lag_stash(batch)[:, 0])
+    else:
+        norm_rows = torch.ones(n, dtype=torch.bool, device=device)
     sums = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
     adapt = _adapt_vector(batch)
     if batch.rule == "cblr":
@@ -162,9 +168,9 @@ def reduce(batch: LayerBatch) -> Tensor:
     def first_pass(hist, prefix, measure, shift, bits):
         for plan in plans:
             partials = torch.empty((plan.n_chunks, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
-            _launch(kr.chunk_stats_kernel, plan, ptrs, n, partials, hist, prefix, measure,
-                    float(hp["weight_decay"]), NORMS=not fused, STATS=True, HIST=hist is not None,
-                    FILTER=False, SHIFT=shift, BITS=bits)
+            _launch(kr.chunk_stats_kernel, plan, ptrs, n, partials, hist, prefix, norm_rows.to(torch.uint8),
+                    measure, float(hp["weight_decay"]), STATS=True, HIST=hist is not None, FILTER=False,
+                    SHIFT=shift, BITS=bits)
             sum_per_layer(plan, partials, sums)
 
     if batch.rule == "mclr":
@@ -176,7 +182,8 @@ def reduce(batch: LayerBatch) -> Tensor:
     else:
         first_pass(None, None, None, 0, 1)
     nan = torch.full((n,), float("nan"), device=device)
-    w_norm, g_norm = (nan, nan) if fused else (sums[:, kr.P_W2.value].sqrt(), sums[:, kr.P_G2.value].sqrt())
+    w_norm = torch.where(norm_rows, sums[:, kr.P_W2.value].sqrt(), nan)
+    g_norm = torch.where(norm_rows, sums[:, kr.P_G2.value].sqrt(), nan)
     if batch.rule == "lars":
         kappa = lm.lars_kappa(w_norm, g_norm, hp["weight_decay"], hp["eps"])
     elif batch.rule == "cblr":
@@ -194,12 +201,10 @@ def _state_buffers(batch: LayerBatch, key: str, wanted: bool) -> list:
     return [s.setdefault(key, torch.zeros_like(p, dtype=torch.float32)) for p, s in zip(batch.params, batch.states)]
 
 
-def _stash_lagged(batch: LayerBatch, current: Tensor, keep: Tensor) -> None:
-    """state["lagged"] ← this step's (‖w‖, ‖g‖, κ) unless the step is skipped.  A layer
-    stashing for the first time on a skipped step gets NaN (the host cannot know)."""
-    old = torch.stack([s.get("lagged", torch.full((3,), float("nan"), device=current.device))
-                       for s in batch.states])
-    rows = torch.where(keep, old, current).unbind()
+def _stash_lagged(batch: LayerBatch, current: Tensor, stash: Tensor, keep: Tensor) -> None:
+    """state["lagged"] ← this step's (‖w‖, ‖g‖, κ) unless the step is skipped (then a
+    layer without a stash gets a NaN row, which counts as none)."""
+    rows = torch.where(keep, stash, current).unbind()
     stashed = [i for i, s in enumerate(batch.states) if "lagged" in s]
     if stashed:
         torch._foreach_copy_([batch.states[i]["lagged"] for i in stashed], [rows[i] for i in stashed])
@@ -213,11 +218,11 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
     from ..kernels import update as ku
     from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
     hp, n, device = batch.hp, len(batch), batch.device
-    fused = _fused_lag(batch)
     current = red[:, :3]
     if hp["lag"]:
-        # lag=1: the ratio uses the previous step's inputs (this step's on the first step).
-        source = torch.stack([s["lagged"] if "lagged" in s else current[i] for i, s in enumerate(batch.states)])
+        # lag=1: the ratio uses the previous step's inputs (this step's where none is stashed).
+        stash = _lag_stash(batch)
+        source = torch.where(torch.isnan(stash[:, :1]), current, stash)
     else:
         source = current
     w_norm, g_norm, kappa = source.unbind(1)
@@ -240,7 +245,7 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
         partials = torch.empty((plan.n_chunks, ku.UPDATE_PARTIALS.value), dtype=torch.float32, device=device)
         _launch(ku.momentum_update_kernel, plan, ptrs, n, alpha, skip, partials, float(hp["weight_decay"]),
                 float(hp["momentum"]), MOMENTUM=batch.uses_momentum, NESTEROV=bool(hp["nesterov"]),
-                STORE_STEP=batch.keeps_prev_step, INPUT_NORMS=fused)
+                STORE_STEP=batch.keeps_prev_step, INPUT_NORMS=bool(hp["lag"]))
         sum_per_layer(plan, partials, sums)
     step_norm = sums[:, ku.U_S2.value].sqrt()  # 0 on a skipped step: the kernel read nothing
 
@@ -249,12 +254,10 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
     torch._foreach_copy_([s["age"] for s in batch.states],
                          list(torch.where(keep, age, lm.next_age(age, measured))))
     if hp["lag"]:
-        if fused:
-            in_w, in_g = sums[:, ku.U_W2.value].sqrt(), sums[:, ku.U_G2.value].sqrt()
-            in_kappa = (lm.lars_kappa(in_w, in_g, hp["weight_decay"], hp["eps"]) if batch.rule == "lars"
-                        else red[:, RED_KAPPA])
-            current = torch.stack([in_w, in_g, in_kappa], dim=1)
-        _stash_lagged(batch, current, keep)
+        in_w, in_g = sums[:, ku.U_W2.value].sqrt(), sums[:, ku.U_G2.value].sqrt()
+        in_kappa = (lm.lars_kappa(in_w, in_g, hp["weight_decay"], hp["eps"]) if batch.rule == "lars"
+                    else red[:, RED_KAPPA])
+        _stash_lagged(batch, torch.stack([in_w, in_g, in_kappa], dim=1), stash, keep)
     return torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()], dim=1)
 
 
