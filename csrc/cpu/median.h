@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -23,7 +24,7 @@ namespace cpu {
 
 constexpr int64_t kBlock = 64;           // quotients per block between collections
 constexpr int64_t kDirectLimit = 16384;  // layers up to this size select directly
-constexpr int64_t kSample = 4096;
+constexpr int64_t kSampleRuns = 256, kRunLength = 16;
 
 // The sentinel quotient stored where w_i = 0 (real quotients are ≥ 0 or NaN).
 template <typename T> constexpr T kNoQuotient = T(-1);
@@ -75,14 +76,18 @@ Bracket<math_t<P>> make_bracket(const P* w, const P* g, int64_t n, math_t<P> wei
     b.value = select_lower_median(q.data(), int64_t(q.size()));
     return b;
   }
-  q.reserve(kSample);
+  // kSampleRuns runs of kRunLength consecutive elements (a cache line each for fp32) at
+  // pseudo-random positions: as cheap as kSampleRuns random loads.
+  q.reserve(kSampleRuns * kRunLength);
   uint64_t state = 0x9E3779B97F4A7C15ull ^ uint64_t(n);
-  for (int64_t k = 0; k < kSample; ++k) {
+  for (int64_t k = 0; k < kSampleRuns; ++k) {
     state = state * 6364136223846793005ull + 1442695040888963407ull;  // LCG (Knuth MMIX)
-    int64_t i = int64_t((state >> 33) % uint64_t(n));
-    if (load(w[i]) == 0) continue;
-    T h = quotient_at(w, g, i, weight_decay);
-    if (h == h) q.push_back(h);
+    const int64_t start = int64_t((state >> 33) % uint64_t(n - kRunLength)) & ~(kRunLength - 1);
+    for (int64_t i = start; i < start + kRunLength; ++i) {
+      if (load(w[i]) == 0) continue;
+      T h = quotient_at(w, g, i, weight_decay);
+      if (h == h) q.push_back(h);
+    }
   }
   int64_t m = int64_t(q.size());
   if (m < 256) return b;  // too few usable samples: the bracket is everything
@@ -101,19 +106,26 @@ Bracket<math_t<P>> make_bracket(const P* w, const P* g, int64_t n, math_t<P> wei
 template <typename T>
 inline void collect_block(const T* h, int64_t m, const Bracket<T>& b, T* cand, MedianCounts& counts) {
   int64_t below = 0, valid = 0, nan = 0, inside = 0;
+  uint8_t in[kBlock];
   const T lo = b.lo, hi = b.hi;
   for (int64_t j = 0; j < m; ++j) {
     T x = h[j];
     valid += x >= 0;
     below += (x >= 0) & (x < lo);
     nan += x != x;
-    inside += (x >= lo) & (x <= hi);
+    in[j] = (x >= lo) & (x <= hi);
+    inside += in[j];
   }
   if (inside) {
     int64_t k = counts.inside;
-    for (int64_t j = 0; j < m; ++j) {  // branch-free: write always, advance when inside
-      cand[k] = h[j];
-      k += (h[j] >= lo) & (h[j] <= hi);
+    for (int64_t j0 = 0; j0 < m; j0 += 8) {  // skip groups of eight without a candidate
+      uint64_t group = 0;
+      if (j0 + 8 <= m) std::memcpy(&group, in + j0, 8);
+      if (j0 + 8 <= m && group == 0) continue;
+      for (int64_t j = j0; j < std::min(j0 + 8, m); ++j) {  // branch-free: write, advance when inside
+        cand[k] = h[j];
+        k += in[j];
+      }
     }
   }
   counts.below += below; counts.valid += valid; counts.nan += nan; counts.inside += inside;

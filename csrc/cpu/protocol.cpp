@@ -5,7 +5,6 @@
 #include <vector>
 
 #include "kernels.h"
-#include "lanes.h"
 #include "parallel.h"
 
 namespace cblr {
@@ -62,14 +61,16 @@ void secant_layers(const std::vector<SecantLayer>& layers, double weight_decay, 
       const P* g_p = static_cast<const P*>(l.g_p) + c.begin;
       const T* s = static_cast<const T*>(l.step) + c.begin;
       const T wd = T(weight_decay);
-      Acc8 ad, as;
-      for_lanes(c.end - c.begin, [&](int64_t j, int u) {
+      const int64_t n = c.end - c.begin;
+      double d2 = 0, s2 = 0;
+#pragma omp simd reduction(+ : d2, s2)
+      for (int64_t j = 0; j < n; ++j) {
         T diff = decayed_grad(T(load(g_t[j])), T(load(w_t[j])), wd) - decayed_grad(T(load(g_p[j])), T(load(w_p[j])), wd);
-        ad.lane[u] += double(diff) * double(diff);
-        as.lane[u] += double(s[j]) * double(s[j]);
-      });
-      diff2[k] = ad.total();
-      step2[k] = as.total();
+        d2 += double(diff) * double(diff);
+        s2 += double(s[j]) * double(s[j]);
+      }
+      diff2[k] = d2;
+      step2[k] = s2;
     });
   });
   std::vector<double> layer_diff2(layers.size(), 0.0), layer_step2(layers.size(), 0.0);

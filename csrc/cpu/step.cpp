@@ -7,7 +7,6 @@
 #include <vector>
 
 #include "kernels.h"
-#include "lanes.h"
 #include "median.h"
 #include "parallel.h"
 
@@ -165,56 +164,53 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, const Bracket<ma
   const P* w = static_cast<const P*>(l.w) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
   const int64_t n = c.end - c.begin;
-  Acc8 aw, ag;
+  double w2 = 0, g2 = 0;
   if (!full) {  // lag=1 stash present: only the non-finite check, over g
-    for_lanes(n, [&](int64_t j, int u) {
-      double y = load(g[j]);
-      ag.lane[u] += y * y;
-    });
+#pragma omp simd reduction(+ : g2)
+    for (int64_t i = 0; i < n; ++i) {
+      double y = load(g[i]);
+      g2 += y * y;
+    }
   } else if (!bracket) {
-    for_lanes(n, [&](int64_t j, int u) {
-      double x = load(w[j]), y = load(g[j]);
-      aw.lane[u] += x * x;
-      ag.lane[u] += y * y;
-    });
+#pragma omp simd reduction(+ : w2, g2)
+    for (int64_t i = 0; i < n; ++i) {
+      double x = load(w[i]), y = load(g[i]);
+      w2 += x * x;
+      g2 += y * y;
+    }
   } else {
     T h[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = std::min(kBlock, n - b);
-      for_lanes(m, [&](int64_t j, int u) {
+#pragma omp simd reduction(+ : w2, g2)
+      for (int64_t j = 0; j < m; ++j) {
         T wv = load(w[b + j]), gv = load(g[b + j]);
-        aw.lane[u] += double(wv) * double(wv);
-        ag.lane[u] += double(gv) * double(gv);
+        w2 += double(wv) * double(wv);
+        g2 += double(gv) * double(gv);
         T q = curvature_quotient(decayed_grad(gv, wv, weight_decay), wv);
         h[j] = wv != 0 ? q : kNoQuotient<T>;
-      });
+      }
       collect_block(h, m, *bracket, candidates + c.begin, r.counts);
     }
   }
-  r.w2 = aw.total();
-  r.g2 = ag.total();
+  r.w2 = w2;
+  r.g2 = g2;
 }
 
 // ------------------------------------------------------------------------ pass 2
 
 // Lag: 0 = no stash, 1 = measure the inputs' norms, 2 = norms and median quotients.
 template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
-void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> momentum,
-                 math_t<P> weight_decay, const Bracket<math_t<P>>* bracket, math_t<P>* candidates,
-                 math_t<P>* quotients, ChunkResult& r) {
+void apply_range(P* w, const P* g, math_t<P>* v, math_t<P>* prev, math_t<P>* h, int64_t n, math_t<P> alpha,
+                 math_t<P> momentum, math_t<P> weight_decay, ChunkResult& r) {
   using T = math_t<P>;
-  P* w = static_cast<P*>(l.w) + c.begin;
-  const P* g = static_cast<const P*>(l.g) + c.begin;
-  T* v = Momentum ? static_cast<T*>(l.v) + c.begin : nullptr;
-  T* prev = KeepPrev ? static_cast<T*>(l.prev) + c.begin : nullptr;
-  T* h = Lag == 2 ? quotients + c.begin : nullptr;
-  const int64_t n = c.end - c.begin;
-  Acc8 aw, ag, as;
-  auto update = [&](int64_t i, int u) {
+  double w2 = 0, g2 = 0, s2 = 0;
+#pragma omp simd reduction(+ : w2, g2, s2)
+  for (int64_t i = 0; i < n; ++i) {
     T wv = load(w[i]), gv = load(g[i]);
     if (Lag) {
-      aw.lane[u] += double(wv) * double(wv);
-      ag.lane[u] += double(gv) * double(gv);
+      w2 += double(wv) * double(wv);
+      g2 += double(gv) * double(gv);
     }
     T d = decayed_grad(gv, wv, weight_decay);
     if (Lag == 2) {
@@ -226,20 +222,35 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
     w[i] = store<P>(wv);
     if (Momentum) v[i] = vv;
     if (KeepPrev) prev[i] = s;
-    as.lane[u] += double(s) * double(s);
-  };
-  if (Lag == 2) {
-    for (int64_t b = 0; b < n; b += kBlock) {
-      const int64_t m = std::min(kBlock, n - b);
-      for_lanes(m, [&](int64_t j, int u) { update(b + j, u); });
-      collect_block(h + b, m, *bracket, candidates + c.begin, r.counts);
-    }
-  } else {
-    for_lanes(n, update);
+    s2 += double(s) * double(s);
   }
-  r.w2 = aw.total();
-  r.g2 = ag.total();
-  r.s2 = as.total();
+  r.w2 += w2;
+  r.g2 += g2;
+  r.s2 += s2;
+}
+
+template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
+void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> momentum,
+                 math_t<P> weight_decay, const Bracket<math_t<P>>* bracket, math_t<P>* candidates,
+                 math_t<P>* quotients, ChunkResult& r) {
+  using T = math_t<P>;
+  P* w = static_cast<P*>(l.w) + c.begin;
+  const P* g = static_cast<const P*>(l.g) + c.begin;
+  T* v = Momentum ? static_cast<T*>(l.v) + c.begin : nullptr;
+  T* prev = KeepPrev ? static_cast<T*>(l.prev) + c.begin : nullptr;
+  const int64_t n = c.end - c.begin;
+  if (Lag != 2) {
+    apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w, g, v, prev, nullptr, n, alpha, momentum, weight_decay, r);
+    return;
+  }
+  T* h = quotients + c.begin;
+  for (int64_t b = 0; b < n; b += kBlock) {
+    const int64_t m = std::min(kBlock, n - b);
+    apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w + b, g + b, Momentum ? v + b : nullptr,
+                                                      KeepPrev ? prev + b : nullptr, h + b, m, alpha, momentum,
+                                                      weight_decay, r);
+    collect_block(h + b, m, *bracket, candidates + c.begin, r.counts);
+  }
 }
 
 template <typename P>
