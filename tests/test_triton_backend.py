@@ -10,11 +10,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -186,6 +184,21 @@ def test_low_precision_params_match_reference(small_chunks, rule, dtype, tol):
     for p, q in zip(ref[0], tri[0]):
         assert q.dtype == dtype and max_rel_diff(p.detach(), q.detach()) <= tol
         assert tri[1].state[q]["momentum_buffer"].dtype == torch.float32
+
+
+@interpreted
+def test_channels_last_parameters_match_reference(small_chunks):
+    runs = []
+    for backend in ("reference", "triton"):
+        conv = torch.randn(4, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+        param = conv.to(memory_format=torch.channels_last).requires_grad_()
+        opt = MCLR([param], lr=0.1, momentum=0.9, backend=backend)
+        for step in range(3):
+            param.grad = (param.detach() * (step + 2)).cos()
+            opt.step()
+        assert opt.state[param]["momentum_buffer"].stride() == param.stride()
+        runs.append(param.detach())
+    assert max_rel_diff(runs[0], runs[1]) <= 1e-5
 
 
 # --------------------------------------------------------- pass 1 directly
@@ -449,11 +462,12 @@ def test_a_warm_step_makes_no_host_sync(rule):
     set_grads(params, 0)
     opt.step()
     set_grads(params, 1)
+    lr = torch.tensor(0.05, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         opt.step()
-        opt.param_groups[0]["lr"] = torch.tensor(0.05, device="cuda")
+        opt.param_groups[0]["lr"] = lr
         opt.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -62,14 +62,18 @@ def _check(tensors: list, what: str, like: list | None = None) -> None:
                              f"parameter ({like[i].dtype}, {like[i].stride()}), got ({t.dtype}, {t.stride()})")
 
 
+def _check_fp32_like(buffers: list, params: list, what: str) -> None:
+    """Optimizer-state tensors (momentum, s_{t−1}): fp32 with their parameter's layout."""
+    for i, (buf, p) in enumerate(zip(buffers, params)):
+        if buf is not None and (buf.dtype != torch.float32 or buf.shape != p.shape
+                                or (p.numel() and buf.stride() != p.stride())):
+            raise ValueError(f"triton backend: {what} of layer {i} must be float32 with the "
+                             f"parameter's shape and strides")
+
+
 def _check_state(batch: LayerBatch) -> None:
     for key in ("momentum_buffer", "prev_step"):
-        for i, (p, state) in enumerate(zip(batch.params, batch.states)):
-            buf = state.get(key)
-            if buf is not None and (buf.dtype != torch.float32 or buf.shape != p.shape
-                                    or (p.numel() and buf.stride() != p.stride())):
-                raise ValueError(f"triton backend: state[{key!r}] of layer {i} must be float32 with the "
-                                 f"parameter's shape and strides")
+        _check_fp32_like([s.get(key) for s in batch.states], batch.params, f"state[{key!r}]")
 
 
 # ----------------------------------------------------------------- helpers
@@ -309,6 +313,7 @@ def shift(params: list, steps: list) -> None:
     from ..kernels import closure as kc
     from ..kernels.chunks import chunk_plans, pointer_table
     _check(params, "parameter")
+    _check_fp32_like(steps, params, "step")
     if not params:
         return
     ptrs = pointer_table([params, steps])
@@ -322,6 +327,7 @@ def secant_norms(w_t: list, g_t: list, w_p: list, g_p: list, steps: list, weight
     from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
     for what, tensors in (("saved parameter", w_t), ("saved gradient", g_t), ("probe gradient", g_p)):
         _check(tensors, what, like=w_p)
+    _check_fp32_like(steps, w_p, "step")
     n, device = len(w_p), w_p[0].device
     ptrs = pointer_table([w_t, g_t, w_p, g_p, steps])
     sums = torch.zeros((n, kc.SECANT_PARTIALS.value), dtype=torch.float32, device=device)
