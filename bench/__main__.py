@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 import cblr_ext
+from cblr_ext.hyperparams import BACKENDS
 
 from . import report, runner, suites, timing
 from .cases import TRAFFIC, all_cases
@@ -32,6 +33,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", action="append", choices=list(runner.DTYPES),
                     help="parameter dtype (repeatable; default: fp32, plus bf16 where the device has native bf16)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backend", action="append", choices=[b for b in BACKENDS if b not in ("auto", "reference")],
+                    help="fused cblr_ext backend to time (repeatable; default: every one available on the "
+                         "device); the reference backend always runs")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) cases")
     ap.add_argument("--compile-timeout", type=float, default=120.0,
                     help="seconds for compiling + timing one torch.compile case before it is recorded as failed")
@@ -72,7 +76,8 @@ def main(argv=None) -> int:
     suite_names = args.suite or (suites.QUICK_SUITES if args.quick else suites.DEFAULT_SUITES)
     chosen = [suites.get(name, small=args.small or args.quick) for name in suite_names]
     dtypes = args.dtype or (["fp32"] + (["bf16"] if native_bf16(device) and not args.quick else []))
-    cases, unavailable = all_cases(device, compile_reference=not (args.quick or args.no_compile))
+    cases, unavailable = all_cases(device, compile_reference=not (args.quick or args.no_compile),
+                                   only_backends=args.backend)
 
     copy = timing.copy_bandwidth(device, 128 if args.quick else 512, budget)
     meta = {

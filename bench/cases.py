@@ -138,8 +138,9 @@ def _pytorch_optimizer_lars(foreach):
     return build
 
 
-def all_cases(device: torch.device, compile_reference: bool) -> tuple:
-    """(cases, {backend: why it is not benchmarked}) for ``device``."""
+def all_cases(device: torch.device, compile_reference: bool, only_backends=None) -> tuple:
+    """(cases, {backend: why it is not benchmarked}) for ``device``; ``only_backends``
+    restricts the fused backends (the reference, the speed-up base, always runs)."""
     device = torch.device(device)
     cases = [Case("SGD", "torch", "fused", TRAFFIC["SGD", ""], _torch_sgd("fused")),
              Case("SGD", "torch", "foreach", TRAFFIC["SGD", ""], _torch_sgd("foreach"))]
@@ -149,8 +150,12 @@ def all_cases(device: torch.device, compile_reference: bool) -> tuple:
         # TRITON_INTERPRET=1 runs kernels in a Python interpreter: for tests, not timing.
         backends.remove("triton")
         missing["triton"] = "runs on CPU only in the Triton interpreter (TRITON_INTERPRET=1): not timed"
+    if only_backends is not None:
+        for name in [b for b in backends if b != "reference" and b not in only_backends]:
+            backends.remove(name)
+            missing[name] = "not selected (--backend)"
     for name in BACKENDS:
-        if name != "auto" and name not in backends:
+        if name not in ("auto", *backends, *missing):
             try:
                 cblr_ext.backends.get(name, device)
             except cblr_ext.BackendUnavailable as exc:
