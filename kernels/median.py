@@ -5,16 +5,25 @@ Keys are non-negative int32, so bit 31 is 0 and bits 30..0 are selected from
 the top down: one histogram per layer per pass (``reduce.count_bins``), then
 ``radix_select_kernel`` finds the bucket holding the rank-k element
 (k = ⌈n/2⌉) by a prefix scan and narrows the prefix and the rank.  The approx
-median (bits ANDed with 0xFFFF0000) is the single pass over bits 30..16.
+median (bits ANDed with 0xFFFF0000) is the selection of bits 30..16 alone.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-# (shift, bits) of each pass, most significant first.
-EXACT_PASSES = ((20, 11), (10, 10), (0, 10))
-APPROX_PASSES = ((16, 15),)
+# (shift, bits) of each pass, most significant first.  The first pass runs with
+# pass 1's norms; every further pass reads w and g again.
+WIDE = {"exact": ((16, 15), (0, 16)), "approx": ((16, 15),)}
+NARROW = {"exact": ((20, 11), (10, 10), (0, 10)), "approx": ((23, 8), (16, 7))}
+
+
+def passes(median: str, n_layers: int, data_bytes: int):
+    """The wide schedule (2^15- and 2^16-bin histograms: exact in two passes, approx in
+    one) unless zeroing and scanning its histograms would move more bytes than the
+    extra pass over w and g that the narrow one costs (many small layers)."""
+    wide_histogram_bytes = n_layers * sum(4 << bits for _, bits in WIDE["exact"]) * 2
+    return (WIDE if wide_histogram_bytes < data_bytes else NARROW)[median]
 
 
 @triton.jit
@@ -37,7 +46,3 @@ def radix_select_kernel(hist, prefix, rank, count, SHIFT: tl.constexpr, BITS: tl
     skipped = tl.sum(tl.where(below, h, 0), axis=0)
     tl.store(rank + row, k - skipped)
     tl.store(prefix + row, known | (bucket << SHIFT))
-
-
-def passes(approx: bool):
-    return APPROX_PASSES if approx else EXACT_PASSES

@@ -235,9 +235,12 @@ def median_cases():
 
 
 @interpreted
+@pytest.mark.parametrize("schedule", ["WIDE", "NARROW"])
 @pytest.mark.parametrize("median", ["exact", "approx"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_median_is_bit_equal_to_torch_median(small_chunks, median, weight_decay):
+def test_median_is_bit_equal_to_torch_median(small_chunks, monkeypatch, schedule, median, weight_decay):
+    from cblr_ext.kernels import median as km
+    monkeypatch.setattr(km, "passes", lambda kind, n_layers, data_bytes: getattr(km, schedule)[kind])
     params, grads = zip(*median_cases())
     red = tb.reduce(batch_of("mclr", list(params), list(grads), median=median, weight_decay=weight_decay))
     for i, (w, g) in enumerate(zip(params, grads)):
@@ -248,6 +251,15 @@ def test_median_is_bit_equal_to_torch_median(small_chunks, median, weight_decay)
             assert torch.isnan(got), f"layer {i}"
         else:
             assert got.view(torch.int32) == expected.view(torch.int32), f"layer {i}: {got} != {expected}"
+
+
+def test_median_schedule_is_wide_for_large_layers_and_narrow_for_many_small_ones():
+    from cblr_ext.kernels import median as km
+    resnet50 = dict(n_layers=161, data_bytes=25_557_032 * 8)  # fp32 w and g
+    many_tiny = dict(n_layers=2048, data_bytes=901_120 * 8)
+    assert km.passes("exact", **resnet50) == km.WIDE["exact"] and len(km.WIDE["exact"]) == 2
+    assert km.passes("approx", **resnet50) == km.WIDE["approx"] and len(km.WIDE["approx"]) == 1
+    assert km.passes("exact", **many_tiny) == km.NARROW["exact"]
 
 
 @interpreted

@@ -128,7 +128,9 @@ def _median(batch: LayerBatch, ptrs: Tensor, plans: list, measuring: Tensor, h_n
     prefix = torch.zeros(n, dtype=torch.int32, device=batch.device)
     rank = torch.zeros_like(prefix)
     count = torch.zeros_like(prefix)
-    for i, (shift, bits) in enumerate(median.passes(batch.hp["median"] == "approx")):
+    data_bytes = sum(p.numel() * p.element_size() + g.numel() * g.element_size()
+                     for p, g in zip(batch.params, batch.grads))
+    for i, (shift, bits) in enumerate(median.passes(batch.hp["median"], n, data_bytes)):
         hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=batch.device)
         if i == 0:
             run_first_pass(hist, prefix, measure, shift, bits)
