@@ -36,6 +36,7 @@ def parse_args(argv=None):
     ap.add_argument("--backend", action="append", choices=[b for b in BACKENDS if b not in ("auto", "reference")],
                     help="fused cblr_ext backend to time (repeatable; default: every one available on the "
                          "device); the reference backend always runs")
+    ap.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's, i.e. the cores)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) cases")
     ap.add_argument("--compile-timeout", type=float, default=120.0,
                     help="seconds for compiling + timing one torch.compile case before it is recorded as failed")
@@ -71,6 +72,8 @@ def slug(text: str) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     budget = timing.QUICK if args.quick else timing.FULL
     suite_names = args.suite or (suites.QUICK_SUITES if args.quick else suites.DEFAULT_SUITES)
