@@ -87,7 +87,7 @@ def main(argv=None) -> int:
         "device": device.type, "device_name": device_name(device), "torch_version": torch.__version__,
         "cblr_ext_version": cblr_ext.__version__, "threads": torch.get_num_threads(),
         "python": platform.python_version(), "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        "quick": args.quick, "budget": vars(budget), "copy_bandwidth": copy,
+        "quick": args.quick, "small": args.small or args.quick, "budget": vars(budget), "copy_bandwidth": copy,
         "backends_unavailable": unavailable,
         "suites": {s.name: {"tensors": len(s), "numel": s.numel, "description": s.description} for s in chosen},
         "traffic_model": {f"{opt} {variant}".strip(): {"param_elements": t.param, "state_elements": t.state,
@@ -126,7 +126,8 @@ def main(argv=None) -> int:
 
     report.derive(records, copy["gbps"])
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = slug(f"{device.type}-{meta['device_name']}-{meta['threads']}t") + ("-quick" if args.quick else "")
+    size = "-quick" if args.quick else "-small" if args.small else ""
+    stem = slug(f"{device.type}-{meta['device_name']}-{meta['threads']}t") + size
     report.write_json(args.out / f"{stem}.json", meta, records)
     report.chart(args.out / f"{stem}.png", meta, records)
     print(f"{meta['device_name']}, torch {meta['torch_version']}, {meta['threads']} threads; "

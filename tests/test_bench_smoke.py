@@ -44,7 +44,7 @@ def test_run_metadata(run):
     assert report["device"] == "cpu" and report["device_name"]
     assert report["torch_version"] == torch.__version__
     assert isinstance(report["threads"], int) and report["threads"] >= 1
-    assert report["quick"] is True
+    assert report["quick"] is True and report["small"] is True
     assert math.isfinite(report["copy_bandwidth"]["gbps"])
     assert report["suites"] == {"tiny": {"tensors": 5, "numel": TINY_NUMEL, "description": "5-tensor MLP (smoke test)"}}
 
