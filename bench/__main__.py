@@ -7,6 +7,7 @@ import argparse
 import datetime
 import platform
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -66,6 +67,18 @@ def device_name(device: torch.device) -> str:
     return model.strip()
 
 
+def git_revision() -> str | None:
+    """The checkout's commit (+ "-dirty" with uncommitted changes), to tie results to code."""
+    try:
+        def git(*cmd):
+            return subprocess.run(["git", *cmd], cwd=Path(__file__).parent, capture_output=True, text=True,
+                                  check=True, timeout=10).stdout.strip()
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        return git("rev-parse", "--short", "HEAD") + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -85,7 +98,7 @@ def main(argv=None) -> int:
     copy = timing.copy_bandwidth(device, 128 if args.quick else 512, budget)
     meta = {
         "device": device.type, "device_name": device_name(device), "torch_version": torch.__version__,
-        "cblr_ext_version": cblr_ext.__version__, "threads": torch.get_num_threads(),
+        "cblr_ext_version": cblr_ext.__version__, "git_revision": git_revision(), "threads": torch.get_num_threads(),
         "python": platform.python_version(), "created": datetime.datetime.now().isoformat(timespec="seconds"),
         "quick": args.quick, "small": args.small or args.quick, "budget": vars(budget), "copy_bandwidth": copy,
         "backends_unavailable": unavailable,
