@@ -1,0 +1,341 @@
+"""The fused C++ CPU backend (backend="cpp") against the reference backend.
+
+Parity over ≥ 15 steps on mixed shapes for every rule and option, the exact MCLR
+median bit-equal to torch.median (direct, bracketed and fallback selection paths),
+non-finite skipping, state_dict round trips between backends, thread-count
+independence, input checks, the fake (meta) implementations, and a JIT build from
+clean sources.
+"""
+import itertools
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from cblr_ext import CBLR, LARS, MCLR, backends
+from cblr_ext import layer_math as lm
+
+RULES = {"lars": LARS, "mclr": MCLR, "cblr": CBLR}
+# Odd sizes, excluded 1-D layers, 4-D convs, an empty tensor, a layer whose gradient is
+# exactly zero (index 6), one over the direct-median limit (16384) that spans two
+# 64K-element chunks (index 4), and one bracketed layer in a single chunk (index 7).
+SHAPES = [(37, 13), (64, 3, 3, 3), (17,), (0, 5), (300, 301), (129,), (5, 7), (20, 1001)]
+ZERO_GRAD = 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cpp_backend():
+    reason = backends.get("reference", torch.device("cpu")) and __import__(
+        "cblr_ext.backends.cpp", fromlist=["available"]).available(torch.device("cpu"))
+    assert reason is True, f"the cpp backend must build and load here: {reason}"
+
+
+def make_problem(seed=0, dtype=torch.float32):
+    """Initial weights and fixed per-element curvatures h of g = h ⊙ w + noise (a well-posed
+    quadratic, so that rounding differences between backends do not grow)."""
+    gen = torch.Generator().manual_seed(seed)
+    weights = [(torch.randn(s, generator=gen) * 0.1).to(dtype) for s in SHAPES]
+    weights[1].view(-1)[::7] = 0.0  # zero weights are left out of the median
+    curvature = [(torch.rand(s, generator=gen) * 1.5 + 0.5).to(dtype) for s in SHAPES]
+    return weights, curvature
+
+
+def train(cls, backend, steps=15, problem=None, params=None, opt=None, start=0, **kw):
+    weights, curvature = problem or make_problem()
+    if params is None:
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+    if opt is None:
+        opt = cls(params, backend=backend, **kw)
+
+    def closure(t):
+        def fill():
+            for i, p in enumerate(params):
+                noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(1000 * t + i)).to(p.dtype)
+                p.grad = curvature[i] * p.detach() + 0.1 * noise
+                if i == ZERO_GRAD:
+                    p.grad.zero_()
+            return torch.zeros(())
+        return fill
+
+    for t in range(start, start + steps):
+        c = closure(t)
+        c()
+        opt.step(c)
+    return params, opt
+
+
+def max_rel_diff(xs, ys):
+    worst = 0.0
+    for x, y in zip(xs, ys):
+        if x.numel():
+            x, y = x.detach().double(), y.detach().double()
+            worst = max(worst, ((x - y).abs().max() / x.abs().max().clamp_min(1e-30)).item())
+    return worst
+
+
+def state_tensors(opt, params):
+    out = []
+    for p in params:
+        st = opt.state[p]
+        out += [st[k] for k in sorted(st) if isinstance(st[k], torch.Tensor)]
+    return out
+
+
+def grid():
+    for rule, (momentum, nesterov), wd, ema, k in itertools.product(
+            RULES, [(0.0, False), (0.9, False), (0.9, True)], [0.0, 1e-3], [0.0, 0.9], [1, 3]):
+        variants = [{}] + ([{"lag": 1}] if rule != "cblr" else []) + ([{"median": "approx"}] if rule == "mclr" else [])
+        for extra in variants:
+            yield dict(rule=rule, momentum=momentum, nesterov=nesterov, weight_decay=wd, curvature_ema=ema,
+                       curvature_interval=k, **extra)
+
+
+def config_id(cfg):
+    return "-".join(f"{k}={v}" for k, v in cfg.items())
+
+
+@pytest.mark.parametrize("cfg", list(grid()), ids=config_id)
+def test_parity_with_reference(cfg):
+    cfg = dict(cfg)
+    cls = RULES[cfg.pop("rule")]
+    ref, ref_opt = train(cls, "reference", lr=0.1, **cfg)
+    got, got_opt = train(cls, "cpp", lr=0.1, **cfg)
+    assert max_rel_diff(ref, got) <= 1e-5
+    # The per-layer state agrees too (κ̄, age, momentum, prev_step, lag stash).  Looser than
+    # the parameters: the reference's fp32 norms carry ~5e-7 relative error, which moves
+    # the ratios, and a momentum buffer is a sum of ratio-scaled steps.
+    for p_ref, p_got in zip(ref, got):
+        s_ref, s_got = ref_opt.state[p_ref], got_opt.state[p_got]
+        assert sorted(s_ref) == sorted(s_got)
+        for key in s_ref:
+            a, b = s_ref[key].double(), s_got[key].double()
+            if key == "lagged" and b[2].isnan() and not a[2].isnan():
+                # cpp measures the stash's κ only where the next step measures (adapted and due).
+                assert p_got.ndim <= 1 or s_got["age"] < cfg["curvature_interval"] - 1
+                a, b = a[:2], b[:2]
+            assert torch.equal(a.isnan(), b.isnan()), key
+            assert max_rel_diff([a.nan_to_num()], [b.nan_to_num()]) <= 1e-4, key
+    stats_ref, stats_got = ref_opt.layer_stats(), got_opt.layer_stats()
+    for name in stats_ref:
+        for col in ("ratio", "alpha", "kappa", "step_norm"):
+            a, b = stats_ref[name][col], stats_got[name][col]
+            assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-12), (name, col)
+        assert stats_ref[name]["fallback"] == stats_got[name]["fallback"]
+
+
+def cpp_ops():
+    from cblr_ext import ops  # noqa: F401
+    return torch.ops.cblr_ext
+
+
+def cpp_median(w, g, weight_decay=0.0, approx=False):
+    """κ with ε = 0, i.e. the median itself (NaN where undefined), from the cpp reduce."""
+    red = cpp_ops().reduce("mclr", [w], [g], [torch.tensor(math.inf)], [True], [False], None,
+                           weight_decay, 0.0, 1, False, approx)
+    return red[0, 2]
+
+
+def torch_median(w, g, weight_decay=0.0, approx=False):
+    q = lm.curvature_quotients(lm.decayed_grad(g, w, weight_decay), w)
+    m = lm.lower_median(q, approx=approx)
+    return m if m > 0 else torch.tensor(math.nan)  # κ = m + 0 is undefined at 0
+
+
+def bit_equal(a, b):
+    a, b = a.float().reshape(()), b.float().reshape(())
+    return (a.isnan() and b.isnan()) or a.view(torch.int32) == b.view(torch.int32)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1000, 16384, 16385, 70001, 200000])
+@pytest.mark.parametrize("weight_decay", [0.0, 1e-2])
+@pytest.mark.parametrize("approx", [False, True])
+def test_median_bit_equal_to_torch_median(n, weight_decay, approx):
+    gen = torch.Generator().manual_seed(n)
+    w, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    w[::11] = 0.0
+    assert bit_equal(cpp_median(w, g, weight_decay, approx), torch_median(w, g, weight_decay, approx))
+
+
+def test_median_with_ties_and_fp64():
+    gen = torch.Generator().manual_seed(5)
+    w = torch.ones(50000)
+    g = torch.randint(0, 4, (50000,), generator=gen).float()  # quotients 0..3, massive ties
+    assert bit_equal(cpp_median(w, g), torch_median(w, g))
+    w64, g64 = torch.randn(30000, dtype=torch.float64, generator=gen), torch.randn(30000, dtype=torch.float64,
+                                                                                   generator=gen)
+    assert bit_equal(cpp_median(w64, g64, 1e-3), torch_median(w64, g64, 1e-3).float())
+
+
+def test_median_nan_and_empty():
+    w, g = torch.randn(40000), torch.randn(40000)
+    g[12345] = math.nan
+    assert cpp_median(w, g).isnan()  # torch.median propagates NaN
+    assert cpp_median(torch.zeros(40000), g).isnan()  # no w ≠ 0: no quotient
+
+
+def test_median_when_the_sample_misleads():
+    """Quotients placed so that the pivot sample brackets the wrong values: the
+    fallback selection must still return the exact median."""
+    n = 100000
+    w = torch.ones(n)
+    g = torch.rand(n, generator=torch.Generator().manual_seed(9))
+    # Huge quotients in a third of all 16-element runs, at every scale of position.
+    runs = g.view(-1, 16)
+    runs[::3] += 1000.0
+    assert bit_equal(cpp_median(w, g), torch_median(w, g))
+    g_sorted = torch.sort(g).values.flip(0)  # descending: no locality to exploit
+    assert bit_equal(cpp_median(w, g_sorted), torch_median(w, g_sorted))
+
+
+@pytest.mark.parametrize("rule,lag", [("lars", 0), ("lars", 1), ("mclr", 0), ("mclr", 1), ("cblr", 0)])
+def test_nonfinite_step_is_skipped(rule, lag):
+    cls = RULES[rule]
+    ref, ref_opt = train(cls, "reference", steps=3, lr=0.1, momentum=0.9, lag=lag)
+    got, got_opt = train(cls, "cpp", steps=3, lr=0.1, momentum=0.9, lag=lag)
+    before = [p.detach().clone() for p in got] + [t.clone() for t in state_tensors(got_opt, got)]
+    for params, opt in ((ref, ref_opt), (got, got_opt)):
+        for p in params:
+            p.grad = torch.ones_like(p)
+        params[4].grad[7, 11] = math.inf
+        opt.step(lambda: torch.zeros(()))
+    after = [p.detach() for p in got] + state_tensors(got_opt, got)
+    assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
+               for a, b in zip(before, after))
+    assert got_opt.skipped_steps == ref_opt.skipped_steps == 1
+    # And the run goes on as the reference does.
+    train(cls, "reference", steps=3, params=ref, opt=ref_opt, start=3)
+    train(cls, "cpp", steps=3, params=got, opt=got_opt, start=3)
+    assert max_rel_diff(ref, got) <= 1e-5
+
+
+def test_skipped_first_step_creates_no_state():
+    params = [torch.nn.Parameter(w.clone()) for w in make_problem()[0]]
+    opt = MCLR(params, lr=0.1, momentum=0.9, lag=1, backend="cpp")
+    for p in params:
+        p.grad = torch.full_like(p, math.nan)
+    opt.step()
+    assert all(set(opt.state[p]) <= {"kappa", "age"} for p in params)
+
+
+@pytest.mark.parametrize("rule,extra", [("mclr", {"lag": 1, "momentum": 0.9}), ("cblr", {"momentum": 0.9, "nesterov": True}),
+                                        ("lars", {"momentum": 0.9, "curvature_interval": 3})])
+@pytest.mark.parametrize("first,second", [("cpp", "reference"), ("reference", "cpp")])
+def test_state_dict_round_trip_between_backends(rule, extra, first, second):
+    cls = RULES[rule]
+    expected, _ = train(cls, "reference", steps=16, lr=0.1, **extra)
+    params, opt = train(cls, first, steps=8, lr=0.1, **extra)
+    saved = opt.state_dict()
+    resumed_params = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    resumed = cls(resumed_params, lr=0.1, backend=second, **extra)
+    resumed.load_state_dict(saved)
+    for group in resumed.param_groups:
+        group["backend"] = second  # the saved groups name the backend they ran under
+    train(cls, second, steps=8, params=resumed_params, opt=resumed, start=8)
+    assert max_rel_diff(expected, resumed_params) <= 1e-5
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-7), (torch.float16, 2e-3), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("rule", ["lars", "mclr", "cblr"])
+def test_parameter_dtypes(dtype, tol, rule):
+    """Low-precision parameters keep fp32 state; ratios are fp32 math for every dtype."""
+    cls = RULES[rule]
+    problem = make_problem(dtype=dtype)
+    ref, ref_opt = train(cls, "reference", steps=5, problem=problem, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    got, got_opt = train(cls, "cpp", steps=5, problem=problem, lr=0.1, momentum=0.9, weight_decay=1e-3)
+    assert all(p.dtype == dtype for p in got)
+    assert all(got_opt.state[p]["momentum_buffer"].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+               for p in got)
+    assert max_rel_diff(ref, got) <= tol
+
+
+def test_result_independent_of_thread_count():
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            params, opt = train(MCLR, "cpp", steps=4, lr=0.1, momentum=0.9, lag=1)
+            results.append([p.detach().clone() for p in params] + state_tensors(opt, params))
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(results[0], other))
+
+
+def test_cblr_protocol_ops_are_exact():
+    from cblr_ext.backends import cpp, reference
+    gen = torch.Generator().manual_seed(3)
+    ws = [torch.randn(s, generator=gen) for s in SHAPES]
+    gs = [torch.randn(s, generator=gen) for s in SHAPES]
+    steps = [torch.randn(s, generator=gen) * 1e-2 for s in SHAPES]
+    saved = cpp.snapshot(ws)
+    assert all(torch.equal(a, b) and (a.numel() == 0 or a.data_ptr() != b.data_ptr()) for a, b in zip(saved, ws))
+    shifted, expected = [w.clone() for w in ws], [w.clone() for w in ws]
+    cpp.shift(shifted, steps)
+    reference.shift(expected, steps)
+    assert all(torch.equal(a, b) for a, b in zip(shifted, expected))
+    probe_g = [g + 0.5 * s for g, s in zip(gs, steps)]
+    got = cpp.secant_norms(ws, gs, shifted, probe_g, steps, 1e-3)
+    want = reference.secant_norms(ws, gs, shifted, probe_g, steps, 1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
+    cpp.restore(shifted, saved)
+    assert all(torch.equal(a, b) for a, b in zip(shifted, ws))
+
+
+def test_bad_input_raises_before_anything_changes():
+    base = torch.randn(8, 10)
+    good = torch.nn.Parameter(torch.randn(6, 5))
+    strided = torch.nn.Parameter(base[:, ::2])  # a view with gaps: not dense
+    opt = LARS([good, strided], lr=0.1, momentum=0.9, backend="cpp")
+    good.grad, strided.grad = torch.randn(6, 5), torch.randn(8, 5)
+    before = good.detach().clone()
+    with pytest.raises(RuntimeError, match="not dense"):
+        opt.step()
+    assert torch.equal(good.detach(), before)
+
+
+def test_fake_implementations_trace_shapes():
+    ops = cpp_ops()
+    with FakeTensorMode():
+        ws = [torch.empty(4, 3), torch.empty(7)]
+        gs = [torch.empty(4, 3), torch.empty(7)]
+        ages = [torch.empty(()), torch.empty(())]
+        red = ops.reduce("lars", ws, gs, ages, [True, False], [False, False], None, 0.0, 1e-8, 1, False, False)
+        assert red.shape == (2, 5) and red.dtype == torch.float32
+        stats = ops.apply("lars", ws, gs, [], [], [torch.empty(()), torch.empty(())], ages, [], [True, False],
+                          [False, False], red, torch.empty((), dtype=torch.bool), torch.empty(()), 0.0, False, 0.0,
+                          1e-8, 1e-3, 0.0, None, 1e-3, 1, False, False)
+        assert stats.shape == (2, 7)
+        assert [t.shape for t in ops.snapshot(ws)] == [(4, 3), (7,)]
+        assert ops.secant_norms(ws, gs, ws, gs, ws, 0.0).shape == (2, 2)
+
+
+def test_opcheck_secant_norms_and_snapshot():
+    gen = torch.Generator().manual_seed(0)
+    ts = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
+    torch.library.opcheck(cpp_ops().snapshot, (ts,))
+    torch.library.opcheck(cpp_ops().secant_norms, (ts, ts, [t + 1 for t in ts], ts, ts, 0.1))
+
+
+def test_jit_build_from_clean_sources(tmp_path):
+    """csrc/ compiles from nothing into a fresh directory and the result steps like the
+    reference (in a subprocess: a process registers the cblr_ext ops only once)."""
+    script = textwrap.dedent(f"""
+        import torch
+        from cblr_ext import _build, LARS
+        assert _build.jit_build(build_directory={str(tmp_path)!r}) == "jit"
+        ps = {{b: torch.nn.Parameter(torch.arange(12.0).reshape(3, 4) / 7) for b in ("cpp", "reference")}}
+        for b, p in ps.items():
+            opt = LARS([p], lr=0.1, momentum=0.9, backend=b)
+            p.grad = torch.ones(3, 4)
+            opt.step()
+        assert torch.allclose(ps["cpp"], ps["reference"], rtol=1e-6), (ps["cpp"], ps["reference"])
+    """)
+    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=900)
+    assert any(f.suffix == ".so" for f in tmp_path.iterdir())
