@@ -8,6 +8,7 @@ set before triton is imported.
 """
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import weakref
@@ -78,6 +79,18 @@ def _check_state(batch: LayerBatch) -> None:
 
 # ----------------------------------------------------------------- helpers
 
+def _on_tensors_device(fn):
+    """Run ``fn`` with the tensors' CUDA device current: Triton launches there."""
+    @functools.wraps(fn)
+    def wrapper(first, *args):
+        tensors = first.params if isinstance(first, LayerBatch) else first
+        if tensors and tensors[0].is_cuda:
+            with torch.cuda.device(tensors[0].device):
+                return fn(first, *args)
+        return fn(first, *args)
+    return wrapper
+
+
 _flag_vectors: dict = {}
 
 
@@ -146,6 +159,7 @@ def _median(batch: LayerBatch, ptrs: Tensor, plans: list, measuring: Tensor, h_n
     return torch.where(missing, torch.full_like(h_nan, float("nan")), prefix.view(torch.float32))
 
 
+@_on_tensors_device
 def reduce(batch: LayerBatch) -> Tensor:
     """Pass 1: per layer ‖w‖, ‖g‖, κ, measured, non-finite (see ``reference.reduce``).
     MCLR's κ is NaN where the layer does not measure (it is not used there).  Under
@@ -218,6 +232,7 @@ def _stash_lagged(batch: LayerBatch, current: Tensor, stash: Tensor, keep: Tenso
         state.setdefault("lagged", rows[i].clone())
 
 
+@_on_tensors_device
 def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
     """Pass 2: ratio (on device, ``layer_math``) and the fused update; nothing changes
     when ``found_inf``.  Returns the [L, 7] statistics of ``STAT_NAMES``."""
@@ -290,6 +305,7 @@ def _forget_save_buffers(key, entry) -> None:
         del _save_buffers[key]
 
 
+@_on_tensors_device
 def snapshot(tensors: list) -> list:
     """Copies of ``tensors``, valid until the next snapshot of the same tensors (the
     optimizer restores from them within the step)."""
@@ -305,11 +321,13 @@ def snapshot(tensors: list) -> list:
     return saved
 
 
+@_on_tensors_device
 def restore(dst: list, src: list) -> None:
     _check(src, "saved tensor", like=dst)
     _copy(dst, src)
 
 
+@_on_tensors_device
 def shift(params: list, steps: list) -> None:
     """w ← w + s_{t−1} (s rounded to w's dtype first, like the reference)."""
     from ..kernels import closure as kc
@@ -323,6 +341,7 @@ def shift(params: list, steps: list) -> None:
         _launch(kc.shift_kernel, plan, ptrs, len(params))
 
 
+@_on_tensors_device
 def secant_norms(w_t: list, g_t: list, w_p: list, g_p: list, steps: list, weight_decay: float) -> Tensor:
     """Per layer (‖d(w_t) − d(w_p)‖, ‖s‖), d = g + β·w: [L, 2] fp32."""
     from ..kernels import closure as kc
