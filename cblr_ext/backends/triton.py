@@ -218,7 +218,10 @@ def _state_buffers(batch: LayerBatch, key: str, wanted: bool) -> list:
     """The fp32 per-layer buffers ``state[key]``, created as zeros on first use."""
     if not wanted:
         return [None] * len(batch)
-    return [s.setdefault(key, torch.zeros_like(p, dtype=torch.float32)) for p, s in zip(batch.params, batch.states)]
+    for p, state in zip(batch.params, batch.states):
+        if key not in state:
+            state[key] = torch.zeros_like(p, dtype=torch.float32)
+    return [state[key] for state in batch.states]
 
 
 def _stash_lagged(batch: LayerBatch, current: Tensor, stash: Tensor, keep: Tensor) -> None:
@@ -229,7 +232,8 @@ def _stash_lagged(batch: LayerBatch, current: Tensor, stash: Tensor, keep: Tenso
     if stashed:
         torch._foreach_copy_([batch.states[i]["lagged"] for i in stashed], [rows[i] for i in stashed])
     for i, state in enumerate(batch.states):
-        state.setdefault("lagged", rows[i].clone())
+        if "lagged" not in state:
+            state["lagged"] = rows[i].clone()
 
 
 @_on_tensors_device
