@@ -26,12 +26,16 @@ def jit_build(build_directory=None, verbose=False) -> str:
     """Compile csrc/ with ninja (MAX_JOBS bounds the parallel jobs) and load the ops."""
     from torch.utils import cpp_extension
 
+    global _loaded
+    if _loaded is not None:  # torch accepts one registration of the cblr_ext namespace per process
+        raise RuntimeError(f"the cblr_ext ops are already loaded (from the {_loaded} build)")
     if not _CSRC.is_dir():
         raise ImportError(f"cblr_ext._C is not built and the C++ sources are missing ({_CSRC})")
     cpp_extension.load(name=JIT_NAME, sources=source_paths(), extra_cflags=JIT_CXX_FLAGS,
                        extra_ldflags=LINK_FLAGS, build_directory=build_directory,
                        is_python_module=False, verbose=verbose)
-    return "jit"
+    _loaded = "jit"
+    return _loaded
 
 
 def load() -> str:
@@ -42,5 +46,5 @@ def load() -> str:
             importlib.import_module("cblr_ext._C")
             _loaded = "setup.py"
         except ImportError:
-            _loaded = jit_build()
+            jit_build()
     return _loaded
