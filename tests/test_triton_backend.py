@@ -135,6 +135,19 @@ def test_parity_lag_interval_approx_and_clipping(small_chunks, rule, kwargs):
 
 
 @interpreted
+@pytest.mark.parametrize("median", ["exact", "approx"])
+def test_mclr_lag_with_the_wide_median_schedule(small_chunks, monkeypatch, median):
+    """Wide schedule: approx is one pass, so the update pass histograms the next step's
+    inputs (one-pass variant); exact stays two passes in pass 1."""
+    from cblr_ext.kernels import median as km
+    monkeypatch.setattr(km, "passes", lambda kind, n_layers, data_bytes: km.WIDE[kind])
+    kwargs = dict(lag=1, momentum=0.9, weight_decay=1e-2, median=median, curvature_interval=2)
+    ref = run("mclr", "reference", layer_shapes(), 10, **kwargs)
+    tri = run("mclr", "triton", layer_shapes(), 10, **kwargs)
+    assert_same_run(ref, tri, tol=1e-5)
+
+
+@interpreted
 @pytest.mark.parametrize("rule", ["lars", "mclr"])
 def test_lag_after_a_skipped_first_step_matches_reference(small_chunks, rule):
     """A skipped first step stashes nothing in the reference; the device-side stash
@@ -358,8 +371,9 @@ COMPILE_SCRIPT = textwrap.dedent("""
               weight_decay="fp32"), dict(DTYPE=dt, STATS=True, HIST=True, FILTER=True,
               SHIFT=10, BITS=10, BLOCK=4096))
         build(update.momentum_update_kernel, dict(head, alpha="*fp32", skip="*u8", partials="*fp32",
-              weight_decay="fp32", momentum="fp32"), dict(DTYPE=dt, MOMENTUM=True, NESTEROV=True,
-              STORE_STEP=True, INPUT_NORMS=True, BLOCK=4096))
+              hist="*i32", weight_decay="fp32", momentum="fp32"), dict(DTYPE=dt, MOMENTUM=True,
+              NESTEROV=True, STORE_STEP=True, INPUT_NORMS=True, INPUT_HIST=True, SHIFT=16, BITS=15,
+              BLOCK=4096))
         build(closure.copy_kernel, head, dict(DTYPE=dt, BLOCK=4096))
         build(closure.shift_kernel, head, dict(DTYPE=dt, BLOCK=4096))
         build(closure.secant_partials_kernel, dict(head, partials="*fp32", weight_decay="fp32"),

@@ -128,22 +128,50 @@ def _launch(kernel, plan, *args, **constexprs):
 
 # ------------------------------------------------------------------ pass 1
 
+def _median_passes(batch: LayerBatch) -> tuple:
+    from ..kernels import median
+    data_bytes = sum(p.numel() * p.element_size() + g.numel() * g.element_size()
+                     for p, g in zip(batch.params, batch.grads))
+    return median.passes(batch.hp["median"], len(batch), data_bytes)
+
+
+def _median_in_update(batch: LayerBatch) -> bool:
+    """MCLR lag=1 with a one-pass median: the update pass histograms its inputs, the
+    next step's κ, so pass 1 reads only g (and w of layers without a stash)."""
+    return batch.rule == "mclr" and bool(batch.hp["lag"]) and len(_median_passes(batch)) == 1
+
+
+def _select(hist: Tensor, prefix: Tensor, rank: Tensor, count: Tensor, shift: int, bits: int,
+            first: bool) -> None:
+    from ..kernels import median
+    from ..kernels.chunks import LAUNCH_OPTIONS
+    # One program scans a layer's whole histogram: about 32 bins per thread.
+    median.radix_select_kernel[(prefix.numel(),)](hist, prefix, rank, count, SHIFT=shift, BITS=bits, FIRST=first,
+                                                  num_warps=min(32, max(4, (1 << bits) // 1024)), **LAUNCH_OPTIONS)
+
+
+def _median_value(prefix: Tensor, count: Tensor, h_nan: Tensor) -> Tensor:
+    """The selected bits as fp32; NaN for no quotient or a NaN one (as ``torch.median``)."""
+    missing = (count == 0) | (h_nan > 0)
+    return torch.where(missing, torch.full_like(h_nan, float("nan")), prefix.view(torch.float32))
+
+
+def _selection_state(n: int, device) -> tuple:
+    """(prefix, rank, count) int32 vectors of a radix selection."""
+    return tuple(torch.zeros(n, dtype=torch.int32, device=device) for _ in range(3))
+
+
 def _median(batch: LayerBatch, ptrs: Tensor, plans: list, measuring: Tensor, h_nan: Tensor,
             run_first_pass) -> Tensor:
     """Per-layer lower median of the curvature quotients by radix selection; NaN for no
     quotient, a NaN quotient, or a layer not ``measuring`` (its histogram passes read
     nothing).  ``run_first_pass(hist, prefix, measure, shift, bits)`` runs
     pass 1, which also fills the first histogram."""
-    from ..kernels import median, reduce as kr
-    from ..kernels.chunks import LAUNCH_OPTIONS
+    from ..kernels import reduce as kr
     n = len(batch)
     measure = measuring.to(torch.uint8)
-    prefix = torch.zeros(n, dtype=torch.int32, device=batch.device)
-    rank = torch.zeros_like(prefix)
-    count = torch.zeros_like(prefix)
-    data_bytes = sum(p.numel() * p.element_size() + g.numel() * g.element_size()
-                     for p, g in zip(batch.params, batch.grads))
-    for i, (shift, bits) in enumerate(median.passes(batch.hp["median"], n, data_bytes)):
+    prefix, rank, count = _selection_state(n, batch.device)
+    for i, (shift, bits) in enumerate(_median_passes(batch)):
         hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=batch.device)
         if i == 0:
             run_first_pass(hist, prefix, measure, shift, bits)
@@ -152,11 +180,8 @@ def _median(batch: LayerBatch, ptrs: Tensor, plans: list, measuring: Tensor, h_n
                 _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, None, measure,
                         float(batch.hp["weight_decay"]), STATS=False, HIST=True, FILTER=True,
                         SHIFT=shift, BITS=bits)
-        # One program scans a layer's whole histogram: about 32 bins per thread.
-        median.radix_select_kernel[(n,)](hist, prefix, rank, count, SHIFT=shift, BITS=bits, FIRST=i == 0,
-                                         num_warps=min(32, max(4, (1 << bits) // 1024)), **LAUNCH_OPTIONS)
-    missing = (count == 0) | (h_nan > 0)
-    return torch.where(missing, torch.full_like(h_nan, float("nan")), prefix.view(torch.float32))
+        _select(hist, prefix, rank, count, shift, bits, first=i == 0)
+    return _median_value(prefix, count, h_nan)
 
 
 @_on_tensors_device
@@ -194,9 +219,14 @@ def reduce(batch: LayerBatch) -> Tensor:
             sum_per_layer(plan, partials, sums)
 
     if batch.rule == "mclr":
-        # lag=1 stashes κ of every layer (as the reference does) for the next step,
-        # which may be due when this one is not.
-        measuring = torch.ones_like(adapt) if hp["lag"] else measured
+        if not hp["lag"]:
+            measuring = measured
+        elif _median_in_update(batch):
+            measuring = norm_rows  # the others' κ was measured by the last update pass
+        else:
+            # lag=1 stashes κ of every layer (as the reference does) for the next step,
+            # which may be due when this one is not.
+            measuring = torch.ones_like(adapt)
         median = _median(batch, ptrs, plans, measuring, sums[:, kr.P_H_NAN.value], first_pass)
         kappa = lm.median_kappa(median, hp["eps"])
     else:
@@ -266,11 +296,15 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
     ptrs = pointer_table([batch.params, batch.grads, momentum, steps])
     sums = torch.zeros((n, ku.UPDATE_PARTIALS.value), dtype=torch.float32, device=device)
     skip = found_inf.to(device=device, dtype=torch.uint8)
+    median_in_update = _median_in_update(batch)
+    (shift, bits), = _median_passes(batch) if median_in_update else ((0, 1),)
+    hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=device) if median_in_update else None
     for plan in chunk_plans(batch.params, CHUNK):
         partials = torch.empty((plan.n_chunks, ku.UPDATE_PARTIALS.value), dtype=torch.float32, device=device)
-        _launch(ku.momentum_update_kernel, plan, ptrs, n, alpha, skip, partials, float(hp["weight_decay"]),
+        _launch(ku.momentum_update_kernel, plan, ptrs, n, alpha, skip, partials, hist, float(hp["weight_decay"]),
                 float(hp["momentum"]), MOMENTUM=batch.uses_momentum, NESTEROV=bool(hp["nesterov"]),
-                STORE_STEP=batch.keeps_prev_step, INPUT_NORMS=bool(hp["lag"]))
+                STORE_STEP=batch.keeps_prev_step, INPUT_NORMS=bool(hp["lag"]), INPUT_HIST=median_in_update,
+                SHIFT=shift, BITS=bits)
         sum_per_layer(plan, partials, sums)
     step_norm = sums[:, ku.U_S2.value].sqrt()  # 0 on a skipped step: the kernel read nothing
 
@@ -280,8 +314,14 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
                          list(torch.where(keep, age, lm.next_age(age, measured))))
     if hp["lag"]:
         in_w, in_g = sums[:, ku.U_W2.value].sqrt(), sums[:, ku.U_G2.value].sqrt()
-        in_kappa = (lm.lars_kappa(in_w, in_g, hp["weight_decay"], hp["eps"]) if batch.rule == "lars"
-                    else red[:, RED_KAPPA])
+        if batch.rule == "lars":
+            in_kappa = lm.lars_kappa(in_w, in_g, hp["weight_decay"], hp["eps"])
+        elif median_in_update:
+            prefix, rank, count = _selection_state(n, device)
+            _select(hist, prefix, rank, count, shift, bits, first=True)
+            in_kappa = lm.median_kappa(_median_value(prefix, count, sums[:, ku.U_H_NAN.value]), hp["eps"])
+        else:
+            in_kappa = red[:, RED_KAPPA]
         _stash_lagged(batch, torch.stack([in_w, in_g, in_kappa], dim=1), stash, keep)
     return torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()], dim=1)
 
