@@ -203,6 +203,7 @@ def reduce(batch: LayerBatch) -> Tensor:
         norm_rows = torch.isnan(_lag_stash(batch)[:, 0])
     else:
         norm_rows = torch.ones(n, dtype=torch.bool, device=device)
+    norm_flags = norm_rows.to(torch.uint8)
     sums = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
     adapt = _adapt_vector(batch)
     if batch.rule == "cblr":
@@ -213,7 +214,7 @@ def reduce(batch: LayerBatch) -> Tensor:
     def first_pass(hist, prefix, measure, shift, bits):
         for plan in plans:
             partials = torch.empty((plan.n_chunks, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
-            _launch(kr.chunk_stats_kernel, plan, ptrs, n, partials, hist, prefix, norm_rows.to(torch.uint8),
+            _launch(kr.chunk_stats_kernel, plan, ptrs, n, partials, hist, prefix, norm_flags,
                     measure, float(hp["weight_decay"]), STATS=True, HIST=hist is not None, FILTER=False,
                     SHIFT=shift, BITS=bits)
             sum_per_layer(plan, partials, sums)
