@@ -339,3 +339,20 @@ def test_jit_build_from_clean_sources(tmp_path):
     env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=900)
     assert any(f.suffix == ".so" for f in tmp_path.iterdir())
+
+
+def test_channels_last_parameters():
+    """Dense non-contiguous layouts run as flat memory (state tensors share the layout)."""
+    weights = [torch.randn(8, 5, 3, 3).to(memory_format=torch.channels_last), torch.randn(40000, 3).t()]
+    results = []
+    for backend in ("reference", "cpp"):
+        params = [torch.nn.Parameter(w.clone(memory_format=torch.preserve_format)) for w in weights]
+        opt = MCLR(params, lr=0.1, momentum=0.9, weight_decay=1e-3, backend=backend)
+        for t in range(3):
+            for i, p in enumerate(params):
+                noise = torch.randn(p.shape, generator=torch.Generator().manual_seed(t + 10 * i))
+                p.grad = torch.empty_like(p).copy_(p.detach() * 0.5 + noise)  # the parameter's strides
+            opt.step()
+        results.append(params)
+    assert not results[1][0].is_contiguous()
+    assert max_rel_diff(*results) <= 1e-5

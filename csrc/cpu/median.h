@@ -22,7 +22,7 @@
 namespace cblr {
 namespace cpu {
 
-constexpr int64_t kBlock = 64;           // quotients per block between collections
+constexpr int64_t kBlock = 256;          // quotients per block between collections
 constexpr int64_t kDirectLimit = 16384;  // layers up to this size select directly
 constexpr int64_t kSampleRuns = 256, kRunLength = 16;
 
