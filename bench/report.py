@@ -9,6 +9,9 @@ KEY_FIELDS = ("suite", "dtype", "optimizer", "backend", "variant")
 TIMING_FIELDS = ("median_ms", "q1_ms", "q3_ms", "iqr_ms", "min_ms", "samples")
 DERIVED_FIELDS = ("gbps", "fraction_of_copy", "speedup_vs_reference", "ratio_to_fused_sgd")
 FUSED_SGD = ("SGD", "torch", "fused")
+# Chart colours by backend; every other (fused) cblr_ext backend is "fused".
+BAR_COLORS = {"torch": "tab:gray", "pytorch-optimizer": "darkgray", "reference": "lightsteelblue",
+              "torch.compile(reference)": "tab:orange", "fused": "tab:blue"}
 
 
 def derive(records: list, copy_gbps: float) -> None:
@@ -65,6 +68,7 @@ def chart(path: Path, meta: dict, records: list) -> None:
     import matplotlib
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
     groups = list(dict.fromkeys((r["suite"], r["dtype"]) for r in records))
     ok = [r for r in records if r["ratio_to_fused_sgd"] is not None]
@@ -72,23 +76,26 @@ def chart(path: Path, meta: dict, records: list) -> None:
     cols = min(2, len(groups))
     rows = -(-len(groups) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 0.28 * len(labels) * rows + 1.5),
-                             squeeze=False, sharey=True)
+                             squeeze=False, sharey=True, layout="constrained")
+    backend_of = {f"{r['optimizer']} {r['backend']} {r['variant']}": r["backend"] for r in ok}
+    colors = [BAR_COLORS.get(backend_of[label], BAR_COLORS["fused"]) for label in labels]
     for ax, (suite, dtype) in zip(axes.flat, groups):
         ratio = {f"{r['optimizer']} {r['backend']} {r['variant']}": r["ratio_to_fused_sgd"]
                  for r in ok if (r["suite"], r["dtype"]) == (suite, dtype)}
         values = [ratio.get(label, float("nan")) for label in labels]
-        colors = ["tab:gray" if label.startswith(("SGD", "LARS pytorch")) else "tab:blue" for label in labels]
         ax.barh(range(len(labels)), values, color=colors)
         ax.axvline(1.0, color="black", linewidth=0.8)
         ax.set_xscale("log")
+        ax.tick_params(axis="y", labelsize=7)
         ax.set_title(f"{suite} ({dtype})", fontsize=10)
         ax.set_xlabel("step time ÷ fused SGD (lower is faster)")
     for ax in axes.flat[len(groups):]:
         ax.axis("off")
-    axes[0, 0].set_yticks(range(len(labels)), labels, fontsize=7)
+    axes[0, 0].set_yticks(range(len(labels)), labels)
     axes[0, 0].invert_yaxis()
     fig.suptitle(f"cblr_ext step time, {meta['device_name']}, torch {meta['torch_version']}, "
                  f"{meta['threads']} threads", fontsize=11)
-    fig.tight_layout()
+    fig.legend(handles=[Patch(color=c, label=n) for n, c in BAR_COLORS.items()], loc="outside lower center",
+               ncols=len(BAR_COLORS), fontsize=8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
