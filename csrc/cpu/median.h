@@ -22,7 +22,7 @@
 namespace cblr {
 namespace cpu {
 
-constexpr int64_t kBlock = 256;          // quotients per block between collections
+constexpr int64_t kBlock = 64;           // quotients per block between collections
 constexpr int64_t kDirectLimit = 16384;  // layers up to this size select directly
 constexpr int64_t kSampleRuns = 256, kRunLength = 16;
 
@@ -50,6 +50,50 @@ inline math_t<P> quotient_at(const P* w, const P* g, int64_t i, math_t<P> weight
   return curvature_quotient(decayed_grad(T(load(g[i])), wv, weight_decay), wv);
 }
 
+// Pivots around rank k of m sorted-to-be values: the sample rank has standard deviation
+// ≤ √m / 2, keep ±3 of them plus slack.  Reorders sample.
+template <typename T>
+inline void bracket_pivots(std::vector<T>& sample, double fraction, T& lo, T& hi) {
+  const int64_t m = int64_t(sample.size());
+  const int64_t center = int64_t(fraction * double(m));
+  const int64_t delta = int64_t(1.5 * std::sqrt(double(m))) + 16;
+  const int64_t lo_rank = std::max<int64_t>(0, center - delta), hi_rank = std::min<int64_t>(m - 1, center + delta);
+  std::nth_element(sample.begin(), sample.begin() + lo_rank, sample.end());
+  std::nth_element(sample.begin() + lo_rank + 1, sample.begin() + hi_rank, sample.end());
+  lo = sample[lo_rank];
+  hi = std::max(sample[hi_rank], lo);
+}
+
+// The k-th smallest of values[0, n) (no NaN; reordered).  Large inputs shrink by
+// bracket rounds (count, then keep the values between two sampled pivots) before
+// nth_element, whose cost per element is several times a counting pass.
+template <typename T>
+T select_kth(T* values, int64_t n, int64_t k) {
+  while (n > kDirectLimit) {
+    std::vector<T> sample(kSampleRuns * kRunLength);
+    const int64_t m = int64_t(sample.size());
+    for (int64_t i = 0; i < m; ++i) sample[i] = values[i * (n / m)];
+    T lo, hi;
+    bracket_pivots(sample, double(k) / double(n), lo, hi);
+    int64_t below = 0, inside = 0;
+    for (int64_t i = 0; i < n; ++i) {
+      below += values[i] < lo;
+      inside += (values[i] >= lo) & (values[i] <= hi);
+    }
+    if (k < below || k >= below + inside || inside == n) break;  // missed, or no progress (ties)
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {  // in place: kept ≤ i
+      const T x = values[i];
+      values[kept] = x;
+      kept += (x >= lo) & (x <= hi);
+    }
+    n = inside;
+    k -= below;
+  }
+  std::nth_element(values, values + k, values + n);
+  return values[k];
+}
+
 // The lower median of values[0, n) (reordered), NaN when n = 0 or any value is NaN.
 template <typename T>
 inline T select_lower_median(T* values, int64_t n) {
@@ -57,9 +101,7 @@ inline T select_lower_median(T* values, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     if (values[i] != values[i]) return values[i];
   }
-  T* mid = values + lower_median_rank(n);
-  std::nth_element(values, mid, values + n);
-  return *mid;
+  return select_kth(values, n, lower_median_rank(n));
 }
 
 template <typename P>
@@ -89,15 +131,8 @@ Bracket<math_t<P>> make_bracket(const P* w, const P* g, int64_t n, math_t<P> wei
       if (h == h) q.push_back(h);
     }
   }
-  int64_t m = int64_t(q.size());
-  if (m < 256) return b;  // too few usable samples: the bracket is everything
-  // The sample median's rank has standard deviation √m / 2: keep ±3 of them plus slack.
-  int64_t delta = int64_t(1.5 * std::sqrt(double(m))) + 16;
-  int64_t lo = std::max<int64_t>(0, m / 2 - delta), hi = std::min<int64_t>(m - 1, m / 2 + delta);
-  std::nth_element(q.begin(), q.begin() + lo, q.end());
-  std::nth_element(q.begin() + lo + 1, q.begin() + hi, q.end());
-  b.lo = q[lo];
-  b.hi = std::max(q[hi], b.lo);
+  if (q.size() < 256) return b;  // too few usable samples: the bracket is everything
+  bracket_pivots(q, 0.5, b.lo, b.hi);
   return b;
 }
 
@@ -147,8 +182,7 @@ T finish_median(const Bracket<T>& b, const MedianCounts& c,
       if (s.first != filled) std::copy(cand + s.first, cand + s.first + s.second, cand + filled);
       filled += s.second;
     }
-    std::nth_element(cand, cand + (k - c.below), cand + filled);
-    return cand[k - c.below];
+    return select_kth(cand, filled, k - c.below);
   }
   return select_lower_median(cand, all_quotients(cand));
 }
