@@ -23,6 +23,15 @@ from .cases import TRAFFIC, all_cases
 RESULTS = Path(__file__).parent / "results"
 
 
+def _positive(convert):
+    def parse(text):
+        value = convert(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true",
@@ -37,14 +46,21 @@ def parse_args(argv=None):
     ap.add_argument("--backend", action="append", choices=[b for b in BACKENDS if b not in ("auto", "reference")],
                     help="fused cblr_ext backend to time (repeatable; default: every one available on the "
                          "device); the reference backend always runs")
-    ap.add_argument("--threads", type=int, help="CPU threads of torch (default: torch's, i.e. the cores)")
+    ap.add_argument("--threads", type=_positive(int), help="CPU threads of torch (default: torch's, i.e. the cores)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) cases")
-    ap.add_argument("--compile-timeout", type=float,
+    ap.add_argument("--compile-timeout", type=_positive(float),
                     help="seconds for compiling + timing one torch.compile case before it is recorded as failed "
                          "(default: 60 on CPU, where a 161-tensor step takes minutes to compile, 300 on GPUs)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and PNG files")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    try:
+        args.device = torch.device(args.device)
+    except RuntimeError as exc:
+        ap.error(f"argument --device: {exc}")
+    if args.device.type == "cuda" and not torch.cuda.is_available():
+        ap.error("argument --device: CUDA is not available in this torch build or on this machine")
+    return args
 
 
 def native_bf16(device: torch.device) -> bool:
@@ -88,7 +104,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    device = args.device
     budget = timing.QUICK if args.quick else timing.FULL
     compile_timeout = args.compile_timeout or (60.0 if device.type == "cpu" else 300.0)
     suite_names = args.suite or (suites.QUICK_SUITES if args.quick else suites.DEFAULT_SUITES)
