@@ -356,3 +356,21 @@ def test_channels_last_parameters():
         results.append(params)
     assert not results[1][0].is_contiguous()
     assert max_rel_diff(*results) <= 1e-5
+
+
+def test_torch_compile_traces_the_ops():
+    """fullgraph compile through a mutating op (shift, functionalised) and a reduction."""
+    ops = cpp_ops()
+
+    def shift_and_measure(ws, steps):
+        ops.shift(ws, steps)
+        return ops.secant_norms(ws, ws, ws, ws, steps, 0.1)
+
+    gen = torch.Generator().manual_seed(4)
+    steps = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
+    compiled_ws = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
+    eager_ws = [w.clone() for w in compiled_ws]
+    got = torch.compile(shift_and_measure, fullgraph=True)(compiled_ws, steps)
+    want = shift_and_measure(eager_ws, steps)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(compiled_ws, eager_ws))
