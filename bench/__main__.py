@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import re
 import subprocess
@@ -96,6 +97,13 @@ def git_revision() -> str | None:
         return None
 
 
+def _load_average():
+    try:
+        return os.getloadavg()[0]
+    except (OSError, AttributeError):  # not on every platform
+        return None
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
@@ -118,6 +126,8 @@ def main(argv=None) -> int:
         "device": device.type, "device_name": device_name(device), "torch_version": torch.__version__,
         "cblr_ext_version": cblr_ext.__version__, "git_revision": git_revision(), "threads": torch.get_num_threads(),
         "python": platform.python_version(), "created": datetime.datetime.now().isoformat(timespec="seconds"),
+        # Other work on the machine distorts timings (bench/README.md): the 1-min load at start.
+        "load_average_start": _load_average(),
         "quick": args.quick, "small": args.small or args.quick, "budget": vars(budget), "copy_bandwidth": copy,
         "backends_unavailable": unavailable,
         "suites": {s.name: {"tensors": len(s), "numel": s.numel, "description": s.description} for s in chosen},
@@ -155,6 +165,7 @@ def main(argv=None) -> int:
             del params, grad_sets
     progress.close()
 
+    meta["load_average_end"] = _load_average()
     report.derive(records, copy["gbps"])
     args.out.mkdir(parents=True, exist_ok=True)
     size = "-quick" if args.quick else "-small" if args.small else ""
