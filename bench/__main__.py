@@ -116,8 +116,8 @@ def main(argv=None) -> int:
     budget = timing.QUICK if args.quick else timing.FULL
     compile_timeout = args.compile_timeout or (60.0 if device.type == "cpu" else 300.0)
     suite_names = args.suite or (suites.QUICK_SUITES if args.quick else suites.DEFAULT_SUITES)
-    chosen = [suites.get(name, small=args.small or args.quick) for name in suite_names]
-    dtypes = args.dtype or (["fp32"] + (["bf16"] if native_bf16(device) and not args.quick else []))
+    chosen = [suites.get(name, small=args.small or args.quick) for name in dict.fromkeys(suite_names)]
+    dtypes = list(dict.fromkeys(args.dtype or ["fp32"] + (["bf16"] if native_bf16(device) and not args.quick else [])))
     cases, unavailable = all_cases(device, compile_reference=not (args.quick or args.no_compile),
                                    only_backends=args.backend)
 
