@@ -17,6 +17,8 @@ from torch import Tensor
 # Columns of the per-layer reduction returned by ``Backend.reduce``.
 # Pass 1 measures the current inputs (w_t, g_t); under lag=1, ``apply`` takes
 # ‖w‖, ‖g‖ and κ from the previous step's inputs instead (state["lagged"]).
+# A fused backend may leave κ NaN where the layer does not measure, and the norms
+# NaN where a lag=1 stash replaces them: only its own ``apply`` reads the columns.
 RED_W_NORM, RED_G_NORM, RED_KAPPA, RED_MEASURED, RED_NONFINITE = range(5)
 REDUCTION_COLUMNS = 5
 
@@ -86,3 +88,9 @@ def lr_value(lr, device) -> Tensor:
     if isinstance(lr, Tensor):
         return lr.to(device=device, dtype=torch.float32).reshape(())
     return torch.tensor(float(lr), dtype=torch.float32, device=device)
+
+
+def times_lr(x: Tensor, lr) -> Tensor:
+    """x·γ in fp32: a float γ stays a kernel scalar (no host-to-device copy per
+    step); a tensor γ is moved to x's device and never read on the host."""
+    return x * lr_value(lr, x.device) if isinstance(lr, Tensor) else x * float(lr)

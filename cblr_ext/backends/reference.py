@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import (LayerBatch, REDUCTION_COLUMNS, STAT_COLUMNS, lr_value, state_dtype)
+from ..functional import (LayerBatch, REDUCTION_COLUMNS, STAT_COLUMNS, state_dtype, times_lr)
 
 name = "reference"
 
@@ -52,7 +52,6 @@ def reduce(batch: LayerBatch) -> Tensor:
 def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
     """Pass 2: ratio and update of every layer; nothing changes when ``found_inf``."""
     hp = batch.hp
-    lr = lr_value(hp["lr"], batch.device)
     skip = bool(found_inf)
     stats = torch.zeros((len(batch), STAT_COLUMNS), dtype=torch.float32, device=batch.device)
     for i, (p, grad, state) in enumerate(zip(batch.params, batch.grads, batch.states)):
@@ -66,7 +65,7 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
             trust_coefficient=hp["trust_coefficient"], curvature_ema=hp["curvature_ema"],
             max_ratio=hp["max_ratio"], weight_decay=hp["weight_decay"], eps=hp["eps"],
             fallback_trust=hp["fallback_trust"])
-        alpha = lr * ratio
+        alpha = times_lr(ratio, hp["lr"])
         step_norm = torch.zeros((), device=p.device)
         if not skip:
             dtype = state_dtype(p)
@@ -74,7 +73,9 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
             d = lm.decayed_grad(grad.to(dtype), w, hp["weight_decay"])
             v = None
             if batch.uses_momentum:
-                v = state.setdefault("momentum_buffer", torch.zeros_like(p, dtype=dtype))
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
+                v = state["momentum_buffer"]
             s = lm.momentum_update(w, d, v, alpha, hp["momentum"], hp["nesterov"])
             if w is not p:
                 p.copy_(w)

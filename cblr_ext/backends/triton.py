@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import LayerBatch, RED_KAPPA, RED_MEASURED, lr_value
+from ..functional import LayerBatch, RED_KAPPA, RED_MEASURED, times_lr
 
 name = "triton"
 
@@ -112,11 +112,6 @@ def _lag_stash(batch: LayerBatch) -> Tensor:
 
 def _stack_state(states: list, key: str) -> Tensor:
     return torch.stack([s[key] for s in states])
-
-
-def _times_lr(x: Tensor, lr) -> Tensor:
-    """x·γ; a float γ stays a kernel scalar, so no host-to-device copy per step."""
-    return x * lr_value(lr, x.device) if isinstance(lr, Tensor) else x * float(lr)
 
 
 def _launch(kernel, plan, *args, **constexprs):
@@ -290,7 +285,7 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
         trust_coefficient=hp["trust_coefficient"], curvature_ema=hp["curvature_ema"],
         max_ratio=hp["max_ratio"], weight_decay=hp["weight_decay"], eps=hp["eps"],
         fallback_trust=hp["fallback_trust"])
-    alpha = _times_lr(ratio, hp["lr"])
+    alpha = times_lr(ratio, hp["lr"])
 
     momentum = _state_buffers(batch, "momentum_buffer", batch.uses_momentum)
     steps = _state_buffers(batch, "prev_step", batch.keeps_prev_step)
