@@ -30,8 +30,9 @@ setup(
                               extra_compile_args=_build.CXX_FLAGS, extra_link_args=_build.LINK_FLAGS)],
     cmdclass={"build_ext": BuildExtension},
     extras_require={
-        # The Triton backend's tests run its kernels on the CPU (TRITON_INTERPRET=1).
-        "test": ["pytest", "numpy", "triton"],
+        # The Triton backend's tests run its kernels on the CPU (TRITON_INTERPRET=1);
+        # the bench smoke test needs the report's and the microbenchmarks' packages.
+        "test": ["pytest", "numpy", "triton", "matplotlib", "pytest-benchmark", "pytorch-optimizer"],
         "triton": ["triton"],
         "bench": ["pytest-benchmark", "matplotlib", "pytorch-optimizer"],
     },
