@@ -374,3 +374,15 @@ def test_torch_compile_traces_the_ops():
     want = shift_and_measure(eager_ws, steps)
     assert torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(compiled_ws, eager_ws))
+
+
+def test_huge_finite_gradients_are_not_non_finite():
+    """Squares of |g| > 1.8e19 overflow fp32 partial sums; the flag must still be 0."""
+    w, g = torch.ones(1000), torch.full((1000,), 3e30)
+    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], None, 0.0, 1e-8, 1,
+                           False, False)
+    assert red[0, 4] == 0
+    g[500] = math.nan
+    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], None, 0.0, 1e-8, 1,
+                           False, False)
+    assert red[0, 4] == 1

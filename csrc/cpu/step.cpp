@@ -105,11 +105,11 @@ bool any_nonfinite(const P* g, int64_t n) {
   return false;
 }
 
-// ‖g‖² summed in double is finite iff every element is, unless fp64 values overflow it.
+// ‖g‖² is finite when every element is; when it is not, a scan tells a non-finite
+// element from squares that overflowed.
 bool layer_nonfinite(const LayerRef& l, double g2) {
   if (std::isfinite(g2)) return false;
-  if (l.dtype != DType::F64) return true;
-  return any_nonfinite(static_cast<const double*>(l.g), l.n);
+  return dispatch(l.dtype, [&](auto tag) { return any_nonfinite(static_cast<const decltype(tag)*>(l.g), l.n); });
 }
 
 // The median of each selecting layer, as fp32 (NaN elsewhere).  The fallback reads the
@@ -157,6 +157,27 @@ float kappa_from_median(float median, const StepConfig& cfg) {
 
 // ------------------------------------------------------------------------ pass 1
 
+// Adds Σx² and Σy² (x, y the math values of a and b) to sx and sy: partial sums in the
+// math type over short blocks (full-width vectors, several independent accumulators),
+// accumulated in double.  When a == b only sy is meaningful.
+template <typename P>
+void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
+  using T = math_t<P>;
+  constexpr int64_t kSumBlock = 512;
+  for (int64_t s = 0; s < n; s += kSumBlock) {
+    const int64_t m = std::min(kSumBlock, n - s);
+    T bx = 0, by = 0;
+#pragma omp simd reduction(+ : bx, by)
+    for (int64_t i = 0; i < m; ++i) {
+      T x = load(a[s + i]), y = load(b[s + i]);
+      bx += x * x;
+      by += y * y;
+    }
+    sx += double(bx);
+    sy += double(by);
+  }
+}
+
 template <typename P>
 void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, const Bracket<math_t<P>>* bracket,
                   math_t<P>* candidates, math_t<P> weight_decay, ChunkResult& r) {
@@ -166,30 +187,24 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, const Bracket<ma
   const int64_t n = c.end - c.begin;
   double w2 = 0, g2 = 0;
   if (!full) {  // lag=1 stash present: only the non-finite check, over g
-#pragma omp simd reduction(+ : g2)
-    for (int64_t i = 0; i < n; ++i) {
-      double y = load(g[i]);
-      g2 += y * y;
-    }
+    sum_squares(g, g, n, g2, g2);
   } else if (!bracket) {
-#pragma omp simd reduction(+ : w2, g2)
-    for (int64_t i = 0; i < n; ++i) {
-      double x = load(w[i]), y = load(g[i]);
-      w2 += x * x;
-      g2 += y * y;
-    }
+    sum_squares(w, g, n, w2, g2);
   } else {
     T h[kBlock];
     for (int64_t b = 0; b < n; b += kBlock) {
       const int64_t m = std::min(kBlock, n - b);
-#pragma omp simd reduction(+ : w2, g2)
+      T bw = 0, bg = 0;  // block sums as in sum_squares
+#pragma omp simd reduction(+ : bw, bg)
       for (int64_t j = 0; j < m; ++j) {
         T wv = load(w[b + j]), gv = load(g[b + j]);
-        w2 += double(wv) * double(wv);
-        g2 += double(gv) * double(gv);
+        bw += wv * wv;
+        bg += gv * gv;
         T q = curvature_quotient(decayed_grad(gv, wv, weight_decay), wv);
         h[j] = wv != 0 ? q : kNoQuotient<T>;
       }
+      w2 += double(bw);
+      g2 += double(bg);
       collect_block(h, m, *bracket, candidates + c.begin, r.counts);
     }
   }
