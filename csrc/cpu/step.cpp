@@ -157,13 +157,14 @@ float kappa_from_median(float median, const StepConfig& cfg) {
 
 // ------------------------------------------------------------------------ pass 1
 
+constexpr int64_t kSumBlock = 512;  // elements per fp32 partial sum
+
 // Adds Σx² and Σy² (x, y the math values of a and b) to sx and sy: partial sums in the
 // math type over short blocks (full-width vectors, several independent accumulators),
 // accumulated in double.  When a == b only sy is meaningful.
 template <typename P>
 void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
   using T = math_t<P>;
-  constexpr int64_t kSumBlock = 512;
   for (int64_t s = 0; s < n; s += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - s);
     T bx = 0, by = 0;
@@ -219,13 +220,13 @@ template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
 void apply_range(P* w, const P* g, math_t<P>* v, math_t<P>* prev, math_t<P>* h, int64_t n, math_t<P> alpha,
                  math_t<P> momentum, math_t<P> weight_decay, ChunkResult& r) {
   using T = math_t<P>;
-  double w2 = 0, g2 = 0, s2 = 0;
+  T w2 = 0, g2 = 0, s2 = 0;  // block sums (n ≤ kSumBlock), as in sum_squares
 #pragma omp simd reduction(+ : w2, g2, s2)
   for (int64_t i = 0; i < n; ++i) {
     T wv = load(w[i]), gv = load(g[i]);
     if (Lag) {
-      w2 += double(wv) * double(wv);
-      g2 += double(gv) * double(gv);
+      w2 += wv * wv;
+      g2 += gv * gv;
     }
     T d = decayed_grad(gv, wv, weight_decay);
     if (Lag == 2) {
@@ -237,11 +238,11 @@ void apply_range(P* w, const P* g, math_t<P>* v, math_t<P>* prev, math_t<P>* h, 
     w[i] = store<P>(wv);
     if (Momentum) v[i] = vv;
     if (KeepPrev) prev[i] = s;
-    s2 += double(s) * double(s);
+    s2 += s * s;
   }
-  r.w2 += w2;
-  r.g2 += g2;
-  r.s2 += s2;
+  r.w2 += double(w2);
+  r.g2 += double(g2);
+  r.s2 += double(s2);
 }
 
 template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
@@ -254,17 +255,14 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
   T* v = Momentum ? static_cast<T*>(l.v) + c.begin : nullptr;
   T* prev = KeepPrev ? static_cast<T*>(l.prev) + c.begin : nullptr;
   const int64_t n = c.end - c.begin;
-  if (Lag != 2) {
-    apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w, g, v, prev, nullptr, n, alpha, momentum, weight_decay, r);
-    return;
-  }
-  T* h = quotients + c.begin;
-  for (int64_t b = 0; b < n; b += kBlock) {
-    const int64_t m = std::min(kBlock, n - b);
+  T* h = Lag == 2 ? quotients + c.begin : nullptr;
+  const int64_t block = Lag == 2 ? kBlock : kSumBlock;
+  for (int64_t b = 0; b < n; b += block) {
+    const int64_t m = std::min(block, n - b);
     apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w + b, g + b, Momentum ? v + b : nullptr,
-                                                      KeepPrev ? prev + b : nullptr, h + b, m, alpha, momentum,
-                                                      weight_decay, r);
-    collect_block(h + b, m, *bracket, candidates + c.begin, r.counts);
+                                                      KeepPrev ? prev + b : nullptr, Lag == 2 ? h + b : nullptr, m,
+                                                      alpha, momentum, weight_decay, r);
+    if (Lag == 2) collect_block(h + b, m, *bracket, candidates + c.begin, r.counts);
   }
 }
 
