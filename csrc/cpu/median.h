@@ -153,13 +153,21 @@ inline void collect_block(const T* h, int64_t m, const Bracket<T>& b, T* cand, M
   }
   if (inside) {
     int64_t k = counts.inside;
-    for (int64_t j0 = 0; j0 < m; j0 += 8) {  // skip groups of eight without a candidate
-      uint64_t group = 0;
-      if (j0 + 8 <= m) std::memcpy(&group, in + j0, 8);
-      if (j0 + 8 <= m && group == 0) continue;
-      for (int64_t j = j0; j < std::min(j0 + 8, m); ++j) {  // branch-free: write, advance when inside
-        cand[k] = h[j];
-        k += in[j];
+    for (int64_t j0 = 0; j0 < m; j0 += 8) {
+      if (j0 + 8 > m) {  // tail: branch-free, write always and advance when inside
+        for (int64_t j = j0; j < m; ++j) {
+          cand[k] = h[j];
+          k += in[j];
+        }
+        break;
+      }
+      uint64_t group;
+      std::memcpy(&group, in + j0, 8);
+      // Eight 0/1 bytes to an 8-bit mask (byte i to bit i), then visit the set bits only.
+      uint32_t bits = uint32_t((group * 0x0102040810204080ull) >> 56);
+      while (bits) {
+        cand[k++] = h[j0 + __builtin_ctz(bits)];
+        bits &= bits - 1;
       }
     }
   }
