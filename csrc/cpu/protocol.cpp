@@ -63,11 +63,18 @@ void secant_layers(const std::vector<SecantLayer>& layers, double weight_decay, 
       const T wd = T(weight_decay);
       const int64_t n = c.end - c.begin;
       double d2 = 0, s2 = 0;
-#pragma omp simd reduction(+ : d2, s2)
-      for (int64_t j = 0; j < n; ++j) {
-        T diff = decayed_grad(T(load(g_t[j])), T(load(w_t[j])), wd) - decayed_grad(T(load(g_p[j])), T(load(w_p[j])), wd);
-        d2 += double(diff) * double(diff);
-        s2 += double(s[j]) * double(s[j]);
+      for (int64_t b = 0; b < n; b += kSumBlock) {  // partial sums in the math type, as in step.cpp
+        const int64_t m = std::min(kSumBlock, n - b);
+        T bd = 0, bs = 0;
+#pragma omp simd reduction(+ : bd, bs)
+        for (int64_t j = b; j < b + m; ++j) {
+          T diff = decayed_grad(T(load(g_t[j])), T(load(w_t[j])), wd) -
+                   decayed_grad(T(load(g_p[j])), T(load(w_p[j])), wd);
+          bd += diff * diff;
+          bs += s[j] * s[j];
+        }
+        d2 += double(bd);
+        s2 += double(bs);
       }
       diff2[k] = d2;
       step2[k] = s2;

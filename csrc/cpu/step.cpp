@@ -157,7 +157,6 @@ float kappa_from_median(float median, const StepConfig& cfg) {
 
 // ------------------------------------------------------------------------ pass 1
 
-constexpr int64_t kSumBlock = 512;  // elements per fp32 partial sum
 
 // Adds Σx² and Σy² (x, y the math values of a and b) to sx and sy: partial sums in the
 // math type over short blocks (full-width vectors, several independent accumulators),
