@@ -5,8 +5,10 @@
 //      median with high probability (small layers: the median itself, directly);
 //   2. during the pass each chunk counts the quotients below lo and copies those in
 //      [lo, hi] to its own slice of a candidate buffer;
-//   3. after it, nth_element over the few candidates gives the median; when the
-//      bracket missed, a full nth_element over all quotients (rare, still exact).
+//   3. after it, a selection over the few candidates (select_kth) gives the median;
+//      when the bracket missed, a selection over all quotients (rare, still exact).
+// median="approx" is this exact median with its low 16 bits cleared (layer_math.h), at
+// the same cost: the exact selection is cheap enough that no histogram pass is needed.
 // Any NaN quotient makes the median NaN, as torch.median does.
 #pragma once
 
