@@ -48,6 +48,7 @@ class LayerwiseOptimizer(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self._skipped_steps = 0
         self._stats = []
+        self._probe_grads = {}  # CBLR: .grad buffers of the probe closure, reused
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -65,6 +66,7 @@ class LayerwiseOptimizer(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_stats", [])
+        self.__dict__.setdefault("_probe_grads", {})
 
     # ----------------------------------------------------------------- step
 
@@ -164,36 +166,42 @@ class LayerwiseOptimizer(Optimizer):
         return [batch.adapt[i] and due[i] and prev_step(batch, i) is not None for i in range(len(batch))]
 
     def _measure_secants(self, batches, probes, closure):
+        """Probe at w_t + s_{t−1}.  The g_t tensors are set aside (not copied) while the
+        closure runs, with a spare buffer per parameter in ``.grad``, so a closure that
+        zeroes in place (``zero_grad(set_to_none=False)``) keeps fixed addresses.  w_t is
+        restored from a copy, also when the closure raises."""
         work = []
         for b in batches:
             backend = self._backend(b)
             shifted = [i for i in range(len(b)) if prev_step(b, i) is not None]
             params = [b.params[i] for i in shifted]
-            saved_w = backend.snapshot(params)
-            saved_g = backend.snapshot(b.grads)
-            work.append((b, backend, shifted, params, saved_w, saved_g))
-        for b, backend, shifted, params, *_ in work:
-            backend.shift(params, [prev_step(b, i) for i in shifted])
-        with torch.enable_grad():
-            closure()
-        for (b, backend, shifted, params, saved_w, saved_g), probe in zip(work, probes):
-            measured = [j for j, i in enumerate(shifted) if probe[i]]
-            probe_grads = [params[j].grad for j in measured]
-            if any(g is None for g in probe_grads):
-                raise RuntimeError("CBLR: the closure left a measured parameter without .grad")
-            if measured:
-                rows = backend.secant_norms(
-                    [saved_w[j] for j in measured], [saved_g[shifted[j]] for j in measured],
-                    [params[j] for j in measured], probe_grads,
-                    [prev_step(b, shifted[j]) for j in measured], b.hp["weight_decay"])
-                b.secant[[shifted[j] for j in measured]] = rows
-            backend.restore(params, saved_w)
-            for p, g in zip(b.params, saved_g):
-                if p.grad is not None and p.grad.shape == g.shape:
-                    p.grad.copy_(g)
-                else:
+            work.append((b, backend, shifted, params, backend.snapshot(params)))
+        try:
+            for b, backend, shifted, params, _ in work:
+                for p in b.params:
+                    spare = self._probe_grads.get(p)
+                    p.grad = spare if spare is not None else torch.zeros_like(p.grad)
+                backend.shift(params, [prev_step(b, i) for i in shifted])
+            with torch.enable_grad():
+                closure()
+            for (b, backend, shifted, params, saved_w), probe in zip(work, probes):
+                measured = [j for j, i in enumerate(shifted) if probe[i]]
+                probe_grads = [params[j].grad for j in measured]
+                if any(g is None for g in probe_grads):
+                    raise RuntimeError("CBLR: the closure left a measured parameter without .grad")
+                if measured:
+                    rows = backend.secant_norms(
+                        [saved_w[j] for j in measured], [b.grads[shifted[j]] for j in measured],
+                        [params[j] for j in measured], probe_grads,
+                        [prev_step(b, shifted[j]) for j in measured], b.hp["weight_decay"])
+                    b.secant[[shifted[j] for j in measured]] = rows
+        finally:
+            for b, backend, _, params, saved_w in work:
+                backend.restore(params, saved_w)
+                for p, g in zip(b.params, b.grads):
+                    if p.grad is not None:
+                        self._probe_grads[p] = p.grad
                     p.grad = g
-            b.grads = [p.grad for p in b.params]
 
     # ---------------------------------------------------------- inspection
 

@@ -92,3 +92,23 @@ def test_no_closure_needed_between_measurements():
     opt.step()         # reuse step: the .grad left by the last closure
     assert any(not torch.equal(p, b) for p, b in zip(model.parameters(), before))
     assert not opt.layer_stats()["0.0"]["fallback"]
+
+
+def test_a_closure_that_raises_during_the_probe_leaves_w_and_grad_as_they_were():
+    model, opt, closure, _ = setup(1)
+    opt.step(closure)
+    closure()
+    w_t = [p.detach().clone() for p in model.parameters()]
+    g_t = [p.grad.clone() for p in model.parameters()]
+    calls = 0
+
+    def failing_probe():
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise FloatingPointError("probe failed")
+        return closure()
+    with pytest.raises(FloatingPointError):
+        opt.step(failing_probe)
+    for p, w, g in zip(model.parameters(), w_t, g_t):
+        assert torch.equal(p, w) and torch.equal(p.grad, g)
