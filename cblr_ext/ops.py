@@ -8,11 +8,9 @@ from __future__ import annotations
 import torch
 
 from . import _build
+from .functional import REDUCTION_COLUMNS, STAT_COLUMNS
 
 _build.load()
-
-REDUCTION_COLUMNS = 5
-STAT_COLUMNS = 7
 
 
 @torch.library.register_fake("cblr_ext::reduce")
