@@ -39,6 +39,9 @@ def parse_args(argv=None):
                     help="under a minute: ResNet-50 at --small size, few samples, fp32, no torch.compile")
     ap.add_argument("--suite", action="append", choices=list(suites.SUITES),
                     help=f"suite to run (repeatable; default: {', '.join(suites.DEFAULT_SUITES)})")
+    ap.add_argument("--full", action="store_true",
+                    help="every model suite at full size on a CPU too (by default a CPU run keeps ResNet-50 "
+                         "full and scales the larger models down, so that it takes a few minutes)")
     ap.add_argument("--small", action="store_true",
                     help=f"model suites with widths / {suites.SMALL_DIVISOR} (~1/16 of the parameters)")
     ap.add_argument("--dtype", action="append", choices=list(runner.DTYPES),
@@ -116,7 +119,8 @@ def main(argv=None) -> int:
     budget = timing.QUICK if args.quick else timing.FULL
     compile_timeout = args.compile_timeout or (60.0 if device.type == "cpu" else 300.0)
     suite_names = args.suite or (suites.QUICK_SUITES if args.quick else suites.DEFAULT_SUITES)
-    chosen = [suites.get(name, small=args.small or args.quick) for name in dict.fromkeys(suite_names)]
+    chosen = [suites.get(name, small=args.small or args.quick or (
+        device.type == "cpu" and not args.full and name != "resnet50")) for name in dict.fromkeys(suite_names)]
     dtypes = list(dict.fromkeys(args.dtype or ["fp32"] + (["bf16"] if native_bf16(device) and not args.quick else [])))
     cases, unavailable = all_cases(device, compile_reference=not (args.quick or args.no_compile),
                                    only_backends=args.backend)
