@@ -24,7 +24,8 @@
 namespace cblr {
 namespace cpu {
 
-constexpr int64_t kBlock = 64;           // quotients per block between collections
+constexpr int64_t kBlock = 64;     // quotients per partial norm sum in the median passes
+constexpr int64_t kCollect = 512;  // quotients per collection: its counts' horizontal sums are costly
 constexpr int64_t kDirectLimit = 16384;  // layers up to this size select directly
 constexpr int64_t kSampleRuns = 256, kRunLength = 16;
 
@@ -142,16 +143,20 @@ Bracket<math_t<P>> make_bracket(const P* w, const P* g, int64_t n, math_t<P> wei
 // and appends the ones inside it at cand[counts.inside].
 template <typename T>
 inline void collect_block(const T* h, int64_t m, const Bracket<T>& b, T* cand, MedianCounts& counts) {
-  int64_t below = 0, valid = 0, nan = 0, inside = 0;
-  uint8_t in[kBlock];
+  // 32-bit counters (m ≤ kCollect) and an explicit simd loop: with int64 counters gcc
+  // left this loop scalar, the costliest part of the MCLR pass.
+  int32_t below = 0, valid = 0, nan = 0, inside = 0;
+  uint8_t in[kCollect];
   const T lo = b.lo, hi = b.hi;
+#pragma omp simd reduction(+ : below, valid, nan, inside)
   for (int64_t j = 0; j < m; ++j) {
-    T x = h[j];
+    const T x = h[j];
+    const int32_t is_in = (x >= lo) & (x <= hi);
     valid += x >= 0;
     below += (x >= 0) & (x < lo);
     nan += x != x;
-    in[j] = (x >= lo) & (x <= hi);
-    inside += in[j];
+    in[j] = uint8_t(is_in);
+    inside += is_in;
   }
   if (inside) {
     int64_t k = counts.inside;
