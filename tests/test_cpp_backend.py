@@ -289,6 +289,21 @@ def test_cblr_protocol_ops_are_exact():
     assert all(torch.equal(a, b) for a, b in zip(shifted, ws))
 
 
+
+def test_large_snapshot_and_restore_are_exact():
+    # Over 16 MiB in all: the copies use streaming stores, here into unaligned
+    # destinations (views starting 4 or 12 bytes into a buffer) with ragged tails.
+    from cblr_ext.backends import cpp
+    gen = torch.Generator().manual_seed(4)
+    ws = [torch.randn(n, generator=gen) for n in (3_000_001, 1_500_003, 17)]
+    saved = cpp.snapshot(ws)
+    assert all(torch.equal(a, b) for a, b in zip(saved, ws))
+    buffers = [torch.zeros(w.numel() + 3) for w in ws]
+    targets = [buf[1:1 + w.numel()] if i % 2 == 0 else buf[3:] for i, (buf, w) in enumerate(zip(buffers, ws))]
+    cpp.restore(targets, saved)
+    assert all(torch.equal(a, b) for a, b in zip(targets, ws))
+    assert all(buf[0] == 0 for buf in buffers)
+
 def test_bad_input_raises_before_anything_changes():
     base = torch.randn(8, 10)
     good = torch.nn.Parameter(torch.randn(6, 5))

@@ -1,14 +1,42 @@
 // CBLR closure protocol over all layers of a group: bit-exact copies (snapshot and
 // restore), the shift w ← w + s_{t−1}, and the secant norms.
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 #include "kernels.h"
 #include "parallel.h"
 
 namespace cblr {
 namespace cpu {
+
+namespace {
+
+// Calls copying more than this stream their stores: too large to be read back from
+// cache, and non-temporal stores skip reading the destination first (a ~25% faster copy).
+constexpr int64_t kStreamBytes = int64_t(16) << 20;
+
+void stream_copy(char* dst, const char* src, int64_t bytes) {
+#if defined(__SSE2__)
+  int64_t i = std::min<int64_t>(bytes, (16 - int64_t(reinterpret_cast<uintptr_t>(dst) % 16)) % 16);
+  std::memcpy(dst, src, size_t(i));
+  for (; i + 16 <= bytes; i += 16) {
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  }
+  std::memcpy(dst + i, src + i, size_t(bytes - i));
+  _mm_sfence();  // the stores are visible before the parallel region ends
+#else
+  std::memcpy(dst, src, size_t(bytes));
+#endif
+}
+
+}  // namespace
 
 void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& dst,
                  const std::vector<int64_t>& bytes, int threads) {
@@ -23,10 +51,16 @@ void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& 
     for (int64_t b = 0; b < bytes[i]; b += kPieceBytes) pieces.push_back({i, b, std::min(b + kPieceBytes, bytes[i])});
     total += bytes[i];
   }
+  const bool stream = total > kStreamBytes;
   parallel_items(int64_t(pieces.size()), threads, total / 4, [&](int64_t k) {
     const Piece& p = pieces[k];
-    std::memcpy(static_cast<char*>(dst[p.layer]) + p.begin, static_cast<const char*>(src[p.layer]) + p.begin,
-                size_t(p.end - p.begin));
+    char* to = static_cast<char*>(dst[p.layer]) + p.begin;
+    const char* from = static_cast<const char*>(src[p.layer]) + p.begin;
+    if (stream) {
+      stream_copy(to, from, p.end - p.begin);
+    } else {
+      std::memcpy(to, from, size_t(p.end - p.begin));
+    }
   });
 }
 
