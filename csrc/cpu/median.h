@@ -25,7 +25,7 @@ namespace cblr {
 namespace cpu {
 
 constexpr int64_t kBlock = 64;     // quotients per partial norm sum in the median passes
-constexpr int64_t kCollect = 512;  // quotients per collection: its counts' horizontal sums are costly
+constexpr int64_t kCollect = 256;  // quotients per collection: its counts' horizontal sums are costly
 constexpr int64_t kDirectLimit = 16384;  // layers up to this size select directly
 constexpr int64_t kSampleRuns = 256, kRunLength = 16;
 
