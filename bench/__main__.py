@@ -118,7 +118,8 @@ def main(argv=None) -> int:
     device = args.device
     budget = timing.QUICK if args.quick else timing.FULL
     compile_timeout = args.compile_timeout or (60.0 if device.type == "cpu" else 300.0)
-    suite_names = args.suite or (suites.QUICK_SUITES if args.quick else suites.DEFAULT_SUITES)
+    suite_names = args.suite or (suites.QUICK_SUITES if args.quick else
+                                 suites.GPU_SUITES if device.type == "cuda" else suites.DEFAULT_SUITES)
     chosen = [suites.get(name, small=args.small or args.quick or (
         device.type == "cpu" and not args.full and name != "resnet50")) for name in dict.fromkeys(suite_names)]
     dtypes = list(dict.fromkeys(args.dtype or ["fp32"] + (["bf16"] if native_bf16(device) and not args.quick else [])))

@@ -51,9 +51,10 @@ def _resnet50():
     return Suite("resnet50", "ResNet-50 (torchvision)", tuple(shapes))
 
 
-def _bert_base():
-    """HF BertModel bert-base-uncased: embeddings, 12 encoder layers, pooler.  199 tensors, 109.5 M."""
-    hidden, ffn, vocab, positions, layers = 768, 3072, 30522, 512, 12
+def _bert(name, hidden, ffn, layers):
+    """HF BertModel (uncased vocabulary): embeddings, ``layers`` encoder layers, pooler.
+    bert-base: 199 tensors, 109.5 M; bert-large: 391 tensors, 335.1 M."""
+    vocab, positions = 30522, 512
 
     def linear(name, n_out, n_in):
         return [(f"{name}.weight", (n_out, n_in)), (f"{name}.bias", (n_out,))]
@@ -72,7 +73,7 @@ def _bert_base():
         shapes += linear(f"{p}.intermediate.dense", ffn, hidden)
         shapes += linear(f"{p}.output.dense", hidden, ffn) + layer_norm(f"{p}.output.LayerNorm")
     shapes += linear("pooler.dense", hidden, hidden)
-    return Suite("bert-base", "BERT-base (HF BertModel)", tuple(shapes))
+    return Suite(name, f"{name} (HF BertModel)", tuple(shapes))
 
 
 def _gpt2_small():
@@ -105,9 +106,12 @@ def _tiny():
     return Suite("tiny", "5-tensor MLP (smoke test)", shapes)
 
 
-SUITES = {s.name: s for s in (_resnet50(), _bert_base(), _gpt2_small(), _many_tiny(), _tiny())}
-# What a full run measures ("tiny" is only for the smoke test).
+SUITES = {s.name: s for s in (_resnet50(), _bert("bert-base", 768, 3072, 12), _bert("bert-large", 1024, 4096, 24),
+                               _gpt2_small(), _many_tiny(), _tiny())}
+# What a full run measures ("tiny" is only for the smoke test; BERT-large, the
+# GPU bandwidth target's second model, joins on GPUs).
 DEFAULT_SUITES = ("resnet50", "bert-base", "gpt2-small", "many-tiny")
+GPU_SUITES = DEFAULT_SUITES + ("bert-large",)
 QUICK_SUITES = ("resnet50",)
 # --small divides the model suites' widths by this (~1/16 of the parameters).
 SMALL_DIVISOR = 4
@@ -117,4 +121,4 @@ def get(name: str, small: bool = False) -> Suite:
     if name not in SUITES:
         raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
     suite = SUITES[name]
-    return suite.scaled(SMALL_DIVISOR) if small and name in ("resnet50", "bert-base", "gpt2-small") else suite
+    return suite.scaled(SMALL_DIVISOR) if small and name in ("resnet50", "bert-base", "bert-large", "gpt2-small") else suite

@@ -433,7 +433,7 @@ def model_shapes(suite):
 
 
 @needs_gpu
-@pytest.mark.parametrize("suite", ["resnet50", "bert-base"])
+@pytest.mark.parametrize("suite", ["resnet50", "bert-large"])
 @pytest.mark.parametrize("rule", RULES)
 def test_gpu_parity_at_real_sizes(rule, suite):
     kwargs = dict(momentum=0.9, weight_decay=1e-4, lr=0.1)
