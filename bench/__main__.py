@@ -100,6 +100,11 @@ def git_revision() -> str | None:
         return None
 
 
+def cpp_kernel_isa():
+    from cblr_ext.backends import cpp
+    return cpp.kernel_isa()
+
+
 def _load_average():
     try:
         return os.getloadavg()[0]
@@ -135,6 +140,7 @@ def main(argv=None) -> int:
         "load_average_start": _load_average(),
         "quick": args.quick, "small": args.small or args.quick, "budget": vars(budget), "copy_bandwidth": copy,
         "backends_unavailable": unavailable,
+        "cpp_kernel_isa": cpp_kernel_isa() if device.type == "cpu" and "cpp" not in unavailable else None,
         "suites": {s.name: {"tensors": len(s), "numel": s.numel, "description": s.description} for s in chosen},
         "traffic_model": {f"{opt} {variant}".strip(): {"param_elements": t.param, "state_elements": t.state,
                                                         "counted": t.counted}

@@ -7,14 +7,14 @@ import importlib
 from pathlib import Path
 
 _CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("binding.cpp", "cpu/step.cpp", "cpu/protocol.cpp")
+SOURCES = ("binding.cpp", "cpu/dispatch.cpp", "cpu/isa_baseline.cpp", "cpu/isa_avx2.cpp", "cpu/isa_avx512.cpp")
 # -ffp-contract=off: no fused multiply-add, so MCLR quotients are bit-identical across backends.
 # -fno-trapping-math: lets gcc compute |d|/|w| for w = 0 lanes too and blend (vectorised
 # quotient loops); results are unchanged, only FP exception traps are assumed off.
+# No -march: the passes are compiled per instruction set and picked at run time
+# (csrc/cpu/dispatch.h), so one build runs on every x86-64 CPU at its best.
 CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
 LINK_FLAGS = ["-fopenmp"]
-# A JIT build runs where it is used, so it may tune for this CPU.
-JIT_CXX_FLAGS = CXX_FLAGS + ["-march=native"]
 JIT_NAME = "cblr_ext_cpu"
 
 _loaded = None
@@ -33,7 +33,7 @@ def jit_build(build_directory=None, verbose=False) -> str:
         raise RuntimeError(f"the cblr_ext ops are already loaded (from the {_loaded} build)")
     if not _CSRC.is_dir():
         raise ImportError(f"cblr_ext._C is not built and the C++ sources are missing ({_CSRC})")
-    cpp_extension.load(name=JIT_NAME, sources=source_paths(), extra_cflags=JIT_CXX_FLAGS,
+    cpp_extension.load(name=JIT_NAME, sources=source_paths(), extra_cflags=CXX_FLAGS,
                        extra_ldflags=LINK_FLAGS, build_directory=build_directory,
                        is_python_module=False, verbose=verbose)
     _loaded = "jit"

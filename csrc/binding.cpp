@@ -244,6 +244,8 @@ Tensor secant_norms(at::TensorList w_t, at::TensorList g_t, at::TensorList w_p, 
   return out;
 }
 
+std::string cpu_isa() { return cblr::cpu::kernel_isa(); }
+
 }  // namespace
 
 TORCH_LIBRARY(cblr_ext, m) {
@@ -260,6 +262,7 @@ TORCH_LIBRARY(cblr_ext, m) {
   m.def("shift(Tensor(a!)[] params, Tensor[] steps) -> ()");
   m.def("secant_norms(Tensor[] w_t, Tensor[] g_t, Tensor[] w_p, Tensor[] g_p, Tensor[] steps, "
         "float weight_decay) -> Tensor");
+  m.def("cpu_isa() -> str");
 }
 
 TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
@@ -270,6 +273,9 @@ TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
   m.impl("shift", &shift);
   m.impl("secant_norms", &secant_norms);
 }
+
+// No tensor arguments: registered for every dispatch key.
+TORCH_LIBRARY_IMPL(cblr_ext, CompositeExplicitAutograd, m) { m.impl("cpu_isa", &cpu_isa); }
 
 // An empty Python module, so that the setup.py build imports as ``cblr_ext._C``
 // (importing it registers the ops above).

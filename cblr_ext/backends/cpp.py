@@ -34,6 +34,12 @@ def available(device: torch.device):
     return True
 
 
+def kernel_isa() -> str:
+    """The instruction-set variant of the C++ passes in use: "baseline", "avx2" or "avx512"
+    (the widest this CPU runs, or the one named by the CBLR_EXT_CPU_ISA environment variable)."""
+    return _load().cpu_isa()
+
+
 def _lagged_valid(batch: LayerBatch) -> list:
     """Per layer: does state["lagged"] hold a stash from an earlier step (lag=1)?"""
     if not batch.hp["lag"]:

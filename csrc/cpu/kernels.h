@@ -1,6 +1,7 @@
 // Torch-free entry points of the CPU backend (csrc/binding.cpp wraps them as torch ops).
 // Each call handles all layers of one param group; work is split into (layer, chunk)
-// items run by `threads` OpenMP threads, with results independent of the thread count.
+// items run by `threads` OpenMP threads, with results independent of the thread count
+// (for one instruction-set variant: wider vectors sum in another order, dispatch.h).
 #pragma once
 
 #include <cstdint>
@@ -22,6 +23,9 @@ struct StepConfig {
   RatioParams ratio{};
   int threads = 1;
 };
+
+// The instruction-set variant of the passes in use: "baseline", "avx2" or "avx512".
+const char* kernel_isa();
 
 // Reduction columns (functional.RED_*) and statistics columns (functional.STAT_NAMES).
 enum { RED_W_NORM, RED_G_NORM, RED_KAPPA, RED_MEASURED, RED_NONFINITE, RED_COLUMNS };

@@ -11,18 +11,13 @@
 // the same cost: the exact selection is cheap enough that no histogram pass is needed.
 // Any NaN quotient makes the median NaN, as torch.median does.
 #pragma once
-
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
-#include <vector>
-
-#include "layers.h"
+#ifndef CBLR_ISA
+#error "included by the isa_*.cpp units only (they name the variant)"
+#endif
 
 namespace cblr {
 namespace cpu {
+namespace CBLR_ISA {
 
 constexpr int64_t kBlock = 64;     // quotients per partial norm sum in the median passes
 constexpr int64_t kCollect = 256;  // quotients per collection: its counts' horizontal sums are costly
@@ -202,5 +197,6 @@ T finish_median(const Bracket<T>& b, const MedianCounts& c,
   return select_lower_median(cand, all_quotients(cand));
 }
 
+}  // namespace CBLR_ISA
 }  // namespace cpu
 }  // namespace cblr

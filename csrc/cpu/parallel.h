@@ -1,14 +1,12 @@
 // The work-list runner and the grow-only scratch buffers shared by the CPU passes.
 #pragma once
-
-#include <cstdint>
-#include <memory>
-#include <type_traits>
-
-#include "layers.h"
+#ifndef CBLR_ISA
+#error "included by the isa_*.cpp units only (they name the variant)"
+#endif
 
 namespace cblr {
 namespace cpu {
+namespace CBLR_ISA {
 
 // Runs f(item) for item in [0, count) on up to `threads` threads, one item at a time
 // (dynamic: chunks of one layer and whole small layers mix well).  Calls with less
@@ -47,5 +45,6 @@ class Scratch {
   int64_t size_ = 0;
 };
 
+}  // namespace CBLR_ISA
 }  // namespace cpu
 }  // namespace cblr

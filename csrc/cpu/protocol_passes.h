@@ -1,20 +1,13 @@
 // CBLR closure protocol over all layers of a group: bit-exact copies (snapshot and
 // restore), the shift w ← w + s_{t−1}, and the secant norms.
-#include <algorithm>
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#pragma once
+#ifndef CBLR_ISA
+#error "included by the isa_*.cpp units only (they name the variant)"
 #endif
-
-#include "kernels.h"
-#include "parallel.h"
 
 namespace cblr {
 namespace cpu {
+namespace CBLR_ISA {
 
 namespace {
 
@@ -97,7 +90,7 @@ void secant_layers(const std::vector<SecantLayer>& layers, double weight_decay, 
       const T wd = T(weight_decay);
       const int64_t n = c.end - c.begin;
       double d2 = 0, s2 = 0;
-      for (int64_t b = 0; b < n; b += kSumBlock) {  // partial sums in the math type, as in step.cpp
+      for (int64_t b = 0; b < n; b += kSumBlock) {  // partial sums in the math type, as in step_passes.h
         const int64_t m = std::min(kSumBlock, n - b);
         T bd = 0, bs = 0;
 #pragma omp simd reduction(+ : bd, bs)
@@ -125,5 +118,6 @@ void secant_layers(const std::vector<SecantLayer>& layers, double weight_decay, 
   }
 }
 
+}  // namespace CBLR_ISA
 }  // namespace cpu
 }  // namespace cblr

@@ -1,17 +1,14 @@
 // The two passes of a step over all layers of a param group: reduce (pass 1) and
 // apply (ratio and update, pass 2), with the MCLR median riding along whichever
 // pass streams the inputs (median.h).
-#include <cmath>
-#include <mutex>
-#include <utility>
-#include <vector>
-
-#include "kernels.h"
-#include "median.h"
-#include "parallel.h"
+#pragma once
+#ifndef CBLR_ISA
+#error "included by the isa_*.cpp units only (they name the variant)"
+#endif
 
 namespace cblr {
 namespace cpu {
+namespace CBLR_ISA {
 namespace {
 
 std::mutex g_scratch_mutex;
@@ -156,7 +153,6 @@ float kappa_from_median(float median, const StepConfig& cfg) {
 }
 
 // ------------------------------------------------------------------------ pass 1
-
 
 // Adds Σx² and Σy² (x, y the math values of a and b) to sx and sy: partial sums in the
 // math type over short blocks (full-width vectors, several independent accumulators),
@@ -407,5 +403,6 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
   }
 }
 
+}  // namespace CBLR_ISA
 }  // namespace cpu
 }  // namespace cblr

@@ -1,0 +1,26 @@
+// The CPU passes are compiled once per instruction set (isa_*.cpp: the same code for
+// any CPU, for AVX2 and for AVX-512); dispatch.cpp runs the best variant this CPU
+// supports, chosen at first use (or the one named by CBLR_EXT_CPU_ISA).
+#pragma once
+
+#include "kernels.h"
+
+namespace cblr {
+namespace cpu {
+
+struct KernelTable {
+  const char* isa;
+  decltype(&cpu::reduce_layers) reduce;
+  decltype(&cpu::apply_layers) apply;
+  decltype(&cpu::copy_layers) copy;
+  decltype(&cpu::shift_layers) shift;
+  decltype(&cpu::secant_layers) secant;
+};
+
+// Null where the variant is not compiled in (not x86-64, or not GCC).
+const KernelTable* baseline_kernels();
+const KernelTable* avx2_kernels();
+const KernelTable* avx512_kernels();
+
+}  // namespace cpu
+}  // namespace cblr
