@@ -47,9 +47,9 @@ TRAFFIC = {
     ("MCLR", "exact,lag=1"): Traffic(4, 4, "non-finite check: read g; " + UPDATE + "; write + read quotients"),
     ("MCLR", "approx,lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (histogram on the fly)"),
     ("CBLR", "reuse"): Traffic(5, 2, "norms pass: read w, g; " + UPDATE + " (closure's grad write not counted)"),
-    ("CBLR", "re-measure"): Traffic(15, 4, "snapshot w: 2; shift: read w, s, write w; secant: read w, g, "
-                                    "w+s, g(w+s), s; restore w: 2 (g is set aside, not copied); norms pass + " + UPDATE
-                                    + " (closures' grad writes not counted)"),
+    ("CBLR", "re-measure"): Traffic(10, 4, "shift: read w, s, write the copy of w and w + s; pass 1: read "
+                                    "the copy, g, g(w+s), s, write w (restore; norms and secant on the way); "
+                                    + UPDATE + " (g is set aside, not copied; closures' grad writes not counted)"),
 }
 
 # The cblr_ext variants: (optimizer, variant) -> constructor keywords.

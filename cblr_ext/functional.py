@@ -3,8 +3,10 @@ backend passes over it.
 
 A step is ``reduce`` (pass 1: per-layer norms, measurement, non-finite flag)
 over every group, one step-wide non-finite decision, then ``apply`` (ratio and
-update, pass 2) over every group.  Backends implement the two passes (and the
-CBLR closure-protocol ops); everything here is backend-independent.
+update, pass 2) over every group.  Backends implement the two passes and the
+CBLR protocol's ``shift`` and ``restore``; on a CBLR re-measure step ``reduce``
+also finishes the probe (``LayerBatch.probe``): it measures the secant and
+restores the shifted parameters.  Everything here is backend-independent.
 """
 from __future__ import annotations
 
@@ -28,6 +30,16 @@ STAT_COLUMNS = len(STAT_NAMES)
 
 
 @dataclass
+class Probe:
+    """CBLR's probe of one group, per layer: ``saved`` holds w_t where the parameter
+    now sits at w_t + s_{t−1} (None where it was not shifted), ``grads`` the
+    gradient there where the layer measures (None elsewhere)."""
+
+    saved: list
+    grads: list
+
+
+@dataclass
 class LayerBatch:
     """The layers of one param group that have a gradient, with their state.
 
@@ -42,8 +54,8 @@ class LayerBatch:
     states: list
     adapt: list
     hp: dict
-    # CBLR only: [L, 2] (‖d(w) − d(w+s)‖, ‖s‖) with NaN rows for layers not probed this step.
-    secant: Optional[Tensor] = None
+    # CBLR re-measure steps: the probe that ``reduce`` finishes.
+    probe: Optional[Probe] = None
     names: list = field(default_factory=list)
 
     def __len__(self):
@@ -94,3 +106,22 @@ def times_lr(x: Tensor, lr) -> Tensor:
     """x·γ in fp32: a float γ stays a kernel scalar (no host-to-device copy per
     step); a tensor γ is moved to x's device and never read on the host."""
     return x * lr_value(lr, x.device) if isinstance(lr, Tensor) else x * float(lr)
+
+
+def finish_probe(batch: LayerBatch, secant_norms, restore) -> Tensor:
+    """[L, 2] (‖d(w_t) − d(w_t + s)‖, ‖s‖), NaN rows where the layer does not measure,
+    and every shifted parameter restored to w_t: the start of ``reduce`` for backends
+    that do not fuse it, from their ``secant_norms`` and ``restore``."""
+    secant = torch.full((len(batch), 2), float("nan"), dtype=torch.float32, device=batch.device)
+    probe = batch.probe
+    if probe is None:
+        return secant
+    measured = [i for i, g in enumerate(probe.grads) if g is not None]
+    if measured:
+        secant[measured] = secant_norms(
+            [probe.saved[i] for i in measured], [batch.grads[i] for i in measured],
+            [batch.params[i] for i in measured], [probe.grads[i] for i in measured],
+            [prev_step(batch, i) for i in measured], batch.hp["weight_decay"])
+    shifted = [i for i, w in enumerate(probe.saved) if w is not None]
+    restore([batch.params[i] for i in shifted], [probe.saved[i] for i in shifted])
+    return secant

@@ -14,7 +14,7 @@ _build.load()
 
 
 @torch.library.register_fake("cblr_ext::reduce")
-def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, secant, weight_decay, eps,
+def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, saved, probe_grads, steps, weight_decay, eps,
                  curvature_interval, lag, approx_median):
     return params[0].new_empty((len(params), REDUCTION_COLUMNS), dtype=torch.float32)
 
@@ -27,21 +27,11 @@ def _apply_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages,
     return params[0].new_empty((len(params), STAT_COLUMNS), dtype=torch.float32)
 
 
-@torch.library.register_fake("cblr_ext::snapshot")
-def _snapshot_fake(tensors):
-    return [torch.empty_like(t) for t in tensors]
-
-
 @torch.library.register_fake("cblr_ext::restore")
 def _restore_fake(dst, src):
     return None
 
 
 @torch.library.register_fake("cblr_ext::shift")
-def _shift_fake(params, steps):
+def _shift_fake(params, steps, saved):
     return None
-
-
-@torch.library.register_fake("cblr_ext::secant_norms")
-def _secant_norms_fake(w_t, g_t, w_p, g_p, steps, weight_decay):
-    return w_t[0].new_empty((len(w_t), 2), dtype=torch.float32)

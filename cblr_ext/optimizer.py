@@ -7,7 +7,7 @@ from torch.optim import Optimizer
 
 from . import backends
 from . import layer_math as lm
-from .functional import (LayerBatch, RED_NONFINITE, STAT_NAMES, init_layer_state, prev_step)
+from .functional import (LayerBatch, Probe, RED_NONFINITE, STAT_NAMES, init_layer_state, prev_step)
 from .hyperparams import RULE_DEFAULTS, validate_group
 
 
@@ -48,7 +48,9 @@ class LayerwiseOptimizer(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self._skipped_steps = 0
         self._stats = []
-        self._probe_grads = {}  # CBLR: .grad buffers of the probe closure, reused
+        # CBLR: .grad buffers of the probe closure and copies of w_t, reused every probe.
+        self._probe_grads = {}
+        self._probe_saved = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -67,6 +69,7 @@ class LayerwiseOptimizer(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("_stats", [])
         self.__dict__.setdefault("_probe_grads", {})
+        self.__dict__.setdefault("_probe_saved", {})
 
     # ----------------------------------------------------------------- step
 
@@ -120,7 +123,15 @@ class LayerwiseOptimizer(Optimizer):
     def _run(self, batches):
         """Pass 1 over every group, one step-wide skip decision, pass 2 over every group."""
         work = [(b, self._backend(b)) for b in batches]
-        reductions = [backend.reduce(b) for b, backend in work]
+        reductions = []
+        try:
+            for b, backend in work:
+                reductions.append(backend.reduce(b))
+        except BaseException:
+            # A pass 1 that failed, and the ones after it, leave CBLR probes shifted.
+            for b, backend in work[len(reductions):]:
+                self._restore_probe(b, backend)
+            raise
         if not work:
             return
         device = batches[0].device
@@ -136,14 +147,13 @@ class LayerwiseOptimizer(Optimizer):
 
     def _cblr_step(self, closure):
         """CBLR: gradient at w_t, and on a re-measure step a second gradient on the same
-        batch at w_t + s_{t−1}; then parameters and .grad are restored bit-exactly."""
+        batch at w_t + s_{t−1}; pass 1 then measures the secant and restores w_t
+        bit-exactly (.grad is restored right after the probe closure)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         batches = self._batches()
-        for b in batches:
-            b.secant = torch.full((len(b), 2), float("nan"), dtype=torch.float32, device=b.device)
         probes = [self._probe_mask(b) for b in batches]
         if any(any(mask) for mask in probes):
             if closure is None:
@@ -153,7 +163,7 @@ class LayerwiseOptimizer(Optimizer):
                     "Nothing was modified.")
             # A non-finite g_t is found by pass 1 (no extra pass here); the step is
             # then skipped, probe or not.
-            self._measure_secants(batches, probes, closure)
+            self._probe(batches, probes, closure)
         self._run(batches)
         return loss
 
@@ -165,43 +175,60 @@ class LayerwiseOptimizer(Optimizer):
         due = lm.measurement_due(ages, batch.hp["curvature_interval"]).tolist()
         return [batch.adapt[i] and due[i] and prev_step(batch, i) is not None for i in range(len(batch))]
 
-    def _measure_secants(self, batches, probes, closure):
-        """Probe at w_t + s_{t−1}.  The g_t tensors are set aside (not copied) while the
-        closure runs, with a spare buffer per parameter in ``.grad``, so a closure that
-        zeroes in place (``zero_grad(set_to_none=False)``) keeps fixed addresses.  w_t is
-        restored from a copy, also when the closure raises."""
+    @staticmethod
+    def _reused(buffers, p, like, make):
+        """``buffers[p]``, made by ``make(like)`` when missing or no longer like ``like``
+        (reused: fixed addresses, and no fresh pages to fault in every probe)."""
+        buffer = buffers.get(p)
+        if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype, buffer.device) != (
+                like.shape, like.stride(), like.dtype, like.device):
+            buffer = buffers[p] = make(like)
+        return buffer
+
+    def _probe(self, batches, probes, closure):
+        """Shift every layer with a previous step to w_t + s_{t−1} (keeping w_t) and run
+        the closure there.  The g_t tensors are set aside (not copied) meanwhile, with a
+        spare buffer per parameter in ``.grad``, so a closure that zeroes in place
+        (``zero_grad(set_to_none=False)``) keeps fixed addresses.  Sets ``b.probe``; the
+        parameters stay shifted until pass 1 restores them (here, when anything fails)."""
         work = []
         for b in batches:
-            backend = self._backend(b)
             shifted = [i for i in range(len(b)) if prev_step(b, i) is not None]
-            params = [b.params[i] for i in shifted]
-            work.append((b, backend, shifted, params, backend.snapshot(params)))
+            saved = [None] * len(b)
+            for i in shifted:
+                saved[i] = self._reused(self._probe_saved, b.params[i], b.params[i], torch.empty_like)
+            work.append((b, shifted, saved))
         try:
-            for b, backend, shifted, params, _ in work:
+            for b, shifted, saved in work:
                 for p in b.params:
-                    spare = self._probe_grads.get(p)
-                    p.grad = spare if spare is not None else torch.zeros_like(p.grad)
-                backend.shift(params, [prev_step(b, i) for i in shifted])
+                    p.grad = self._reused(self._probe_grads, p, p.grad, torch.zeros_like)
+                self._backend(b).shift([b.params[i] for i in shifted], [prev_step(b, i) for i in shifted],
+                                       [saved[i] for i in shifted])
+                b.probe = Probe(saved=saved, grads=[None] * len(b))  # shifted: restore on failure
             with torch.enable_grad():
                 closure()
-            for (b, backend, shifted, params, saved_w), probe in zip(work, probes):
-                measured = [j for j, i in enumerate(shifted) if probe[i]]
-                probe_grads = [params[j].grad for j in measured]
-                if any(g is None for g in probe_grads):
+            for (b, _, _), probe in zip(work, probes):
+                grads = [p.grad if probe[i] else None for i, p in enumerate(b.params)]
+                if any(probe[i] and g is None for i, g in enumerate(grads)):
                     raise RuntimeError("CBLR: the closure left a measured parameter without .grad")
-                if measured:
-                    rows = backend.secant_norms(
-                        [saved_w[j] for j in measured], [b.grads[shifted[j]] for j in measured],
-                        [params[j] for j in measured], probe_grads,
-                        [prev_step(b, shifted[j]) for j in measured], b.hp["weight_decay"])
-                    b.secant[[shifted[j] for j in measured]] = rows
+                b.probe.grads = grads
+        except BaseException:
+            for b, _, _ in work:
+                self._restore_probe(b, self._backend(b))
+            raise
         finally:
-            for b, backend, _, params, saved_w in work:
-                backend.restore(params, saved_w)
+            for b, _, _ in work:
                 for p, g in zip(b.params, b.grads):
-                    if p.grad is not None:
+                    if p.grad is not None and p.grad is not g:
                         self._probe_grads[p] = p.grad
                     p.grad = g
+
+    @staticmethod
+    def _restore_probe(batch, backend):
+        if batch.probe is not None:
+            shifted = [i for i, w in enumerate(batch.probe.saved) if w is not None]
+            backend.restore([batch.params[i] for i in shifted], [batch.probe.saved[i] for i in shifted])
+            batch.probe = None
 
     # ---------------------------------------------------------- inspection
 

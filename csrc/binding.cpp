@@ -84,22 +84,33 @@ cblr::cpu::StepConfig step_config(const std::string& rule, double weight_decay, 
   return cfg;
 }
 
+using OptionalTensors = c10::List<std::optional<Tensor>>;
+
+// Entry i of an optional per-layer list (empty list: none), checked like a companion;
+// false where there is none.
+bool optional_companion(const OptionalTensors& list, size_t i, const Tensor& param, at::ScalarType dtype,
+                        const char* what, const void*& data) {
+  if (list.empty()) return false;
+  const std::optional<Tensor> t = list.get(i);
+  if (!t.has_value()) return false;
+  check_companion(param, *t, dtype, what, i);
+  data = t->data_ptr();
+  return true;
+}
+
 Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages,
-              c10::List<bool> adapt, c10::List<bool> lagged_valid, const std::optional<Tensor>& secant,
-              double weight_decay, double eps, int64_t curvature_interval, bool lag, bool approx_median) {
+              c10::List<bool> adapt, c10::List<bool> lagged_valid, const OptionalTensors& saved,
+              const OptionalTensors& probe_grads, const OptionalTensors& steps, double weight_decay, double eps,
+              int64_t curvature_interval, bool lag, bool approx_median) {
   const size_t count = params.size();
   check_count(grads.size(), count, "gradients", false);
   check_count(ages.size(), count, "ages", false);
   check_count(adapt.size(), count, "adapt flags", false);
   check_count(lagged_valid.size(), count, "lag flags", false);
+  check_count(saved.size(), count, "saved parameters", true);
+  check_count(probe_grads.size(), count, "probe gradients", true);
+  check_count(steps.size(), count, "steps", true);
   cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
-  Tensor secant_rows;
-  if (cfg.rule == cblr::RULE_CBLR) {
-    TORCH_CHECK(secant.has_value(), "cblr_ext cpp backend: CBLR's reduce needs the secant norms");
-    secant_rows = secant->to(at::kFloat).contiguous();
-    TORCH_CHECK(secant_rows.dim() == 2 && secant_rows.size(0) == int64_t(count) && secant_rows.size(1) == 2,
-                "cblr_ext cpp backend: secant must be [layers, 2]");
-  }
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
     check_param(params[i], i);
@@ -113,10 +124,15 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
     l.age = ages[i].data_ptr<float>();
     l.adapt = adapt.get(i);
     l.lagged_valid = lagged_valid.get(i);
+    l.shifted = optional_companion(saved, i, params[i], params[i].scalar_type(), "saved parameter", l.saved);
+    l.measures = optional_companion(probe_grads, i, params[i], params[i].scalar_type(), "probe gradient", l.probe_g);
+    const bool has_step = optional_companion(steps, i, params[i], state_dtype(params[i]), "step", l.step);
+    TORCH_CHECK(!l.measures || (l.shifted && has_step), "cblr_ext cpp backend: layer ", i,
+                " has a probe gradient but no saved parameter or step");
+    TORCH_CHECK(!l.shifted || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
   }
   Tensor red = at::empty({int64_t(count), cblr::cpu::RED_COLUMNS}, at::kFloat);
-  cblr::cpu::reduce_layers(cfg, layers, secant_rows.defined() ? secant_rows.data_ptr<float>() : nullptr,
-                           red.data_ptr<float>());
+  cblr::cpu::reduce_layers(cfg, layers, red.data_ptr<float>());
   return red;
 }
 
@@ -179,22 +195,6 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
   return stats;
 }
 
-std::vector<Tensor> snapshot(at::TensorList tensors) {
-  std::vector<Tensor> copies;
-  std::vector<const void*> src;
-  std::vector<void*> dst;
-  std::vector<int64_t> bytes;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    check_param(tensors[i], i);
-    copies.push_back(at::empty_like(tensors[i]));  // keeps the (dense) layout
-    src.push_back(tensors[i].data_ptr());
-    dst.push_back(copies.back().data_ptr());
-    bytes.push_back(tensors[i].numel() * tensors[i].element_size());
-  }
-  cblr::cpu::copy_layers(src, dst, bytes, at::get_num_threads());
-  return copies;
-}
-
 void restore(at::TensorList dst, at::TensorList src) {
   check_count(src.size(), dst.size(), "sources", false);
   std::vector<const void*> from;
@@ -210,38 +210,18 @@ void restore(at::TensorList dst, at::TensorList src) {
   cblr::cpu::copy_layers(from, to, bytes, at::get_num_threads());
 }
 
-void shift(at::TensorList params, at::TensorList steps) {
+void shift(at::TensorList params, at::TensorList steps, at::TensorList saved) {
   check_count(steps.size(), params.size(), "steps", false);
+  check_count(saved.size(), params.size(), "save buffers", false);
   std::vector<cblr::cpu::ShiftLayer> layers;
   for (size_t i = 0; i < params.size(); ++i) {
     check_param(params[i], i);
     check_companion(params[i], steps[i], state_dtype(params[i]), "step", i);
-    layers.push_back({dtype_of(params[i]), params[i].numel(), params[i].data_ptr(), steps[i].data_ptr()});
+    check_companion(params[i], saved[i], params[i].scalar_type(), "save buffer", i);
+    layers.push_back({dtype_of(params[i]), params[i].numel(), params[i].data_ptr(), steps[i].data_ptr(),
+                      saved[i].data_ptr()});
   }
   cblr::cpu::shift_layers(layers, at::get_num_threads());
-}
-
-Tensor secant_norms(at::TensorList w_t, at::TensorList g_t, at::TensorList w_p, at::TensorList g_p,
-                    at::TensorList steps, double weight_decay) {
-  const size_t count = w_t.size();
-  check_count(g_t.size(), count, "gradients g_t", false);
-  check_count(w_p.size(), count, "probe parameters", false);
-  check_count(g_p.size(), count, "probe gradients", false);
-  check_count(steps.size(), count, "steps", false);
-  std::vector<cblr::cpu::SecantLayer> layers;
-  for (size_t i = 0; i < count; ++i) {
-    check_param(w_t[i], i);
-    const at::ScalarType dtype = w_t[i].scalar_type();
-    check_companion(w_t[i], g_t[i], dtype, "gradient g_t", i);
-    check_companion(w_t[i], w_p[i], dtype, "probe parameter", i);
-    check_companion(w_t[i], g_p[i], dtype, "probe gradient", i);
-    check_companion(w_t[i], steps[i], state_dtype(w_t[i]), "step", i);
-    layers.push_back({dtype_of(w_t[i]), w_t[i].numel(), w_t[i].data_ptr(), g_t[i].data_ptr(), w_p[i].data_ptr(),
-                      g_p[i].data_ptr(), steps[i].data_ptr()});
-  }
-  Tensor out = at::empty({int64_t(count), 2}, at::kFloat);
-  cblr::cpu::secant_layers(layers, weight_decay, at::get_num_threads(), out.data_ptr<float>());
-  return out;
 }
 
 std::string cpu_isa() { return cblr::cpu::kernel_isa(); }
@@ -249,29 +229,25 @@ std::string cpu_isa() { return cblr::cpu::kernel_isa(); }
 }  // namespace
 
 TORCH_LIBRARY(cblr_ext, m) {
-  m.def("reduce(str rule, Tensor[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, bool[] lagged_valid, "
-        "Tensor? secant, float weight_decay, float eps, int curvature_interval, bool lag, bool approx_median) "
-        "-> Tensor");
+  // reduce writes the parameters only where a CBLR probe is restored (saved).
+  m.def("reduce(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, bool[] lagged_valid, "
+        "Tensor?[] saved, Tensor?[] probe_grads, Tensor?[] steps, float weight_decay, float eps, "
+        "int curvature_interval, bool lag, bool approx_median) -> Tensor");
   m.def("apply(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, bool[] adapt, "
         "bool[] lagged_valid, Tensor red, Tensor found_inf, Tensor lr, float momentum, bool nesterov, "
         "float weight_decay, float eps, float trust_coefficient, float curvature_ema, float? max_ratio, "
         "float fallback_trust, int curvature_interval, bool lag, bool approx_median) -> Tensor");
-  m.def("snapshot(Tensor[] tensors) -> Tensor[]");
   m.def("restore(Tensor(a!)[] dst, Tensor[] src) -> ()");
-  m.def("shift(Tensor(a!)[] params, Tensor[] steps) -> ()");
-  m.def("secant_norms(Tensor[] w_t, Tensor[] g_t, Tensor[] w_p, Tensor[] g_p, Tensor[] steps, "
-        "float weight_decay) -> Tensor");
+  m.def("shift(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved) -> ()");
   m.def("cpu_isa() -> str");
 }
 
 TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
   m.impl("reduce", &reduce);
   m.impl("apply", &apply);
-  m.impl("snapshot", &snapshot);
   m.impl("restore", &restore);
   m.impl("shift", &shift);
-  m.impl("secant_norms", &secant_norms);
 }
 
 // No tensor arguments: registered for every dispatch key.

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cblr_ext import CBLR
+from cblr_ext.backends import reference
 
 
 def setup(curvature_interval, momentum=0.9, nesterov=False):
@@ -35,11 +36,13 @@ def test_closure_calls_per_step(k, expected):
 
 
 @pytest.mark.parametrize("momentum,nesterov", [(0.0, False), (0.9, False), (0.9, True)])
-def test_parameters_and_grads_restored_bit_exactly(momentum, nesterov):
+def test_parameters_and_grads_restored_bit_exactly(momentum, nesterov, monkeypatch):
     model, opt, closure, seen = setup(1, momentum, nesterov)
     opt.step(closure)
     params = list(model.parameters())
     w_t = [p.detach().clone() for p in params]
+    state = [opt.state[p] for p in params]
+    seen_steps = [(st["prev_step"] if "prev_step" in st else st["momentum_buffer"]).clone() for st in state]
 
     # What step 2 must see: .grad at w_t, then the update from there.
     expected_grads = None
@@ -51,18 +54,19 @@ def test_parameters_and_grads_restored_bit_exactly(momentum, nesterov):
             expected_grads = [p.grad.clone() for p in params]
         return loss
 
+    # Pass 1 restores w_t (backends fuse it with the secant): capture what the update sees.
     captured = {}
-    original_run = opt._run
+    original_apply = reference.apply
 
-    def run_and_capture(batches):
+    def apply_and_capture(batch, red, found_inf):
         captured["params"] = [p.detach().clone() for p in params]
         captured["grads"] = [p.grad.clone() for p in params]
-        original_run(batches)
-    opt._run = run_and_capture
+        return original_apply(batch, red, found_inf)
+    monkeypatch.setattr(reference, "apply", apply_and_capture)
     opt.step(recording_closure)
     assert len(seen) == 3
     # the probe ran at w_t + s, yet before the update the parameters are w_t again, bit for bit
-    assert any(not torch.equal(a, b) for a, b in zip(seen[2], w_t))
+    assert all(torch.equal(a, b + s) for a, b, s in zip(seen[2], w_t, seen_steps))
     for a, b in zip(captured["params"], w_t):
         assert torch.equal(a, b)
     for a, b in zip(captured["grads"], expected_grads):
@@ -112,3 +116,37 @@ def test_a_closure_that_raises_during_the_probe_leaves_w_and_grad_as_they_were()
         opt.step(failing_probe)
     for p, w, g in zip(model.parameters(), w_t, g_t):
         assert torch.equal(p, w) and torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_pass_1_that_fails_after_the_probe_leaves_w_as_it_was(backend, monkeypatch):
+    """Pass 1 restores w_t; when it raises for one group, that group and the ones after
+    it are restored by the optimizer, bit for bit."""
+    from cblr_ext import backends
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 2))
+    x, y = torch.randn(16, 5), torch.randn(16, 2)
+    opt = CBLR([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1, momentum=0.9,
+               backend=backend)
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    w_t = [p.detach().clone() for p in model.parameters()]
+    module = backends.get(backend, torch.device("cpu"))
+    real_reduce, calls = module.reduce, []
+
+    def reduce_then_fail(batch):
+        calls.append(batch.probe is not None)
+        if len(calls) == 2:
+            raise RuntimeError("pass 1 failed")
+        return real_reduce(batch)
+    monkeypatch.setattr(module, "reduce", reduce_then_fail)
+    with pytest.raises(RuntimeError, match="pass 1 failed"):
+        opt.step(closure)
+    assert calls == [True, True]  # both groups were probed (shifted)
+    for p, w in zip(model.parameters(), w_t):
+        assert torch.equal(p, w)

@@ -135,7 +135,7 @@ def cpp_ops():
 
 def cpp_median(w, g, weight_decay=0.0, approx=False):
     """κ with ε = 0, i.e. the median itself (NaN where undefined), from the cpp reduce."""
-    red = cpp_ops().reduce("mclr", [w], [g], [torch.tensor(math.inf)], [True], [False], None,
+    red = cpp_ops().reduce("mclr", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], [],
                            weight_decay, 0.0, 1, False, approx)
     return red[0, 2]
 
@@ -269,40 +269,57 @@ def test_result_independent_of_thread_count():
         assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(results[0], other))
 
 
-def test_cblr_protocol_ops_are_exact():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_cblr_shift_and_probe_pass_are_exact(dtype):
+    """shift keeps w_t and moves to w_t + s like the reference; pass 1 then restores w_t bit
+    for bit and measures the secant (w_t + s recomputed, not read) like the reference's
+    secant_norms, with ‖w‖ and ‖g‖ of w_t and g_t."""
     from cblr_ext.backends import cpp, reference
     gen = torch.Generator().manual_seed(3)
-    ws = [torch.randn(s, generator=gen) for s in SHAPES]
-    gs = [torch.randn(s, generator=gen) for s in SHAPES]
-    steps = [torch.randn(s, generator=gen) * 1e-2 for s in SHAPES]
-    saved = cpp.snapshot(ws)
-    assert all(torch.equal(a, b) and (a.numel() == 0 or a.data_ptr() != b.data_ptr()) for a, b in zip(saved, ws))
-    shifted, expected = [w.clone() for w in ws], [w.clone() for w in ws]
-    cpp.shift(shifted, steps)
-    reference.shift(expected, steps)
+    ws = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    gs = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
+    state = torch.float64 if dtype == torch.float64 else torch.float32
+    steps = [(torch.randn(s, generator=gen) * 1e-2).to(state) for s in SHAPES]
+    saved = [torch.full_like(w, 5.0) for w in ws]
+    shifted, expected, expected_saved = [w.clone() for w in ws], [w.clone() for w in ws], [torch.empty_like(w) for w in ws]
+    cpp.shift(shifted, steps, saved)
+    reference.shift(expected, steps, expected_saved)
+    assert all(torch.equal(a, b) for a, b in zip(saved, ws))
     assert all(torch.equal(a, b) for a, b in zip(shifted, expected))
-    probe_g = [g + 0.5 * s for g, s in zip(gs, steps)]
-    got = cpp.secant_norms(ws, gs, shifted, probe_g, steps, 1e-3)
-    want = reference.secant_norms(ws, gs, shifted, probe_g, steps, 1e-3)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=0)
-    cpp.restore(shifted, saved)
+    probe_g = [(g.to(state) + 0.5 * s).to(dtype) for g, s in zip(gs, steps)]
+    measured = [i for i in range(len(SHAPES)) if i % 3 != 1]  # the others are only restored
+    want = reference.secant_norms([ws[i] for i in measured], [gs[i] for i in measured],
+                                  [shifted[i] for i in measured], [probe_g[i] for i in measured],
+                                  [steps[i] for i in measured], 1e-3)
+    red = cpp_ops().reduce("cblr", shifted, gs, [torch.tensor(math.inf)] * len(ws), [True] * len(ws),
+                           [False] * len(ws), saved, [probe_g[i] if i in measured else None for i in range(len(ws))],
+                           [steps[i] if i in measured else None for i in range(len(ws))], 1e-3, 0.0, 1, False, False)
     assert all(torch.equal(a, b) for a, b in zip(shifted, ws))
+    # κ = (‖Δd‖ + 0) / ‖s‖ with ε = 0; NaN (not measured) elsewhere
+    kappa = torch.where(want[:, 0] > 0, want[:, 0] / want[:, 1], math.nan)
+    torch.testing.assert_close(red[measured, 2], kappa, rtol=2e-5 if dtype != torch.float64 else 1e-6, atol=0,
+                               equal_nan=True)
+    assert red[[i for i in range(len(ws)) if i not in measured], 2].isnan().all()
+    assert torch.equal(red[:, 3], torch.tensor([1.0 if i in measured else 0.0 for i in range(len(ws))]))
+    norms = torch.stack([torch.stack([torch.linalg.vector_norm(w.to(state)), torch.linalg.vector_norm(g.to(state))])
+                         for w, g in zip(ws, gs)]).float()
+    torch.testing.assert_close(red[:, :2], norms, rtol=1e-5, atol=0)
 
 
 
-def test_large_snapshot_and_restore_are_exact():
+def test_large_restore_is_exact():
     # Over 16 MiB in all: the copies use streaming stores, here into unaligned
     # destinations (views starting 4 or 12 bytes into a buffer) with ragged tails.
     from cblr_ext.backends import cpp
     gen = torch.Generator().manual_seed(4)
-    ws = [torch.randn(n, generator=gen) for n in (3_000_001, 1_500_003, 17)]
-    saved = cpp.snapshot(ws)
-    assert all(torch.equal(a, b) for a, b in zip(saved, ws))
+    saved = [torch.randn(n, generator=gen) for n in (3_000_001, 1_500_003, 17)]
+    ws = [t.clone() for t in saved]
     buffers = [torch.zeros(w.numel() + 3) for w in ws]
     targets = [buf[1:1 + w.numel()] if i % 2 == 0 else buf[3:] for i, (buf, w) in enumerate(zip(buffers, ws))]
     cpp.restore(targets, saved)
     assert all(torch.equal(a, b) for a, b in zip(targets, ws))
     assert all(buf[0] == 0 for buf in buffers)
+
 
 def test_bad_input_raises_before_anything_changes():
     base = torch.randn(8, 10)
@@ -322,21 +339,31 @@ def test_fake_implementations_trace_shapes():
         ws = [torch.empty(4, 3), torch.empty(7)]
         gs = [torch.empty(4, 3), torch.empty(7)]
         ages = [torch.empty(()), torch.empty(())]
-        red = ops.reduce("lars", ws, gs, ages, [True, False], [False, False], None, 0.0, 1e-8, 1, False, False)
+        red = ops.reduce("lars", ws, gs, ages, [True, False], [False, False], [], [], [], 0.0, 1e-8, 1, False, False)
         assert red.shape == (2, 5) and red.dtype == torch.float32
         stats = ops.apply("lars", ws, gs, [], [], [torch.empty(()), torch.empty(())], ages, [], [True, False],
                           [False, False], red, torch.empty((), dtype=torch.bool), torch.empty(()), 0.0, False, 0.0,
                           1e-8, 1e-3, 0.0, None, 1e-3, 1, False, False)
         assert stats.shape == (2, 7)
-        assert [t.shape for t in ops.snapshot(ws)] == [(4, 3), (7,)]
-        assert ops.secant_norms(ws, gs, ws, gs, ws, 0.0).shape == (2, 2)
+        ops.shift(ws, gs, [torch.empty_like(w) for w in ws])
+        red = ops.reduce("cblr", ws, gs, ages, [True, False], [False, False], [gs[0], None], [gs[0], None],
+                         [ws[0], None], 0.0, 1e-8, 1, False, False)
+        assert red.shape == (2, 5)
 
 
-def test_opcheck_secant_norms_and_snapshot():
+def test_opcheck_shift_and_probe_reduce():
+    # Every layer measures: opcheck compares outputs without equal_nan, and a layer that
+    # does not measure has κ = NaN (that path is compiled in test_torch_compile_traces_the_ops).
     gen = torch.Generator().manual_seed(0)
-    ts = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
-    torch.library.opcheck(cpp_ops().snapshot, (ts,))
-    torch.library.opcheck(cpp_ops().secant_norms, (ts, ts, [t + 1 for t in ts], ts, ts, 0.1))
+
+    def tensors():
+        return [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
+
+    ws, gs, saved, probe, steps = tensors(), tensors(), tensors(), tensors(), tensors()
+    torch.library.opcheck(cpp_ops().shift, (ws, steps, [torch.empty_like(t) for t in ws]))
+    ages = [torch.tensor(math.inf), torch.tensor(math.inf)]
+    torch.library.opcheck(cpp_ops().reduce, ("cblr", ws, gs, ages, [True, True], [False, False], saved, probe, steps,
+                                             0.1, 1e-8, 1, False, False))
 
 
 def test_jit_build_from_clean_sources(tmp_path):
@@ -379,27 +406,31 @@ def test_torch_compile_traces_the_ops():
     """fullgraph compile through a mutating op (shift, functionalised) and a reduction."""
     ops = cpp_ops()
 
-    def shift_and_measure(ws, steps):
-        ops.shift(ws, steps)
-        return ops.secant_norms(ws, ws, ws, ws, steps, 0.1)
+    def shift_and_measure(ws, steps, saved):
+        ops.shift(ws, steps, saved)
+        ages = [torch.full((), math.inf) for _ in ws]
+        probe = [ws[0] * 2, None]  # the second layer is restored only
+        return ops.reduce("cblr", ws, steps, ages, [True] * len(ws), [False] * len(ws), saved, probe,
+                          [steps[0], None], 0.1, 1e-8, 1, False, False)
 
     gen = torch.Generator().manual_seed(4)
     steps = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
     compiled_ws = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
     eager_ws = [w.clone() for w in compiled_ws]
-    got = torch.compile(shift_and_measure, fullgraph=True)(compiled_ws, steps)
-    want = shift_and_measure(eager_ws, steps)
-    assert torch.equal(got, want)
+    got = torch.compile(shift_and_measure, fullgraph=True)(compiled_ws, steps, [torch.empty_like(w) for w in steps])
+    want = shift_and_measure(eager_ws, steps, [torch.empty_like(w) for w in steps])
+    assert torch.equal(got.isnan(), want.isnan()) and got[1, 2].isnan()
+    assert torch.equal(got.nan_to_num(), want.nan_to_num())
     assert all(torch.equal(a, b) for a, b in zip(compiled_ws, eager_ws))
 
 
 def test_huge_finite_gradients_are_not_non_finite():
     """Squares of |g| > 1.8e19 overflow fp32 partial sums; the flag must still be 0."""
     w, g = torch.ones(1000), torch.full((1000,), 3e30)
-    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], None, 0.0, 1e-8, 1,
+    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], [], 0.0, 1e-8, 1,
                            False, False)
     assert red[0, 4] == 0
     g[500] = math.nan
-    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], None, 0.0, 1e-8, 1,
+    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], [], 0.0, 1e-8, 1,
                            False, False)
     assert red[0, 4] == 1

@@ -299,17 +299,18 @@ def test_closure_ops_match_reference_bit_exactly(small_chunks, dtype):
     w = [p.detach() for p in make_params(shapes, dtype)]
     g = [p.detach() for p in make_params(shapes, dtype, seed=1)]
     s = [p.detach().float() * 1e-2 for p in make_params(shapes, seed=2)]
-    saved = tb.snapshot(w)
-    assert all(torch.equal(a, b) and (a.numel() == 0 or a.data_ptr() != b.data_ptr()) for a, b in zip(saved, w))
-    shifted_ref = [t.clone() for t in w]
-    reference.shift(shifted_ref, s)
-    tb.shift(w, s)
+    w_t = [t.clone() for t in w]
+    saved = [torch.full_like(t, 7.0) for t in w]
+    shifted_ref, saved_ref = [t.clone() for t in w], [torch.empty_like(t) for t in w]
+    reference.shift(shifted_ref, s, saved_ref)
+    tb.shift(w, s, saved)
+    assert all(torch.equal(a, b) for a, b in zip(saved, w_t))
     assert all(torch.equal(a, b) for a, b in zip(w, shifted_ref))
     g_p = [t * 1.5 for t in g]
     torch.testing.assert_close(tb.secant_norms(saved, g, w, g_p, s, 0.1),
                                reference.secant_norms(saved, g, w, g_p, s, 0.1), rtol=1e-6, atol=0)
     tb.restore(w, saved)
-    assert all(torch.equal(a, b) for a, b in zip(w, saved))
+    assert all(torch.equal(a, b) for a, b in zip(w, w_t))
 
 
 # ------------------------------------------------------------ bad input
@@ -511,12 +512,12 @@ def test_cblr_protocol_ops_make_no_host_sync():
     torch.cuda.synchronize()
     steps = [opt.state[p]["momentum_buffer"] for p in params]
     grads = [p.grad for p in params]
+    saved_w = [torch.empty_like(p) for p in params]
+    probe = [g * 1.01 for g in grads]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        saved_w, saved_g = tb.snapshot(params), tb.snapshot(grads)
-        tb.shift(params, steps)
-        probe = [g * 1.01 for g in saved_g]
-        norms = tb.secant_norms(saved_w, saved_g, params, probe, steps, 1e-4)
+        tb.shift(params, steps, saved_w)
+        norms = tb.secant_norms(saved_w, grads, params, probe, steps, 1e-4)
         tb.restore(params, saved_w)
     finally:
         torch.cuda.set_sync_debug_mode("default")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ..functional import LayerBatch, lr_value, state_dtype
+from ..functional import LayerBatch, lr_value, prev_step, state_dtype
 
 name = "cpp"
 
@@ -48,10 +48,16 @@ def _lagged_valid(batch: LayerBatch) -> list:
 
 
 def reduce(batch: LayerBatch) -> torch.Tensor:
+    """Pass 1; on a CBLR re-measure step it also restores the shifted parameters and
+    measures the secant, in the same pass over w_t and g_t."""
     hp = batch.hp
+    saved, probe_grads, steps = [], [], []
+    if batch.probe is not None:
+        saved, probe_grads = batch.probe.saved, batch.probe.grads
+        steps = [prev_step(batch, i) if g is not None else None for i, g in enumerate(probe_grads)]
     return _load().reduce(
         batch.rule, batch.params, batch.grads, [s["age"] for s in batch.states], batch.adapt,
-        _lagged_valid(batch), batch.secant, float(hp["weight_decay"]), float(hp["eps"]),
+        _lagged_valid(batch), saved, probe_grads, steps, float(hp["weight_decay"]), float(hp["eps"]),
         int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx")
 
 
@@ -92,19 +98,12 @@ def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torc
         int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx")
 
 
-def snapshot(tensors: list) -> list:
-    return _load().snapshot(tensors) if tensors else []
-
-
-def shift(params: list, steps: list) -> None:
+def shift(params: list, steps: list, saved: list) -> None:
+    """saved ← w and w ← w + s_{t−1}, in one pass."""
     if params:
-        _load().shift(params, steps)
+        _load().shift(params, steps, saved)
 
 
 def restore(dst: list, src: list) -> None:
     if dst:
         _load().restore(dst, src)
-
-
-def secant_norms(w_t: list, g_t: list, w_p: list, g_p: list, steps: list, weight_decay: float) -> torch.Tensor:
-    return _load().secant_norms(w_t, g_t, w_p, g_p, steps, float(weight_decay))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import (LayerBatch, REDUCTION_COLUMNS, STAT_COLUMNS, state_dtype, times_lr)
+from ..functional import (LayerBatch, REDUCTION_COLUMNS, STAT_COLUMNS, finish_probe, state_dtype, times_lr)
 
 name = "reference"
 
@@ -18,7 +18,8 @@ def available(device: torch.device) -> bool:
     return True
 
 
-def _layer_kappa(batch: LayerBatch, i: int, w: Tensor, g: Tensor, w_norm: Tensor, g_norm: Tensor) -> Tensor:
+def _layer_kappa(batch: LayerBatch, i: int, w: Tensor, g: Tensor, w_norm: Tensor, g_norm: Tensor,
+                 secant: Tensor) -> Tensor:
     """This step's curvature measurement of layer i by the group's rule."""
     hp = batch.hp
     if batch.rule == "lars":
@@ -26,22 +27,23 @@ def _layer_kappa(batch: LayerBatch, i: int, w: Tensor, g: Tensor, w_norm: Tensor
     if batch.rule == "mclr":
         q = lm.curvature_quotients(lm.decayed_grad(g, w, hp["weight_decay"]), w)
         return lm.median_kappa(lm.lower_median(q, approx=hp["median"] == "approx"), hp["eps"])
-    diff_norm, step_norm = batch.secant[i]
+    diff_norm, step_norm = secant[i]
     return lm.secant_kappa(diff_norm, step_norm, hp["eps"])
 
 
 def reduce(batch: LayerBatch) -> Tensor:
     """Pass 1: per layer ‖w‖, ‖g‖, the measurement κ, whether it counts, and the
-    non-finite flag, all of the current inputs."""
+    non-finite flag, all of the current inputs (CBLR: after finishing the probe)."""
     hp = batch.hp
+    secant = finish_probe(batch, secant_norms, restore) if batch.rule == "cblr" else None
     out = torch.full((len(batch), REDUCTION_COLUMNS), float("nan"), dtype=torch.float32, device=batch.device)
     for i, (p, grad, state) in enumerate(zip(batch.params, batch.grads, batch.states)):
         w, g = p.to(state_dtype(p)), grad.to(state_dtype(p))
         w_norm = torch.linalg.vector_norm(w).float()
         g_norm = torch.linalg.vector_norm(g).float()
-        kappa = _layer_kappa(batch, i, w, g, w_norm, g_norm).float()
+        kappa = _layer_kappa(batch, i, w, g, w_norm, g_norm, secant).float()
         if batch.rule == "cblr":
-            measured = torch.tensor(batch.adapt[i], device=p.device) & ~torch.isnan(batch.secant[i, 1])
+            measured = torch.tensor(batch.adapt[i], device=p.device) & ~torch.isnan(secant[i, 1])
         else:
             measured = torch.tensor(batch.adapt[i], device=p.device) & lm.measurement_due(
                 state["age"], hp["curvature_interval"])
@@ -90,12 +92,10 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
     return stats
 
 
-def snapshot(tensors: list) -> list:
-    return [t.clone() for t in tensors]
-
-
-def shift(params: list, steps: list) -> None:
-    for p, s in zip(params, steps):
+def shift(params: list, steps: list, saved: list) -> None:
+    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first)."""
+    for p, s, w in zip(params, steps, saved):
+        w.copy_(p)
         p.add_(s.to(p.dtype))
 
 

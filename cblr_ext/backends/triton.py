@@ -11,13 +11,12 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-import weakref
 
 import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import LayerBatch, RED_KAPPA, RED_MEASURED, times_lr
+from ..functional import LayerBatch, RED_KAPPA, RED_MEASURED, finish_probe, times_lr
 
 name = "triton"
 
@@ -188,6 +187,7 @@ def reduce(batch: LayerBatch) -> Tensor:
     reads just g for the non-finite check (the one-pass variant)."""
     from ..kernels import reduce as kr
     from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
+    secant = finish_probe(batch, secant_norms, restore) if batch.rule == "cblr" else None
     _check(batch.params, "parameter")
     _check(batch.grads, "gradient", like=batch.params)
     _check_state(batch)
@@ -202,7 +202,7 @@ def reduce(batch: LayerBatch) -> Tensor:
     sums = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
     adapt = _adapt_vector(batch)
     if batch.rule == "cblr":
-        measured = adapt & ~torch.isnan(batch.secant[:, 1])
+        measured = adapt & ~torch.isnan(secant[:, 1])
     else:
         measured = adapt & lm.measurement_due(_stack_state(batch.states, "age"), hp["curvature_interval"])
 
@@ -233,7 +233,7 @@ def reduce(batch: LayerBatch) -> Tensor:
     if batch.rule == "lars":
         kappa = lm.lars_kappa(w_norm, g_norm, hp["weight_decay"], hp["eps"])
     elif batch.rule == "cblr":
-        kappa = lm.secant_kappa(batch.secant[:, 0], batch.secant[:, 1], hp["eps"])
+        kappa = lm.secant_kappa(secant[:, 0], secant[:, 1], hp["eps"])
     nonfinite = sums[:, kr.P_NONFINITE.value] > 0
     return torch.stack([w_norm, g_norm, kappa, measured.float(), nonfinite.float()], dim=1)
 
@@ -334,33 +334,6 @@ def _copy(dst: list, src: list) -> None:
         _launch(kc.copy_kernel, plan, ptrs, len(src))
 
 
-# Save buffers per list of source tensors (by data pointers), reused every step so
-# that the snapshot kernels read and write fixed addresses (cached pointer tables,
-# CUDA-graph capture).  An entry goes when its first source tensor is freed.
-_save_buffers: dict = {}
-
-
-def _forget_save_buffers(key, entry) -> None:
-    if _save_buffers.get(key) is entry:
-        del _save_buffers[key]
-
-
-@_on_tensors_device
-def snapshot(tensors: list) -> list:
-    """Copies of ``tensors``, valid until the next snapshot of the same tensors (the
-    optimizer restores from them within the step)."""
-    _check(tensors, "tensor")
-    if not tensors:
-        return []
-    key = tuple((t.data_ptr(), t.dtype, t.shape, t.stride()) for t in tensors)
-    saved = _save_buffers.get(key)
-    if saved is None:
-        saved = _save_buffers[key] = [torch.empty_like(t) for t in tensors]  # same strides: dense
-        weakref.finalize(tensors[0], _forget_save_buffers, key, saved)
-    _copy(saved, tensors)
-    return saved
-
-
 @_on_tensors_device
 def restore(dst: list, src: list) -> None:
     _check(src, "saved tensor", like=dst)
@@ -368,14 +341,16 @@ def restore(dst: list, src: list) -> None:
 
 
 @_on_tensors_device
-def shift(params: list, steps: list) -> None:
-    """w ← w + s_{t−1} (s rounded to w's dtype first, like the reference)."""
+def shift(params: list, steps: list, saved: list) -> None:
+    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first, like the reference)."""
     from ..kernels import closure as kc
     from ..kernels.chunks import chunk_plans, pointer_table
     _check(params, "parameter")
     _check_fp32_like(steps, params, "step")
+    _check(saved, "save buffer", like=params)
     if not params:
         return
+    _copy(saved, params)
     ptrs = pointer_table([params, steps])
     for plan in chunk_plans(params, CHUNK):
         _launch(kc.shift_kernel, plan, ptrs, len(params))

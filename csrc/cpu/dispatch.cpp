@@ -46,9 +46,8 @@ const KernelTable& kernels() {
 
 const char* kernel_isa() { return kernels().isa; }
 
-void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* secant,
-                   float* red) {
-  kernels().reduce(cfg, layers, secant, red);
+void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red) {
+  kernels().reduce(cfg, layers, red);
 }
 
 void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
@@ -62,10 +61,6 @@ void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& 
 }
 
 void shift_layers(const std::vector<ShiftLayer>& layers, int threads) { kernels().shift(layers, threads); }
-
-void secant_layers(const std::vector<SecantLayer>& layers, double weight_decay, int threads, float* out) {
-  kernels().secant(layers, weight_decay, threads, out);
-}
 
 }  // namespace cpu
 }  // namespace cblr

@@ -14,7 +14,6 @@ struct KernelTable {
   decltype(&cpu::apply_layers) apply;
   decltype(&cpu::copy_layers) copy;
   decltype(&cpu::shift_layers) shift;
-  decltype(&cpu::secant_layers) secant;
 };
 
 // Null where the variant is not compiled in (not x86-64, or not GCC).

@@ -6,6 +6,7 @@
 #endif
 
 #include "parallel.h"
+#include "stream.h"
 #include "median.h"
 #include "step_passes.h"
 #include "protocol_passes.h"
@@ -20,7 +21,7 @@ namespace cpu {
 
 const KernelTable* CBLR_JOIN(CBLR_ISA, _kernels)() {
   static const KernelTable table{CBLR_NAME(CBLR_ISA), &CBLR_ISA::reduce_layers, &CBLR_ISA::apply_layers,
-                                 &CBLR_ISA::copy_layers, &CBLR_ISA::shift_layers, &CBLR_ISA::secant_layers};
+                                 &CBLR_ISA::copy_layers, &CBLR_ISA::shift_layers};
   return &table;
 }
 

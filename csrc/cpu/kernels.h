@@ -33,36 +33,31 @@ enum { STAT_W_NORM, STAT_G_NORM, STAT_STEP_NORM, STAT_KAPPA, STAT_RATIO, STAT_AL
        STAT_COLUMNS };
 
 // Pass 1: writes red[L][RED_COLUMNS].  Layers with a valid lag stash get only the
-// non-finite check (their other columns are NaN).  secant: CBLR's [L][2] or null.
-void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* secant,
-                   float* red);
+// non-finite check (their other columns are NaN).  CBLR layers with a probe are
+// restored to w_t (LayerRef::saved) in the same pass, which also measures their secant
+// ‖d(w_t) − d(w_t + s)‖ / ‖s‖ where probe_g is set; the norms are those of w_t and g_t.
+void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red);
 
 // Pass 2: ratio and update; writes stats[L][STAT_COLUMNS] and, unless skip, the
 // parameters, momentum buffers, prev steps, κ̄, age and the lag stash.
 void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
                   bool skip, float lr, float* stats);
 
-// CBLR closure protocol.  Pointers are to n dense elements; parameters and gradients in
-// the storage type, steps s_{t−1} in the math type.
+// CBLR closure protocol.  Pointers are to n dense elements; parameters in the storage
+// type, steps s_{t−1} in the math type.
 struct ShiftLayer {
   DType dtype;
   int64_t n;
   void* param;
   const void* step;
-};
-struct SecantLayer {
-  DType dtype;
-  int64_t n;
-  const void *w_t, *g_t, *w_p, *g_p, *step;
+  void* saved;
 };
 
 // dst[i] = src[i], bytes[i] bytes each.
 void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& dst,
                  const std::vector<int64_t>& bytes, int threads);
-// param += step rounded to the parameter's storage type.
+// saved = param; param += step rounded to the parameter's storage type (one pass).
 void shift_layers(const std::vector<ShiftLayer>& layers, int threads);
-// out[L][2] = (‖d(w_t) − d(w_p)‖, ‖s‖), d = g + β·w.
-void secant_layers(const std::vector<SecantLayer>& layers, double weight_decay, int threads, float* out);
 
 }  // namespace cpu
 }  // namespace cblr

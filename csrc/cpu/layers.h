@@ -54,6 +54,13 @@ template <> inline BFloat16 store<BFloat16>(float x) {
   return out;
 }
 
+// w + s with s rounded to the storage type first, as p.add_(s.to(p.dtype)) does: the
+// probe point of CBLR, recomputed bit-exactly by pass 1 from w_t.
+template <typename P>
+inline P shifted(P w, math_t<P> s) {
+  return store<P>(load(w) + load(store<P>(s)));
+}
+
 // One layer of a call.  Pointers are to dense memory of n elements (any layout, the
 // same for every tensor of the layer); v and prev are in the math type, or null.
 struct LayerRef {
@@ -68,6 +75,12 @@ struct LayerRef {
   float* lagged = nullptr;  // [3] (‖w‖, ‖g‖, κ) of the previous step's inputs, lag=1 only
   bool adapt = false;
   bool lagged_valid = false;  // lagged holds a stash from an earlier step
+  // CBLR probe (pass 1 finishes it): where shifted, w_t while the parameter sits at
+  // w_t + s_{t−1}, in the storage type; where it measures, the gradient there and s_{t−1}.
+  bool shifted = false, measures = false;
+  const void* saved = nullptr;
+  const void* probe_g = nullptr;
+  const void* step = nullptr;  // math type
 };
 
 // Calls a functor with a value of the layer's storage type (a type tag).

@@ -16,7 +16,7 @@ Scratch g_candidates;  // per selecting layer, n slots: chunk slices of bracket 
 Scratch g_quotients;   // lag=1: all quotients of the inputs (the update overwrites w)
 
 struct ChunkResult {
-  double w2 = 0, g2 = 0, s2 = 0;
+  double w2 = 0, g2 = 0, s2 = 0, d2 = 0;  // d2: CBLR's ‖d(w_t) − d(w_t + s)‖² (s2 its ‖s‖²)
   MedianCounts counts;
 };
 
@@ -75,7 +75,7 @@ class MedianPlan {
 
 // Per layer: the sums of its chunks in chunk order (deterministic).
 struct LayerSums {
-  double w2 = 0, g2 = 0, s2 = 0;
+  double w2 = 0, g2 = 0, s2 = 0, d2 = 0;
   MedianCounts counts;
   std::vector<std::pair<int64_t, int64_t>> slices;  // (chunk begin, candidates) per chunk
 };
@@ -88,6 +88,7 @@ std::vector<LayerSums> sum_chunks(size_t layers, const std::vector<Chunk>& chunk
     s.w2 += results[k].w2;
     s.g2 += results[k].g2;
     s.s2 += results[k].s2;
+    s.d2 += results[k].d2;
     s.counts.add(results[k].counts);
     s.slices.emplace_back(chunks[k].begin, results[k].counts.inside);
   }
@@ -211,6 +212,42 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, const Bracket<ma
   r.g2 = g2;
 }
 
+// CBLR probe of one chunk: restores w from w_t and sums ‖w_t‖², ‖g_t‖² and, where the
+// layer measures, ‖d(w_t) − d(w_t + s)‖² and ‖s‖², w_t + s recomputed as the shift made
+// it (so the probe point is not read back from memory).  stream: see stream.h.
+template <typename P, bool Measure>
+void probe_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, bool stream, ChunkResult& r) {
+  using T = math_t<P>;
+  P* w = static_cast<P*>(l.w) + c.begin;
+  const P* saved = static_cast<const P*>(l.saved) + c.begin;
+  const P* g = static_cast<const P*>(l.g) + c.begin;
+  const P* g_p = Measure ? static_cast<const P*>(l.probe_g) + c.begin : nullptr;
+  const T* s = Measure ? static_cast<const T*>(l.step) + c.begin : nullptr;
+  const int64_t n = c.end - c.begin;
+  for (int64_t b = 0; b < n; b += kSumBlock) {  // block sums as in sum_squares
+    const int64_t m = std::min(kSumBlock, n - b);
+    T bw = 0, bg = 0, bd = 0, bs = 0;
+#pragma omp simd reduction(+ : bw, bg, bd, bs)
+    for (int64_t j = b; j < b + m; ++j) {
+      const P x = saved[j];
+      const T wv = load(x), gv = load(g[j]);
+      bw += wv * wv;
+      bg += gv * gv;
+      if (Measure) {
+        const T diff = decayed_grad(gv, wv, weight_decay) -
+                       decayed_grad(T(load(g_p[j])), T(load(shifted(x, s[j]))), weight_decay);
+        bd += diff * diff;
+        bs += s[j] * s[j];
+      }
+    }
+    copy_bytes(w + b, saved + b, m * int64_t(sizeof(P)), stream);  // w_t is in cache now
+    r.w2 += double(bw);
+    r.g2 += double(bg);
+    r.d2 += double(bd);
+    r.s2 += double(bs);
+  }
+}
+
 // ------------------------------------------------------------------------ pass 2
 
 // Lag: 0 = no stash, 1 = measure the inputs' norms, 2 = norms and median quotients.
@@ -296,14 +333,13 @@ void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk&
 
 }  // namespace
 
-void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* secant,
-                   float* red) {
+void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red) {
   const size_t count = layers.size();
   std::vector<char> full(count), measured(count), selects(count);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
     full[i] = !(cfg.lag && l.lagged_valid);
-    measured[i] = l.adapt && (cfg.rule == RULE_CBLR ? !std::isnan(secant[2 * i + 1])
+    measured[i] = l.adapt && (cfg.rule == RULE_CBLR ? l.measures
                                                     : measurement_due(*l.age, cfg.curvature_interval));
     selects[i] = cfg.rule == RULE_MCLR && full[i] && measured[i];
   }
@@ -311,14 +347,24 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, c
   MedianPlan plan(layers, selects, false, cfg.weight_decay, cfg.threads);
   const std::vector<Chunk> chunks = make_chunks(layers);
   std::vector<ChunkResult> results(chunks.size());
+  int64_t restored = 0;
+  for (const LayerRef& l : layers) restored += l.shifted ? l.n : 0;
+  const bool stream = restored * 4 > kStreamBytes;
   parallel_items(int64_t(chunks.size()), cfg.threads, total_elements(layers), [&](int64_t k) {
     const Chunk& c = chunks[k];
     const LayerRef& l = layers[c.layer];
     dispatch(l.dtype, [&](auto tag) {
       using P = decltype(tag);
       using T = math_t<P>;
-      reduce_chunk<P>(l, c, full[c.layer], plan.collecting<T>(c.layer), plan.candidates<T>(c.layer),
-                      T(cfg.weight_decay), results[k]);
+      if (l.shifted) {
+        with_flag(l.measures, [&](auto measure) {
+          probe_chunk<P, measure.value>(l, c, T(cfg.weight_decay), stream, results[k]);
+        });
+        if (stream) stream_fence();
+      } else {
+        reduce_chunk<P>(l, c, full[c.layer], plan.collecting<T>(c.layer), plan.candidates<T>(c.layer),
+                        T(cfg.weight_decay), results[k]);
+      }
     });
   });
   const std::vector<LayerSums> sums = sum_chunks(count, chunks, results);
@@ -334,7 +380,8 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, c
     } else if (cfg.rule == RULE_MCLR) {
       kappa = kappa_from_median(medians[i], cfg);
     } else {
-      kappa = secant_kappa(secant[2 * i], secant[2 * i + 1], cfg.ratio.eps);
+      kappa = measured[i] ? secant_kappa(float(std::sqrt(sums[i].d2)), float(std::sqrt(sums[i].s2)), cfg.ratio.eps)
+                          : nan;
     }
     row[RED_W_NORM] = w_norm;
     row[RED_G_NORM] = g_norm;
