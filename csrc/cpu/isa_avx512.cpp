@@ -5,6 +5,7 @@
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,bmi,bmi2,popcnt,f16c")
 #define CBLR_ISA avx512
+#define CBLR_ISA_AVX512 1  // g++ does not define __AVX512F__ in a target region
 #include "isa_unit.h"
 #pragma GCC pop_options
 #else

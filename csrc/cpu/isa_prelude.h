@@ -15,8 +15,8 @@
 #include <utility>
 #include <vector>
 
-#if defined(__SSE2__)
-#include <emmintrin.h>
+#if defined(__x86_64__) || defined(__SSE2__)
+#include <immintrin.h>  // declares every x86 intrinsic; a unit's target region enables its own
 #endif
 
 #include "dispatch.h"

@@ -19,8 +19,6 @@ namespace cblr {
 namespace cpu {
 namespace CBLR_ISA {
 
-constexpr int64_t kBlock = 64;     // quotients per partial norm sum in the median passes
-constexpr int64_t kCollect = 256;  // quotients per collection: its counts' horizontal sums are costly
 constexpr int64_t kDirectLimit = 16384;  // layers up to this size select directly
 constexpr int64_t kSampleRuns = 256, kRunLength = 16;
 
@@ -138,10 +136,10 @@ Bracket<math_t<P>> make_bracket(const P* w, const P* g, int64_t n, math_t<P> wei
 // and appends the ones inside it at cand[counts.inside].
 template <typename T>
 inline void collect_block(const T* h, int64_t m, const Bracket<T>& b, T* cand, MedianCounts& counts) {
-  // 32-bit counters (m ≤ kCollect) and an explicit simd loop: with int64 counters gcc
+  // 32-bit counters (m ≤ kSumBlock) and an explicit simd loop: with int64 counters gcc
   // left this loop scalar, the costliest part of the MCLR pass.
   int32_t below = 0, valid = 0, nan = 0, inside = 0;
-  uint8_t in[kCollect];
+  uint8_t in[kSumBlock];
   const T lo = b.lo, hi = b.hi;
 #pragma omp simd reduction(+ : below, valid, nan, inside)
   for (int64_t j = 0; j < m; ++j) {
@@ -175,6 +173,37 @@ inline void collect_block(const T* h, int64_t m, const Bracket<T>& b, T* cand, M
   }
   counts.below += below; counts.valid += valid; counts.nan += nan; counts.inside += inside;
 }
+
+#if defined(CBLR_ISA_AVX512)
+// The AVX-512 variant for fp32 (the same counts and candidates, in the same order):
+// lane masks count, and a compress packs the candidates of 16 quotients into one store.
+// A full store at cand[k] stays inside the chunk's slice: k never exceeds the number of
+// quotients before this group (the last, partial group stores only its candidates).
+inline void collect_block(const float* h, int64_t m, const Bracket<float>& b, float* cand, MedianCounts& counts) {
+  const __m512 lo = _mm512_set1_ps(b.lo), hi = _mm512_set1_ps(b.hi), zero = _mm512_setzero_ps();
+  int64_t below = 0, valid = 0, nan = 0, k = counts.inside;
+  for (int64_t j = 0; j < m; j += 16) {
+    const bool full = m - j >= 16;
+    const __mmask16 lanes = full ? __mmask16(0xFFFF) : __mmask16((1u << (m - j)) - 1u);
+    const __m512 x = _mm512_maskz_loadu_ps(lanes, h + j);
+    const __mmask16 is_valid = _mm512_mask_cmp_ps_mask(lanes, x, zero, _CMP_GE_OQ);
+    const __mmask16 is_below = _mm512_mask_cmp_ps_mask(is_valid, x, lo, _CMP_LT_OQ);
+    const __mmask16 is_nan = _mm512_mask_cmp_ps_mask(lanes, x, x, _CMP_UNORD_Q);
+    const __mmask16 is_in = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(lanes, x, lo, _CMP_GE_OQ), x, hi,
+                                                    _CMP_LE_OQ);
+    if (full) {
+      _mm512_storeu_ps(cand + k, _mm512_maskz_compress_ps(is_in, x));
+    } else {
+      _mm512_mask_compressstoreu_ps(cand + k, is_in, x);
+    }
+    k += __builtin_popcount(is_in);
+    valid += __builtin_popcount(is_valid);
+    below += __builtin_popcount(is_below);
+    nan += __builtin_popcount(is_nan);
+  }
+  counts.below += below; counts.valid += valid; counts.nan += nan; counts.inside = k;
+}
+#endif
 
 // The median from the bracket and the summed counts.  ``slices`` lists each chunk's
 // (offset into cand, count) in order; ``all_quotients(out)`` writes every valid quotient

@@ -188,24 +188,21 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, const Bracket<ma
   } else if (!bracket) {
     sum_squares(w, g, n, w2, g2);
   } else {
-    T h[kCollect];
-    for (int64_t a = 0; a < n; a += kCollect) {
-      const int64_t span = std::min(kCollect, n - a);
-      for (int64_t b = 0; b < span; b += kBlock) {
-        const int64_t m = std::min(kBlock, span - b);
-        T bw = 0, bg = 0;  // block sums as in sum_squares
+    T h[kSumBlock];
+    for (int64_t b = 0; b < n; b += kSumBlock) {
+      const int64_t m = std::min(kSumBlock, n - b);
+      T bw = 0, bg = 0;  // block sums as in sum_squares (the same norms as without a median)
 #pragma omp simd reduction(+ : bw, bg)
-        for (int64_t j = 0; j < m; ++j) {
-          T wv = load(w[a + b + j]), gv = load(g[a + b + j]);
-          bw += wv * wv;
-          bg += gv * gv;
-          T q = curvature_quotient(decayed_grad(gv, wv, weight_decay), wv);
-          h[b + j] = wv != 0 ? q : kNoQuotient<T>;
-        }
-        w2 += double(bw);
-        g2 += double(bg);
+      for (int64_t j = 0; j < m; ++j) {
+        T wv = load(w[b + j]), gv = load(g[b + j]);
+        bw += wv * wv;
+        bg += gv * gv;
+        T q = curvature_quotient(decayed_grad(gv, wv, weight_decay), wv);
+        h[j] = wv != 0 ? q : kNoQuotient<T>;
       }
-      collect_block(h, span, *bracket, candidates + c.begin, r.counts);
+      w2 += double(bw);
+      g2 += double(bg);
+      collect_block(h, m, *bracket, candidates + c.begin, r.counts);
     }
   }
   r.w2 = w2;
@@ -291,16 +288,12 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
   T* prev = KeepPrev ? static_cast<T*>(l.prev) + c.begin : nullptr;
   const int64_t n = c.end - c.begin;
   T* h = Lag == 2 ? quotients + c.begin : nullptr;
-  const int64_t block = Lag == 2 ? kBlock : kSumBlock, span_length = Lag == 2 ? kCollect : n;
-  for (int64_t a = 0; a < n; a += span_length) {
-    const int64_t end = std::min(a + span_length, n);
-    for (int64_t b = a; b < end; b += block) {
-      const int64_t m = std::min(block, end - b);
-      apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w + b, g + b, Momentum ? v + b : nullptr,
-                                                        KeepPrev ? prev + b : nullptr, Lag == 2 ? h + b : nullptr,
-                                                        m, alpha, momentum, weight_decay, r);
-    }
-    if (Lag == 2) collect_block(h + a, end - a, *bracket, candidates + c.begin, r.counts);
+  for (int64_t b = 0; b < n; b += kSumBlock) {
+    const int64_t m = std::min(kSumBlock, n - b);
+    apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w + b, g + b, Momentum ? v + b : nullptr,
+                                                      KeepPrev ? prev + b : nullptr, Lag == 2 ? h + b : nullptr, m,
+                                                      alpha, momentum, weight_decay, r);
+    if (Lag == 2) collect_block(h + b, m, *bracket, candidates + c.begin, r.counts);
   }
 }
 
