@@ -7,8 +7,8 @@
 //      [lo, hi] to its own slice of a candidate buffer;
 //   3. after it, a selection over the few candidates (select_kth) gives the median;
 //      when the bracket missed, a selection over all quotients (rare, still exact).
-// median="approx" is this exact median with its low 16 bits cleared (layer_math.h), at
-// the same cost: the exact selection is cheap enough that no histogram pass is needed.
+// median="approx" is this exact median with its low 16 bits cleared (layer_math.h): the
+// same pass, then a count per bf16 bin over the candidates instead of the selection.
 // Any NaN quotient makes the median NaN, as torch.median does.
 #pragma once
 #ifndef CBLR_ISA
@@ -117,10 +117,16 @@ Bracket<math_t<P>> make_bracket(const P* w, const P* g, int64_t n, math_t<P> wei
   // kSampleRuns runs of kRunLength consecutive elements (a cache line each for fp32) at
   // pseudo-random positions: as cheap as kSampleRuns random loads.
   q.reserve(kSampleRuns * kRunLength);
+  int64_t starts[kSampleRuns];
   uint64_t state = 0x9E3779B97F4A7C15ull ^ uint64_t(n);
   for (int64_t k = 0; k < kSampleRuns; ++k) {
     state = state * 6364136223846793005ull + 1442695040888963407ull;  // LCG (Knuth MMIX)
-    const int64_t start = int64_t((state >> 33) % uint64_t(n - kRunLength)) & ~(kRunLength - 1);
+    starts[k] = int64_t((state >> 33) % uint64_t(n - kRunLength)) & ~(kRunLength - 1);
+    // All runs are requested before any is read: the misses overlap instead of queueing.
+    __builtin_prefetch(w + starts[k]);
+    __builtin_prefetch(g + starts[k]);
+  }
+  for (const int64_t start : starts) {
     for (int64_t i = start; i < start + kRunLength; ++i) {
       if (load(w[i]) == 0) continue;
       T h = quotient_at(w, g, i, weight_decay);
@@ -205,12 +211,35 @@ inline void collect_block(const float* h, int64_t m, const Bracket<float>& b, fl
 }
 #endif
 
+// median="approx" needs only the k-th value truncated to bf16 (approx_median), and as
+// truncation is monotone that is the k-th truncated value: a count per bf16 bin between
+// lo and hi (≥ 0) replaces the selection.  False when the bracket spans too many bins.
+constexpr uint32_t kMaxApproxBins = 4096;
+
+inline bool approx_kth(const float* values, int64_t n, int64_t k, float lo, float hi, float& out) {
+  const uint32_t shift = 32 - __builtin_popcount(kApproxMask);
+  const uint32_t base = float_bits(lo) >> shift, top = float_bits(hi) >> shift;
+  if (top - base >= kMaxApproxBins) return false;
+  std::vector<int64_t> bins(top - base + 1, 0);
+  for (int64_t i = 0; i < n; ++i) ++bins[(float_bits(values[i]) >> shift) - base];
+  for (uint32_t bin = 0; bin <= top - base; ++bin) {
+    if (k < bins[bin]) {
+      out = bits_float((base + bin) << shift);
+      return true;
+    }
+    k -= bins[bin];
+  }
+  return false;
+}
+
+inline bool approx_kth(const double*, int64_t, int64_t, double, double, double&) { return false; }
+
 // The median from the bracket and the summed counts.  ``slices`` lists each chunk's
 // (offset into cand, count) in order; ``all_quotients(out)`` writes every valid quotient
 // of the layer to out (the fallback) and returns how many.
 template <typename T, typename AllQuotients>
 T finish_median(const Bracket<T>& b, const MedianCounts& c,
-                const std::vector<std::pair<int64_t, int64_t>>& slices, T* cand,
+                const std::vector<std::pair<int64_t, int64_t>>& slices, T* cand, bool approx,
                 AllQuotients&& all_quotients) {
   if (b.known) return b.value;
   if (c.nan > 0 || c.valid == 0) return std::numeric_limits<T>::quiet_NaN();
@@ -221,6 +250,8 @@ T finish_median(const Bracket<T>& b, const MedianCounts& c,
       if (s.first != filled) std::copy(cand + s.first, cand + s.first + s.second, cand + filled);
       filled += s.second;
     }
+    T value;
+    if (approx && approx_kth(cand, filled, k - c.below, b.lo, b.hi, value)) return value;
     return select_kth(cand, filled, k - c.below);
   }
   return select_lower_median(cand, all_quotients(cand));

@@ -113,7 +113,7 @@ bool layer_nonfinite(const LayerRef& l, double g2) {
 // The median of each selecting layer, as fp32 (NaN elsewhere).  The fallback reads the
 // quotients stored by the pass (lag=1: w is overwritten) or recomputes them from w and g.
 std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPlan& plan,
-                                  const std::vector<LayerSums>& sums, bool from_quotients,
+                                  const std::vector<LayerSums>& sums, bool from_quotients, bool approx,
                                   double weight_decay, int threads) {
   std::vector<float> medians(layers.size(), std::nanf(""));
   std::vector<int> selecting;
@@ -143,7 +143,7 @@ std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPla
         return m;
       };
       medians[i] = float(finish_median(plan.bracket<T>(i), sums[i].counts, sums[i].slices,
-                                       plan.candidates<T>(i), all_quotients));
+                                       plan.candidates<T>(i), approx, all_quotients));
     });
   });
   return medians;
@@ -361,7 +361,8 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
     });
   });
   const std::vector<LayerSums> sums = sum_chunks(count, chunks, results);
-  const std::vector<float> medians = finish_medians(layers, plan, sums, false, cfg.weight_decay, cfg.threads);
+  const std::vector<float> medians = finish_medians(layers, plan, sums, false, cfg.approx_median, cfg.weight_decay,
+                                                      cfg.threads);
   const float nan = std::nanf("");
   for (size_t i = 0; i < count; ++i) {
     float* row = red + i * RED_COLUMNS;
@@ -426,7 +427,8 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
     });
   });
   const std::vector<LayerSums> sums = sum_chunks(count, chunks, results);
-  const std::vector<float> medians = finish_medians(layers, plan, sums, true, cfg.weight_decay, cfg.threads);
+  const std::vector<float> medians = finish_medians(layers, plan, sums, true, cfg.approx_median, cfg.weight_decay,
+                                                      cfg.threads);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
     stats[i * STAT_COLUMNS + STAT_STEP_NORM] = float(std::sqrt(sums[i].s2));
