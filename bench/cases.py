@@ -42,6 +42,8 @@ TRAFFIC = {
     ("SGD", ""): Traffic(3, 2, UPDATE),
     ("LARS", "lag=0"): Traffic(5, 2, "norms pass: read w, g; " + UPDATE),
     ("LARS", "lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms for the next step on the fly)"),
+    ("LARS", "lag=1,no-skip"): Traffic(3, 2, UPDATE + " (norms for the next step on the fly; skip_nonfinite=False: "
+                                       "no pass 1)"),
     ("MCLR", "exact"): Traffic(5, 4, "median pass: read w, g, write + read quotients; " + UPDATE),
     ("MCLR", "approx"): Traffic(5, 2, "median pass: read w, g (histogram on chip); " + UPDATE),
     ("MCLR", "exact,lag=1"): Traffic(4, 4, "non-finite check: read g; " + UPDATE + "; write + read quotients"),
@@ -56,6 +58,7 @@ TRAFFIC = {
 VARIANTS = {
     ("LARS", "lag=0"): dict(lag=0),
     ("LARS", "lag=1"): dict(lag=1),
+    ("LARS", "lag=1,no-skip"): dict(lag=1, skip_nonfinite=False),
     ("MCLR", "exact"): dict(median="exact"),
     ("MCLR", "approx"): dict(median="approx"),
     ("MCLR", "exact,lag=1"): dict(median="exact", lag=1),

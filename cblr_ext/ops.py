@@ -15,7 +15,7 @@ _build.load()
 
 @torch.library.register_fake("cblr_ext::reduce")
 def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, saved, probe_grads, steps, weight_decay, eps,
-                 curvature_interval, lag, approx_median):
+                 curvature_interval, lag, approx_median, check_nonfinite):
     return params[0].new_empty((len(params), REDUCTION_COLUMNS), dtype=torch.float32)
 
 

@@ -112,6 +112,8 @@ class LayerwiseOptimizer(Optimizer):
                 init_layer_state(self.state[p], p)
             adapt = [group["adapt"] and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
             hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
+            # Backends may skip the non-finite check when nothing acts on it (lag=1: no pass 1).
+            hp["skip_nonfinite"] = self.skip_nonfinite
             batches.append(LayerBatch(self.rule, params, [p.grad for p in params],
                                       [self.state[p] for p in params], adapt, hp, names=names))
         return [b for b in batches if len(b)]

@@ -101,7 +101,7 @@ bool optional_companion(const OptionalTensors& list, size_t i, const Tensor& par
 Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages,
               c10::List<bool> adapt, c10::List<bool> lagged_valid, const OptionalTensors& saved,
               const OptionalTensors& probe_grads, const OptionalTensors& steps, double weight_decay, double eps,
-              int64_t curvature_interval, bool lag, bool approx_median) {
+              int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite) {
   const size_t count = params.size();
   check_count(grads.size(), count, "gradients", false);
   check_count(ages.size(), count, "ages", false);
@@ -111,6 +111,7 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
   check_count(probe_grads.size(), count, "probe gradients", true);
   check_count(steps.size(), count, "steps", true);
   cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
+  cfg.check_nonfinite = check_nonfinite;
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
     check_param(params[i], i);
@@ -232,7 +233,7 @@ TORCH_LIBRARY(cblr_ext, m) {
   // reduce writes the parameters only where a CBLR probe is restored (saved).
   m.def("reduce(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, bool[] lagged_valid, "
         "Tensor?[] saved, Tensor?[] probe_grads, Tensor?[] steps, float weight_decay, float eps, "
-        "int curvature_interval, bool lag, bool approx_median) -> Tensor");
+        "int curvature_interval, bool lag, bool approx_median, bool check_nonfinite) -> Tensor");
   m.def("apply(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, bool[] adapt, "
         "bool[] lagged_valid, Tensor red, Tensor found_inf, Tensor lr, float momentum, bool nesterov, "

@@ -136,7 +136,7 @@ def cpp_ops():
 def cpp_median(w, g, weight_decay=0.0, approx=False):
     """κ with ε = 0, i.e. the median itself (NaN where undefined), from the cpp reduce."""
     red = cpp_ops().reduce("mclr", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], [],
-                           weight_decay, 0.0, 1, False, approx)
+                           weight_decay, 0.0, 1, False, approx, True)
     return red[0, 2]
 
 
@@ -281,7 +281,8 @@ def test_cblr_shift_and_probe_pass_are_exact(dtype):
     state = torch.float64 if dtype == torch.float64 else torch.float32
     steps = [(torch.randn(s, generator=gen) * 1e-2).to(state) for s in SHAPES]
     saved = [torch.full_like(w, 5.0) for w in ws]
-    shifted, expected, expected_saved = [w.clone() for w in ws], [w.clone() for w in ws], [torch.empty_like(w) for w in ws]
+    shifted, expected = [w.clone() for w in ws], [w.clone() for w in ws]
+    expected_saved = [torch.empty_like(w) for w in ws]
     cpp.shift(shifted, steps, saved)
     reference.shift(expected, steps, expected_saved)
     assert all(torch.equal(a, b) for a, b in zip(saved, ws))
@@ -293,7 +294,8 @@ def test_cblr_shift_and_probe_pass_are_exact(dtype):
                                   [steps[i] for i in measured], 1e-3)
     red = cpp_ops().reduce("cblr", shifted, gs, [torch.tensor(math.inf)] * len(ws), [True] * len(ws),
                            [False] * len(ws), saved, [probe_g[i] if i in measured else None for i in range(len(ws))],
-                           [steps[i] if i in measured else None for i in range(len(ws))], 1e-3, 0.0, 1, False, False)
+                           [steps[i] if i in measured else None for i in range(len(ws))], 1e-3, 0.0, 1, False, False,
+                           True)
     assert all(torch.equal(a, b) for a, b in zip(shifted, ws))
     # κ = (‖Δd‖ + 0) / ‖s‖ with ε = 0; NaN (not measured) elsewhere
     kappa = torch.where(want[:, 0] > 0, want[:, 0] / want[:, 1], math.nan)
@@ -339,7 +341,8 @@ def test_fake_implementations_trace_shapes():
         ws = [torch.empty(4, 3), torch.empty(7)]
         gs = [torch.empty(4, 3), torch.empty(7)]
         ages = [torch.empty(()), torch.empty(())]
-        red = ops.reduce("lars", ws, gs, ages, [True, False], [False, False], [], [], [], 0.0, 1e-8, 1, False, False)
+        red = ops.reduce("lars", ws, gs, ages, [True, False], [False, False], [], [], [], 0.0, 1e-8, 1, False, False,
+                         True)
         assert red.shape == (2, 5) and red.dtype == torch.float32
         stats = ops.apply("lars", ws, gs, [], [], [torch.empty(()), torch.empty(())], ages, [], [True, False],
                           [False, False], red, torch.empty((), dtype=torch.bool), torch.empty(()), 0.0, False, 0.0,
@@ -347,7 +350,7 @@ def test_fake_implementations_trace_shapes():
         assert stats.shape == (2, 7)
         ops.shift(ws, gs, [torch.empty_like(w) for w in ws])
         red = ops.reduce("cblr", ws, gs, ages, [True, False], [False, False], [gs[0], None], [gs[0], None],
-                         [ws[0], None], 0.0, 1e-8, 1, False, False)
+                         [ws[0], None], 0.0, 1e-8, 1, False, False, True)
         assert red.shape == (2, 5)
 
 
@@ -363,7 +366,7 @@ def test_opcheck_shift_and_probe_reduce():
     torch.library.opcheck(cpp_ops().shift, (ws, steps, [torch.empty_like(t) for t in ws]))
     ages = [torch.tensor(math.inf), torch.tensor(math.inf)]
     torch.library.opcheck(cpp_ops().reduce, ("cblr", ws, gs, ages, [True, True], [False, False], saved, probe, steps,
-                                             0.1, 1e-8, 1, False, False))
+                                             0.1, 1e-8, 1, False, False, True))
 
 
 def test_jit_build_from_clean_sources(tmp_path):
@@ -411,7 +414,7 @@ def test_torch_compile_traces_the_ops():
         ages = [torch.full((), math.inf) for _ in ws]
         probe = [ws[0] * 2, None]  # the second layer is restored only
         return ops.reduce("cblr", ws, steps, ages, [True] * len(ws), [False] * len(ws), saved, probe,
-                          [steps[0], None], 0.1, 1e-8, 1, False, False)
+                          [steps[0], None], 0.1, 1e-8, 1, False, False, True)
 
     gen = torch.Generator().manual_seed(4)
     steps = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
@@ -428,9 +431,25 @@ def test_huge_finite_gradients_are_not_non_finite():
     """Squares of |g| > 1.8e19 overflow fp32 partial sums; the flag must still be 0."""
     w, g = torch.ones(1000), torch.full((1000,), 3e30)
     red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], [], 0.0, 1e-8, 1,
-                           False, False)
+                           False, False, True)
     assert red[0, 4] == 0
     g[500] = math.nan
     red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], [], 0.0, 1e-8, 1,
-                           False, False)
+                           False, False, True)
     assert red[0, 4] == 1
+
+
+def test_lag_without_nonfinite_skipping_is_one_pass():
+    """lag=1 with skip_nonfinite=False: pass 1 does not read a layer with a stash at all
+    (a NaN there goes unseen, as the step is applied as computed), and training matches
+    the reference, which reads everything."""
+    w, g = torch.ones(1000), torch.ones(1000)
+    g[7] = math.nan
+    for check, flag in ((True, 1), (False, 0)):
+        red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(1.0)], [True], [True], [], [], [], 0.0, 1e-8, 1,
+                               True, False, check)
+        assert red[0, 4] == flag
+    for rule in ("lars", "mclr"):
+        ref, _ = train(RULES[rule], "reference", lr=0.1, momentum=0.9, lag=1, skip_nonfinite=False)
+        got, _ = train(RULES[rule], "cpp", lr=0.1, momentum=0.9, lag=1, skip_nonfinite=False)
+        assert max_rel_diff(ref, got) <= 1e-5

@@ -58,7 +58,8 @@ def reduce(batch: LayerBatch) -> torch.Tensor:
     return _load().reduce(
         batch.rule, batch.params, batch.grads, [s["age"] for s in batch.states], batch.adapt,
         _lagged_valid(batch), saved, probe_grads, steps, float(hp["weight_decay"]), float(hp["eps"]),
-        int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx")
+        int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx",
+        bool(hp.get("skip_nonfinite", True)))
 
 
 def _state_tensors(batch: LayerBatch, key: str, make, keep: bool) -> list:

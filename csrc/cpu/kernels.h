@@ -20,6 +20,7 @@ struct StepConfig {
   int64_t curvature_interval = 1;
   bool lag = false;
   bool approx_median = false;
+  bool check_nonfinite = true;  // false: lag=1 layers with a stash are not read in pass 1 at all
   RatioParams ratio{};
   int threads = 1;
 };

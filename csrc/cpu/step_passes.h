@@ -176,15 +176,15 @@ void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
 }
 
 template <typename P>
-void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, const Bracket<math_t<P>>* bracket,
+void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, bool check_nonfinite, const Bracket<math_t<P>>* bracket,
                   math_t<P>* candidates, math_t<P> weight_decay, ChunkResult& r) {
   using T = math_t<P>;
   const P* w = static_cast<const P*>(l.w) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
   const int64_t n = c.end - c.begin;
   double w2 = 0, g2 = 0;
-  if (!full) {  // lag=1 stash present: only the non-finite check, over g
-    sum_squares(g, g, n, g2, g2);
+  if (!full) {  // lag=1 stash present: only the non-finite check, over g (when wanted)
+    if (check_nonfinite) sum_squares(g, g, n, g2, g2);
   } else if (!bracket) {
     sum_squares(w, g, n, w2, g2);
   } else {
@@ -355,8 +355,8 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
         });
         if (stream) stream_fence();
       } else {
-        reduce_chunk<P>(l, c, full[c.layer], plan.collecting<T>(c.layer), plan.candidates<T>(c.layer),
-                        T(cfg.weight_decay), results[k]);
+        reduce_chunk<P>(l, c, full[c.layer], cfg.check_nonfinite, plan.collecting<T>(c.layer),
+                        plan.candidates<T>(c.layer), T(cfg.weight_decay), results[k]);
       }
     });
   });
