@@ -57,6 +57,8 @@ class LayerBatch:
     # CBLR re-measure steps: the probe that ``reduce`` finishes.
     probe: Optional[Probe] = None
     names: list = field(default_factory=list)
+    # Scratch a backend keeps between steps, owned by the optimizer (freed with it).
+    workspace: dict = field(default_factory=dict)
 
     def __len__(self):
         return len(self.params)

@@ -51,6 +51,7 @@ class LayerwiseOptimizer(Optimizer):
         # CBLR: .grad buffers of the probe closure and copies of w_t, reused every probe.
         self._probe_grads = {}
         self._probe_saved = {}
+        self._workspace = {}  # backends' scratch (LayerBatch.workspace)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -70,6 +71,7 @@ class LayerwiseOptimizer(Optimizer):
         self.__dict__.setdefault("_stats", [])
         self.__dict__.setdefault("_probe_grads", {})
         self.__dict__.setdefault("_probe_saved", {})
+        self.__dict__.setdefault("_workspace", {})
 
     # ----------------------------------------------------------------- step
 
@@ -115,7 +117,8 @@ class LayerwiseOptimizer(Optimizer):
             # Backends may skip the non-finite check when nothing acts on it (lag=1: no pass 1).
             hp["skip_nonfinite"] = self.skip_nonfinite
             batches.append(LayerBatch(self.rule, params, [p.grad for p in params],
-                                      [self.state[p] for p in params], adapt, hp, names=names))
+                                      [self.state[p] for p in params], adapt, hp, names=names,
+                                      workspace=self._workspace))
         return [b for b in batches if len(b)]
 
     @staticmethod

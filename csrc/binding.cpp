@@ -86,6 +86,15 @@ cblr::cpu::StepConfig step_config(const std::string& rule, double weight_decay, 
 
 using OptionalTensors = c10::List<std::optional<Tensor>>;
 
+// The caller's scratch for the median passes (a CPU uint8 tensor), if any.
+void use_workspace(const std::optional<Tensor>& workspace, cblr::cpu::StepConfig& cfg) {
+  if (!workspace.has_value()) return;
+  TORCH_CHECK(workspace->device().is_cpu() && workspace->scalar_type() == at::kByte && workspace->is_contiguous(),
+              "cblr_ext cpp backend: the workspace must be a contiguous CPU uint8 tensor");
+  cfg.workspace = workspace->data_ptr<uint8_t>();
+  cfg.workspace_bytes = workspace->numel();
+}
+
 // Entry i of an optional per-layer list (empty list: none), checked like a companion;
 // false where there is none.
 bool optional_companion(const OptionalTensors& list, size_t i, const Tensor& param, at::ScalarType dtype,
@@ -101,7 +110,8 @@ bool optional_companion(const OptionalTensors& list, size_t i, const Tensor& par
 Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages,
               c10::List<bool> adapt, c10::List<bool> lagged_valid, const OptionalTensors& saved,
               const OptionalTensors& probe_grads, const OptionalTensors& steps, double weight_decay, double eps,
-              int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite) {
+              int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite,
+              const std::optional<Tensor>& workspace) {
   const size_t count = params.size();
   check_count(grads.size(), count, "gradients", false);
   check_count(ages.size(), count, "ages", false);
@@ -112,6 +122,7 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
   check_count(steps.size(), count, "steps", true);
   cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
   cfg.check_nonfinite = check_nonfinite;
+  use_workspace(workspace, cfg);
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
     check_param(params[i], i);
@@ -143,7 +154,7 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
              const Tensor& red, const Tensor& found_inf, const Tensor& lr, double momentum, bool nesterov,
              double weight_decay, double eps, double trust_coefficient, double curvature_ema,
              std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag,
-             bool approx_median) {
+             bool approx_median, const std::optional<Tensor>& workspace) {
   const size_t count = params.size();
   check_count(grads.size(), count, "gradients", false);
   check_count(momentum_buffers.size(), count, "momentum buffers", true);
@@ -160,6 +171,7 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
   cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
   cfg.momentum = momentum;
   cfg.nesterov = nesterov;
+  use_workspace(workspace, cfg);
   cfg.ratio = cblr::make_ratio_params(trust_coefficient, curvature_ema, max_ratio.has_value(),
                                       max_ratio.value_or(0.0), weight_decay, eps, fallback_trust);
   std::vector<LayerRef> layers(count);
@@ -233,12 +245,14 @@ TORCH_LIBRARY(cblr_ext, m) {
   // reduce writes the parameters only where a CBLR probe is restored (saved).
   m.def("reduce(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, bool[] lagged_valid, "
         "Tensor?[] saved, Tensor?[] probe_grads, Tensor?[] steps, float weight_decay, float eps, "
-        "int curvature_interval, bool lag, bool approx_median, bool check_nonfinite) -> Tensor");
+        "int curvature_interval, bool lag, bool approx_median, bool check_nonfinite=True, "
+        "Tensor(z!)? workspace=None) -> Tensor");
   m.def("apply(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, bool[] adapt, "
         "bool[] lagged_valid, Tensor red, Tensor found_inf, Tensor lr, float momentum, bool nesterov, "
         "float weight_decay, float eps, float trust_coefficient, float curvature_ema, float? max_ratio, "
-        "float fallback_trust, int curvature_interval, bool lag, bool approx_median) -> Tensor");
+        "float fallback_trust, int curvature_interval, bool lag, bool approx_median, Tensor(z!)? workspace=None) "
+        "-> Tensor");
   m.def("restore(Tensor(a!)[] dst, Tensor[] src) -> ()");
   m.def("shift(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved) -> ()");
   m.def("cpu_isa() -> str");

@@ -47,6 +47,19 @@ def _lagged_valid(batch: LayerBatch) -> list:
     return [("lagged" in s) for s in batch.states]
 
 
+def _workspace(batch: LayerBatch):
+    """The median passes' scratch, kept in the optimizer's workspace: reused every step
+    (no pages to fault in again) and freed with the optimizer."""
+    if batch.rule != "mclr":
+        return None
+    per_element = 2 if batch.hp["lag"] else 1  # candidates, and all quotients under lag=1
+    needed = per_element * sum(p.numel() * state_dtype(p).itemsize for p in batch.params)
+    buffer = batch.workspace.get(name)
+    if buffer is None or buffer.numel() < needed:
+        buffer = batch.workspace[name] = torch.empty(needed, dtype=torch.uint8)
+    return buffer
+
+
 def reduce(batch: LayerBatch) -> torch.Tensor:
     """Pass 1; on a CBLR re-measure step it also restores the shifted parameters and
     measures the secant, in the same pass over w_t and g_t."""
@@ -59,7 +72,7 @@ def reduce(batch: LayerBatch) -> torch.Tensor:
         batch.rule, batch.params, batch.grads, [s["age"] for s in batch.states], batch.adapt,
         _lagged_valid(batch), saved, probe_grads, steps, float(hp["weight_decay"]), float(hp["eps"]),
         int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx",
-        bool(hp.get("skip_nonfinite", True)))
+        bool(hp.get("skip_nonfinite", True)), _workspace(batch))
 
 
 def _state_tensors(batch: LayerBatch, key: str, make, keep: bool) -> list:
@@ -96,7 +109,7 @@ def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torc
         float(hp["momentum"]), bool(hp["nesterov"]), float(hp["weight_decay"]), float(hp["eps"]),
         float(hp["trust_coefficient"]), float(hp["curvature_ema"]),
         None if hp["max_ratio"] is None else float(hp["max_ratio"]), float(hp["fallback_trust"]),
-        int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx")
+        int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx", _workspace(batch))
 
 
 def shift(params: list, steps: list, saved: list) -> None:

@@ -23,6 +23,11 @@ struct StepConfig {
   bool check_nonfinite = true;  // false: lag=1 layers with a stash are not read in pass 1 at all
   RatioParams ratio{};
   int threads = 1;
+  // MCLR scratch (the caller's, kept between steps so its pages stay mapped): a pass
+  // needs 4 (fp64: 8) bytes per element of the selecting layers, twice that under lag=1;
+  // with less, the call allocates its own.
+  unsigned char* workspace = nullptr;
+  int64_t workspace_bytes = 0;
 };
 
 // The instruction-set variant of the passes in use: "baseline", "avx2" or "avx512".

@@ -1,4 +1,4 @@
-// The work-list runner and the grow-only scratch buffers shared by the CPU passes.
+// The work-list runner of the CPU passes.
 #pragma once
 #ifndef CBLR_ISA
 #error "included by the isa_*.cpp units only (they name the variant)"
@@ -27,23 +27,6 @@ void with_flag(bool flag, F&& f) {
     f(std::false_type{});
   }
 }
-
-// A buffer reused across calls (fresh pages each step would cost more than the step's
-// work); callers hold scratch_mutex() while they use one.
-class Scratch {
- public:
-  unsigned char* get(int64_t bytes) {
-    if (bytes > size_) {
-      data_.reset(new unsigned char[bytes]);  // uninitialised: untouched pages stay free
-      size_ = bytes;
-    }
-    return data_.get();
-  }
-
- private:
-  std::unique_ptr<unsigned char[]> data_;
-  int64_t size_ = 0;
-};
 
 }  // namespace CBLR_ISA
 }  // namespace cpu

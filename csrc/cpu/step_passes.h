@@ -11,20 +11,18 @@ namespace cpu {
 namespace CBLR_ISA {
 namespace {
 
-std::mutex g_scratch_mutex;
-Scratch g_candidates;  // per selecting layer, n slots: chunk slices of bracket candidates
-Scratch g_quotients;   // lag=1: all quotients of the inputs (the update overwrites w)
-
 struct ChunkResult {
   double w2 = 0, g2 = 0, s2 = 0, d2 = 0;  // d2: CBLR's ‖d(w_t) − d(w_t + s)‖² (s2 its ‖s‖²)
   MedianCounts counts;
 };
 
-// Which layers select a median in this pass, their brackets and scratch slices.
+// Which layers select a median in this pass, their brackets and scratch slices: per
+// selecting layer n slots for the chunks' candidates and, under lag=1, n for all its
+// quotients (the update overwrites w), in the caller's workspace when it is large enough.
 class MedianPlan {
  public:
-  MedianPlan(const std::vector<LayerRef>& layers, const std::vector<char>& selects, bool keep_quotients,
-             double weight_decay, int threads)
+  MedianPlan(const StepConfig& cfg, const std::vector<LayerRef>& layers, const std::vector<char>& selects,
+             bool keep_quotients)
       : selects_(selects), offset_(layers.size(), 0), f32_(layers.size()), f64_(layers.size()) {
     int64_t bytes = 0;
     std::vector<int> selecting;
@@ -35,14 +33,19 @@ class MedianPlan {
       selecting.push_back(int(i));
     }
     if (selecting.empty()) return;
-    candidates_ = g_candidates.get(bytes);
-    if (keep_quotients) quotients_ = g_quotients.get(bytes);
-    parallel_items(int64_t(selecting.size()), threads, kChunk * int64_t(selecting.size()), [&](int64_t k) {
+    const int64_t needed = keep_quotients ? 2 * bytes : bytes;
+    candidates_ = cfg.workspace;
+    if (cfg.workspace_bytes < needed) {
+      owned_.reset(new unsigned char[needed]);  // uninitialised: untouched pages stay free
+      candidates_ = owned_.get();
+    }
+    if (keep_quotients) quotients_ = candidates_ + bytes;
+    parallel_items(int64_t(selecting.size()), cfg.threads, kChunk * int64_t(selecting.size()), [&](int64_t k) {
       const LayerRef& l = layers[selecting[k]];
       dispatch(l.dtype, [&](auto tag) {
         using P = decltype(tag);
         bracket<math_t<P>>(selecting[k]) = make_bracket(static_cast<const P*>(l.w), static_cast<const P*>(l.g),
-                                                        l.n, math_t<P>(weight_decay));
+                                                        l.n, math_t<P>(cfg.weight_decay));
       });
     });
   }
@@ -69,6 +72,7 @@ class MedianPlan {
   std::vector<Bracket<double>> f64_;
   std::vector<Bracket<float>>& brackets(float) { return f32_; }
   std::vector<Bracket<double>>& brackets(double) { return f64_; }
+  std::unique_ptr<unsigned char[]> owned_;
   unsigned char* candidates_ = nullptr;
   unsigned char* quotients_ = nullptr;
 };
@@ -336,8 +340,7 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
                                                     : measurement_due(*l.age, cfg.curvature_interval));
     selects[i] = cfg.rule == RULE_MCLR && full[i] && measured[i];
   }
-  std::lock_guard<std::mutex> lock(g_scratch_mutex);
-  MedianPlan plan(layers, selects, false, cfg.weight_decay, cfg.threads);
+  MedianPlan plan(cfg, layers, selects, false);
   const std::vector<Chunk> chunks = make_chunks(layers);
   std::vector<ChunkResult> results(chunks.size());
   int64_t restored = 0;
@@ -414,8 +417,7 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
     row[STAT_FALLBACK] = ratios[i].fallback ? 1.0f : 0.0f;
   }
   if (skip) return;
-  std::lock_guard<std::mutex> lock(g_scratch_mutex);
-  MedianPlan plan(layers, selects, true, cfg.weight_decay, cfg.threads);
+  MedianPlan plan(cfg, layers, selects, true);
   const std::vector<Chunk> chunks = make_chunks(layers);
   std::vector<ChunkResult> results(chunks.size());
   parallel_items(int64_t(chunks.size()), cfg.threads, total_elements(layers), [&](int64_t k) {
