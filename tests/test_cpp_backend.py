@@ -192,6 +192,30 @@ def test_median_when_the_sample_misleads():
     assert bit_equal(cpp_median(w, g_sorted), torch_median(w, g_sorted))
 
 
+@pytest.mark.parametrize("approx", [False, True])
+def test_median_with_extreme_values(approx):
+    """Subnormal and huge weights, infinite and subnormal gradients, and quotients a few
+    ulps either side of the median, in a layer large enough for the bracketed path
+    (whose AVX-512 variant classifies most quotients without dividing)."""
+    gen = torch.Generator().manual_seed(11)
+    n = 120000
+    w, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    w[1::7] = 1e-40   # subnormal weights: huge quotients
+    w[2::13] = 3e37   # huge weights: tiny quotients
+    g[3::17] = math.inf
+    g[4::19] = 1e-42  # subnormal gradients
+    w[5::23] = -w[5::23]
+    q = (g / w).abs()
+    m = q.median()
+    near = torch.arange(6, n, 29)  # quotients at the median and 1 or 2 ulps away
+    g[near] = (m * w[near].abs()) * (1 + (torch.arange(len(near)) % 5 - 2).float() * 2**-23)
+    assert bit_equal(cpp_median(w, g, 0.0, approx), torch_median(w, g, 0.0, approx))
+    assert bit_equal(cpp_median(w, g, 1e-3, approx), torch_median(w, g, 1e-3, approx))
+    w[7] = math.inf  # ∞/∞: a NaN quotient
+    g[7] = math.inf
+    assert cpp_median(w, g, 0.0, approx).isnan()
+
+
 @pytest.mark.parametrize("rule,lag", [("lars", 0), ("lars", 1), ("mclr", 0), ("mclr", 1), ("cblr", 0)])
 def test_nonfinite_step_is_skipped(rule, lag):
     cls = RULES[rule]

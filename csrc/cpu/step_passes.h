@@ -192,21 +192,10 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, bool check_nonfi
   } else if (!bracket) {
     sum_squares(w, g, n, w2, g2);
   } else {
-    T h[kSumBlock];
     for (int64_t b = 0; b < n; b += kSumBlock) {
       const int64_t m = std::min(kSumBlock, n - b);
-      T bw = 0, bg = 0;  // block sums as in sum_squares (the same norms as without a median)
-#pragma omp simd reduction(+ : bw, bg)
-      for (int64_t j = 0; j < m; ++j) {
-        T wv = load(w[b + j]), gv = load(g[b + j]);
-        bw += wv * wv;
-        bg += gv * gv;
-        T q = curvature_quotient(decayed_grad(gv, wv, weight_decay), wv);
-        h[j] = wv != 0 ? q : kNoQuotient<T>;
-      }
-      w2 += double(bw);
-      g2 += double(bg);
-      collect_block(h, m, *bracket, candidates + c.begin, r.counts);
+      sum_squares(w + b, g + b, m, w2, g2);  // the same norms as without a median
+      collect_quotients(w + b, g + b, m, weight_decay, *bracket, candidates + c.begin, r.counts);  // from L1
     }
   }
   r.w2 = w2;
