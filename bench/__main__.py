@@ -55,6 +55,9 @@ def parse_args(argv=None):
     ap.add_argument("--compile-timeout", type=_positive(float),
                     help="seconds for compiling + timing one torch.compile case before it is recorded as failed "
                          "(default: 60 on CPU, where a 161-tensor step takes minutes to compile, 300 on GPUs)")
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="time steps back to back, without evicting the caches before each (by default every "
+                         "timed call starts cold, as a step after a forward and backward pass does)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and PNG files")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
@@ -131,14 +134,16 @@ def main(argv=None) -> int:
     cases, unavailable = all_cases(device, compile_reference=not (args.quick or args.no_compile),
                                    only_backends=args.backend)
 
-    copy = timing.copy_bandwidth(device, 128 if args.quick else 512, budget)
+    flush = None if args.warm_cache else timing.CacheFlush(device)
+    copy = timing.copy_bandwidth(device, 128 if args.quick else 512, budget, flush)
     meta = {
         "device": device.type, "device_name": device_name(device), "torch_version": torch.__version__,
         "cblr_ext_version": cblr_ext.__version__, "git_revision": git_revision(), "threads": torch.get_num_threads(),
         "python": platform.python_version(), "created": datetime.datetime.now().isoformat(timespec="seconds"),
         # Other work on the machine distorts timings (bench/README.md): the 1-min load at start.
         "load_average_start": _load_average(),
-        "quick": args.quick, "small": args.small or args.quick, "budget": vars(budget), "copy_bandwidth": copy,
+        "quick": args.quick, "small": args.small or args.quick, "budget": vars(budget),
+        "cache_flush_bytes": flush.bytes if flush else 0, "copy_bandwidth": copy,
         "backends_unavailable": unavailable,
         "cpp_kernel_isa": cpp_kernel_isa() if device.type == "cpu" and "cpp" not in unavailable else None,
         "suites": {s.name: {"tensors": len(s), "numel": s.numel, "description": s.description} for s in chosen},
@@ -163,12 +168,13 @@ def main(argv=None) -> int:
                     if case.isolated and (case.optimizer, case.variant) in compile_timed_out:
                         result = {"error": compile_timed_out[case.optimizer, case.variant]}
                     elif case.isolated:
-                        result = runner.measure_isolated(case, suite, dtype, device, budget, compile_timeout)
+                        result = runner.measure_isolated(case, suite, dtype, device, budget, compile_timeout,
+                                                         cold=flush is not None)
                         if result.get("error", "").startswith("timed out"):
                             compile_timed_out[case.optimizer, case.variant] = (
                                 f"skipped: timed out on {suite.name} {dtype_name} already")
                     else:
-                        result = runner.measure(case, params, grad_sets, budget, device)
+                        result = runner.measure(case, params, grad_sets, budget, device, flush)
                 except Exception as exc:  # one failing implementation must not end the run
                     result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 records.append(_record(suite, dtype_name, dtype, case, result))

@@ -38,19 +38,20 @@ def build(case, params_master, grad_sets):
     return case.build(params, grad_sets)
 
 
-def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch.device) -> dict:
-    """Timings of ``case``'s step, starting from the given parameters and gradients."""
+def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch.device, flush=None) -> dict:
+    """Timings of ``case``'s step, starting from the given parameters and gradients,
+    each call with cold caches when ``flush`` (timing.CacheFlush) is given."""
     step = build(case, params_master, grad_sets)
     sync = timing.synchronizer(device)
     start = time.perf_counter()
     step.run()  # the first call compiles (torch.compile) and allocates state
     sync()
     first_call_s = time.perf_counter() - start
-    out = timing.summarize(timing.sample(step.run, budget, device))
+    out = timing.summarize(timing.sample(step.run, budget, device, flush))
     out["first_call_s"] = first_call_s
     if step.closure is not None:
         # The optimizer's own work: subtract the gradient-writing closure calls.
-        closure_ms = timing.summarize(timing.sample(step.closure, budget, device))["median_ms"]
+        closure_ms = timing.summarize(timing.sample(step.closure, budget, device, flush))["median_ms"]
         cost = step.closure_calls * closure_ms
         out.update(with_closure_ms=out["median_ms"], closure_ms=closure_ms, closure_calls=step.closure_calls)
         for key in ("median_ms", "q1_ms", "q3_ms", "min_ms"):
@@ -58,7 +59,7 @@ def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch
     return out
 
 
-def _child(conn, case_key, suite, dtype, device, budget, torch_threads):
+def _child(conn, case_key, suite, dtype, device, budget, torch_threads, cold):
     from .cases import all_cases, find  # imported here: the child is a fresh interpreter
     torch.set_num_threads(torch_threads)
     # Graph breaks in the reference backend (host reads) are expected: no warnings per break.
@@ -66,7 +67,7 @@ def _child(conn, case_key, suite, dtype, device, budget, torch_threads):
     try:
         case = find(all_cases(device, compile_reference=True)[0], case_key)
         params, grad_sets = make_tensors(suite, dtype, device)
-        conn.send(measure(case, params, grad_sets, budget, device))
+        conn.send(measure(case, params, grad_sets, budget, device, timing.CacheFlush(device) if cold else None))
     except Exception as exc:  # reported as the record's error
         conn.send({"error": f"{type(exc).__name__}: {exc}".strip()[:500],
                    "traceback": traceback.format_exc(limit=3)[-2000:]})
@@ -74,12 +75,12 @@ def _child(conn, case_key, suite, dtype, device, budget, torch_threads):
         conn.close()
 
 
-def measure_isolated(case, suite, dtype, device, budget: timing.Budget, timeout_s: float) -> dict:
+def measure_isolated(case, suite, dtype, device, budget: timing.Budget, timeout_s: float, cold: bool = True) -> dict:
     """``measure`` in a child process (same seeded tensors), killed after ``timeout_s``."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, case.key, suite, dtype, device, budget,
-                                            torch.get_num_threads()), daemon=True)
+                                            torch.get_num_threads(), cold), daemon=True)
     proc.start()
     child.close()
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -33,8 +34,36 @@ def synchronizer(device: torch.device):
     return lambda: None
 
 
-def sample(fn, budget: Budget, device: torch.device) -> list:
-    """Seconds per call of ``fn`` (no arguments), one entry per timed call."""
+def last_level_cache_bytes(device: torch.device) -> int:
+    """The largest cache's size: the GPU's L2, or the CPU's last level (Linux sysfs;
+    64 MiB where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).L2_cache_size
+    sizes = []
+    for entry in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = entry.read_text().strip().upper()
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        sizes.append(int(text.rstrip("KMG")) * scale)
+    return max(sizes, default=64 * 2**20)
+
+
+class CacheFlush:
+    """Called before each timed call, untimed: rewrites a buffer twice the size of the
+    largest cache.  In training the forward and backward passes stream far more than
+    the caches hold between two optimizer steps, so every step starts cold; timed back
+    to back, a step whose data happen to fit in the cache would look faster than it is."""
+
+    def __init__(self, device: torch.device):
+        self.bytes = 2 * last_level_cache_bytes(device)
+        self._buffer = torch.zeros(self.bytes, dtype=torch.uint8, device=device)
+
+    def __call__(self):
+        self._buffer.add_(1)
+
+
+def sample(fn, budget: Budget, device: torch.device, flush=None) -> list:
+    """Seconds per call of ``fn`` (no arguments), one entry per timed call; ``flush``
+    (untimed) runs before each."""
     sync = synchronizer(device)
     for _ in range(budget.warmup):
         fn()
@@ -43,6 +72,9 @@ def sample(fn, budget: Budget, device: torch.device) -> list:
     deadline = time.perf_counter() + budget.seconds
     while len(samples) < budget.max_samples and (
             len(samples) < budget.min_samples or time.perf_counter() < deadline):
+        if flush is not None:
+            flush()
+            sync()
         start = time.perf_counter()
         fn()
         sync()
@@ -58,13 +90,13 @@ def summarize(samples: list) -> dict:
             "min_ms": min(ms), "samples": len(ms)}
 
 
-def copy_bandwidth(device: torch.device, megabytes: int, budget: Budget) -> dict:
+def copy_bandwidth(device: torch.device, megabytes: int, budget: Budget, flush=None) -> dict:
     """Achievable memory bandwidth: ``dst.copy_(src)`` on a buffer larger than the
     caches, counting 2 × size bytes (one read, one write) per copy."""
     numel = megabytes * 2**20 // 4
     src = torch.ones(numel, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)  # touched: no page faults in the timed copies
-    stats = summarize(sample(lambda: dst.copy_(src), budget, device))
+    stats = summarize(sample(lambda: dst.copy_(src), budget, device, flush))
     stats["buffer_mb"] = megabytes
     stats["gbps"] = 2 * numel * 4 / (stats["median_ms"] * 1e-3) / 1e9
     return stats
