@@ -20,7 +20,9 @@ from torch import Tensor
 # Pass 1 measures the current inputs (w_t, g_t); under lag=1, ``apply`` takes
 # ‖w‖, ‖g‖ and κ from the previous step's inputs instead (state["lagged"]).
 # A fused backend may leave κ NaN where the layer does not measure, and the norms
-# NaN where a lag=1 stash replaces them: only its own ``apply`` reads the columns.
+# NaN where a lag=1 stash replaces them or the layer does not measure (its ``apply``
+# then takes them during the update, or first where the ratio falls back): only its
+# own ``apply`` reads the columns.
 RED_W_NORM, RED_G_NORM, RED_KAPPA, RED_MEASURED, RED_NONFINITE = range(5)
 REDUCTION_COLUMNS = 5
 

@@ -122,7 +122,7 @@ def test_parity_with_reference(cfg):
             assert max_rel_diff([a.nan_to_num()], [b.nan_to_num()]) <= 1e-4, key
     stats_ref, stats_got = ref_opt.layer_stats(), got_opt.layer_stats()
     for name in stats_ref:
-        for col in ("ratio", "alpha", "kappa", "step_norm"):
+        for col in ("ratio", "alpha", "kappa", "step_norm", "w_norm", "g_norm"):
             a, b = stats_ref[name][col], stats_got[name][col]
             assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-12), (name, col)
         assert stats_ref[name]["fallback"] == stats_got[name]["fallback"]
@@ -233,6 +233,13 @@ def test_nonfinite_step_is_skipped(rule, lag):
     assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() and torch.equal(a.nan_to_num(), b.nan_to_num())
                for a, b in zip(before, after))
     assert got_opt.skipped_steps == ref_opt.skipped_steps == 1
+    # The skipped step still reports every layer's norms (read before the skip decision
+    # where pass 1 left them to the update pass).
+    stats_ref, stats_got = ref_opt.layer_stats(), got_opt.layer_stats()
+    for name in stats_ref:
+        for col in ("w_norm", "g_norm"):
+            a, b = stats_ref[name][col], stats_got[name][col]
+            assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-12), (name, col)
     # And the run goes on as the reference does.
     train(cls, "reference", steps=3, params=ref, opt=ref_opt, start=3)
     train(cls, "cpp", steps=3, params=got, opt=got_opt, start=3)

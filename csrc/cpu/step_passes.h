@@ -180,15 +180,16 @@ void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
 }
 
 template <typename P>
-void reduce_chunk(const LayerRef& l, const Chunk& c, bool full, bool check_nonfinite, const Bracket<math_t<P>>* bracket,
+void reduce_chunk(const LayerRef& l, const Chunk& c, bool read_w, bool read_g, const Bracket<math_t<P>>* bracket,
                   math_t<P>* candidates, math_t<P> weight_decay, ChunkResult& r) {
   using T = math_t<P>;
   const P* w = static_cast<const P*>(l.w) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
   const int64_t n = c.end - c.begin;
   double w2 = 0, g2 = 0;
-  if (!full) {  // lag=1 stash present: only the non-finite check, over g (when wanted)
-    if (check_nonfinite) sum_squares(g, g, n, g2, g2);
+  if (!read_w) {  // ‖g‖ and the non-finite check only (when wanted)
+    double unused = 0;
+    if (read_g) sum_squares(g, g, n, unused, g2);
   } else if (!bracket) {
     sum_squares(w, g, n, w2, g2);
   } else {
@@ -321,13 +322,19 @@ void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk&
 
 void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red) {
   const size_t count = layers.size();
-  std::vector<char> full(count), measured(count), selects(count);
+  std::vector<char> full(count), measured(count), selects(count), read_w(count), read_g(count);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
     full[i] = !(cfg.lag && l.lagged_valid);
     measured[i] = l.adapt && (cfg.rule == RULE_CBLR ? l.measures
                                                     : measurement_due(*l.age, cfg.curvature_interval));
     selects[i] = cfg.rule == RULE_MCLR && full[i] && measured[i];
+    // Before the update ‖w‖ and ‖g‖ matter only to a measurement and to the fallback: a
+    // layer that does not measure reads g alone here, for the non-finite check (and ‖g‖),
+    // the update pass measures its norms for the statistics, and apply reads them first
+    // only where the ratio falls back.  (A CBLR probe reads w_t anyway, to restore it.)
+    read_w[i] = full[i] && (measured[i] || l.shifted);
+    read_g[i] = read_w[i] || cfg.check_nonfinite;
   }
   MedianPlan plan(cfg, layers, selects, false);
   const std::vector<Chunk> chunks = make_chunks(layers);
@@ -347,7 +354,7 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
         });
         if (stream) stream_fence();
       } else {
-        reduce_chunk<P>(l, c, full[c.layer], cfg.check_nonfinite, plan.collecting<T>(c.layer),
+        reduce_chunk<P>(l, c, read_w[c.layer], read_g[c.layer], plan.collecting<T>(c.layer),
                         plan.candidates<T>(c.layer), T(cfg.weight_decay), results[k]);
       }
     });
@@ -358,8 +365,8 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
   const float nan = std::nanf("");
   for (size_t i = 0; i < count; ++i) {
     float* row = red + i * RED_COLUMNS;
-    const float w_norm = full[i] ? float(std::sqrt(sums[i].w2)) : nan;
-    const float g_norm = full[i] ? float(std::sqrt(sums[i].g2)) : nan;
+    const float w_norm = read_w[i] ? float(std::sqrt(sums[i].w2)) : nan;
+    const float g_norm = full[i] && read_g[i] ? float(std::sqrt(sums[i].g2)) : nan;
     float kappa = nan;
     if (cfg.rule == RULE_LARS) {
       kappa = lars_kappa(w_norm, g_norm, cfg.ratio.weight_decay, cfg.ratio.eps);
@@ -377,28 +384,69 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
   }
 }
 
+// ‖w‖² and ‖g‖² of the chosen layers, read before anything is written (the fallback's
+// norms where pass 1 did not take them, and the statistics of a skipped step).
+std::vector<LayerSums> input_norms(const StepConfig& cfg, const std::vector<LayerRef>& layers,
+                                   const std::vector<char>& chosen) {
+  const std::vector<Chunk> chunks = make_chunks(layers);
+  std::vector<ChunkResult> results(chunks.size());
+  int64_t elements = 0;
+  for (size_t i = 0; i < layers.size(); ++i) elements += chosen[i] ? layers[i].n : 0;
+  parallel_items(int64_t(chunks.size()), cfg.threads, elements, [&](int64_t k) {
+    const Chunk& c = chunks[k];
+    if (!chosen[c.layer]) return;
+    const LayerRef& l = layers[c.layer];
+    dispatch(l.dtype, [&](auto tag) {
+      using P = decltype(tag);
+      sum_squares(static_cast<const P*>(l.w) + c.begin, static_cast<const P*>(l.g) + c.begin, c.end - c.begin,
+                  results[k].w2, results[k].g2);
+    });
+  });
+  return sum_chunks(layers.size(), chunks, results);
+}
+
 void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
                   bool skip, float lr, float* stats) {
   const size_t count = layers.size();
   std::vector<LayerRatio> ratios(count);
-  std::vector<float> alphas(count), new_ages(count);
-  std::vector<char> selects(count);
+  std::vector<float> alphas(count), new_ages(count), norms(2 * count);
+  std::vector<char> selects(count), unmeasured(count), read_first(count);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
     const float* r = red + i * RED_COLUMNS;
     // lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
     const float* inputs = cfg.lag && l.lagged_valid ? l.lagged : r;
+    norms[2 * i] = inputs[RED_W_NORM];
+    norms[2 * i + 1] = inputs[RED_G_NORM];
+    // Pass 1 left the norms out (the layer does not measure): the update pass takes them.
+    unmeasured[i] = inputs == r && std::isnan(r[RED_W_NORM]);
     const bool measured = r[RED_MEASURED] > 0;
-    ratios[i] = layer_ratio(inputs[RED_KAPPA], measured, *l.kappa, inputs[RED_W_NORM], inputs[RED_G_NORM],
-                            l.adapt, cfg.ratio);
+    ratios[i] = layer_ratio(inputs[RED_KAPPA], measured, *l.kappa, norms[2 * i], norms[2 * i + 1], l.adapt,
+                            cfg.ratio);
+    read_first[i] = unmeasured[i] && (ratios[i].fallback || skip);
+  }
+  if (std::find(read_first.begin(), read_first.end(), 1) != read_first.end()) {
+    const std::vector<LayerSums> first = input_norms(cfg, layers, read_first);
+    for (size_t i = 0; i < count; ++i) {
+      if (!read_first[i]) continue;
+      norms[2 * i] = float(std::sqrt(first[i].w2));
+      norms[2 * i + 1] = float(std::sqrt(first[i].g2));
+      unmeasured[i] = false;
+      const float* r = red + i * RED_COLUMNS;
+      ratios[i] = layer_ratio(r[RED_KAPPA], r[RED_MEASURED] > 0, *layers[i].kappa, norms[2 * i], norms[2 * i + 1],
+                              layers[i].adapt, cfg.ratio);
+    }
+  }
+  for (size_t i = 0; i < count; ++i) {
+    const LayerRef& l = layers[i];
     alphas[i] = lr * ratios[i].ratio;
-    new_ages[i] = next_age(*l.age, measured);
+    new_ages[i] = next_age(*l.age, red[i * RED_COLUMNS + RED_MEASURED] > 0);
     // The stash needs a median only where the next step will measure.
     selects[i] = cfg.lag && cfg.rule == RULE_MCLR && l.adapt &&
                  measurement_due(new_ages[i], cfg.curvature_interval);
     float* row = stats + i * STAT_COLUMNS;
-    row[STAT_W_NORM] = inputs[RED_W_NORM];
-    row[STAT_G_NORM] = inputs[RED_G_NORM];
+    row[STAT_W_NORM] = norms[2 * i];
+    row[STAT_G_NORM] = norms[2 * i + 1];
     row[STAT_STEP_NORM] = 0.0f;
     row[STAT_KAPPA] = ratios[i].used;
     row[STAT_RATIO] = ratios[i].ratio;
@@ -412,7 +460,7 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
   parallel_items(int64_t(chunks.size()), cfg.threads, total_elements(layers), [&](int64_t k) {
     const Chunk& c = chunks[k];
     const LayerRef& l = layers[c.layer];
-    const int lag = !cfg.lag ? 0 : plan.selects(c.layer) ? 2 : 1;
+    const int lag = plan.selects(c.layer) ? 2 : cfg.lag || unmeasured[c.layer] ? 1 : 0;
     dispatch(l.dtype, [&](auto tag) {
       apply_chunk_dispatch<decltype(tag)>(cfg, l, c, alphas[c.layer], lag, plan, results[k]);
     });
@@ -422,7 +470,12 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
                                                       cfg.threads);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
-    stats[i * STAT_COLUMNS + STAT_STEP_NORM] = float(std::sqrt(sums[i].s2));
+    float* row = stats + i * STAT_COLUMNS;
+    row[STAT_STEP_NORM] = float(std::sqrt(sums[i].s2));
+    if (unmeasured[i]) {
+      row[STAT_W_NORM] = float(std::sqrt(sums[i].w2));
+      row[STAT_G_NORM] = float(std::sqrt(sums[i].g2));
+    }
     *l.kappa = ratios[i].new_bar;
     *l.age = new_ages[i];
     if (cfg.lag) {
