@@ -7,12 +7,14 @@ from cblr_ext import CBLR
 from cblr_ext.backends import reference
 
 
-def setup(curvature_interval, momentum=0.9, nesterov=False):
+def setup(curvature_interval, momentum=0.9, nesterov=False, backend="reference", group_per_layer=False):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 2))
     x, y = torch.randn(16, 5), torch.randn(16, 2)
-    opt = CBLR(model.parameters(), lr=0.1, momentum=momentum, nesterov=nesterov,
-               curvature_interval=curvature_interval, backend="reference")
+    params = ([{"params": model[0].parameters()}, {"params": model[2].parameters()}] if group_per_layer
+              else model.parameters())
+    opt = CBLR(params, lr=0.1, momentum=momentum, nesterov=nesterov, curvature_interval=curvature_interval,
+               backend=backend)
     seen = []
 
     def closure():
@@ -123,17 +125,7 @@ def test_a_pass_1_that_fails_after_the_probe_leaves_w_as_it_was(backend, monkeyp
     """Pass 1 restores w_t; when it raises for one group, that group and the ones after
     it are restored by the optimizer, bit for bit."""
     from cblr_ext import backends
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.ReLU(), torch.nn.Linear(7, 2))
-    x, y = torch.randn(16, 5), torch.randn(16, 2)
-    opt = CBLR([{"params": model[0].parameters()}, {"params": model[2].parameters()}], lr=0.1, momentum=0.9,
-               backend=backend)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        loss.backward()
-        return loss
+    model, opt, closure, _ = setup(1, backend=backend, group_per_layer=True)
     opt.step(closure)
     w_t = [p.detach().clone() for p in model.parameters()]
     module = backends.get(backend, torch.device("cpu"))

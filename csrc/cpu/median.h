@@ -11,13 +11,8 @@
 // same pass, then a count per bf16 bin over the candidates instead of the selection.
 // Any NaN quotient makes the median NaN, as torch.median does.
 #pragma once
-#ifndef CBLR_ISA
-#error "included by the isa_*.cpp units only (they name the variant)"
-#endif
 
-namespace cblr {
-namespace cpu {
-namespace CBLR_ISA {
+namespace cblr::cpu::CBLR_ISA {  // one instruction-set variant (isa_unit.h)
 
 constexpr int64_t kDirectLimit = 16384;  // layers up to this size select directly
 constexpr int64_t kSampleRuns = 256, kRunLength = 16;
@@ -324,6 +319,4 @@ T finish_median(const Bracket<T>& b, const MedianCounts& c,
   return select_lower_median(cand, all_quotients(cand));
 }
 
-}  // namespace CBLR_ISA
-}  // namespace cpu
-}  // namespace cblr
+}  // namespace cblr::cpu::CBLR_ISA

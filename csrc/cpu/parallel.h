@@ -1,12 +1,7 @@
 // The work-list runner of the CPU passes.
 #pragma once
-#ifndef CBLR_ISA
-#error "included by the isa_*.cpp units only (they name the variant)"
-#endif
 
-namespace cblr {
-namespace cpu {
-namespace CBLR_ISA {
+namespace cblr::cpu::CBLR_ISA {  // one instruction-set variant (isa_unit.h)
 
 // Runs f(item) for item in [0, count) on up to `threads` threads, one item at a time
 // (dynamic: chunks of one layer and whole small layers mix well).  Calls with less
@@ -28,6 +23,4 @@ void with_flag(bool flag, F&& f) {
   }
 }
 
-}  // namespace CBLR_ISA
-}  // namespace cpu
-}  // namespace cblr
+}  // namespace cblr::cpu::CBLR_ISA

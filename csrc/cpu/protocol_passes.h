@@ -2,13 +2,8 @@
 // keeps w_t, and bit-exact copies (the restore when the closure fails; pass 1 restores
 // and measures the secant otherwise, step_passes.h).
 #pragma once
-#ifndef CBLR_ISA
-#error "included by the isa_*.cpp units only (they name the variant)"
-#endif
 
-namespace cblr {
-namespace cpu {
-namespace CBLR_ISA {
+namespace cblr::cpu::CBLR_ISA {  // one instruction-set variant (isa_unit.h)
 
 void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& dst,
                  const std::vector<int64_t>& bytes, int threads) {
@@ -57,6 +52,4 @@ void shift_layers(const std::vector<ShiftLayer>& layers, int threads) {
   });
 }
 
-}  // namespace CBLR_ISA
-}  // namespace cpu
-}  // namespace cblr
+}  // namespace cblr::cpu::CBLR_ISA

@@ -2,13 +2,8 @@
 // apply (ratio and update, pass 2), with the MCLR median riding along whichever
 // pass streams the inputs (median.h).
 #pragma once
-#ifndef CBLR_ISA
-#error "included by the isa_*.cpp units only (they name the variant)"
-#endif
 
-namespace cblr {
-namespace cpu {
-namespace CBLR_ISA {
+namespace cblr::cpu::CBLR_ISA {  // one instruction-set variant (isa_unit.h)
 namespace {
 
 struct ChunkResult {
@@ -489,6 +484,4 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
   }
 }
 
-}  // namespace CBLR_ISA
-}  // namespace cpu
-}  // namespace cblr
+}  // namespace cblr::cpu::CBLR_ISA

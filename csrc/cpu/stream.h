@@ -2,13 +2,8 @@
 // parameter sets): non-temporal stores skip reading each destination line first, so a
 // copy moves 2 bytes per byte instead of 3.  Plain copies where SSE2 is missing.
 #pragma once
-#ifndef CBLR_ISA
-#error "included by the isa_*.cpp units only (they name the variant)"
-#endif
 
-namespace cblr {
-namespace cpu {
-namespace CBLR_ISA {
+namespace cblr::cpu::CBLR_ISA {  // one instruction-set variant (isa_unit.h)
 
 // Calls moving more than this stream their copies: too large to be read back from cache.
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
@@ -48,6 +43,4 @@ inline void copy_bytes(void* dst, const void* src, int64_t bytes, bool stream) {
   }
 }
 
-}  // namespace CBLR_ISA
-}  // namespace cpu
-}  // namespace cblr
+}  // namespace cblr::cpu::CBLR_ISA
