@@ -107,6 +107,23 @@ bool optional_companion(const OptionalTensors& list, size_t i, const Tensor& par
   return true;
 }
 
+// Layer i's parameter, gradient, age and flags, checked: what both passes read.
+LayerRef layer_inputs(at::TensorList params, at::TensorList grads, at::TensorList ages, const c10::List<bool>& adapt,
+                      const c10::List<bool>& lagged_valid, size_t i) {
+  check_param(params[i], i);
+  check_companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
+  check_scalar_state(ages[i], 1, "age", i);
+  LayerRef l;
+  l.dtype = dtype_of(params[i]);
+  l.n = params[i].numel();
+  l.w = params[i].data_ptr();
+  l.g = grads[i].data_ptr();
+  l.age = ages[i].data_ptr<float>();
+  l.adapt = adapt.get(i);
+  l.lagged_valid = lagged_valid.get(i);
+  return l;
+}
+
 Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages,
               c10::List<bool> adapt, c10::List<bool> lagged_valid, const OptionalTensors& saved,
               const OptionalTensors& probe_grads, const OptionalTensors& steps, double weight_decay, double eps,
@@ -125,17 +142,7 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
   use_workspace(workspace, cfg);
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
-    check_param(params[i], i);
-    check_companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
-    check_scalar_state(ages[i], 1, "age", i);
-    LayerRef& l = layers[i];
-    l.dtype = dtype_of(params[i]);
-    l.n = params[i].numel();
-    l.w = params[i].data_ptr();
-    l.g = grads[i].data_ptr();
-    l.age = ages[i].data_ptr<float>();
-    l.adapt = adapt.get(i);
-    l.lagged_valid = lagged_valid.get(i);
+    LayerRef& l = layers[i] = layer_inputs(params, grads, ages, adapt, lagged_valid, i);
     l.shifted = optional_companion(saved, i, params[i], params[i].scalar_type(), "saved parameter", l.saved);
     l.measures = optional_companion(probe_grads, i, params[i], params[i].scalar_type(), "probe gradient", l.probe_g);
     const bool has_step = optional_companion(steps, i, params[i], state_dtype(params[i]), "step", l.step);
@@ -176,11 +183,9 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
                                       max_ratio.value_or(0.0), weight_decay, eps, fallback_trust);
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
-    check_param(params[i], i);
-    check_companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
+    LayerRef& l = layers[i] = layer_inputs(params, grads, ages, adapt, lagged_valid, i);
     check_scalar_state(kappas[i], 1, "kappa", i);
-    check_scalar_state(ages[i], 1, "age", i);
-    LayerRef& l = layers[i];
+    l.kappa = kappas[i].data_ptr<float>();
     if (!momentum_buffers.empty()) {
       check_companion(params[i], momentum_buffers[i], state_dtype(params[i]), "momentum buffer", i);
       l.v = momentum_buffers[i].data_ptr();
@@ -193,14 +198,6 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
       check_scalar_state(lagged[i], 3, "lag stash", i);
       l.lagged = lagged[i].data_ptr<float>();
     }
-    l.dtype = dtype_of(params[i]);
-    l.n = params[i].numel();
-    l.w = params[i].data_ptr();
-    l.g = grads[i].data_ptr();
-    l.kappa = kappas[i].data_ptr<float>();
-    l.age = ages[i].data_ptr<float>();
-    l.adapt = adapt.get(i);
-    l.lagged_valid = lagged_valid.get(i);
   }
   Tensor stats = at::empty({int64_t(count), cblr::cpu::STAT_COLUMNS}, at::kFloat);
   cblr::cpu::apply_layers(cfg, layers, red.data_ptr<float>(), found_inf.item<bool>(), lr.item<float>(),
