@@ -40,7 +40,8 @@ class Traffic:
 UPDATE = "update: read w, g, v; write w, v"
 TRAFFIC = {
     ("SGD", ""): Traffic(3, 2, UPDATE),
-    ("LARS", "lag=0"): Traffic(5, 2, "norms pass: read w, g; " + UPDATE),
+    ("LARS", "lag=0"): Traffic(4, 2, "pass 1: read g (‖w‖ from the last update); " + UPDATE
+                               + " (‖w‖ of the result on the fly)"),
     ("LARS", "lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms for the next step on the fly)"),
     ("LARS", "lag=1,no-skip"): Traffic(3, 2, UPDATE + " (norms for the next step on the fly; skip_nonfinite=False: "
                                        "no pass 1)"),
@@ -48,7 +49,8 @@ TRAFFIC = {
     ("MCLR", "approx"): Traffic(5, 2, "median pass: read w, g (histogram on chip); " + UPDATE),
     ("MCLR", "exact,lag=1"): Traffic(4, 4, "non-finite check: read g; " + UPDATE + "; write + read quotients"),
     ("MCLR", "approx,lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (histogram on the fly)"),
-    ("CBLR", "reuse"): Traffic(5, 2, "norms pass: read w, g; " + UPDATE + " (closure's grad write not counted)"),
+    ("CBLR", "reuse"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms on the fly; closure's grad "
+                                "write not counted)"),
     ("CBLR", "re-measure"): Traffic(10, 4, "shift: read w, s, write the copy of w and w + s; pass 1: read "
                                     "the copy, g, g(w+s), s, write w (restore; norms and secant on the way); "
                                     + UPDATE + " (g is set aside, not copied; closures' grad writes not counted)"),

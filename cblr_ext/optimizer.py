@@ -14,7 +14,7 @@ from .hyperparams import RULE_DEFAULTS, validate_group
 class LayerwiseOptimizer(Optimizer):
     """Shared implementation; subclasses set ``rule``.
 
-    Args (every one but ``skip_nonfinite`` may be overridden per param group,
+    Args (every one but ``skip_nonfinite`` and ``reuse_weight_norm`` may be overridden per param group,
     plus ``adapt``):
         lr: γ, a float or a 0-d tensor.
         momentum, weight_decay, nesterov: as in ``torch.optim.SGD`` (dampening 0).
@@ -28,6 +28,11 @@ class LayerwiseOptimizer(Optimizer):
         lag: 1 = LARS/MCLR measure on the previous step's inputs (one-pass variant).
         median: "exact" or "approx" (MCLR; see ``layer_math.lower_median``).
         skip_nonfinite: skip the whole step when any gradient holds NaN/Inf.
+        reuse_weight_norm: LARS on the cpp backend takes ‖w_t‖ from the previous step's
+            update pass (which measures its result) where the parameter has not changed
+            since, as its version counter tells: pass 1 then reads g alone.  Writes through
+            ``.data`` (or memory shared outside torch) bypass the counter, as they bypass
+            autograd's checks: pass False if the training loop changes parameters that way.
         backend: "auto", "reference", "cpp", "triton" or "cuda".
     """
 
@@ -36,7 +41,7 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=None,
                  eps=1e-8, nesterov=False, exclude_1d=True, curvature_ema=None, max_ratio=None,
                  fallback_trust=1e-3, skip_nonfinite=True, backend="auto", curvature_interval=1,
-                 lag=0, median="exact", adapt=True):
+                 lag=0, median="exact", adapt=True, reuse_weight_norm=True):
         rule_defaults = RULE_DEFAULTS[self.rule]
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -46,6 +51,7 @@ class LayerwiseOptimizer(Optimizer):
             max_ratio=max_ratio, fallback_trust=fallback_trust, backend=backend,
             curvature_interval=curvature_interval, lag=lag, median=median, adapt=adapt)
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.reuse_weight_norm = bool(reuse_weight_norm)
         self._skipped_steps = 0
         self._stats = []
         # CBLR: .grad buffers of the probe closure and copies of w_t, reused every probe.
@@ -72,6 +78,7 @@ class LayerwiseOptimizer(Optimizer):
         self.__dict__.setdefault("_probe_grads", {})
         self.__dict__.setdefault("_probe_saved", {})
         self.__dict__.setdefault("_workspace", {})
+        self.__dict__.setdefault("reuse_weight_norm", True)
 
     # ----------------------------------------------------------------- step
 
@@ -116,6 +123,7 @@ class LayerwiseOptimizer(Optimizer):
             hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
             # Backends may skip the non-finite check when nothing acts on it (lag=1: no pass 1).
             hp["skip_nonfinite"] = self.skip_nonfinite
+            hp["reuse_weight_norm"] = self.reuse_weight_norm
             batches.append(LayerBatch(self.rule, params, [p.grad for p in params],
                                       [self.state[p] for p in params], adapt, hp, names=names,
                                       workspace=self._workspace))

@@ -95,6 +95,15 @@ void use_workspace(const std::optional<Tensor>& workspace, cblr::cpu::StepConfig
   cfg.workspace_bytes = workspace->numel();
 }
 
+// A per-layer fp32 column ([layers] contiguous CPU), or null.
+float* layer_norms(const std::optional<Tensor>& norms, size_t layers, const char* what) {
+  if (!norms.has_value()) return nullptr;
+  TORCH_CHECK(norms->device().is_cpu() && norms->scalar_type() == at::kFloat && norms->is_contiguous() &&
+                  norms->dim() == 1 && norms->size(0) == int64_t(layers),
+              "cblr_ext cpp backend: ", what, " must be a contiguous CPU fp32 tensor of ", layers, " elements");
+  return norms->data_ptr<float>();
+}
+
 // Entry i of an optional per-layer list (empty list: none), checked like a companion;
 // false where there is none.
 bool optional_companion(const OptionalTensors& list, size_t i, const Tensor& param, at::ScalarType dtype,
@@ -128,7 +137,7 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
               c10::List<bool> adapt, c10::List<bool> lagged_valid, const OptionalTensors& saved,
               const OptionalTensors& probe_grads, const OptionalTensors& steps, double weight_decay, double eps,
               int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite,
-              const std::optional<Tensor>& workspace) {
+              const std::optional<Tensor>& workspace, const std::optional<Tensor>& w_norms) {
   const size_t count = params.size();
   check_count(grads.size(), count, "gradients", false);
   check_count(ages.size(), count, "ages", false);
@@ -140,6 +149,7 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
   cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
   cfg.check_nonfinite = check_nonfinite;
   use_workspace(workspace, cfg);
+  const float* known_w_norms = layer_norms(w_norms, count, "w_norms");
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
     LayerRef& l = layers[i] = layer_inputs(params, grads, ages, adapt, lagged_valid, i);
@@ -149,6 +159,7 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
     TORCH_CHECK(!l.measures || (l.shifted && has_step), "cblr_ext cpp backend: layer ", i,
                 " has a probe gradient but no saved parameter or step");
     TORCH_CHECK(!l.shifted || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
+    if (known_w_norms) l.known_w_norm = known_w_norms[i];
   }
   Tensor red = at::empty({int64_t(count), cblr::cpu::RED_COLUMNS}, at::kFloat);
   cblr::cpu::reduce_layers(cfg, layers, red.data_ptr<float>());
@@ -161,7 +172,7 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
              const Tensor& red, const Tensor& found_inf, const Tensor& lr, double momentum, bool nesterov,
              double weight_decay, double eps, double trust_coefficient, double curvature_ema,
              std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag,
-             bool approx_median, const std::optional<Tensor>& workspace) {
+             bool approx_median, const std::optional<Tensor>& workspace, const std::optional<Tensor>& next_w_norms) {
   const size_t count = params.size();
   check_count(grads.size(), count, "gradients", false);
   check_count(momentum_buffers.size(), count, "momentum buffers", true);
@@ -179,6 +190,7 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
   cfg.momentum = momentum;
   cfg.nesterov = nesterov;
   use_workspace(workspace, cfg);
+  float* next_norms = layer_norms(next_w_norms, count, "next_w_norms");
   cfg.ratio = cblr::make_ratio_params(trust_coefficient, curvature_ema, max_ratio.has_value(),
                                       max_ratio.value_or(0.0), weight_decay, eps, fallback_trust);
   std::vector<LayerRef> layers(count);
@@ -198,6 +210,7 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
       check_scalar_state(lagged[i], 3, "lag stash", i);
       l.lagged = lagged[i].data_ptr<float>();
     }
+    if (next_norms) l.next_w_norm = next_norms + i;
   }
   Tensor stats = at::empty({int64_t(count), cblr::cpu::STAT_COLUMNS}, at::kFloat);
   cblr::cpu::apply_layers(cfg, layers, red.data_ptr<float>(), found_inf.item<bool>(), lr.item<float>(),
@@ -243,13 +256,13 @@ TORCH_LIBRARY(cblr_ext, m) {
   m.def("reduce(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, bool[] lagged_valid, "
         "Tensor?[] saved, Tensor?[] probe_grads, Tensor?[] steps, float weight_decay, float eps, "
         "int curvature_interval, bool lag, bool approx_median, bool check_nonfinite=True, "
-        "Tensor(z!)? workspace=None) -> Tensor");
+        "Tensor(z!)? workspace=None, Tensor? w_norms=None) -> Tensor");
   m.def("apply(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, bool[] adapt, "
         "bool[] lagged_valid, Tensor red, Tensor found_inf, Tensor lr, float momentum, bool nesterov, "
         "float weight_decay, float eps, float trust_coefficient, float curvature_ema, float? max_ratio, "
-        "float fallback_trust, int curvature_interval, bool lag, bool approx_median, Tensor(z!)? workspace=None) "
-        "-> Tensor");
+        "float fallback_trust, int curvature_interval, bool lag, bool approx_median, Tensor(z!)? workspace=None, "
+        "Tensor(y!)? next_w_norms=None) -> Tensor");
   m.def("restore(Tensor(a!)[] dst, Tensor[] src) -> ()");
   m.def("shift(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved) -> ()");
   m.def("cpu_isa() -> str");

@@ -17,7 +17,7 @@ TINY_NUMEL = 64 * 32 + 64 + 64 + 10 * 64 + 10  # bench.suites "tiny", by hand: 2
 CBLR_EXT_VARIANTS = {("LARS", "lag=0"), ("LARS", "lag=1"), ("LARS", "lag=1,no-skip"), ("MCLR", "exact"),
                      ("MCLR", "approx"), ("MCLR", "exact,lag=1"), ("MCLR", "approx,lag=1"), ("CBLR", "re-measure"), ("CBLR", "reuse")}
 # Bytes per parameter element in fp32 (bench/README.md, "What a step moves").
-BYTES_PER_ELEMENT = {("SGD", "fused"): 20, ("LARS", "lag=0"): 28, ("LARS", "lag=1"): 24,
+BYTES_PER_ELEMENT = {("SGD", "fused"): 20, ("LARS", "lag=0"): 24, ("LARS", "lag=1"): 24,
                      ("MCLR", "exact"): 36, ("MCLR", "approx,lag=1"): 24, ("CBLR", "re-measure"): 56}
 
 

@@ -7,6 +7,8 @@ state tensors the ops write into (momentum buffers, ``prev_step``, ``lagged``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..functional import LayerBatch, lr_value, prev_step, state_dtype
@@ -60,6 +62,28 @@ def _workspace(batch: LayerBatch):
     return buffer
 
 
+# Workspace entry: per parameter, (‖w‖, version, data_ptr) as the last update left it.
+_W_NORMS = "cpp.w_norms"
+
+
+def _carries_w_norm(batch: LayerBatch) -> bool:
+    """LARS reads w in pass 1 for ‖w‖ alone: the update pass measures it for the next step."""
+    return batch.rule == "lars" and not batch.hp["lag"] and batch.hp.get("reuse_weight_norm", False)
+
+
+def _known_w_norms(batch: LayerBatch):
+    """‖w‖ per layer as the last update left it; NaN where unknown, or where the parameter
+    changed since: its version counter moved (an in-place write) or its storage is other."""
+    if not _carries_w_norm(batch):
+        return None
+    left = batch.workspace.get(_W_NORMS, {})
+    values = []
+    for p in batch.params:
+        entry = left.get(p)
+        values.append(entry[0] if entry is not None and entry[1:] == (p._version, p.data_ptr()) else math.nan)
+    return torch.tensor(values, dtype=torch.float32)
+
+
 def reduce(batch: LayerBatch) -> torch.Tensor:
     """Pass 1; on a CBLR re-measure step it also restores the shifted parameters and
     measures the secant, in the same pass over w_t and g_t."""
@@ -72,7 +96,7 @@ def reduce(batch: LayerBatch) -> torch.Tensor:
         batch.rule, batch.params, batch.grads, [s["age"] for s in batch.states], batch.adapt,
         _lagged_valid(batch), saved, probe_grads, steps, float(hp["weight_decay"]), float(hp["eps"]),
         int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx",
-        bool(hp.get("skip_nonfinite", True)), _workspace(batch))
+        bool(hp.get("skip_nonfinite", True)), _workspace(batch), _known_w_norms(batch))
 
 
 def _state_tensors(batch: LayerBatch, key: str, make, keep: bool) -> list:
@@ -102,14 +126,20 @@ def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torc
             batch, "prev_step", lambda p: torch.empty_like(p, dtype=state_dtype(p)), True)
     if hp["lag"]:  # the stash of a layer without one is only read after this step writes it
         lagged = _state_tensors(batch, "lagged", lambda p: torch.empty(3, dtype=torch.float32), not skip)
-    return _load().apply(
+    next_w_norms = torch.empty(len(batch), dtype=torch.float32) if _carries_w_norm(batch) and not skip else None
+    stats = _load().apply(
         batch.rule, batch.params, batch.grads, momentum_buffers, prev_steps,
         [s["kappa"] for s in batch.states], [s["age"] for s in batch.states], lagged, batch.adapt,
         lagged_valid, red, found_inf.reshape(()), lr_value(hp["lr"], batch.device),
         float(hp["momentum"]), bool(hp["nesterov"]), float(hp["weight_decay"]), float(hp["eps"]),
         float(hp["trust_coefficient"]), float(hp["curvature_ema"]),
         None if hp["max_ratio"] is None else float(hp["max_ratio"]), float(hp["fallback_trust"]),
-        int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx", _workspace(batch))
+        int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx", _workspace(batch), next_w_norms)
+    if next_w_norms is not None:  # versions read after the op's writes
+        left = batch.workspace.setdefault(_W_NORMS, {})
+        for p, norm in zip(batch.params, next_w_norms.tolist()):
+            left[p] = (norm, p._version, p.data_ptr())
+    return stats
 
 
 def shift(params: list, steps: list, saved: list) -> None:

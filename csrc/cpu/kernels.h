@@ -39,13 +39,15 @@ enum { STAT_W_NORM, STAT_G_NORM, STAT_STEP_NORM, STAT_KAPPA, STAT_RATIO, STAT_AL
        STAT_COLUMNS };
 
 // Pass 1: writes red[L][RED_COLUMNS].  Layers with a valid lag stash get only the
-// non-finite check (their other columns are NaN).  CBLR layers with a probe are
+// non-finite check (their other columns are NaN).  A layer that reads w only for ‖w‖
+// takes LayerRef::known_w_norm instead where it is known.  CBLR layers with a probe are
 // restored to w_t (LayerRef::saved) in the same pass, which also measures their secant
 // ‖d(w_t) − d(w_t + s)‖ / ‖s‖ where probe_g is set; the norms are those of w_t and g_t.
 void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red);
 
 // Pass 2: ratio and update; writes stats[L][STAT_COLUMNS] and, unless skip, the
-// parameters, momentum buffers, prev steps, κ̄, age and the lag stash.
+// parameters, momentum buffers, prev steps, κ̄, age, the lag stash and, where
+// LayerRef::next_w_norm is set, ‖w‖ of the result (equal to what pass 1 would measure).
 void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
                   bool skip, float lr, float* stats);
 

@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -81,6 +82,10 @@ struct LayerRef {
   const void* saved = nullptr;
   const void* probe_g = nullptr;
   const void* step = nullptr;  // math type
+  // ‖w‖ as the previous update pass left w (NaN: unknown), for pass 1 to use instead of
+  // reading w; and where the update pass writes ‖w‖ of its result (null: not wanted).
+  float known_w_norm = std::numeric_limits<float>::quiet_NaN();
+  float* next_w_norm = nullptr;
 };
 
 // Calls a functor with a value of the layer's storage type (a type tag).

@@ -8,6 +8,7 @@ namespace {
 
 struct ChunkResult {
   double w2 = 0, g2 = 0, s2 = 0, d2 = 0;  // d2: CBLR's ‖d(w_t) − d(w_t + s)‖² (s2 its ‖s‖²)
+  double next_w2 = 0;                     // ‖w‖² after the update
   MedianCounts counts;
 };
 
@@ -74,7 +75,7 @@ class MedianPlan {
 
 // Per layer: the sums of its chunks in chunk order (deterministic).
 struct LayerSums {
-  double w2 = 0, g2 = 0, s2 = 0, d2 = 0;
+  double w2 = 0, g2 = 0, s2 = 0, d2 = 0, next_w2 = 0;
   MedianCounts counts;
   std::vector<std::pair<int64_t, int64_t>> slices;  // (chunk begin, candidates) per chunk
 };
@@ -88,6 +89,7 @@ std::vector<LayerSums> sum_chunks(size_t layers, const std::vector<Chunk>& chunk
     s.g2 += results[k].g2;
     s.s2 += results[k].s2;
     s.d2 += results[k].d2;
+    s.next_w2 += results[k].next_w2;
     s.counts.add(results[k].counts);
     s.slices.emplace_back(chunks[k].begin, results[k].counts.inside);
   }
@@ -154,37 +156,41 @@ float kappa_from_median(float median, const StepConfig& cfg) {
 
 // ------------------------------------------------------------------------ pass 1
 
-// Adds Σx² and Σy² (x, y the math values of a and b) to sx and sy: partial sums in the
-// math type over short blocks (full-width vectors, several independent accumulators),
-// accumulated in double.  When a == b only sy is meaningful.
+// Σx² of one block (m ≤ kSumBlock) in the math type (full-width vectors, no conversions
+// in the loop).  A norm is the double sum of these over a layer's blocks in chunk order,
+// so the norm the update pass takes of its result equals the one pass 1 would take of the
+// same w next step: one instance (not inlined), one summation order.
+template <typename P>
+__attribute__((noinline)) math_t<P> block_squares(const P* x, int64_t m) {
+  using T = math_t<P>;
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < m; ++i) {
+    const T v = load(x[i]);
+    sum += v * v;
+  }
+  return sum;
+}
+
+// Adds Σx² of a (when given) to sx and Σy² of b to sy, block by block.
 template <typename P>
 void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
-  using T = math_t<P>;
   for (int64_t s = 0; s < n; s += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - s);
-    T bx = 0, by = 0;
-#pragma omp simd reduction(+ : bx, by)
-    for (int64_t i = 0; i < m; ++i) {
-      T x = load(a[s + i]), y = load(b[s + i]);
-      bx += x * x;
-      by += y * y;
-    }
-    sx += double(bx);
-    sy += double(by);
+    if (a) sx += double(block_squares(a + s, m));
+    sy += double(block_squares(b + s, m));
   }
 }
 
 template <typename P>
 void reduce_chunk(const LayerRef& l, const Chunk& c, bool read_w, bool read_g, const Bracket<math_t<P>>* bracket,
                   math_t<P>* candidates, math_t<P> weight_decay, ChunkResult& r) {
-  using T = math_t<P>;
   const P* w = static_cast<const P*>(l.w) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
   const int64_t n = c.end - c.begin;
   double w2 = 0, g2 = 0;
   if (!read_w) {  // ‖g‖ and the non-finite check only (when wanted)
-    double unused = 0;
-    if (read_g) sum_squares(g, g, n, unused, g2);
+    if (read_g) sum_squares<P>(nullptr, g, n, w2, g2);
   } else if (!bracket) {
     sum_squares(w, g, n, w2, g2);
   } else {
@@ -271,6 +277,7 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
                  math_t<P> weight_decay, const Bracket<math_t<P>>* bracket, math_t<P>* candidates,
                  math_t<P>* quotients, ChunkResult& r) {
   using T = math_t<P>;
+  const bool next_norm = l.next_w_norm != nullptr;
   P* w = static_cast<P*>(l.w) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
   T* v = Momentum ? static_cast<T*>(l.v) + c.begin : nullptr;
@@ -283,6 +290,7 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
                                                       KeepPrev ? prev + b : nullptr, Lag == 2 ? h + b : nullptr, m,
                                                       alpha, momentum, weight_decay, r);
     if (Lag == 2) collect_block(h + b, m, *bracket, candidates + c.begin, r.counts);
+    if (next_norm) r.next_w2 += double(block_squares(w + b, m));  // from L1
   }
 }
 
@@ -317,7 +325,7 @@ void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk&
 
 void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red) {
   const size_t count = layers.size();
-  std::vector<char> full(count), measured(count), selects(count), read_w(count), read_g(count);
+  std::vector<char> full(count), measured(count), selects(count), read_w(count), known(count), read_g(count);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
     full[i] = !(cfg.lag && l.lagged_valid);
@@ -329,7 +337,10 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
     // the update pass measures its norms for the statistics, and apply reads them first
     // only where the ratio falls back.  (A CBLR probe reads w_t anyway, to restore it.)
     read_w[i] = full[i] && (measured[i] || l.shifted);
-    read_g[i] = read_w[i] || cfg.check_nonfinite;
+    // Where w is read for ‖w‖ alone, the previous update pass's ‖w‖ spares the read.
+    known[i] = read_w[i] && !selects[i] && !l.shifted && !std::isnan(l.known_w_norm);
+    if (known[i]) read_w[i] = false;
+    read_g[i] = read_w[i] || known[i] || cfg.check_nonfinite;
   }
   MedianPlan plan(cfg, layers, selects, false);
   const std::vector<Chunk> chunks = make_chunks(layers);
@@ -360,7 +371,7 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
   const float nan = std::nanf("");
   for (size_t i = 0; i < count; ++i) {
     float* row = red + i * RED_COLUMNS;
-    const float w_norm = read_w[i] ? float(std::sqrt(sums[i].w2)) : nan;
+    const float w_norm = read_w[i] ? float(std::sqrt(sums[i].w2)) : known[i] ? layers[i].known_w_norm : nan;
     const float g_norm = full[i] && read_g[i] ? float(std::sqrt(sums[i].g2)) : nan;
     float kappa = nan;
     if (cfg.rule == RULE_LARS) {
@@ -414,7 +425,7 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
     norms[2 * i] = inputs[RED_W_NORM];
     norms[2 * i + 1] = inputs[RED_G_NORM];
     // Pass 1 left the norms out (the layer does not measure): the update pass takes them.
-    unmeasured[i] = inputs == r && std::isnan(r[RED_W_NORM]);
+    unmeasured[i] = inputs == r && (std::isnan(r[RED_W_NORM]) || std::isnan(r[RED_G_NORM]));
     const bool measured = r[RED_MEASURED] > 0;
     ratios[i] = layer_ratio(inputs[RED_KAPPA], measured, *l.kappa, norms[2 * i], norms[2 * i + 1], l.adapt,
                             cfg.ratio);
@@ -473,6 +484,7 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
     }
     *l.kappa = ratios[i].new_bar;
     *l.age = new_ages[i];
+    if (l.next_w_norm) *l.next_w_norm = float(std::sqrt(sums[i].next_w2));
     if (cfg.lag) {
       const float w_norm = float(std::sqrt(sums[i].w2)), g_norm = float(std::sqrt(sums[i].g2));
       l.lagged[RED_W_NORM] = w_norm;
