@@ -247,7 +247,9 @@ inline void collect_quotients(const float* w, const float* g, int64_t m, float w
   const __m512 lo = _mm512_set1_ps(float(double(b.lo) * (1 - kMargin)));
   const __m512 hi = _mm512_set1_ps(float(double(b.hi) * (1 + kMargin)));
   const __m512 smallest = _mm512_set1_ps(std::numeric_limits<float>::min());
-  int64_t packed = 0, sure = 0, below = 0;
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512i sure = _mm512_setzero_si512(), below = _mm512_setzero_si512();  // per-lane counts: no mask moves
+  int64_t packed = 0;
   for (int64_t j = 0; j < m; j += 16) {
     const __mmask16 lanes = m - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - j)) - 1u);
     const __m512 wv = _mm512_maskz_loadu_ps(lanes, w + j), gv = _mm512_maskz_loadu_ps(lanes, g + j);
@@ -262,14 +264,16 @@ inline void collect_quotients(const float* w, const float* g, int64_t m, float w
     _mm512_storeu_ps(packed_d + packed, _mm512_maskz_compress_ps(unsure, abs_d));
     _mm512_storeu_ps(packed_w + packed, _mm512_maskz_compress_ps(unsure, abs_w));
     packed += __builtin_popcount(unsure);
-    sure += __builtin_popcount(is_below | is_above);
-    below += __builtin_popcount(is_below);
+    sure = _mm512_mask_add_epi32(sure, is_below | is_above, sure, one);
+    below = _mm512_mask_add_epi32(below, is_below, below, one);
   }
-#pragma omp simd
-  for (int64_t j = 0; j < packed; ++j) packed_d[j] = packed_d[j] / packed_w[j];  // curvature_quotient
+  for (int64_t j = 0; j < packed; j += 16) {  // curvature_quotient, exactly rounded
+    const __mmask16 lanes = packed - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (packed - j)) - 1u);
+    _mm512_store_ps(packed_d + j, _mm512_maskz_div_ps(lanes, _mm512_load_ps(packed_d + j), _mm512_load_ps(packed_w + j)));
+  }
   collect_block(packed_d, packed, b, cand, counts);
-  counts.valid += sure;
-  counts.below += below;
+  counts.valid += _mm512_reduce_add_epi32(sure);
+  counts.below += _mm512_reduce_add_epi32(below);
 }
 #endif
 

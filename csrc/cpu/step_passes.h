@@ -169,13 +169,25 @@ math_t<P> block_squares(const P* x, int64_t m) {
   return lane_total(lanes);
 }
 
-// Adds Σx² of a (when given) to sx and Σy² of b to sy, block by block.
+// Adds Σx² of a (when given) to sx and Σy² of b to sy, block by block: both in one loop
+// (two independent chains of adds), each summed as block_squares sums it.
 template <typename P>
 void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
+  using T = math_t<P>;
   for (int64_t s = 0; s < n; s += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - s);
-    if (a) sx += double(block_squares(a + s, m));
-    sy += double(block_squares(b + s, m));
+    if (!a) {
+      sy += double(block_squares(b + s, m));
+      continue;
+    }
+    T x2[kLanes] = {}, y2[kLanes] = {};
+    for_lanes(m, [&](int64_t j, int l) {
+      const T x = load(a[s + j]), y = load(b[s + j]);
+      x2[l] += x * x;
+      y2[l] += y * y;
+    });
+    sx += double(lane_total(x2));
+    sy += double(lane_total(y2));
   }
 }
 
