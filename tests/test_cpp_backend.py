@@ -178,18 +178,45 @@ def test_median_nan_and_empty():
     assert cpp_median(torch.zeros(40000), g).isnan()  # no w ≠ 0: no quotient
 
 
+def sampled_runs(n, runs=256, run=16):
+    """Where the cpp median samples a layer of n elements (csrc/cpu/median.h, make_bracket:
+    the LCG seeded with n, run-aligned starts), so that a test can mislead it."""
+    mask = (1 << 64) - 1
+    state = (0x9E3779B97F4A7C15 ^ n) & mask
+    starts = []
+    for _ in range(runs):
+        state = (state * 6364136223846793005 + 1442695040888963407) & mask
+        starts.append(((state >> 33) % (n - run)) & ~(run - 1))
+    return starts
+
+
+def misleading_grads(n, seed=9):
+    """g with huge quotients (w = 1) exactly in the sampled runs: the sample's bracket lies
+    far above the true median, so the exact median needs the fallback selection."""
+    g = torch.rand(n, generator=torch.Generator().manual_seed(seed))
+    for start in sampled_runs(n):
+        g[start:start + 16] += 1000.0
+    return g
+
+
 def test_median_when_the_sample_misleads():
-    """Quotients placed so that the pivot sample brackets the wrong values: the
-    fallback selection must still return the exact median."""
     n = 100000
     w = torch.ones(n)
-    g = torch.rand(n, generator=torch.Generator().manual_seed(9))
-    # Huge quotients in a third of all 16-element runs, at every scale of position.
-    runs = g.view(-1, 16)
-    runs[::3] += 1000.0
+    g = misleading_grads(n)
     assert bit_equal(cpp_median(w, g), torch_median(w, g))
-    g_sorted = torch.sort(g).values.flip(0)  # descending: no locality to exploit
-    assert bit_equal(cpp_median(w, g_sorted), torch_median(w, g_sorted))
+
+
+@pytest.mark.parametrize("n", [100000, 5000000])  # the second keeps its quotients with streaming stores
+def test_lag_median_when_the_sample_misleads(n):
+    """lag=1: the update pass brackets the median of its inputs for the next step; when the
+    sample misleads, the selection over the quotients the pass kept is still exact."""
+    w = torch.ones(n // 100, 100)
+    g = misleading_grads(n)
+    param = torch.nn.Parameter(w.clone())
+    param.grad = g.view_as(w).clone()
+    opt = MCLR([param], lr=0.1, eps=0.0, lag=1, backend="cpp")
+    opt.step()
+    assert bit_equal(opt.state[param]["lagged"][2], torch_median(w.flatten(), g))
 
 
 @pytest.mark.parametrize("approx", [False, True])

@@ -287,29 +287,36 @@ void apply_range(P* w, const P* g, math_t<P>* v, math_t<P>* prev, math_t<P>* h, 
   if (Next) r.next_w2 += double(lane_total(next2));
 }
 
+// Lag 2 keeps every quotient for the fallback selection: computed into a buffer in L1,
+// collected from there, then copied out (streamed when the call keeps more than the
+// caches hold: the copy is read again only if the bracket missed).
 template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag, bool Next>
 void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> momentum,
                  math_t<P> weight_decay, const Bracket<math_t<P>>* bracket, math_t<P>* candidates,
-                 math_t<P>* quotients, ChunkResult& r) {
+                 math_t<P>* quotients, bool stream, ChunkResult& r) {
   using T = math_t<P>;
   P* w = static_cast<P*>(l.w) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
   T* v = Momentum ? static_cast<T*>(l.v) + c.begin : nullptr;
   T* prev = KeepPrev ? static_cast<T*>(l.prev) + c.begin : nullptr;
   const int64_t n = c.end - c.begin;
-  T* h = Lag == 2 ? quotients + c.begin : nullptr;
+  alignas(64) T h[Lag == 2 ? kSumBlock : 1];
   for (int64_t b = 0; b < n; b += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - b);
     apply_range<P, Momentum, Nesterov, KeepPrev, Lag, Next>(w + b, g + b, Momentum ? v + b : nullptr,
-                                                            KeepPrev ? prev + b : nullptr, Lag == 2 ? h + b : nullptr,
-                                                            m, alpha, momentum, weight_decay, r);
-    if (Lag == 2) collect_block(h + b, m, *bracket, candidates + c.begin, r.counts);
+                                                            KeepPrev ? prev + b : nullptr, h, m, alpha, momentum,
+                                                            weight_decay, r);
+    if (Lag == 2) {
+      collect_block(h, m, *bracket, candidates + c.begin, r.counts);
+      copy_bytes(quotients + c.begin + b, h, m * int64_t(sizeof(T)), stream);
+    }
   }
+  if (Lag == 2 && stream) stream_fence();
 }
 
 template <typename P>
 void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk& c, float alpha, int lag,
-                          MedianPlan& plan, ChunkResult& r) {
+                          MedianPlan& plan, bool stream, ChunkResult& r) {
   using T = math_t<P>;
   const Bracket<T>* bracket = plan.collecting<T>(c.layer);
   if (lag == 2 && !bracket) lag = 1;  // median known up front (small layer) or not needed
@@ -321,7 +328,7 @@ void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk&
             apply_chunk<P, momentum.value, nesterov.value && momentum.value, keep_prev.value, lag_mode.value,
                         next.value>(l, c, T(alpha), T(cfg.momentum), T(cfg.weight_decay), bracket,
                                     lag_mode.value == 2 ? plan.candidates<T>(c.layer) : nullptr,
-                                    lag_mode.value == 2 ? plan.quotients<T>(c.layer) : nullptr, r);
+                                    lag_mode.value == 2 ? plan.quotients<T>(c.layer) : nullptr, stream, r);
           };
           if (lag == 2) {
             run(std::integral_constant<int, 2>{});
@@ -476,6 +483,9 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
   }
   if (skip) return;
   MedianPlan plan(cfg, layers, selects, true);
+  int64_t kept = 0;  // quotients kept for the fallback (lag=1)
+  for (size_t i = 0; i < count; ++i) kept += selects[i] ? layers[i].n : 0;
+  const bool stream = kept * 4 > kStreamBytes;
   const std::vector<Chunk> chunks = make_chunks(layers);
   std::vector<ChunkResult> results(chunks.size());
   parallel_items(int64_t(chunks.size()), cfg.threads, total_elements(layers), [&](int64_t k) {
@@ -483,7 +493,7 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
     const LayerRef& l = layers[c.layer];
     const int lag = plan.selects(c.layer) ? 2 : cfg.lag || unmeasured[c.layer] ? 1 : 0;
     dispatch(l.dtype, [&](auto tag) {
-      apply_chunk_dispatch<decltype(tag)>(cfg, l, c, alphas[c.layer], lag, plan, results[k]);
+      apply_chunk_dispatch<decltype(tag)>(cfg, l, c, alphas[c.layer], lag, plan, stream, results[k]);
     });
   });
   const std::vector<LayerSums> sums = sum_chunks(count, chunks, results);
