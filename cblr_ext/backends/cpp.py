@@ -64,6 +64,8 @@ def _workspace(batch: LayerBatch):
 
 # Workspace entry: per parameter, (‖w‖, version, data_ptr) as the last update left it.
 _W_NORMS = "cpp.w_norms"
+# Parameters below one work chunk are read again: that costs less than tracking them.
+_W_NORM_MIN_NUMEL = 65536
 
 
 def _carries_w_norm(batch: LayerBatch) -> bool:
@@ -77,10 +79,11 @@ def _known_w_norms(batch: LayerBatch):
     if not _carries_w_norm(batch):
         return None
     left = batch.workspace.get(_W_NORMS, {})
-    values = []
-    for p in batch.params:
-        entry = left.get(p)
-        values.append(entry[0] if entry is not None and entry[1:] == (p._version, p.data_ptr()) else math.nan)
+    values = [math.nan] * len(batch)
+    for i, p in enumerate(batch.params):
+        entry = left.get(p) if p.numel() >= _W_NORM_MIN_NUMEL else None
+        if entry is not None and entry[1:] == (p._version, p.data_ptr()):
+            values[i] = entry[0]
     return torch.tensor(values, dtype=torch.float32)
 
 
@@ -138,7 +141,8 @@ def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torc
     if next_w_norms is not None:  # versions read after the op's writes
         left = batch.workspace.setdefault(_W_NORMS, {})
         for p, norm in zip(batch.params, next_w_norms.tolist()):
-            left[p] = (norm, p._version, p.data_ptr())
+            if p.numel() >= _W_NORM_MIN_NUMEL:
+                left[p] = (norm, p._version, p.data_ptr())
     return stats
 
 

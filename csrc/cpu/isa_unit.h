@@ -7,7 +7,6 @@
 
 #include "parallel.h"
 #include "stream.h"
-#include "lane_sums.h"
 #include "median.h"
 #include "step_passes.h"
 #include "protocol_passes.h"

@@ -1,7 +1,7 @@
 // Torch-free entry points of the CPU backend (csrc/binding.cpp wraps them as torch ops).
 // Each call handles all layers of one param group; work is split into (layer, chunk)
 // items run by `threads` OpenMP threads, with results independent of the thread count
-// and of the instruction-set variant (dispatch.h; sums in a fixed order, lane_sums.h).
+// (for one instruction-set variant: wider vectors sum in another order, dispatch.h).
 #pragma once
 
 #include <cstdint>

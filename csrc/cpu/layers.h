@@ -103,8 +103,8 @@ inline int64_t math_size(DType dtype) { return dtype == DType::F64 ? 8 : 4; }
 
 // Elements per work item: large layers split across threads, small ones are one item.
 constexpr int64_t kChunk = 65536;
-// Elements per partial sum in the math type (in lane order, lane_sums.h; no conversions
-// in the inner loops); the partial sums are added in double.
+// Elements per partial sum in the math type (full-width vectors, no conversions in the
+// inner loops); the partial sums are added in double.
 constexpr int64_t kSumBlock = 512;
 
 struct Chunk {

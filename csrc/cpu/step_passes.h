@@ -156,38 +156,29 @@ float kappa_from_median(float median, const StepConfig& cfg) {
 
 // ------------------------------------------------------------------------ pass 1
 
-// Σx² of one block (m ≤ kSumBlock) in the math type, in lane order (lane_sums.h).  A
-// norm is the double sum of these over a layer's blocks in chunk order.
+// Σx² of one block (m ≤ kSumBlock) in the math type (full-width vectors, no conversions
+// in the loop).  A norm is the double sum of these over a layer's blocks in chunk order,
+// so the norm the update pass takes of its result equals the one pass 1 would take of the
+// same w next step: one instance (not inlined), one summation order.
 template <typename P>
-math_t<P> block_squares(const P* x, int64_t m) {
+__attribute__((noinline)) math_t<P> block_squares(const P* x, int64_t m) {
   using T = math_t<P>;
-  T lanes[kLanes] = {};
-  for_lanes(m, [&](int64_t j, int l) {
-    const T v = load(x[j]);
-    lanes[l] += v * v;
-  });
-  return lane_total(lanes);
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < m; ++i) {
+    const T v = load(x[i]);
+    sum += v * v;
+  }
+  return sum;
 }
 
-// Adds Σx² of a (when given) to sx and Σy² of b to sy, block by block: both in one loop
-// (two independent chains of adds), each summed as block_squares sums it.
+// Adds Σx² of a (when given) to sx and Σy² of b to sy, block by block.
 template <typename P>
 void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
-  using T = math_t<P>;
   for (int64_t s = 0; s < n; s += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - s);
-    if (!a) {
-      sy += double(block_squares(b + s, m));
-      continue;
-    }
-    T x2[kLanes] = {}, y2[kLanes] = {};
-    for_lanes(m, [&](int64_t j, int l) {
-      const T x = load(a[s + j]), y = load(b[s + j]);
-      x2[l] += x * x;
-      y2[l] += y * y;
-    });
-    sx += double(lane_total(x2));
-    sy += double(lane_total(y2));
+    if (a) sx += double(block_squares(a + s, m));
+    sy += double(block_squares(b + s, m));
   }
 }
 
@@ -227,42 +218,42 @@ void probe_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, bool
   const int64_t n = c.end - c.begin;
   for (int64_t b = 0; b < n; b += kSumBlock) {  // block sums as in sum_squares
     const int64_t m = std::min(kSumBlock, n - b);
-    T bw[kLanes] = {}, bg[kLanes] = {}, bd[kLanes] = {}, bs[kLanes] = {};
-    for_lanes(m, [&](int64_t i, int l) {
-      const int64_t j = b + i;
+    T bw = 0, bg = 0, bd = 0, bs = 0;
+#pragma omp simd reduction(+ : bw, bg, bd, bs)
+    for (int64_t j = b; j < b + m; ++j) {
       const P x = saved[j];
       const T wv = load(x), gv = load(g[j]);
-      bw[l] += wv * wv;
-      bg[l] += gv * gv;
+      bw += wv * wv;
+      bg += gv * gv;
       if (Measure) {
         const T diff = decayed_grad(gv, wv, weight_decay) -
                        decayed_grad(T(load(g_p[j])), T(load(shifted(x, s[j]))), weight_decay);
-        bd[l] += diff * diff;
-        bs[l] += s[j] * s[j];
+        bd += diff * diff;
+        bs += s[j] * s[j];
       }
-    });
+    }
     copy_bytes(w + b, saved + b, m * int64_t(sizeof(P)), stream);  // w_t is in cache now
-    r.w2 += double(lane_total(bw));
-    r.g2 += double(lane_total(bg));
-    r.d2 += double(lane_total(bd));
-    r.s2 += double(lane_total(bs));
+    r.w2 += double(bw);
+    r.g2 += double(bg);
+    r.d2 += double(bd);
+    r.s2 += double(bs);
   }
 }
 
 // ------------------------------------------------------------------------ pass 2
 
 // Lag: 0 = no stash, 1 = measure the inputs' norms, 2 = norms and median quotients.
-// Next: measure ‖w‖ of the result (as block_squares would sum it).
-template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag, bool Next>
+template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
 void apply_range(P* w, const P* g, math_t<P>* v, math_t<P>* prev, math_t<P>* h, int64_t n, math_t<P> alpha,
                  math_t<P> momentum, math_t<P> weight_decay, ChunkResult& r) {
   using T = math_t<P>;
-  T w2[kLanes] = {}, g2[kLanes] = {}, s2[kLanes] = {}, next2[kLanes] = {};  // block sums (n ≤ kSumBlock)
-  for_lanes(n, [&](int64_t i, int l) {
+  T w2 = 0, g2 = 0, s2 = 0;  // block sums (n ≤ kSumBlock), as in sum_squares
+#pragma omp simd reduction(+ : w2, g2, s2)
+  for (int64_t i = 0; i < n; ++i) {
     T wv = load(w[i]), gv = load(g[i]);
     if (Lag) {
-      w2[l] += wv * wv;
-      g2[l] += gv * gv;
+      w2 += wv * wv;
+      g2 += gv * gv;
     }
     T d = decayed_grad(gv, wv, weight_decay);
     if (Lag == 2) {
@@ -271,30 +262,25 @@ void apply_range(P* w, const P* g, math_t<P>* v, math_t<P>* prev, math_t<P>* h, 
     }
     T vv = Momentum ? v[i] : T(0);
     T s = momentum_update(wv, d, vv, alpha, momentum, Momentum, Nesterov);
-    const P out = store<P>(wv);
-    w[i] = out;
+    w[i] = store<P>(wv);
     if (Momentum) v[i] = vv;
     if (KeepPrev) prev[i] = s;
-    s2[l] += s * s;
-    if (Next) {
-      const T stored = load(out);
-      next2[l] += stored * stored;
-    }
-  });
-  r.w2 += double(lane_total(w2));
-  r.g2 += double(lane_total(g2));
-  r.s2 += double(lane_total(s2));
-  if (Next) r.next_w2 += double(lane_total(next2));
+    s2 += s * s;
+  }
+  r.w2 += double(w2);
+  r.g2 += double(g2);
+  r.s2 += double(s2);
 }
 
 // Lag 2 keeps every quotient for the fallback selection: computed into a buffer in L1,
 // collected from there, then copied out (streamed when the call keeps more than the
 // caches hold: the copy is read again only if the bracket missed).
-template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag, bool Next>
+template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
 void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> momentum,
                  math_t<P> weight_decay, const Bracket<math_t<P>>* bracket, math_t<P>* candidates,
                  math_t<P>* quotients, bool stream, ChunkResult& r) {
   using T = math_t<P>;
+  const bool next_norm = l.next_w_norm != nullptr;
   P* w = static_cast<P*>(l.w) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
   T* v = Momentum ? static_cast<T*>(l.v) + c.begin : nullptr;
@@ -303,13 +289,14 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
   alignas(64) T h[Lag == 2 ? kSumBlock : 1];
   for (int64_t b = 0; b < n; b += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - b);
-    apply_range<P, Momentum, Nesterov, KeepPrev, Lag, Next>(w + b, g + b, Momentum ? v + b : nullptr,
-                                                            KeepPrev ? prev + b : nullptr, h, m, alpha, momentum,
-                                                            weight_decay, r);
+    apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w + b, g + b, Momentum ? v + b : nullptr,
+                                                      KeepPrev ? prev + b : nullptr, h, m, alpha, momentum,
+                                                      weight_decay, r);
     if (Lag == 2) {
       collect_block(h, m, *bracket, candidates + c.begin, r.counts);
       copy_bytes(quotients + c.begin + b, h, m * int64_t(sizeof(T)), stream);
     }
+    if (next_norm) r.next_w2 += double(block_squares(w + b, m));  // from L1
   }
   if (Lag == 2 && stream) stream_fence();
 }
@@ -323,21 +310,19 @@ void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk&
   with_flag(l.v != nullptr, [&](auto momentum) {
     with_flag(cfg.nesterov, [&](auto nesterov) {
       with_flag(l.prev != nullptr, [&](auto keep_prev) {
-        with_flag(l.next_w_norm != nullptr, [&](auto next) {
-          auto run = [&](auto lag_mode) {
-            apply_chunk<P, momentum.value, nesterov.value && momentum.value, keep_prev.value, lag_mode.value,
-                        next.value>(l, c, T(alpha), T(cfg.momentum), T(cfg.weight_decay), bracket,
-                                    lag_mode.value == 2 ? plan.candidates<T>(c.layer) : nullptr,
-                                    lag_mode.value == 2 ? plan.quotients<T>(c.layer) : nullptr, stream, r);
-          };
-          if (lag == 2) {
-            run(std::integral_constant<int, 2>{});
-          } else if (lag == 1) {
-            run(std::integral_constant<int, 1>{});
-          } else {
-            run(std::integral_constant<int, 0>{});
-          }
-        });
+        auto run = [&](auto lag_mode) {
+          apply_chunk<P, momentum.value, nesterov.value && momentum.value, keep_prev.value, lag_mode.value>(
+              l, c, T(alpha), T(cfg.momentum), T(cfg.weight_decay), bracket,
+              lag_mode.value == 2 ? plan.candidates<T>(c.layer) : nullptr,
+              lag_mode.value == 2 ? plan.quotients<T>(c.layer) : nullptr, stream, r);
+        };
+        if (lag == 2) {
+          run(std::integral_constant<int, 2>{});
+        } else if (lag == 1) {
+          run(std::integral_constant<int, 1>{});
+        } else {
+          run(std::integral_constant<int, 0>{});
+        }
       });
     });
   });
