@@ -64,8 +64,14 @@ def _workspace(batch: LayerBatch):
 
 # Workspace entry: per parameter, (‖w‖, version, data_ptr) as the last update left it.
 _W_NORMS = "cpp.w_norms"
-# Parameters below one work chunk are read again: that costs less than tracking them.
+# Parameters below one work chunk are read again: that costs less than tracking them;
+# so are 16-bit ones: their w costs half the bytes to read, and summing the update's
+# result (converted) costs the update pass more than it saves pass 1 (measured).
 _W_NORM_MIN_NUMEL = 65536
+
+
+def _tracks_w_norm(p: torch.Tensor) -> bool:
+    return p.numel() >= _W_NORM_MIN_NUMEL and p.element_size() >= 4
 
 
 def _carries_w_norm(batch: LayerBatch) -> bool:
@@ -78,10 +84,12 @@ def _known_w_norms(batch: LayerBatch):
     changed since: its version counter moved (an in-place write) or its storage is other."""
     if not _carries_w_norm(batch):
         return None
-    left = batch.workspace.get(_W_NORMS, {})
+    left = batch.workspace.get(_W_NORMS)
+    if not left:  # nothing tracked (yet)
+        return None
     values = [math.nan] * len(batch)
     for i, p in enumerate(batch.params):
-        entry = left.get(p) if p.numel() >= _W_NORM_MIN_NUMEL else None
+        entry = left.get(p)  # only tracked parameters have one
         if entry is not None and entry[1:] == (p._version, p.data_ptr()):
             values[i] = entry[0]
     return torch.tensor(values, dtype=torch.float32)
@@ -129,7 +137,8 @@ def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torc
             batch, "prev_step", lambda p: torch.empty_like(p, dtype=state_dtype(p)), True)
     if hp["lag"]:  # the stash of a layer without one is only read after this step writes it
         lagged = _state_tensors(batch, "lagged", lambda p: torch.empty(3, dtype=torch.float32), not skip)
-    next_w_norms = torch.empty(len(batch), dtype=torch.float32) if _carries_w_norm(batch) and not skip else None
+    tracked = [_tracks_w_norm(p) for p in batch.params] if _carries_w_norm(batch) and not skip else []
+    next_w_norms = torch.empty(len(batch), dtype=torch.float32) if any(tracked) else None
     stats = _load().apply(
         batch.rule, batch.params, batch.grads, momentum_buffers, prev_steps,
         [s["kappa"] for s in batch.states], [s["age"] for s in batch.states], lagged, batch.adapt,
@@ -140,8 +149,8 @@ def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torc
         int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx", _workspace(batch), next_w_norms)
     if next_w_norms is not None:  # versions read after the op's writes
         left = batch.workspace.setdefault(_W_NORMS, {})
-        for p, norm in zip(batch.params, next_w_norms.tolist()):
-            if p.numel() >= _W_NORM_MIN_NUMEL:
+        for p, norm, keep in zip(batch.params, next_w_norms.tolist(), tracked):
+            if keep:
                 left[p] = (norm, p._version, p.data_ptr())
     return stats
 

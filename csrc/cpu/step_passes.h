@@ -156,10 +156,10 @@ float kappa_from_median(float median, const StepConfig& cfg) {
 
 // ------------------------------------------------------------------------ pass 1
 
-// Σx² of one block (m ≤ kSumBlock) in the math type (full-width vectors, no conversions
-// in the loop).  A norm is the double sum of these over a layer's blocks in chunk order,
-// so the norm the update pass takes of its result equals the one pass 1 would take of the
-// same w next step: one instance (not inlined), one summation order.
+// Σx² of one block (m ≤ kSumBlock) in the math type.  ‖w‖² wherever it may be carried
+// to the next step is the double sum of these over the layer's blocks in chunk order:
+// the norm the update pass takes of its result then equals the one pass 1 would take
+// of the same w (one instance, not inlined: one summation order).
 template <typename P>
 __attribute__((noinline)) math_t<P> block_squares(const P* x, int64_t m) {
   using T = math_t<P>;
@@ -172,13 +172,33 @@ __attribute__((noinline)) math_t<P> block_squares(const P* x, int64_t m) {
   return sum;
 }
 
-// Adds Σx² of a (when given) to sx and Σy² of b to sy, block by block.
+// ‖w‖² and ‖g‖² of a chunk as block_squares sums them.
 template <typename P>
-void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
+void carried_squares(const P* w, const P* g, int64_t n, double& w2, double& g2) {
   for (int64_t s = 0; s < n; s += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - s);
-    if (a) sx += double(block_squares(a + s, m));
-    sy += double(block_squares(b + s, m));
+    w2 += double(block_squares(w + s, m));
+    g2 += double(block_squares(g + s, m));
+  }
+}
+
+// Adds Σx² and Σy² (x, y the math values of a and b) to sx and sy: partial sums in the
+// math type over short blocks (full-width vectors, two independent chains of adds),
+// accumulated in double.  When a == b only sy is meaningful.
+template <typename P>
+void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
+  using T = math_t<P>;
+  for (int64_t s = 0; s < n; s += kSumBlock) {
+    const int64_t m = std::min(kSumBlock, n - s);
+    T bx = 0, by = 0;
+#pragma omp simd reduction(+ : bx, by)
+    for (int64_t i = 0; i < m; ++i) {
+      T x = load(a[s + i]), y = load(b[s + i]);
+      bx += x * x;
+      by += y * y;
+    }
+    sx += double(bx);
+    sy += double(by);
   }
 }
 
@@ -190,9 +210,10 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool read_w, bool read_g, c
   const int64_t n = c.end - c.begin;
   double w2 = 0, g2 = 0;
   if (!read_w) {  // ‖g‖ and the non-finite check only (when wanted)
-    if (read_g) sum_squares<P>(nullptr, g, n, w2, g2);
+    double unused = 0;
+    if (read_g) sum_squares(g, g, n, unused, g2);
   } else if (!bracket) {
-    sum_squares(w, g, n, w2, g2);
+    carried_squares(w, g, n, w2, g2);  // ‖w‖ as the update pass measures it (LayerRef::next_w_norm)
   } else {
     for (int64_t b = 0; b < n; b += kSumBlock) {
       const int64_t m = std::min(kSumBlock, n - b);
