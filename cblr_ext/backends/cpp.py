@@ -2,8 +2,9 @@
 param group (``torch.ops.cblr_ext``, csrc/), the layer math shared with the CUDA
 kernels through csrc/layer_math.h.
 
-This module only packs a ``LayerBatch`` into tensor lists and flags, and creates the
-state tensors the ops write into (momentum buffers, ``prev_step``, ``lagged``).
+This module packs a ``LayerBatch`` into tensor lists and flags, creates the state
+tensors the ops write into (momentum buffers, ``prev_step``, ``lagged``), and keeps,
+in the optimizer's workspace, the median scratch and LARS's ‖w‖ from the last update.
 """
 from __future__ import annotations
 
@@ -64,13 +65,14 @@ def _workspace(batch: LayerBatch):
 
 # Workspace entry: per parameter, (‖w‖, version, data_ptr) as the last update left it.
 _W_NORMS = "cpp.w_norms"
-# Parameters below one work chunk are read again: that costs less than tracking them;
-# so are 16-bit ones: their w costs half the bytes to read, and summing the update's
-# result (converted) costs the update pass more than it saves pass 1 (measured).
-_W_NORM_MIN_NUMEL = 65536
+_W_NORM_MIN_NUMEL = 65536  # one work chunk of csrc/cpu/layers.h
 
 
 def _tracks_w_norm(p: torch.Tensor) -> bool:
+    """Whether ‖w‖ of ``p`` is carried to the next step.  Smaller parameters are read
+    again: that costs less than tracking them; so are 16-bit ones: their w costs half the
+    bytes to read, and summing the update's (converted) result costs the update pass more
+    than it saves pass 1 (measured)."""
     return p.numel() >= _W_NORM_MIN_NUMEL and p.element_size() >= 4
 
 
