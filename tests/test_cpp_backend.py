@@ -171,6 +171,17 @@ def test_median_with_ties_and_fp64():
     assert bit_equal(cpp_median(w64, g64, 1e-3), torch_median(w64, g64, 1e-3).float())
 
 
+@pytest.mark.parametrize("n", [16000, 300000])  # direct selection; bracketed
+def test_median_in_a_narrow_range(n):
+    """Quotients 1 + k·ulp (k < 5000, many ties): keys that differ only in their low 13
+    bits, so the selection's rounds start there and take two digits."""
+    gen = torch.Generator().manual_seed(n)
+    w = torch.ones(n)
+    g = 1.0 + torch.randint(0, 5000, (n,), generator=gen).float() * 2.0**-23
+    assert bit_equal(cpp_median(w, g), torch_median(w, g))
+    assert bit_equal(cpp_median(w, g, approx=True), torch_median(w, g, approx=True))
+
+
 def test_median_nan_and_empty():
     w, g = torch.randn(40000), torch.randn(40000)
     g[12345] = math.nan

@@ -41,51 +41,74 @@ inline math_t<P> quotient_at(const P* w, const P* g, int64_t i, math_t<P> weight
   return curvature_quotient(decayed_grad(T(load(g[i])), wv, weight_decay), wv);
 }
 
-// Pivots around rank k of m sorted-to-be values: the sample rank has standard deviation
-// ≤ √m / 2, keep ±3 of them plus slack.  Reorders sample.
+// Unsigned keys in the order of the floating-point values (no NaN): x < y ⇔ key(x) < key(y),
+// and −0, +0 share a key (x + 0 is +0 for either zero).
+template <typename T>
+inline auto order_key(T x) {
+  using K = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  constexpr int kTop = 8 * sizeof(K) - 1;
+  const T canonical = x + T(0);
+  K bits;
+  std::memcpy(&bits, &canonical, sizeof bits);
+  return K(bits ^ ((K(0) - (bits >> kTop)) | (K(1) << kTop)));  // negatives: all bits flipped
+}
+
+constexpr int kRadixBits = 11;           // 2048 bins of 64-bit counts: 16 KB, in L1
+constexpr int64_t kNthElementLimit = 256;
+
+// The k-th smallest of values[0, n) (no NaN; overwritten): a radix select over the keys,
+// one histogram of the next 11 bits per round, then the values of the bin that holds
+// rank k compacted in place.  Rounds start at the highest bit in which the smallest and
+// largest keys differ, so a narrow range (a bracket's candidates) is not counted in one
+// bin first.  Linear time with no data-dependent branches, unlike nth_element, whose
+// mispredicted comparisons cost several times a counting pass.
+template <typename T>
+T select_kth(T* values, int64_t n, int64_t k) {
+  using K = decltype(order_key(T{}));
+  K lowest = std::numeric_limits<K>::max(), highest = 0;
+#pragma omp simd reduction(min : lowest) reduction(max : highest)
+  for (int64_t i = 0; i < n; ++i) {
+    const K key = order_key(values[i]);
+    lowest = std::min(lowest, key);
+    highest = std::max(highest, key);
+  }
+  int shift = lowest == highest ? 0 : int(std::bit_width(K(lowest ^ highest)));
+  while (shift > 0 && n > kNthElementLimit) {  // shift = 0: every key is equal
+    const int digit = std::min(kRadixBits, shift);
+    shift -= digit;
+    const K mask = (K(1) << digit) - 1;
+    int64_t counts[1 << kRadixBits] = {};
+    for (int64_t i = 0; i < n; ++i) ++counts[(order_key(values[i]) >> shift) & mask];
+    K bin = 0;
+    while (k >= counts[bin]) k -= counts[bin++];
+    if (counts[bin] == n) continue;
+    int64_t kept = 0;
+    for (int64_t i = 0; i < n; ++i) {  // in place: kept ≤ i
+      const T x = values[i];
+      values[kept] = x;
+      kept += ((order_key(x) >> shift) & mask) == bin;
+    }
+    n = kept;
+  }
+  if (shift == 0) return values[k];
+  std::nth_element(values, values + k, values + n);
+  return values[k];
+}
+
+// Pivots around rank k of the m sample values: the sample rank has standard deviation
+// ≤ √m / 2, keep ±3 of them plus slack.  Overwrites sample.
 template <typename T>
 inline void bracket_pivots(std::vector<T>& sample, double fraction, T& lo, T& hi) {
   const int64_t m = int64_t(sample.size());
   const int64_t center = int64_t(fraction * double(m));
   const int64_t delta = int64_t(1.5 * std::sqrt(double(m))) + 16;
   const int64_t lo_rank = std::max<int64_t>(0, center - delta), hi_rank = std::min<int64_t>(m - 1, center + delta);
-  std::nth_element(sample.begin(), sample.begin() + lo_rank, sample.end());
-  std::nth_element(sample.begin() + lo_rank + 1, sample.begin() + hi_rank, sample.end());
-  lo = sample[lo_rank];
-  hi = std::max(sample[hi_rank], lo);
+  std::vector<T> copy(sample);
+  lo = select_kth(copy.data(), m, lo_rank);
+  hi = std::max(select_kth(sample.data(), m, hi_rank), lo);
 }
 
-// The k-th smallest of values[0, n) (no NaN; reordered).  Large inputs shrink by
-// bracket rounds (count, then keep the values between two sampled pivots) before
-// nth_element, whose cost per element is several times a counting pass.
-template <typename T>
-T select_kth(T* values, int64_t n, int64_t k) {
-  while (n > kDirectLimit) {
-    std::vector<T> sample(kSampleRuns * kRunLength);
-    const int64_t m = int64_t(sample.size());
-    for (int64_t i = 0; i < m; ++i) sample[i] = values[i * (n / m)];
-    T lo, hi;
-    bracket_pivots(sample, double(k) / double(n), lo, hi);
-    int64_t below = 0, inside = 0;
-    for (int64_t i = 0; i < n; ++i) {
-      below += values[i] < lo;
-      inside += (values[i] >= lo) & (values[i] <= hi);
-    }
-    if (k < below || k >= below + inside || inside == n) break;  // missed, or no progress (ties)
-    int64_t kept = 0;
-    for (int64_t i = 0; i < n; ++i) {  // in place: kept ≤ i
-      const T x = values[i];
-      values[kept] = x;
-      kept += (x >= lo) & (x <= hi);
-    }
-    n = inside;
-    k -= below;
-  }
-  std::nth_element(values, values + k, values + n);
-  return values[k];
-}
-
-// The lower median of values[0, n) (reordered), NaN when n = 0 or any value is NaN.
+// The lower median of values[0, n) (overwritten), NaN when n = 0 or any value is NaN.
 template <typename T>
 inline T select_lower_median(T* values, int64_t n) {
   if (n == 0) return std::numeric_limits<T>::quiet_NaN();
