@@ -58,7 +58,8 @@ class LayerBatch:
     hp: dict
     # CBLR re-measure steps: the probe that ``reduce`` finishes.
     probe: Optional[Probe] = None
-    names: list = field(default_factory=list)
+    # (group index, each layer's index in the group's params): names for layer_stats.
+    positions: tuple = ((), ())
     # Scratch a backend keeps between steps, owned by the optimizer (freed with it).
     workspace: dict = field(default_factory=dict)
 

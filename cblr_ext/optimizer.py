@@ -98,36 +98,46 @@ class LayerwiseOptimizer(Optimizer):
         return loss
 
     def _batches(self):
-        """Validate every group's gradients, then bundle each group's layers."""
+        """Validate every group's gradients, then bundle each group's layers (one loop over
+        the parameters: this runs every step, for every layer)."""
         batches = []
+        state = self.state
         for gi, group in enumerate(self.param_groups):
-            devices = {p.device for p in group["params"]}
-            if len(devices) > 1:
-                raise ValueError(f"param group {gi} mixes devices {sorted(map(str, devices))}; "
-                                 "put parameters of each device in their own group")
-            params, names = [], []
+            params, grads, states, positions = [], [], [], []
+            device = None
             for pi, p in enumerate(group["params"]):
-                if p.grad is None:
+                if p.device != device:
+                    if device is not None:
+                        devices = sorted({str(q.device) for q in group["params"]})
+                        raise ValueError(f"param group {gi} mixes devices {devices}; "
+                                         "put parameters of each device in their own group")
+                    device = p.device
+                grad = p.grad
+                if grad is None:
                     continue
-                if p.grad.is_sparse:
+                if grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"(param group {gi}, parameter {pi})")
-                if p.grad.shape != p.shape:
-                    raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} does not match "
+                if grad.shape != p.shape:
+                    raise RuntimeError(f"gradient of shape {tuple(grad.shape)} does not match "
                                        f"parameter {pi} of group {gi}, shape {tuple(p.shape)}")
+                layer_state = state[p]
+                init_layer_state(layer_state, p)
                 params.append(p)
-                names.append(group["param_names"][pi] if "param_names" in group else f"{gi}.{pi}")
-            for p in params:
-                init_layer_state(self.state[p], p)
-            adapt = [group["adapt"] and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
+                grads.append(grad)
+                states.append(layer_state)
+                positions.append(pi)
+            if not params:
+                continue
+            exclude_1d = group["exclude_1d"]
+            adapt = [group["adapt"] and not (exclude_1d and p.ndim <= 1) for p in params]
             hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
             # Backends may skip the non-finite check when nothing acts on it (lag=1: no pass 1).
             hp["skip_nonfinite"] = self.skip_nonfinite
             hp["reuse_weight_norm"] = self.reuse_weight_norm
-            batches.append(LayerBatch(self.rule, params, [p.grad for p in params],
-                                      [self.state[p] for p in params], adapt, hp, names=names,
+            batches.append(LayerBatch(self.rule, params, grads, states, adapt, hp, positions=(gi, positions),
                                       workspace=self._workspace))
-        return [b for b in batches if len(b)]
+        return batches
 
     @staticmethod
     def _backend(batch):
@@ -154,7 +164,7 @@ class LayerwiseOptimizer(Optimizer):
                 found_inf = found_inf | (red[:, RED_NONFINITE] > 0).any().to(device)
         self._stats = []
         for (b, backend), red in zip(work, reductions):
-            self._stats.append((b.names, backend.apply(b, red, found_inf)))
+            self._stats.append((b.positions, backend.apply(b, red, found_inf)))
         # A device tensor: counting skipped steps must not sync the host.
         self._skipped_steps = self._skipped_steps + found_inf.to(torch.int64)
 
@@ -258,12 +268,13 @@ class LayerwiseOptimizer(Optimizer):
         statistics stay on the device during ``step()``; this call copies them.
         """
         out = {}
-        for names, stats in self._stats:
+        for (gi, positions), stats in self._stats:
+            names = self.param_groups[gi].get("param_names")
             rows = stats.detach().cpu().tolist()
-            for name, row in zip(names, rows):
+            for pi, row in zip(positions, rows):
                 entry = dict(zip(STAT_NAMES, row))
                 entry["fallback"] = bool(entry["fallback"])
-                out[name] = entry
+                out[names[pi] if names else f"{gi}.{pi}"] = entry
         return out
 
     # ----------------------------------------------------------- state dict
