@@ -158,15 +158,18 @@ class LayerwiseOptimizer(Optimizer):
         if not work:
             return
         device = batches[0].device
-        found_inf = torch.zeros((), dtype=torch.bool, device=device)
+        found_inf = None
         if self.skip_nonfinite:
-            for red in reductions:
-                found_inf = found_inf | (red[:, RED_NONFINITE] > 0).any().to(device)
+            for red in reductions:  # the column is 0 or 1
+                flag = red[:, RED_NONFINITE].any().to(device)
+                found_inf = flag if found_inf is None else found_inf | flag
+        else:
+            found_inf = torch.zeros((), dtype=torch.bool, device=device)
         self._stats = []
         for (b, backend), red in zip(work, reductions):
             self._stats.append((b.positions, backend.apply(b, red, found_inf)))
-        # A device tensor: counting skipped steps must not sync the host.
-        self._skipped_steps = self._skipped_steps + found_inf.to(torch.int64)
+        # A device tensor (int64: bool + int): counting skipped steps must not sync the host.
+        self._skipped_steps = found_inf + self._skipped_steps
 
     def _cblr_step(self, closure):
         """CBLR: gradient at w_t, and on a re-measure step a second gradient on the same

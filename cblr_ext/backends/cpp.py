@@ -144,7 +144,7 @@ def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torc
     stats = _load().apply(
         batch.rule, batch.params, batch.grads, momentum_buffers, prev_steps,
         [s["kappa"] for s in batch.states], [s["age"] for s in batch.states], lagged, batch.adapt,
-        lagged_valid, red, found_inf.reshape(()), lr_value(hp["lr"], batch.device),
+        lagged_valid, red, found_inf, lr_value(hp["lr"], batch.device),
         float(hp["momentum"]), bool(hp["nesterov"]), float(hp["weight_decay"]), float(hp["eps"]),
         float(hp["trust_coefficient"]), float(hp["curvature_ema"]),
         None if hp["max_ratio"] is None else float(hp["max_ratio"]), float(hp["fallback_trust"]),
