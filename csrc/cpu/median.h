@@ -41,22 +41,21 @@ inline math_t<P> quotient_at(const P* w, const P* g, int64_t i, math_t<P> weight
   return curvature_quotient(decayed_grad(T(load(g[i])), wv, weight_decay), wv);
 }
 
-// Unsigned keys in the order of the floating-point values (no NaN): x < y ⇔ key(x) < key(y),
-// and −0, +0 share a key (x + 0 is +0 for either zero).
+// Unsigned keys in the order of non-negative floating-point values (the quotients): their
+// bit patterns, −0 counted as +0 (x + 0 is +0 for either zero).
 template <typename T>
 inline auto order_key(T x) {
   using K = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  constexpr int kTop = 8 * sizeof(K) - 1;
   const T canonical = x + T(0);
   K bits;
   std::memcpy(&bits, &canonical, sizeof bits);
-  return K(bits ^ ((K(0) - (bits >> kTop)) | (K(1) << kTop)));  // negatives: all bits flipped
+  return bits;
 }
 
 constexpr int kRadixBits = 11;           // 2048 bins of 64-bit counts: 16 KB, in L1
 constexpr int64_t kNthElementLimit = 256;
 
-// The k-th smallest of values[0, n) (no NaN; overwritten): a radix select over the keys,
+// The k-th smallest of values[0, n) (≥ 0, no NaN; overwritten): a radix select over the keys,
 // one histogram of the next 11 bits per round, then the values of the bin that holds
 // rank k compacted in place.  Rounds start at the highest bit in which the smallest and
 // largest keys differ, so a narrow range (a bracket's candidates) is not counted in one
@@ -108,7 +107,8 @@ inline void bracket_pivots(std::vector<T>& sample, double fraction, T& lo, T& hi
   hi = std::max(select_kth(sample.data(), m, hi_rank), lo);
 }
 
-// The lower median of values[0, n) (overwritten), NaN when n = 0 or any value is NaN.
+// The lower median of values[0, n) (≥ 0 or NaN; overwritten), NaN when n = 0 or any value
+// is NaN.
 template <typename T>
 inline T select_lower_median(T* values, int64_t n) {
   if (n == 0) return std::numeric_limits<T>::quiet_NaN();
