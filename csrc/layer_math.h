@@ -49,10 +49,15 @@ CBLR_HD T decayed_grad(T g, T w, T weight_decay) {
   return g + product;
 }
 
+// |x| with the sign bit cleared: −0 gives +0, as torch's abs does (x < 0 ? −x : x would
+// keep −0, and the quotient −0 / |w| would differ from the other backends' bits).
+CBLR_HD float magnitude(float x) { return fabsf(x); }
+CBLR_HD double magnitude(double x) { return fabs(x); }
+
 // h = |d| / |w|, defined for w ≠ 0 only (the caller skips w = 0).
 template <typename T>
 CBLR_HD T curvature_quotient(T d, T w) {
-  return (d < T(0) ? -d : d) / (w < T(0) ? -w : w);
+  return magnitude(d) / magnitude(w);
 }
 
 CBLR_HD uint32_t float_bits(float x) {

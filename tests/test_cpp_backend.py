@@ -182,6 +182,19 @@ def test_median_in_a_narrow_range(n):
     assert bit_equal(cpp_median(w, g, approx=True), torch_median(w, g, approx=True))
 
 
+@pytest.mark.parametrize("zeros", [0.45, 0.6])  # a positive median; a zero median (κ undefined)
+@pytest.mark.parametrize("approx", [False, True])
+def test_median_among_signed_zero_gradients(zeros, approx):
+    """Gradients of −0 on negative weights (β = 0) give quotients |−0| / |w| = +0, as torch's
+    abs does; the selection's keys and the approx bins count them as the zeros they are."""
+    n = 50000
+    gen = torch.Generator().manual_seed(2)
+    w, g = torch.randn(n, generator=gen), torch.rand(n, generator=gen)
+    zero = torch.rand(n, generator=gen) < zeros
+    g[zero] = torch.where(w[zero] < 0, -0.0, 0.0)
+    assert bit_equal(cpp_median(w, g, 0.0, approx), torch_median(w, g, 0.0, approx))
+
+
 def test_median_nan_and_empty():
     w, g = torch.randn(40000), torch.randn(40000)
     g[12345] = math.nan

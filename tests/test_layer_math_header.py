@@ -127,7 +127,7 @@ def test_elementwise_math(probe):
     for (g, w, wd), row in zip(dg, probe([("decayed_grad_f64", a) for a in dg])):
         f64 = torch.tensor([g, w], dtype=torch.float64)
         assert row[0] == lm.decayed_grad(f64[0], f64[1], wd).item()
-    quot = [(0.3, -0.7), (-1e-30, 1e30), (INF, 2.0), (NAN, 1.0), (0.0, 5.0)]
+    quot = [(0.3, -0.7), (-1e-30, 1e30), (INF, 2.0), (NAN, 1.0), (0.0, 5.0), (-0.0, 5.0), (-0.0, -2.0)]
     check(probe, "curvature_quotient", quot,
           [lm.curvature_quotients(f32([d]), f32([w]))[0] for d, w in quot])
     values = [0.953771710395813, 1.0, 3.0e38, 1e-40, 0.0, INF, NAN, 12345.678]

@@ -41,14 +41,12 @@ inline math_t<P> quotient_at(const P* w, const P* g, int64_t i, math_t<P> weight
   return curvature_quotient(decayed_grad(T(load(g[i])), wv, weight_decay), wv);
 }
 
-// Unsigned keys in the order of non-negative floating-point values (the quotients): their
-// bit patterns, −0 counted as +0 (x + 0 is +0 for either zero).
+// Unsigned keys in the order of the quotients (≥ +0: curvature_quotient clears the sign):
+// their bit patterns.
 template <typename T>
 inline auto order_key(T x) {
-  using K = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
-  const T canonical = x + T(0);
-  K bits;
-  std::memcpy(&bits, &canonical, sizeof bits);
+  std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t> bits;
+  std::memcpy(&bits, &x, sizeof bits);
   return bits;
 }
 
