@@ -34,6 +34,9 @@ struct MedianCounts {
   }
 };
 
+// Where each chunk of a layer left its candidates: (offset, count), in chunk order.
+using Slices = std::vector<std::pair<int64_t, int64_t>>;
+
 template <typename P>
 inline math_t<P> quotient_at(const P* w, const P* g, int64_t i, math_t<P> weight_decay) {
   using T = math_t<P>;
@@ -53,22 +56,15 @@ inline auto order_key(T x) {
 constexpr int kRadixBits = 11;           // 2048 bins of 64-bit counts: 16 KB, in L1
 constexpr int64_t kNthElementLimit = 256;
 
-// The k-th smallest of values[0, n) (≥ 0, no NaN; overwritten): a radix select over the keys,
-// one histogram of the next 11 bits per round, then the values of the bin that holds
-// rank k compacted in place.  Rounds start at the highest bit in which the smallest and
-// largest keys differ, so a narrow range (a bracket's candidates) is not counted in one
-// bin first.  Linear time with no data-dependent branches, unlike nth_element, whose
-// mispredicted comparisons cost several times a counting pass.
-template <typename T>
-T select_kth(T* values, int64_t n, int64_t k) {
-  using K = decltype(order_key(T{}));
-  K lowest = std::numeric_limits<K>::max(), highest = 0;
-#pragma omp simd reduction(min : lowest) reduction(max : highest)
-  for (int64_t i = 0; i < n; ++i) {
-    const K key = order_key(values[i]);
-    lowest = std::min(lowest, key);
-    highest = std::max(highest, key);
-  }
+// The k-th smallest of values[0, n) (≥ 0, no NaN; overwritten) whose keys all lie in
+// [lowest, highest]: a radix select over the keys, one histogram of the next 11 bits per
+// round, then the values of the bin that holds rank k compacted in place.  Rounds start at
+// the highest bit in which lowest and highest differ, so a narrow range (a bracket's
+// candidates) is not counted in one bin first.  Linear time with no data-dependent
+// branches, unlike nth_element, whose mispredicted comparisons cost several times a
+// counting pass.
+template <typename T, typename K>
+T select_kth_between(T* values, int64_t n, int64_t k, K lowest, K highest) {
   int shift = lowest == highest ? 0 : int(std::bit_width(K(lowest ^ highest)));
   while (shift > 0 && n > kNthElementLimit) {  // shift = 0: every key is equal
     const int digit = std::min(kRadixBits, shift);
@@ -90,6 +86,20 @@ T select_kth(T* values, int64_t n, int64_t k) {
   if (shift == 0) return values[k];
   std::nth_element(values, values + k, values + n);
   return values[k];
+}
+
+// The k-th smallest of values[0, n) (≥ 0, no NaN; overwritten).
+template <typename T>
+T select_kth(T* values, int64_t n, int64_t k) {
+  using K = decltype(order_key(T{}));
+  K lowest = std::numeric_limits<K>::max(), highest = 0;
+#pragma omp simd reduction(min : lowest) reduction(max : highest)
+  for (int64_t i = 0; i < n; ++i) {
+    const K key = order_key(values[i]);
+    lowest = std::min(lowest, key);
+    highest = std::max(highest, key);
+  }
+  return select_kth_between(values, n, k, lowest, highest);
 }
 
 // Pivots around rank k of the m sample values: the sample rank has standard deviation
@@ -300,15 +310,18 @@ inline void collect_quotients(const float* w, const float* g, int64_t m, float w
 
 // median="approx" needs only the k-th value truncated to bf16 (approx_median), and as
 // truncation is monotone that is the k-th truncated value: a count per bf16 bin between
-// lo and hi (≥ 0) replaces the selection.  False when the bracket spans too many bins.
+// lo and hi (≥ 0) over the chunks' candidates replaces the selection.  False when the
+// bracket spans too many bins.
 constexpr uint32_t kMaxApproxBins = 4096;
 
-inline bool approx_kth(const float* values, int64_t n, int64_t k, float lo, float hi, float& out) {
+inline bool approx_kth(const float* cand, const Slices& slices, int64_t k, float lo, float hi, float& out) {
   const uint32_t shift = 32 - __builtin_popcount(kApproxMask);
   const uint32_t base = float_bits(lo) >> shift, top = float_bits(hi) >> shift;
   if (top - base >= kMaxApproxBins) return false;
   std::vector<int64_t> bins(top - base + 1, 0);
-  for (int64_t i = 0; i < n; ++i) ++bins[(float_bits(values[i]) >> shift) - base];
+  for (const auto& [offset, count] : slices) {
+    for (int64_t i = offset; i < offset + count; ++i) ++bins[(float_bits(cand[i]) >> shift) - base];
+  }
   for (uint32_t bin = 0; bin <= top - base; ++bin) {
     if (k < bins[bin]) {
       out = bits_float((base + bin) << shift);
@@ -319,27 +332,26 @@ inline bool approx_kth(const float* values, int64_t n, int64_t k, float lo, floa
   return false;
 }
 
-inline bool approx_kth(const double*, int64_t, int64_t, double, double, double&) { return false; }
+inline bool approx_kth(const double*, const Slices&, int64_t, double, double, double&) { return false; }
 
 // The median from the bracket and the summed counts.  ``slices`` lists each chunk's
-// (offset into cand, count) in order; ``all_quotients(out)`` writes every valid quotient
-// of the layer to out (the fallback) and returns how many.
+// candidates in cand; ``all_quotients(out)`` writes every valid quotient of the layer to
+// out (the fallback) and returns how many.
 template <typename T, typename AllQuotients>
-T finish_median(const Bracket<T>& b, const MedianCounts& c,
-                const std::vector<std::pair<int64_t, int64_t>>& slices, T* cand, bool approx,
+T finish_median(const Bracket<T>& b, const MedianCounts& c, const Slices& slices, T* cand, bool approx,
                 AllQuotients&& all_quotients) {
   if (b.known) return b.value;
   if (c.nan > 0 || c.valid == 0) return std::numeric_limits<T>::quiet_NaN();
   int64_t k = lower_median_rank(c.valid);
   if (c.below <= k && k < c.below + c.inside) {
-    int64_t filled = 0;
-    for (const auto& s : slices) {
-      if (s.first != filled) std::copy(cand + s.first, cand + s.first + s.second, cand + filled);
-      filled += s.second;
-    }
     T value;
-    if (approx && approx_kth(cand, filled, k - c.below, b.lo, b.hi, value)) return value;
-    return select_kth(cand, filled, k - c.below);
+    if (approx && approx_kth(cand, slices, k - c.below, b.lo, b.hi, value)) return value;
+    int64_t filled = 0;
+    for (const auto& [offset, count] : slices) {
+      if (offset != filled) std::copy(cand + offset, cand + offset + count, cand + filled);
+      filled += count;
+    }
+    return select_kth_between(cand, filled, k - c.below, order_key(b.lo), order_key(b.hi));
   }
   return select_lower_median(cand, all_quotients(cand));
 }

@@ -77,7 +77,7 @@ class MedianPlan {
 struct LayerSums {
   double w2 = 0, g2 = 0, s2 = 0, d2 = 0, next_w2 = 0;
   MedianCounts counts;
-  std::vector<std::pair<int64_t, int64_t>> slices;  // (chunk begin, candidates) per chunk
+  Slices slices;  // (chunk begin, candidates) per chunk
 };
 
 std::vector<LayerSums> sum_chunks(size_t layers, const std::vector<Chunk>& chunks,
