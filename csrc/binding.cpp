@@ -70,6 +70,14 @@ void check_count(size_t got, size_t layers, const char* what, bool optional) {
               " ", what);
 }
 
+// A write by these ops is an in-place update to torch: bump the written tensors' version
+// counters, as torch's own in-place ops do (autograd's checks of saved tensors and the cpp
+// backend's carried ‖w‖ rely on them).  Called before the kernels write, so that a tensor
+// whose counter cannot move (an inference tensor outside inference mode) fails first.
+void bump_versions(at::TensorList tensors) {
+  for (const Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+}
+
 cblr::cpu::StepConfig step_config(const std::string& rule, double weight_decay, double eps,
                                   int64_t curvature_interval, bool lag, bool approx_median) {
   cblr::cpu::StepConfig cfg;
@@ -161,6 +169,9 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
     TORCH_CHECK(!l.shifted || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
     if (known_w_norms) l.known_w_norm = known_w_norms[i];
   }
+  for (size_t i = 0; i < count; ++i) {
+    if (layers[i].shifted) bump_versions(params[i]);  // restored to w_t in this pass
+  }
   Tensor red = at::empty({int64_t(count), cblr::cpu::RED_COLUMNS}, at::kFloat);
   cblr::cpu::reduce_layers(cfg, layers, red.data_ptr<float>());
   return red;
@@ -212,9 +223,12 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
     }
     if (next_norms) l.next_w_norm = next_norms + i;
   }
+  const bool skip = found_inf.item<bool>();  // a skipped step writes nothing
+  if (!skip) {
+    for (at::TensorList written : {params, momentum_buffers, prev_steps, kappas, ages, lagged}) bump_versions(written);
+  }
   Tensor stats = at::empty({int64_t(count), cblr::cpu::STAT_COLUMNS}, at::kFloat);
-  cblr::cpu::apply_layers(cfg, layers, red.data_ptr<float>(), found_inf.item<bool>(), lr.item<float>(),
-                          stats.data_ptr<float>());
+  cblr::cpu::apply_layers(cfg, layers, red.data_ptr<float>(), skip, lr.item<float>(), stats.data_ptr<float>());
   return stats;
 }
 
@@ -230,6 +244,7 @@ void restore(at::TensorList dst, at::TensorList src) {
     to.push_back(dst[i].data_ptr());
     bytes.push_back(dst[i].numel() * dst[i].element_size());
   }
+  bump_versions(dst);
   cblr::cpu::copy_layers(from, to, bytes, at::get_num_threads());
 }
 
@@ -244,6 +259,8 @@ void shift(at::TensorList params, at::TensorList steps, at::TensorList saved) {
     layers.push_back({dtype_of(params[i]), params[i].numel(), params[i].data_ptr(), steps[i].data_ptr(),
                       saved[i].data_ptr()});
   }
+  bump_versions(params);
+  bump_versions(saved);
   cblr::cpu::shift_layers(layers, at::get_num_threads());
 }
 

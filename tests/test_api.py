@@ -341,3 +341,20 @@ def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
     messages = [str(w.message) for w in caught if "reference" in str(w.message)]
     assert len(messages) == 1
     assert "reference" in cblr_ext.available_backends("cpu")
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_step_is_an_inplace_update_to_autograd(backend):
+    """step() moves the version counters of what it writes, as torch's in-place ops do: a
+    backward through a graph that saved the old weights raises instead of running on the
+    new ones."""
+    lin = torch.nn.Linear(4, 3)
+    loss = (lin.weight ** 2).sum() + lin.bias.sum()  # saves the weight
+    loss.backward(retain_graph=True)
+    opt = LARS(lin.parameters(), lr=0.1, momentum=0.9, backend=backend)
+    before = lin.weight._version
+    opt.step()
+    assert lin.weight._version > before
+    assert opt.state[lin.weight]["momentum_buffer"]._version > 0
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -98,3 +98,24 @@ def test_write_through_data_is_untracked(reuse):
     seen = list(opt.layer_stats().values())[1]["w_norm"]
     assert seen == pytest.approx(before if reuse else after, rel=1e-6)
     assert not math.isclose(before, after, rel_tol=0.1)
+
+
+@pytest.mark.parametrize("toggle", ["reuse_weight_norm", "lag"])
+def test_a_step_that_carries_no_norm_makes_the_carried_one_stale(toggle):
+    """A step taken without carrying ‖w‖ (reuse switched off for it, or lag=1 for it) still
+    moves the parameters' version counters: the next step measures w again instead of
+    taking the norm carried from before it.  Equal, bit for bit, to never reusing."""
+    runs = {}
+    for reuse in (True, False):
+        params = make_params(torch.float32)
+        opt = LARS(params, lr=0.5, backend="cpp", reuse_weight_norm=reuse, momentum=0.9)
+        for t in range(5):
+            set_grads(params, t)
+            off = t in (1, 2)
+            if toggle == "lag":
+                opt.param_groups[0]["lag"] = 1 if off else 0
+            else:
+                opt.reuse_weight_norm = reuse and not off
+            opt.step()
+        runs[reuse] = [p.detach().clone() for p in params]
+    assert all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))
