@@ -243,6 +243,26 @@ def test_lag_median_when_the_sample_misleads(n):
     assert bit_equal(opt.state[param]["lagged"][2], torch_median(w.flatten(), g))
 
 
+def test_median_with_weights_near_the_fp32_limit_under_flush_to_zero():
+    """|w| ≥ 2^126 has a subnormal reciprocal, 0 when denormals are flushed: the AVX-512
+    classification must not take such a quotient (≈ 1 here) for one below the bracket."""
+    n = 200000
+    u = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5
+    w = torch.ones(n)
+    w[::50] = 1e38
+    g = w * u
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # flush_denormal sets the calling thread only
+    try:
+        if not torch.set_flush_denormal(True):
+            pytest.skip("this CPU cannot flush denormals")
+        got = cpp_median(w, g)
+    finally:
+        torch.set_flush_denormal(False)
+        torch.set_num_threads(threads)
+    assert bit_equal(got, torch_median(w, g))
+
+
 @pytest.mark.parametrize("approx", [False, True])
 def test_median_with_extreme_values(approx):
     """Subnormal and huge weights, infinite and subnormal gradients, and quotients a few

@@ -262,7 +262,7 @@ inline void collect_quotients(const P* w, const P* g, int64_t m, math_t<P> weigh
 // The AVX-512 variant for fp32, without a division for most quotients: r = |d|·rcp14(|w|)
 // is within 2^-13 of |d|/|w|, so r below lo·(1 − 2^-10) or above hi·(1 + 2^-10) places the
 // exact quotient below or above the bracket for sure.  The other lanes (near or inside the
-// bracket, |w| subnormal, NaN) are packed and divided exactly, then counted and collected
+// bracket, |w| subnormal or ≥ 2^126, NaN) are packed and divided exactly, then counted and collected
 // as usual.  Brackets near the ends of the fp32 range take the plain path.
 inline void collect_quotients(const float* w, const float* g, int64_t m, float weight_decay,
                               const Bracket<float>& b, float* cand, MedianCounts& counts) {
@@ -277,7 +277,7 @@ inline void collect_quotients(const float* w, const float* g, int64_t m, float w
   const __m512 decay = _mm512_set1_ps(weight_decay), zero = _mm512_setzero_ps();
   const __m512 lo = _mm512_set1_ps(float(double(b.lo) * (1 - kMargin)));
   const __m512 hi = _mm512_set1_ps(float(double(b.hi) * (1 + kMargin)));
-  const __m512 smallest = _mm512_set1_ps(std::numeric_limits<float>::min());
+  const __m512 smallest = _mm512_set1_ps(std::numeric_limits<float>::min()), largest = _mm512_set1_ps(0x1p126f);
   const __m512i one = _mm512_set1_epi32(1);
   __m512i sure = _mm512_setzero_si512(), below = _mm512_setzero_si512();  // per-lane counts: no mask moves
   int64_t packed = 0;
@@ -287,7 +287,9 @@ inline void collect_quotients(const float* w, const float* g, int64_t m, float w
     const __m512 d = _mm512_add_ps(gv, _mm512_mul_ps(wv, decay));  // decayed_grad: no fused multiply-add
     const __m512 abs_d = _mm512_abs_ps(d), abs_w = _mm512_abs_ps(wv);
     const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(lanes, wv, zero, _CMP_NEQ_UQ);  // w ≠ 0, NaN included
-    const __mmask16 normal = _mm512_mask_cmp_ps_mask(nonzero, abs_w, smallest, _CMP_GE_OQ);
+    // rcp14 of |w| ≥ 2^126 is subnormal, 0 under flush-to-zero: those lanes divide too.
+    const __mmask16 normal = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(nonzero, abs_w, smallest, _CMP_GE_OQ),
+                                                     abs_w, largest, _CMP_LT_OQ);
     const __m512 r = _mm512_mul_ps(abs_d, _mm512_rcp14_ps(abs_w));
     const __mmask16 is_below = _mm512_mask_cmp_ps_mask(normal, r, lo, _CMP_LT_OQ);
     const __mmask16 is_above = _mm512_mask_cmp_ps_mask(normal, r, hi, _CMP_GT_OQ);
