@@ -41,15 +41,26 @@ cblr::Rule rule_of(const std::string& rule) {
   return cblr::RULE_CBLR;
 }
 
-// `other` may be read as flat memory alongside `param`: same device, size and layout.
+// The same elements in the same memory order: equal sizes, and equal strides wherever a
+// dimension has more than one element (autograd gives gradients any stride there).
+bool same_order(const Tensor& a, const Tensor& b) {
+  if (a.sizes() != b.sizes()) return false;
+  for (int64_t d = 0; d < a.dim(); ++d) {
+    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
+  }
+  return true;
+}
+
+// `other` may be read as flat memory alongside `param` (dense): same device, elements and
+// memory order, and dense too.
 void check_companion(const Tensor& param, const Tensor& other, at::ScalarType dtype, const char* what,
                      size_t i) {
   TORCH_CHECK(other.device() == param.device(), "cblr_ext cpp backend: ", what, " of layer ", i,
               " is on ", other.device(), ", its parameter on ", param.device());
   TORCH_CHECK(other.scalar_type() == dtype, "cblr_ext cpp backend: ", what, " of layer ", i, " has dtype ",
               other.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(other.sizes() == param.sizes() && other.strides() == param.strides(), "cblr_ext cpp backend: ",
-              what, " of layer ", i, " must have its parameter's shape and strides");
+  TORCH_CHECK(same_order(other, param) && other.is_non_overlapping_and_dense(), "cblr_ext cpp backend: ", what,
+              " of layer ", i, " must have its parameter's shape and memory layout");
 }
 
 void check_param(const Tensor& param, size_t i) {

@@ -575,3 +575,53 @@ def test_median_scratch_is_the_optimizers_workspace(lag):
     del opt, workspace
     gc.collect()
     assert gone() is None
+
+
+def test_gradients_laid_out_like_their_parameters_up_to_size_one_dimensions():
+    """Autograd gives a 1x1 conv weight fed channels_last input a gradient with other strides
+    on its size-1 dimensions (same memory order): the cpp step accepts it and equals the
+    reference's."""
+    runs = []
+    for backend in ("reference", "cpp"):
+        torch.manual_seed(0)
+        conv = torch.nn.Conv2d(8, 4, 1, bias=False)
+        x = torch.randn(2, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+        conv(x).square().sum().backward()
+        assert conv.weight.grad.stride() != conv.weight.stride()
+        LARS(conv.parameters(), lr=0.1, momentum=0.9, backend=backend).step()
+        runs.append(conv.weight.detach().clone())
+    assert max_rel_diff([runs[0]], [runs[1]]) <= 1e-6
+
+
+def test_state_resumed_into_another_memory_layout():
+    """Momentum buffers saved from a contiguous model, loaded into the same model converted
+    to channels_last: the cpp step lays them out like their parameters (no group fails
+    after another was updated) and matches the reference."""
+    def model():
+        torch.manual_seed(1)
+        return torch.nn.Sequential(torch.nn.Linear(6, 6), torch.nn.Conv2d(3, 4, 3))
+
+    def set_grads(m):
+        for i, p in enumerate(m.parameters()):
+            p.grad = torch.randn(p.shape, generator=torch.Generator().manual_seed(i)).to(
+                memory_format=torch.channels_last if p.ndim == 4 else torch.contiguous_format)
+
+    source = model()
+    set_grads(source)
+    groups = lambda m: [{"params": list(m[0].parameters())}, {"params": list(m[1].parameters())}]
+    opt = MCLR(groups(source), lr=0.1, momentum=0.9, backend="reference")
+    opt.step()
+    saved = opt.state_dict()
+    runs = []
+    for backend in ("reference", "cpp"):
+        m = model().to(memory_format=torch.channels_last)
+        m.load_state_dict(source.state_dict())
+        resumed = MCLR(groups(m), lr=0.1, momentum=0.9, backend=backend)
+        resumed.load_state_dict(saved)
+        for group in resumed.param_groups:
+            group["backend"] = backend  # the saved groups name the backend they ran under
+        set_grads(m)
+        resumed.step()
+        runs.append([p.detach().clone() for p in m.parameters()])
+    assert all(resumed.state[p]["momentum_buffer"].stride() == p.stride() for p in m.parameters())  # cpp
+    assert max_rel_diff(runs[0], runs[1]) <= 1e-5

@@ -113,7 +113,10 @@ def reduce(batch: LayerBatch) -> torch.Tensor:
 
 
 def _state_tensors(batch: LayerBatch, key: str, make, keep: bool) -> list:
-    """state[key] of every layer; where missing, ``make(param)``, stored in the state if ``keep``."""
+    """state[key] of every layer; where missing, ``make(param)``, stored in the state if
+    ``keep``.  A kept tensor laid out unlike its parameter (state loaded from a contiguous
+    model now channels_last, say) is copied into the parameter's layout and kept so: the
+    passes read both as flat memory, and a group must not fail after others were updated."""
     out = []
     for p, state in zip(batch.params, batch.states):
         tensor = state.get(key)
@@ -121,6 +124,8 @@ def _state_tensors(batch: LayerBatch, key: str, make, keep: bool) -> list:
             tensor = make(p)
             if keep:
                 state[key] = tensor
+        elif tensor.stride() != p.stride() and tensor.shape == p.shape:
+            tensor = state[key] = torch.empty_like(p, dtype=tensor.dtype).copy_(tensor)
         out.append(tensor)
     return out
 
