@@ -560,14 +560,14 @@ def test_lag_without_nonfinite_skipping_is_one_pass():
 @pytest.mark.parametrize("lag", [0, 1])
 def test_median_scratch_is_the_optimizers_workspace(lag):
     """The median passes use a workspace the optimizer owns (candidates, and all quotients
-    under lag=1: 4 bytes per fp32 element each), reused every step and freed with the
-    optimizer; the steps match the reference's."""
+    under lag=1: 4 bytes per fp32 element each, every layer's slice 64-byte aligned),
+    reused every step and freed with the optimizer; the steps match the reference's."""
     import gc
     import weakref
     ref, _ = train(MCLR, "reference", steps=4, lr=0.1, momentum=0.9, lag=lag)
     got, opt = train(MCLR, "cpp", steps=3, lr=0.1, momentum=0.9, lag=lag)
     workspace = opt._workspace["cpp"]
-    assert workspace.dtype == torch.uint8 and workspace.numel() == (1 + lag) * 4 * sum(p.numel() for p in got)
+    assert workspace.dtype == torch.uint8 and workspace.numel() == (1 + lag) * sum(4 * p.numel() + 64 for p in got)
     train(MCLR, "cpp", steps=1, params=got, opt=opt, start=3)
     assert opt._workspace["cpp"] is workspace  # reused, not reallocated
     assert max_rel_diff(ref, got) <= 1e-5

@@ -56,7 +56,8 @@ def _workspace(batch: LayerBatch):
     if batch.rule != "mclr":
         return None
     per_element = 2 if batch.hp["lag"] else 1  # candidates, and all quotients under lag=1
-    needed = per_element * sum(p.numel() * state_dtype(p).itemsize for p in batch.params)
+    # Each layer's slice starts 64-byte aligned (csrc/cpu/step_passes.h, MedianPlan).
+    needed = per_element * sum(p.numel() * state_dtype(p).itemsize + 64 for p in batch.params)
     buffer = batch.workspace.get(name)
     if buffer is None or buffer.numel() < needed:
         buffer = batch.workspace[name] = torch.empty(needed, dtype=torch.uint8)

@@ -25,7 +25,7 @@ class MedianPlan {
     for (size_t i = 0; i < layers.size(); ++i) {
       if (!selects[i]) continue;
       offset_[i] = bytes;
-      bytes += layers[i].n * math_size(layers[i].dtype);
+      bytes += (layers[i].n * math_size(layers[i].dtype) + 63) & ~int64_t(63);  // slices stay aligned
       selecting.push_back(int(i));
     }
     if (selecting.empty()) return;
