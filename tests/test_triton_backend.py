@@ -522,3 +522,17 @@ def test_cblr_protocol_ops_make_no_host_sync():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(torch.equal(a, b) for a, b in zip(params, saved_w)) and torch.isfinite(norms).all()
+
+
+@interpreted
+def test_a_step_is_an_inplace_update_to_autograd():
+    """The kernels write through raw pointers; the step still moves the version counters,
+    so a backward through a graph that saved the old weights raises, as with torch's ops."""
+    lin = torch.nn.Linear(4, 3)
+    loss = (lin.weight ** 2).sum() + lin.bias.sum()
+    loss.backward(retain_graph=True)
+    before = lin.weight._version
+    LARS(lin.parameters(), lr=0.1, momentum=0.9, backend="triton").step()
+    assert lin.weight._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

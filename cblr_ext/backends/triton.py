@@ -289,6 +289,9 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
 
     momentum = _state_buffers(batch, "momentum_buffer", batch.uses_momentum)
     steps = _state_buffers(batch, "prev_step", batch.keeps_prev_step)
+    # The kernels write through raw pointers: tell autograd, as torch's in-place ops do
+    # (also on a skipped step, which the host does not know of without a sync).
+    torch.autograd.graph.increment_version([t for t in batch.params + momentum + steps if t is not None])
     ptrs = pointer_table([batch.params, batch.grads, momentum, steps])
     sums = torch.zeros((n, ku.UPDATE_PARTIALS.value), dtype=torch.float32, device=device)
     skip = found_inf.to(device=device, dtype=torch.uint8)
@@ -329,6 +332,7 @@ def _copy(dst: list, src: list) -> None:
     from ..kernels.chunks import chunk_plans, pointer_table
     if not src:
         return
+    torch.autograd.graph.increment_version(dst)  # written through raw pointers
     ptrs = pointer_table([dst, src])
     for plan in chunk_plans(src, CHUNK):
         _launch(kc.copy_kernel, plan, ptrs, len(src))
@@ -351,6 +355,7 @@ def shift(params: list, steps: list, saved: list) -> None:
     if not params:
         return
     _copy(saved, params)
+    torch.autograd.graph.increment_version(params)
     ptrs = pointer_table([params, steps])
     for plan in chunk_plans(params, CHUNK):
         _launch(kc.shift_kernel, plan, ptrs, len(params))
