@@ -5,7 +5,7 @@
 //      median with high probability (small layers: the median itself, directly);
 //   2. during the pass each chunk counts the quotients below lo and copies those in
 //      [lo, hi] to its own slice of a candidate buffer;
-//   3. after it, a selection over the few candidates (select_kth) gives the median;
+//   3. after it, a radix selection over the few candidates (select_kth_between) gives the median;
 //      when the bracket missed, a selection over all quotients (rare, still exact).
 // median="approx" is this exact median with its low 16 bits cleared (layer_math.h): the
 // same pass, then a count per bf16 bin over the candidates instead of the selection.
