@@ -51,9 +51,9 @@ TRAFFIC = {
     ("MCLR", "approx,lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (histogram on the fly)"),
     ("CBLR", "reuse"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms on the fly; closure's grad "
                                 "write not counted)"),
-    ("CBLR", "re-measure"): Traffic(10, 4, "shift: read w, s, write the copy of w and w + s; pass 1: read "
-                                    "the copy, g, g(w+s), s, write w (restore; norms and secant on the way); "
-                                    + UPDATE + " (g is set aside, not copied; closures' grad writes not counted)"),
+    ("CBLR", "re-measure"): Traffic(8, 4, "shift: read w, s, write the copy of w and w + s (‖w_t‖ on the way); "
+                                    "pass 1: read g, g(w+s), s (secant); update: read the copy, g, v; write w, v "
+                                    "(g is set aside, not copied; closures' grad writes not counted)"),
 }
 
 # The cblr_ext variants: (optimizer, variant) -> constructor keywords.

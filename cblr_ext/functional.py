@@ -4,9 +4,12 @@ backend passes over it.
 A step is ``reduce`` (pass 1: per-layer norms, measurement, non-finite flag)
 over every group, one step-wide non-finite decision, then ``apply`` (ratio and
 update, pass 2) over every group.  Backends implement the two passes and the
-CBLR protocol's ``shift`` and ``restore``; on a CBLR re-measure step ``reduce``
-also finishes the probe (``LayerBatch.probe``): it measures the secant and
-restores the shifted parameters.  Everything here is backend-independent.
+CBLR protocol's ``shift`` and ``restore``.  On a CBLR re-measure step
+(``LayerBatch.probe``) ``reduce`` measures the secant, and the shifted
+parameters go back to w_t bit-exactly: restored by ``reduce`` (``finish_probe``),
+or, in a fused backend, updated by ``apply`` from the saved copy (restored when the
+step is skipped).  Whoever restores clears ``batch.probe``; the optimizer restores a
+probe still pending when a pass raises.  Everything here is backend-independent.
 """
 from __future__ import annotations
 
@@ -35,10 +38,12 @@ STAT_COLUMNS = len(STAT_NAMES)
 class Probe:
     """CBLR's probe of one group, per layer: ``saved`` holds w_t where the parameter
     now sits at w_t + s_{t−1} (None where it was not shifted), ``grads`` the
-    gradient there where the layer measures (None elsewhere)."""
+    gradient there where the layer measures (None elsewhere).  ``w_norms``: what the
+    backend's ``shift`` returned, ‖w_t‖ of the shifted layers in order, or None."""
 
     saved: list
     grads: list
+    w_norms: Optional[Tensor] = None
 
 
 @dataclass
@@ -115,8 +120,9 @@ def times_lr(x: Tensor, lr) -> Tensor:
 
 def finish_probe(batch: LayerBatch, secant_norms, restore) -> Tensor:
     """[L, 2] (‖d(w_t) − d(w_t + s)‖, ‖s‖), NaN rows where the layer does not measure,
-    and every shifted parameter restored to w_t: the start of ``reduce`` for backends
-    that do not fuse it, from their ``secant_norms`` and ``restore``."""
+    and every shifted parameter restored to w_t (``batch.probe`` cleared): the start of
+    ``reduce`` for backends that do not fuse the restore into the update, from their
+    ``secant_norms`` and ``restore``."""
     secant = torch.full((len(batch), 2), float("nan"), dtype=torch.float32, device=batch.device)
     probe = batch.probe
     if probe is None:
@@ -124,9 +130,10 @@ def finish_probe(batch: LayerBatch, secant_norms, restore) -> Tensor:
     measured = [i for i, g in enumerate(probe.grads) if g is not None]
     if measured:
         secant[measured] = secant_norms(
-            [probe.saved[i] for i in measured], [batch.grads[i] for i in measured],
-            [batch.params[i] for i in measured], [probe.grads[i] for i in measured],
-            [prev_step(batch, i) for i in measured], batch.hp["weight_decay"])
+            [batch.params[i] for i in measured], [batch.grads[i] for i in measured],
+            [probe.grads[i] for i in measured], [prev_step(batch, i) for i in measured],
+            batch.hp["weight_decay"])
     shifted = [i for i, w in enumerate(probe.saved) if w is not None]
     restore([batch.params[i] for i in shifted], [probe.saved[i] for i in shifted])
+    batch.probe = None
     return secant

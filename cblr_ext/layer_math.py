@@ -37,6 +37,12 @@ def decayed_grad(g: Tensor, w: Tensor, weight_decay: float) -> Tensor:
     return g + w * weight_decay
 
 
+def secant_difference(g: Tensor, g_s: Tensor, s: Tensor, weight_decay: float) -> Tensor:
+    """d(w) − d(w + s) = (g − g_s) − β·s, g_s the gradient at w + s: the weight-decay part
+    exact (s as the shift added it), not the difference of two rounded points."""
+    return (g - g_s) - s * weight_decay
+
+
 def curvature_quotients(d: Tensor, w: Tensor) -> Tensor:
     """h_i = |d_i| / |w_i| over the elements with w_i ≠ 0 (flattened)."""
     nonzero = w != 0

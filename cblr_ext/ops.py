@@ -14,13 +14,13 @@ _build.load()
 
 
 @torch.library.register_fake("cblr_ext::reduce")
-def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, saved, probe_grads, steps, weight_decay, eps,
+def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, probe_grads, steps, weight_decay, eps,
                  curvature_interval, lag, approx_median, check_nonfinite=True, workspace=None, w_norms=None):
     return params[0].new_empty((len(params), REDUCTION_COLUMNS), dtype=torch.float32)
 
 
 @torch.library.register_fake("cblr_ext::apply")
-def _apply_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, adapt,
+def _apply_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, saved, adapt,
                 lagged_valid, red, found_inf, lr, momentum, nesterov, weight_decay, eps,
                 trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
                 approx_median, workspace=None, next_w_norms=None):
@@ -34,4 +34,4 @@ def _restore_fake(dst, src):
 
 @torch.library.register_fake("cblr_ext::shift")
 def _shift_fake(params, steps, saved):
-    return None
+    return params[0].new_empty((len(params),), dtype=torch.float32)

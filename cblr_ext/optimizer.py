@@ -146,35 +146,32 @@ class LayerwiseOptimizer(Optimizer):
     def _run(self, batches):
         """Pass 1 over every group, one step-wide skip decision, pass 2 over every group."""
         work = [(b, self._backend(b)) for b in batches]
-        reductions = []
-        try:
-            for b, backend in work:
-                reductions.append(backend.reduce(b))
-        except BaseException:
-            # A pass 1 that failed, and the ones after it, leave CBLR probes shifted.
-            for b, backend in work[len(reductions):]:
-                self._restore_probe(b, backend)
-            raise
         if not work:
             return
-        device = batches[0].device
-        found_inf = None
-        if self.skip_nonfinite:
-            for red in reductions:  # the column is 0 or 1
-                flag = red[:, RED_NONFINITE].any().to(device)
-                found_inf = flag if found_inf is None else found_inf | flag
-        else:
-            found_inf = torch.zeros((), dtype=torch.bool, device=device)
-        self._stats = []
-        for (b, backend), red in zip(work, reductions):
-            self._stats.append((b.positions, backend.apply(b, red, found_inf)))
+        try:
+            reductions = [backend.reduce(b) for b, backend in work]
+            device = batches[0].device
+            found_inf = None
+            if self.skip_nonfinite:
+                for red in reductions:  # the column is 0 or 1
+                    flag = red[:, RED_NONFINITE].any().to(device)
+                    found_inf = flag if found_inf is None else found_inf | flag
+            else:
+                found_inf = torch.zeros((), dtype=torch.bool, device=device)
+            stats = [(b.positions, backend.apply(b, red, found_inf)) for (b, backend), red in zip(work, reductions)]
+        except BaseException:
+            # CBLR probes not restored yet (by pass 1, or by the update) leave w shifted.
+            for b, backend in work:
+                self._restore_probe(b, backend)
+            raise
+        self._stats = stats
         # A device tensor (int64: bool + int): counting skipped steps must not sync the host.
         self._skipped_steps = found_inf + self._skipped_steps
 
     def _cblr_step(self, closure):
         """CBLR: gradient at w_t, and on a re-measure step a second gradient on the same
-        batch at w_t + s_{t−1}; pass 1 then measures the secant and restores w_t
-        bit-exactly (.grad is restored right after the probe closure)."""
+        batch at w_t + s_{t−1}; pass 1 then measures the secant, and the step goes on
+        from w_t, restored bit-exactly (.grad is restored right after the probe closure)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -216,7 +213,7 @@ class LayerwiseOptimizer(Optimizer):
         the closure there.  The g_t tensors are set aside (not copied) meanwhile, with a
         spare buffer per parameter in ``.grad``, so a closure that zeroes in place
         (``zero_grad(set_to_none=False)``) keeps fixed addresses.  Sets ``b.probe``; the
-        parameters stay shifted until pass 1 restores them (here, when anything fails)."""
+        parameters stay shifted until a pass restores them (here, when anything fails)."""
         work = []
         for b in batches:
             shifted = [i for i in range(len(b)) if prev_step(b, i) is not None]
@@ -228,9 +225,9 @@ class LayerwiseOptimizer(Optimizer):
             for b, shifted, saved in work:
                 for p in b.params:
                     p.grad = self._reused(self._probe_grads, p, p.grad, torch.zeros_like)
-                self._backend(b).shift([b.params[i] for i in shifted], [prev_step(b, i) for i in shifted],
-                                       [saved[i] for i in shifted])
-                b.probe = Probe(saved=saved, grads=[None] * len(b))  # shifted: restore on failure
+                w_norms = self._backend(b).shift([b.params[i] for i in shifted],
+                                                 [prev_step(b, i) for i in shifted], [saved[i] for i in shifted])
+                b.probe = Probe(saved=saved, grads=[None] * len(b), w_norms=w_norms)  # restore on failure
             with torch.enable_grad():
                 closure()
             for (b, _, _), probe in zip(work, probes):

@@ -153,8 +153,7 @@ LayerRef layer_inputs(at::TensorList params, at::TensorList grads, at::TensorLis
 }
 
 Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages,
-              c10::List<bool> adapt, c10::List<bool> lagged_valid, const OptionalTensors& saved,
-              const OptionalTensors& probe_grads, const OptionalTensors& steps, double weight_decay, double eps,
+              c10::List<bool> adapt, c10::List<bool> lagged_valid, const OptionalTensors& probe_grads, const OptionalTensors& steps, double weight_decay, double eps,
               int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite,
               const std::optional<Tensor>& workspace, const std::optional<Tensor>& w_norms) {
   const size_t count = params.size();
@@ -162,7 +161,6 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
   check_count(ages.size(), count, "ages", false);
   check_count(adapt.size(), count, "adapt flags", false);
   check_count(lagged_valid.size(), count, "lag flags", false);
-  check_count(saved.size(), count, "saved parameters", true);
   check_count(probe_grads.size(), count, "probe gradients", true);
   check_count(steps.size(), count, "steps", true);
   cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
@@ -172,16 +170,13 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
     LayerRef& l = layers[i] = layer_inputs(params, grads, ages, adapt, lagged_valid, i);
-    l.shifted = optional_companion(saved, i, params[i], params[i].scalar_type(), "saved parameter", l.saved);
     l.measures = optional_companion(probe_grads, i, params[i], params[i].scalar_type(), "probe gradient", l.probe_g);
     const bool has_step = optional_companion(steps, i, params[i], state_dtype(params[i]), "step", l.step);
-    TORCH_CHECK(!l.measures || (l.shifted && has_step), "cblr_ext cpp backend: layer ", i,
-                " has a probe gradient but no saved parameter or step");
-    TORCH_CHECK(!l.shifted || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
+    // The parameter sits at w_t + s: ‖w_t‖ must come from the shift (w_norms).
+    TORCH_CHECK(!l.measures || (has_step && known_w_norms), "cblr_ext cpp backend: layer ", i,
+                " has a probe gradient but no step or no ‖w_t‖ (w_norms)");
+    TORCH_CHECK(!l.measures || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
     if (known_w_norms) l.known_w_norm = known_w_norms[i];
-  }
-  for (size_t i = 0; i < count; ++i) {
-    if (layers[i].shifted) bump_versions(params[i]);  // restored to w_t in this pass
   }
   Tensor red = at::empty({int64_t(count), cblr::cpu::RED_COLUMNS}, at::kFloat);
   cblr::cpu::reduce_layers(cfg, layers, red.data_ptr<float>());
@@ -190,8 +185,8 @@ Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList gra
 
 Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grads,
              at::TensorList momentum_buffers, at::TensorList prev_steps, at::TensorList kappas,
-             at::TensorList ages, at::TensorList lagged, c10::List<bool> adapt, c10::List<bool> lagged_valid,
-             const Tensor& red, const Tensor& found_inf, const Tensor& lr, double momentum, bool nesterov,
+             at::TensorList ages, at::TensorList lagged, const OptionalTensors& saved, c10::List<bool> adapt,
+             c10::List<bool> lagged_valid, const Tensor& red, const Tensor& found_inf, const Tensor& lr, double momentum, bool nesterov,
              double weight_decay, double eps, double trust_coefficient, double curvature_ema,
              std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag,
              bool approx_median, const std::optional<Tensor>& workspace, const std::optional<Tensor>& next_w_norms) {
@@ -202,6 +197,7 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
   check_count(kappas.size(), count, "kappas", false);
   check_count(ages.size(), count, "ages", false);
   check_count(lagged.size(), count, "lag stashes", !lag);
+  check_count(saved.size(), count, "saved parameters", true);
   check_count(adapt.size(), count, "adapt flags", false);
   check_count(lagged_valid.size(), count, "lag flags", false);
   TORCH_CHECK(red.device().is_cpu() && red.scalar_type() == at::kFloat && red.is_contiguous() &&
@@ -233,13 +229,28 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
       l.lagged = lagged[i].data_ptr<float>();
     }
     if (next_norms) l.next_w_norm = next_norms + i;
+    l.shifted = optional_companion(saved, i, params[i], params[i].scalar_type(), "saved parameter", l.saved);
+    TORCH_CHECK(!l.shifted || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
   }
-  const bool skip = found_inf.item<bool>();  // a skipped step writes nothing
+  // A skipped step writes nothing but the restore of the shifted parameters to w_t.
+  const bool skip = found_inf.item<bool>();
+  std::vector<const void*> restore_from;
+  std::vector<void*> restore_to;
+  std::vector<int64_t> restore_bytes;
   if (!skip) {
     for (at::TensorList written : {params, momentum_buffers, prev_steps, kappas, ages, lagged}) bump_versions(written);
+  } else {
+    for (size_t i = 0; i < count; ++i) {
+      if (!layers[i].shifted) continue;
+      bump_versions(params[i]);
+      restore_from.push_back(layers[i].saved);
+      restore_to.push_back(layers[i].w);
+      restore_bytes.push_back(params[i].numel() * params[i].element_size());
+    }
   }
   Tensor stats = at::empty({int64_t(count), cblr::cpu::STAT_COLUMNS}, at::kFloat);
   cblr::cpu::apply_layers(cfg, layers, red.data_ptr<float>(), skip, lr.item<float>(), stats.data_ptr<float>());
+  if (!restore_to.empty()) cblr::cpu::copy_layers(restore_from, restore_to, restore_bytes, at::get_num_threads());
   return stats;
 }
 
@@ -259,7 +270,7 @@ void restore(at::TensorList dst, at::TensorList src) {
   cblr::cpu::copy_layers(from, to, bytes, at::get_num_threads());
 }
 
-void shift(at::TensorList params, at::TensorList steps, at::TensorList saved) {
+Tensor shift(at::TensorList params, at::TensorList steps, at::TensorList saved) {
   check_count(steps.size(), params.size(), "steps", false);
   check_count(saved.size(), params.size(), "save buffers", false);
   std::vector<cblr::cpu::ShiftLayer> layers;
@@ -272,7 +283,9 @@ void shift(at::TensorList params, at::TensorList steps, at::TensorList saved) {
   }
   bump_versions(params);
   bump_versions(saved);
-  cblr::cpu::shift_layers(layers, at::get_num_threads());
+  Tensor w_norms = at::empty({int64_t(params.size())}, at::kFloat);
+  cblr::cpu::shift_layers(layers, at::get_num_threads(), w_norms.data_ptr<float>());
+  return w_norms;
 }
 
 std::string cpu_isa() { return cblr::cpu::kernel_isa(); }
@@ -280,19 +293,20 @@ std::string cpu_isa() { return cblr::cpu::kernel_isa(); }
 }  // namespace
 
 TORCH_LIBRARY(cblr_ext, m) {
-  // reduce writes the parameters only where a CBLR probe is restored (saved).
-  m.def("reduce(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, bool[] lagged_valid, "
-        "Tensor?[] saved, Tensor?[] probe_grads, Tensor?[] steps, float weight_decay, float eps, "
+  m.def("reduce(str rule, Tensor[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, bool[] lagged_valid, "
+        "Tensor?[] probe_grads, Tensor?[] steps, float weight_decay, float eps, "
         "int curvature_interval, bool lag, bool approx_median, bool check_nonfinite=True, "
         "Tensor(z!)? workspace=None, Tensor? w_norms=None) -> Tensor");
   m.def("apply(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-        "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, bool[] adapt, "
+        "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, Tensor?[] saved, "
+        "bool[] adapt, "
         "bool[] lagged_valid, Tensor red, Tensor found_inf, Tensor lr, float momentum, bool nesterov, "
         "float weight_decay, float eps, float trust_coefficient, float curvature_ema, float? max_ratio, "
         "float fallback_trust, int curvature_interval, bool lag, bool approx_median, Tensor(z!)? workspace=None, "
         "Tensor(y!)? next_w_norms=None) -> Tensor");
   m.def("restore(Tensor(a!)[] dst, Tensor[] src) -> ()");
-  m.def("shift(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved) -> ()");
+  // Returns ‖w_t‖ per layer (for reduce's w_norms); apply updates from `saved`.
+  m.def("shift(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved) -> Tensor");
   m.def("cpu_isa() -> str");
 }
 

@@ -49,6 +49,15 @@ CBLR_HD T decayed_grad(T g, T w, T weight_decay) {
   return g + product;
 }
 
+// d(w) − d(w + s) = (g − g_s) − β·s: the secant's difference of decayed gradients, with
+// the weight-decay part exact (s as the shift added it, in the math type).  g_s is the
+// gradient at w + s.
+template <typename T>
+CBLR_HD T secant_difference(T g, T g_s, T s, T weight_decay) {
+  T product = s * weight_decay;
+  return (g - g_s) - product;
+}
+
 // |x| with the sign bit cleared: −0 gives +0, as torch's abs does (x < 0 ? −x : x would
 // keep −0, and the quotient −0 / |w| would differ from the other backends' bits).
 CBLR_HD float magnitude(float x) { return fabsf(x); }

@@ -9,8 +9,8 @@ from .chunks import chunk_span, round_to, tensor_ptr
 
 ROLE_DST, ROLE_SRC = tl.constexpr(0), tl.constexpr(1)
 ROLE_W, ROLE_S = tl.constexpr(0), tl.constexpr(1)
-ROLE_WT, ROLE_GT, ROLE_WP, ROLE_GP, ROLE_STEP = (tl.constexpr(i) for i in range(5))
-SECANT_PARTIALS = tl.constexpr(2)  # ‖d(w_t) − d(w_p)‖², ‖s‖²
+ROLE_GT, ROLE_GP, ROLE_STEP = (tl.constexpr(i) for i in range(3))
+SECANT_PARTIALS = tl.constexpr(2)  # ‖d(w_t) − d(w_t + s)‖², ‖s‖²
 
 
 @triton.jit
@@ -34,14 +34,13 @@ def shift_kernel(chunks, ptrs, n_layers, DTYPE: tl.constexpr, BLOCK: tl.constexp
 @triton.jit
 def secant_partials_kernel(chunks, ptrs, n_layers, partials, weight_decay,
                            DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """Per chunk Σ (d(w_t) − d(w_p))² and Σ s², d = g + β·w in fp32."""
+    """Per chunk Σ (d(w_t) − d(w_t + s))² = Σ ((g_t − g_p) − β·s)² (s rounded to the
+    parameter's dtype, as the shift added it) and Σ s², in fp32."""
     c, row, offs, mask = chunk_span(chunks, BLOCK)
-    w_t = tl.load(tensor_ptr(ptrs, ROLE_WT, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     g_t = tl.load(tensor_ptr(ptrs, ROLE_GT, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
-    w_p = tl.load(tensor_ptr(ptrs, ROLE_WP, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     g_p = tl.load(tensor_ptr(ptrs, ROLE_GP, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
     s = tl.load(tensor_ptr(ptrs, ROLE_STEP, n_layers, row, tl.float32) + offs, mask=mask, other=0.0)
-    diff = (g_t + w_t * weight_decay) - (g_p + w_p * weight_decay)
+    diff = (g_t - g_p) - round_to(s, DTYPE).to(tl.float32) * weight_decay
     out = partials + c * SECANT_PARTIALS
     tl.store(out, tl.sum(diff * diff, axis=0))
     tl.store(out + 1, tl.sum(s * s, axis=0))

@@ -122,8 +122,8 @@ def test_a_closure_that_raises_during_the_probe_leaves_w_and_grad_as_they_were()
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_a_pass_1_that_fails_after_the_probe_leaves_w_as_it_was(backend, monkeypatch):
-    """Pass 1 restores w_t; when it raises for one group, that group and the ones after
-    it are restored by the optimizer, bit for bit."""
+    """Pass 1 (reference) or the update (cpp) restores w_t; when pass 1 raises for one
+    group, every group still shifted is restored by the optimizer, bit for bit."""
     from cblr_ext import backends
     model, opt, closure, _ = setup(1, backend=backend, group_per_layer=True)
     opt.step(closure)
@@ -142,3 +142,56 @@ def test_a_pass_1_that_fails_after_the_probe_leaves_w_as_it_was(backend, monkeyp
     assert calls == [True, True]  # both groups were probed (shifted)
     for p, w in zip(model.parameters(), w_t):
         assert torch.equal(p, w)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_an_update_that_fails_restores_the_groups_it_did_not_reach(backend, monkeypatch):
+    """The fused update restores from the copy as it writes w: when it raises for the
+    second group, the first is updated as in an unbroken step and the second is w_t."""
+    from cblr_ext import backends
+    model, opt, closure, _ = setup(1, backend=backend, group_per_layer=True)
+    twin, twin_opt, twin_closure, _ = setup(1, backend=backend, group_per_layer=True)
+    opt.step(closure)
+    twin_opt.step(twin_closure)
+    w_t = [p.detach().clone() for p in model.parameters()]
+    twin_opt.step(twin_closure)
+    module = backends.get(backend, torch.device("cpu"))
+    real_apply, calls = module.apply, []
+
+    def apply_then_fail(batch, red, found_inf):
+        calls.append(len(calls))
+        if len(calls) == 2:
+            raise RuntimeError("update failed")
+        return real_apply(batch, red, found_inf)
+    monkeypatch.setattr(module, "apply", apply_then_fail)
+    with pytest.raises(RuntimeError, match="update failed"):
+        opt.step(closure)
+    params, twin_params = list(model.parameters()), list(twin.parameters())
+    for p, want in zip(params[:2], twin_params[:2]):
+        assert torch.equal(p, want)
+    for p, w in zip(params[2:], w_t[2:]):
+        assert torch.equal(p, w)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_non_finite_gradient_on_a_remeasure_step_skips_and_restores(backend):
+    """A NaN in g_t is found after the probe; the step is skipped and every shifted
+    parameter is w_t again, bit for bit, with the state untouched."""
+    model, opt, closure, _ = setup(1, backend=backend)
+    opt.step(closure)
+    params = list(model.parameters())
+    w_t = [p.detach().clone() for p in params]
+    buffers = [opt.state[p]["momentum_buffer"].clone() for p in params]
+    calls = 0
+
+    def nan_at_w_t():
+        nonlocal calls
+        calls += 1
+        loss = closure()
+        if calls == 1:
+            params[0].grad[0, 0] = float("nan")
+        return loss
+    opt.step(nan_at_w_t)
+    assert calls == 2 and opt.skipped_steps == 1
+    for p, w, v in zip(params, w_t, buffers):
+        assert torch.equal(p, w) and torch.equal(opt.state[p]["momentum_buffer"], v)

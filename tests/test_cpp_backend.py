@@ -135,7 +135,7 @@ def cpp_ops():
 
 def cpp_median(w, g, weight_decay=0.0, approx=False):
     """κ with ε = 0, i.e. the median itself (NaN where undefined), from the cpp reduce."""
-    red = cpp_ops().reduce("mclr", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], [],
+    red = cpp_ops().reduce("mclr", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [],
                            weight_decay, 0.0, 1, False, approx, True)
     return red[0, 2]
 
@@ -371,11 +371,24 @@ def test_result_independent_of_thread_count():
         assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(results[0], other))
 
 
+def cblr_apply(params, grads, buffers, saved, skip):
+    """The cpp update of a CBLR group (μ = 0.9, β = 1e-3) with κ̄ = 2 carried; saved: the
+    probe's w_t per layer, or []."""
+    n = len(params)
+    red = torch.full((n, 5), math.nan)
+    red[:, 3] = 0.0  # nothing measured: κ̄ is reused
+    kappas = [torch.tensor(2.0) for _ in params]
+    return cpp_ops().apply("cblr", params, grads, buffers, [], kappas, [torch.tensor(1.0) for _ in params], [],
+                           saved, [True] * n, [False] * n, red, torch.tensor(skip), torch.tensor(0.1), 0.9, False,
+                           1e-3, 1e-8, 1.0, 0.5, None, 1e-3, 3, False, False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_cblr_shift_and_probe_pass_are_exact(dtype):
-    """shift keeps w_t and moves to w_t + s like the reference; pass 1 then restores w_t bit
-    for bit and measures the secant (w_t + s recomputed, not read) like the reference's
-    secant_norms, with ‖w‖ and ‖g‖ of w_t and g_t."""
+def test_cblr_shift_secant_and_update_from_the_copy(dtype):
+    """shift keeps w_t, moves to w_t + s like the reference and measures ‖w_t‖; pass 1
+    measures the secant like the reference's secant_norms without writing the parameters;
+    the update from the saved copy equals restore + update bit for bit, and a skipped
+    step restores w_t bit for bit."""
     from cblr_ext.backends import cpp, reference
     gen = torch.Generator().manual_seed(3)
     ws = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
@@ -385,30 +398,45 @@ def test_cblr_shift_and_probe_pass_are_exact(dtype):
     saved = [torch.full_like(w, 5.0) for w in ws]
     shifted, expected = [w.clone() for w in ws], [w.clone() for w in ws]
     expected_saved = [torch.empty_like(w) for w in ws]
-    cpp.shift(shifted, steps, saved)
+    w_norms = cpp.shift(shifted, steps, saved)
     reference.shift(expected, steps, expected_saved)
     assert all(torch.equal(a, b) for a, b in zip(saved, ws))
     assert all(torch.equal(a, b) for a, b in zip(shifted, expected))
+    norms = torch.stack([torch.stack([torch.linalg.vector_norm(w.to(state)), torch.linalg.vector_norm(g.to(state))])
+                         for w, g in zip(ws, gs)]).float()
+    torch.testing.assert_close(w_norms, norms[:, 0], rtol=1e-5, atol=0)
+
     probe_g = [(g.to(state) + 0.5 * s).to(dtype) for g, s in zip(gs, steps)]
-    measured = [i for i in range(len(SHAPES)) if i % 3 != 1]  # the others are only restored
+    measured = [i for i in range(len(SHAPES)) if i % 3 != 1]
     want = reference.secant_norms([ws[i] for i in measured], [gs[i] for i in measured],
-                                  [shifted[i] for i in measured], [probe_g[i] for i in measured],
-                                  [steps[i] for i in measured], 1e-3)
+                                  [probe_g[i] for i in measured], [steps[i] for i in measured], 1e-3)
+    at_probe = [w.clone() for w in shifted]
     red = cpp_ops().reduce("cblr", shifted, gs, [torch.tensor(math.inf)] * len(ws), [True] * len(ws),
-                           [False] * len(ws), saved, [probe_g[i] if i in measured else None for i in range(len(ws))],
+                           [False] * len(ws), [probe_g[i] if i in measured else None for i in range(len(ws))],
                            [steps[i] if i in measured else None for i in range(len(ws))], 1e-3, 0.0, 1, False, False,
-                           True)
-    assert all(torch.equal(a, b) for a, b in zip(shifted, ws))
+                           True, None, w_norms)
+    assert all(torch.equal(a, b) for a, b in zip(shifted, at_probe))  # pass 1 writes nothing
     # κ = (‖Δd‖ + 0) / ‖s‖ with ε = 0; NaN (not measured) elsewhere
     kappa = torch.where(want[:, 0] > 0, want[:, 0] / want[:, 1], math.nan)
     torch.testing.assert_close(red[measured, 2], kappa, rtol=2e-5 if dtype != torch.float64 else 1e-6, atol=0,
                                equal_nan=True)
-    assert red[[i for i in range(len(ws)) if i not in measured], 2].isnan().all()
+    others = [i for i in range(len(ws)) if i not in measured]
+    assert red[others, 2].isnan().all() and red[others, 0].isnan().all()  # their norms: the update's
     assert torch.equal(red[:, 3], torch.tensor([1.0 if i in measured else 0.0 for i in range(len(ws))]))
-    norms = torch.stack([torch.stack([torch.linalg.vector_norm(w.to(state)), torch.linalg.vector_norm(g.to(state))])
-                         for w, g in zip(ws, gs)]).float()
-    torch.testing.assert_close(red[:, :2], norms, rtol=1e-5, atol=0)
+    torch.testing.assert_close(red[measured, :2], norms[measured], rtol=1e-5, atol=0)
+    torch.testing.assert_close(red[others, 1], norms[others, 1], rtol=1e-5, atol=0)
 
+    buffers = [(torch.randn(s, generator=gen) * 1e-2).to(state) for s in SHAPES]
+    restored, restored_buffers = [w.clone() for w in ws], [v.clone() for v in buffers]
+    from_copy, copy_buffers = [w.clone() for w in shifted], [v.clone() for v in buffers]
+    want_stats = cblr_apply(restored, gs, restored_buffers, [], False)
+    got_stats = cblr_apply(from_copy, gs, copy_buffers, saved, False)
+    assert all(torch.equal(a, b) for a, b in zip(from_copy, restored))
+    assert all(torch.equal(a, b) for a, b in zip(copy_buffers, restored_buffers))
+    assert torch.equal(got_stats, want_stats)
+    skipped = [w.clone() for w in shifted]
+    cblr_apply(skipped, gs, [], saved, True)
+    assert all(torch.equal(a, b) for a, b in zip(skipped, ws))
 
 
 def test_large_restore_is_exact():
@@ -443,16 +471,17 @@ def test_fake_implementations_trace_shapes():
         ws = [torch.empty(4, 3), torch.empty(7)]
         gs = [torch.empty(4, 3), torch.empty(7)]
         ages = [torch.empty(()), torch.empty(())]
-        red = ops.reduce("lars", ws, gs, ages, [True, False], [False, False], [], [], [], 0.0, 1e-8, 1, False, False,
+        red = ops.reduce("lars", ws, gs, ages, [True, False], [False, False], [], [], 0.0, 1e-8, 1, False, False,
                          True)
         assert red.shape == (2, 5) and red.dtype == torch.float32
-        stats = ops.apply("lars", ws, gs, [], [], [torch.empty(()), torch.empty(())], ages, [], [True, False],
+        stats = ops.apply("lars", ws, gs, [], [], [torch.empty(()), torch.empty(())], ages, [], [], [True, False],
                           [False, False], red, torch.empty((), dtype=torch.bool), torch.empty(()), 0.0, False, 0.0,
                           1e-8, 1e-3, 0.0, None, 1e-3, 1, False, False)
         assert stats.shape == (2, 7)
-        ops.shift(ws, gs, [torch.empty_like(w) for w in ws])
-        red = ops.reduce("cblr", ws, gs, ages, [True, False], [False, False], [gs[0], None], [gs[0], None],
-                         [ws[0], None], 0.0, 1e-8, 1, False, False, True)
+        w_norms = ops.shift(ws, gs, [torch.empty_like(w) for w in ws])
+        assert w_norms.shape == (2,) and w_norms.dtype == torch.float32
+        red = ops.reduce("cblr", ws, gs, ages, [True, False], [False, False], [gs[0], None], [ws[0], None], 0.0,
+                         1e-8, 1, False, False, True, None, w_norms)
         assert red.shape == (2, 5)
 
 
@@ -464,11 +493,11 @@ def test_opcheck_shift_and_probe_reduce():
     def tensors():
         return [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
 
-    ws, gs, saved, probe, steps = tensors(), tensors(), tensors(), tensors(), tensors()
+    ws, gs, probe, steps = tensors(), tensors(), tensors(), tensors()
     torch.library.opcheck(cpp_ops().shift, (ws, steps, [torch.empty_like(t) for t in ws]))
     ages = [torch.tensor(math.inf), torch.tensor(math.inf)]
-    torch.library.opcheck(cpp_ops().reduce, ("cblr", ws, gs, ages, [True, True], [False, False], saved, probe, steps,
-                                             0.1, 1e-8, 1, False, False, True))
+    torch.library.opcheck(cpp_ops().reduce, ("cblr", ws, gs, ages, [True, True], [False, False], probe, steps,
+                                             0.1, 1e-8, 1, False, False, True, None, torch.tensor([1.0, 2.0])))
 
 
 def test_jit_build_from_clean_sources(tmp_path):
@@ -512,11 +541,12 @@ def test_torch_compile_traces_the_ops():
     ops = cpp_ops()
 
     def shift_and_measure(ws, steps, saved):
-        ops.shift(ws, steps, saved)
+        w_norms = ops.shift(ws, steps, saved)
         ages = [torch.full((), math.inf) for _ in ws]
-        probe = [ws[0] * 2, None]  # the second layer is restored only
-        return ops.reduce("cblr", ws, steps, ages, [True] * len(ws), [False] * len(ws), saved, probe,
-                          [steps[0], None], 0.1, 1e-8, 1, False, False, True)
+        probe = [ws[0] * 2, None]  # the second layer does not measure
+        no_scratch = torch.empty(0, dtype=torch.uint8)  # as the backend passes (cpp.py, _workspace)
+        return ops.reduce("cblr", ws, steps, ages, [True] * len(ws), [False] * len(ws), probe,
+                          [steps[0], None], 0.1, 1e-8, 1, False, False, True, no_scratch, w_norms)
 
     gen = torch.Generator().manual_seed(4)
     steps = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
@@ -532,11 +562,11 @@ def test_torch_compile_traces_the_ops():
 def test_huge_finite_gradients_are_not_non_finite():
     """Squares of |g| > 1.8e19 overflow fp32 partial sums; the flag must still be 0."""
     w, g = torch.ones(1000), torch.full((1000,), 3e30)
-    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], [], 0.0, 1e-8, 1,
+    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], 0.0, 1e-8, 1,
                            False, False, True)
     assert red[0, 4] == 0
     g[500] = math.nan
-    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], [], 0.0, 1e-8, 1,
+    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], 0.0, 1e-8, 1,
                            False, False, True)
     assert red[0, 4] == 1
 
@@ -548,7 +578,7 @@ def test_lag_without_nonfinite_skipping_is_one_pass():
     w, g = torch.ones(1000), torch.ones(1000)
     g[7] = math.nan
     for check, flag in ((True, 1), (False, 0)):
-        red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(1.0)], [True], [True], [], [], [], 0.0, 1e-8, 1,
+        red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(1.0)], [True], [True], [], [], 0.0, 1e-8, 1,
                                True, False, check)
         assert red[0, 4] == flag
     for rule in ("lars", "mclr"):

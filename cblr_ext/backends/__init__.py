@@ -1,10 +1,12 @@
 """Backend registry.
 
-Each backend is one module exposing ``available(device)``, ``reduce``,
-``apply`` and the CBLR protocol ops ``snapshot``, ``shift``, ``restore`` and
-``secant_norms`` (see ``reference.py``, the ground truth).  Modules are
-imported on first use so that a backend whose compiled part is missing costs
-nothing until it is asked for.
+Each backend is one module exposing ``available(device)``, ``reduce``, ``apply``
+and the CBLR protocol ops ``shift`` and ``restore`` (see ``reference.py``, the
+ground truth). ``reduce`` finishes a pending probe: the reference and triton
+backends through ``functional.finish_probe`` and their ``secant_norms``; cpp fuses
+the secant into its pass 1 and the restore into ``apply``. Modules are imported on
+first use so that a backend whose compiled part is missing ("cuda" is not built
+yet) costs nothing until it is asked for.
 """
 from __future__ import annotations
 

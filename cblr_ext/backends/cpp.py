@@ -50,11 +50,16 @@ def _lagged_valid(batch: LayerBatch) -> list:
     return [("lagged" in s) for s in batch.states]
 
 
+_NO_SCRATCH = torch.empty(0, dtype=torch.uint8)
+
+
 def _workspace(batch: LayerBatch):
     """The median passes' scratch, kept in the optimizer's workspace: reused every step
-    (no pages to fault in again) and freed with the optimizer."""
+    (no pages to fault in again) and freed with the optimizer. Rules without a median get
+    an empty one, not None: inductor (torch 2.13) mis-lowers reduce when its only mutable
+    argument is None."""
     if batch.rule != "mclr":
-        return None
+        return _NO_SCRATCH
     per_element = 2 if batch.hp["lag"] else 1  # candidates, and all quotients under lag=1
     # Each layer's slice starts 64-byte aligned (csrc/cpu/step_passes.h, MedianPlan).
     needed = per_element * sum(p.numel() * state_dtype(p).itemsize + 64 for p in batch.params)
@@ -98,19 +103,31 @@ def _known_w_norms(batch: LayerBatch):
     return torch.tensor(values, dtype=torch.float32)
 
 
+def _probe_w_norms(batch: LayerBatch) -> torch.Tensor:
+    """‖w_t‖ per layer as the shift measured it (NaN where not shifted)."""
+    probe = batch.probe
+    values = torch.full((len(batch),), math.nan, dtype=torch.float32)
+    shifted = [i for i, w in enumerate(probe.saved) if w is not None]
+    if shifted:
+        values[shifted] = probe.w_norms
+    return values
+
+
 def reduce(batch: LayerBatch) -> torch.Tensor:
-    """Pass 1; on a CBLR re-measure step it also restores the shifted parameters and
-    measures the secant, in the same pass over w_t and g_t."""
+    """Pass 1; on a CBLR re-measure step it measures the secant from g_t, the probe
+    gradient and s alone (‖w_t‖ is the shift's): the parameters stay at the probe point,
+    and ``apply`` updates them from the saved w_t."""
     hp = batch.hp
-    saved, probe_grads, steps = [], [], []
+    probe_grads, steps, w_norms = [], [], _known_w_norms(batch)
     if batch.probe is not None:
-        saved, probe_grads = batch.probe.saved, batch.probe.grads
+        probe_grads = batch.probe.grads
         steps = [prev_step(batch, i) if g is not None else None for i, g in enumerate(probe_grads)]
+        w_norms = _probe_w_norms(batch)
     return _load().reduce(
         batch.rule, batch.params, batch.grads, [s["age"] for s in batch.states], batch.adapt,
-        _lagged_valid(batch), saved, probe_grads, steps, float(hp["weight_decay"]), float(hp["eps"]),
+        _lagged_valid(batch), probe_grads, steps, float(hp["weight_decay"]), float(hp["eps"]),
         int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx",
-        bool(hp.get("skip_nonfinite", True)), _workspace(batch), _known_w_norms(batch))
+        bool(hp.get("skip_nonfinite", True)), _workspace(batch), w_norms)
 
 
 def _state_tensors(batch: LayerBatch, key: str, make, keep: bool) -> list:
@@ -132,6 +149,8 @@ def _state_tensors(batch: LayerBatch, key: str, make, keep: bool) -> list:
 
 
 def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torch.Tensor:
+    """Pass 2; a CBLR probe's shifted parameters are updated from the saved w_t (restored
+    to it when the step is skipped), which clears ``batch.probe``."""
     hp = batch.hp
     lagged_valid = _lagged_valid(batch)
     # A skipped step creates no state, as in the reference (found_inf lives on the CPU).
@@ -149,12 +168,14 @@ def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torc
     next_w_norms = torch.empty(len(batch), dtype=torch.float32) if any(tracked) else None
     stats = _load().apply(
         batch.rule, batch.params, batch.grads, momentum_buffers, prev_steps,
-        [s["kappa"] for s in batch.states], [s["age"] for s in batch.states], lagged, batch.adapt,
+        [s["kappa"] for s in batch.states], [s["age"] for s in batch.states], lagged,
+        [] if batch.probe is None else batch.probe.saved, batch.adapt,
         lagged_valid, red, found_inf, lr_value(hp["lr"], batch.device),
         float(hp["momentum"]), bool(hp["nesterov"]), float(hp["weight_decay"]), float(hp["eps"]),
         float(hp["trust_coefficient"]), float(hp["curvature_ema"]),
         None if hp["max_ratio"] is None else float(hp["max_ratio"]), float(hp["fallback_trust"]),
         int(hp["curvature_interval"]), bool(hp["lag"]), hp["median"] == "approx", _workspace(batch), next_w_norms)
+    batch.probe = None
     if next_w_norms is not None:  # versions read after the op's writes
         left = batch.workspace.setdefault(_W_NORMS, {})
         for p, norm, keep in zip(batch.params, next_w_norms.tolist(), tracked):
@@ -163,10 +184,12 @@ def apply(batch: LayerBatch, red: torch.Tensor, found_inf: torch.Tensor) -> torc
     return stats
 
 
-def shift(params: list, steps: list, saved: list) -> None:
-    """saved ← w and w ← w + s_{t−1}, in one pass."""
+def shift(params: list, steps: list, saved: list):
+    """saved ← w and w ← w + s_{t−1}, in one pass that also measures ‖w_t‖ (returned,
+    per layer, for ``reduce``)."""
     if params:
-        _load().shift(params, steps, saved)
+        return _load().shift(params, steps, saved)
+    return None
 
 
 def restore(dst: list, src: list) -> None:

@@ -93,7 +93,8 @@ def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
 
 
 def shift(params: list, steps: list, saved: list) -> None:
-    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first)."""
+    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first).  No ‖w_t‖:
+    ``reduce`` measures the restored parameters."""
     for p, s, w in zip(params, steps, saved):
         w.copy_(p)
         p.add_(s.to(p.dtype))
@@ -104,12 +105,12 @@ def restore(dst: list, src: list) -> None:
         d.copy_(s)
 
 
-def secant_norms(w_t: list, g_t: list, w_p: list, g_p: list, steps: list, weight_decay: float) -> Tensor:
-    """Per layer (‖d(w_t) − d(w_p)‖, ‖s‖), d = g + β·w, both gradients on the same batch."""
+def secant_norms(params: list, g_t: list, g_p: list, steps: list, weight_decay: float) -> Tensor:
+    """Per layer (‖d(w_t) − d(w_t + s)‖, ‖s‖), d = g + β·w, g_t and g_p (at w_t + s) on the
+    same batch, s as the shift added it (rounded to the parameter's dtype)."""
     rows = []
-    for wt, gt, wp, gp, s in zip(w_t, g_t, w_p, g_p, steps):
-        dtype = state_dtype(wt)
-        diff = (lm.decayed_grad(gt.to(dtype), wt.to(dtype), weight_decay)
-                - lm.decayed_grad(gp.to(dtype), wp.to(dtype), weight_decay))
+    for p, gt, gp, s in zip(params, g_t, g_p, steps):
+        dtype = state_dtype(p)
+        diff = lm.secant_difference(gt.to(dtype), gp.to(dtype), s.to(p.dtype).to(dtype), weight_decay)
         rows.append(torch.stack([torch.linalg.vector_norm(diff), torch.linalg.vector_norm(s)]).float())
     return torch.stack(rows)

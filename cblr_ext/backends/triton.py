@@ -362,17 +362,18 @@ def shift(params: list, steps: list, saved: list) -> None:
 
 
 @_on_tensors_device
-def secant_norms(w_t: list, g_t: list, w_p: list, g_p: list, steps: list, weight_decay: float) -> Tensor:
-    """Per layer (‖d(w_t) − d(w_p)‖, ‖s‖), d = g + β·w: [L, 2] fp32."""
+def secant_norms(params: list, g_t: list, g_p: list, steps: list, weight_decay: float) -> Tensor:
+    """Per layer (‖d(w_t) − d(w_t + s)‖, ‖s‖), d = g + β·w: [L, 2] fp32 (params: the
+    parameters' dtypes, not read)."""
     from ..kernels import closure as kc
     from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
-    for what, tensors in (("saved parameter", w_t), ("saved gradient", g_t), ("probe gradient", g_p)):
-        _check(tensors, what, like=w_p)
-    _check_fp32_like(steps, w_p, "step")
-    n, device = len(w_p), w_p[0].device
-    ptrs = pointer_table([w_t, g_t, w_p, g_p, steps])
+    for what, tensors in (("gradient", g_t), ("probe gradient", g_p)):
+        _check(tensors, what, like=params)
+    _check_fp32_like(steps, params, "step")
+    n, device = len(params), params[0].device
+    ptrs = pointer_table([g_t, g_p, steps])
     sums = torch.zeros((n, kc.SECANT_PARTIALS.value), dtype=torch.float32, device=device)
-    for plan in chunk_plans(w_p, CHUNK):
+    for plan in chunk_plans(params, CHUNK):
         partials = torch.empty((plan.n_chunks, kc.SECANT_PARTIALS.value), dtype=torch.float32, device=device)
         _launch(kc.secant_partials_kernel, plan, ptrs, n, partials, float(weight_decay))
         sum_per_layer(plan, partials, sums)

@@ -60,7 +60,9 @@ void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& 
   kernels().copy(src, dst, bytes, threads);
 }
 
-void shift_layers(const std::vector<ShiftLayer>& layers, int threads) { kernels().shift(layers, threads); }
+void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_norms) {
+  kernels().shift(layers, threads, w_norms);
+}
 
 }  // namespace cpu
 }  // namespace cblr

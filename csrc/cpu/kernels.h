@@ -40,14 +40,17 @@ enum { STAT_W_NORM, STAT_G_NORM, STAT_STEP_NORM, STAT_KAPPA, STAT_RATIO, STAT_AL
 
 // Pass 1: writes red[L][RED_COLUMNS].  Layers with a valid lag stash get only the
 // non-finite check (their other columns are NaN).  A layer that reads w only for ‖w‖
-// takes LayerRef::known_w_norm instead where it is known.  CBLR layers with a probe are
-// restored to w_t (LayerRef::saved) in the same pass, which also measures their secant
-// ‖d(w_t) − d(w_t + s)‖ / ‖s‖ where probe_g is set; the norms are those of w_t and g_t.
+// takes LayerRef::known_w_norm instead where it is known.  A CBLR layer with a probe
+// gradient (LayerRef::measures) sits at w_t + s: w is not read, its ‖w_t‖ is the known
+// norm (the shift's), and the pass measures ‖d(w_t) − d(w_t + s)‖ and ‖s‖ from g_t, the
+// probe gradient and s (layer_math.h, secant_difference).
 void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red);
 
 // Pass 2: ratio and update; writes stats[L][STAT_COLUMNS] and, unless skip, the
 // parameters, momentum buffers, prev steps, κ̄, age, the lag stash and, where
 // LayerRef::next_w_norm is set, ‖w‖ of the result (equal to what pass 1 would measure).
+// A shifted layer (CBLR probe) is updated from w_t in LayerRef::saved; when skip, the
+// caller restores it (copy_layers).
 void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
                   bool skip, float lr, float* stats);
 
@@ -64,8 +67,9 @@ struct ShiftLayer {
 // dst[i] = src[i], bytes[i] bytes each.
 void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& dst,
                  const std::vector<int64_t>& bytes, int threads);
-// saved = param; param += step rounded to the parameter's storage type (one pass).
-void shift_layers(const std::vector<ShiftLayer>& layers, int threads);
+// saved = param; param += step rounded to the parameter's storage type; w_norms[i] =
+// ‖saved‖ (one pass).
+void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_norms);
 
 }  // namespace cpu
 }  // namespace cblr

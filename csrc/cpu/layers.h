@@ -76,8 +76,8 @@ struct LayerRef {
   float* lagged = nullptr;  // [3] (‖w‖, ‖g‖, κ) of the previous step's inputs, lag=1 only
   bool adapt = false;
   bool lagged_valid = false;  // lagged holds a stash from an earlier step
-  // CBLR probe (pass 1 finishes it): where shifted, w_t while the parameter sits at
-  // w_t + s_{t−1}, in the storage type; where it measures, the gradient there and s_{t−1}.
+  // CBLR probe: where it measures (pass 1), the gradient at w_t + s_{t−1} and s_{t−1};
+  // where shifted (pass 2), w_t in the storage type while the parameter sits at w_t + s.
   bool shifted = false, measures = false;
   const void* saved = nullptr;
   const void* probe_g = nullptr;
@@ -86,6 +86,9 @@ struct LayerRef {
   // reading w; and where the update pass writes ‖w‖ of its result (null: not wanted).
   float known_w_norm = std::numeric_limits<float>::quiet_NaN();
   float* next_w_norm = nullptr;
+
+  // Where w_t is read: the saved copy while the parameter sits at the probe point.
+  const void* value() const { return shifted ? saved : w; }
 };
 
 // Calls a functor with a value of the layer's storage type (a type tag).

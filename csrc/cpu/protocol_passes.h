@@ -1,6 +1,7 @@
 // CBLR closure protocol over all layers of a group: the shift w ← w + s_{t−1} that
-// keeps w_t, and bit-exact copies (the restore when the closure fails; pass 1 restores
-// and measures the secant otherwise, step_passes.h).
+// keeps w_t (and measures ‖w_t‖, so that pass 1 need not read the copy), and bit-exact
+// copies (the restore of a skipped or failed step; the update reads w_t from the copy
+// otherwise, step_passes.h).
 #pragma once
 
 namespace cblr::cpu::CBLR_ISA {  // one instruction-set variant (isa_unit.h)
@@ -28,8 +29,9 @@ void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& 
   });
 }
 
-void shift_layers(const std::vector<ShiftLayer>& layers, int threads) {
+void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_norms) {
   const std::vector<Chunk> chunks = make_chunks(layers);
+  std::vector<double> w2(chunks.size(), 0.0);
   const bool stream = total_elements(layers) * 4 > kStreamBytes;
   parallel_items(int64_t(chunks.size()), threads, total_elements(layers), [&](int64_t k) {
     const Chunk& c = chunks[k];
@@ -40,16 +42,28 @@ void shift_layers(const std::vector<ShiftLayer>& layers, int threads) {
       P* w = static_cast<P*>(l.param);
       P* saved = static_cast<P*>(l.saved);
       const T* s = static_cast<const T*>(l.step);
-      // Per block: copy w_t out (it stays in cache for the shift that follows).
+      // Per block: copy w_t out (it stays in cache for the shift and ‖w_t‖² that follow).
       for (int64_t b = c.begin; b < c.end; b += kStreamBlock) {
         const int64_t e = std::min(b + kStreamBlock, c.end);
         copy_bytes(saved + b, w + b, (e - b) * int64_t(sizeof(P)), stream);
-#pragma omp simd
-        for (int64_t i = b; i < e; ++i) w[i] = shifted(w[i], s[i]);
+        for (int64_t sb = b; sb < e; sb += kSumBlock) {  // block sums as in sum_squares
+          const int64_t se = std::min(sb + kSumBlock, e);
+          T sum = 0;
+#pragma omp simd reduction(+ : sum)
+          for (int64_t i = sb; i < se; ++i) {
+            const T wv = load(w[i]);
+            sum += wv * wv;
+            w[i] = shifted(w[i], s[i]);
+          }
+          w2[k] += double(sum);
+        }
       }
     });
     if (stream) stream_fence();
   });
+  std::vector<double> layer_w2(layers.size(), 0.0);
+  for (size_t k = 0; k < chunks.size(); ++k) layer_w2[chunks[k].layer] += w2[k];  // chunk order
+  for (size_t i = 0; i < layers.size(); ++i) w_norms[i] = float(std::sqrt(layer_w2[i]));
 }
 
 }  // namespace cblr::cpu::CBLR_ISA

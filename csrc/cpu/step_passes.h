@@ -225,36 +225,27 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool read_w, bool read_g, c
   r.g2 = g2;
 }
 
-// CBLR probe of one chunk: restores w from w_t and sums ‖w_t‖², ‖g_t‖² and, where the
-// layer measures, ‖d(w_t) − d(w_t + s)‖² and ‖s‖², w_t + s recomputed as the shift made
-// it (so the probe point is not read back from memory).  stream: see stream.h.
-template <typename P, bool Measure>
-void probe_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, bool stream, ChunkResult& r) {
+// CBLR secant of one chunk: ‖g_t‖², ‖d(w_t) − d(w_t + s)‖² and ‖s‖² from g_t, the probe
+// gradient and s (rounded to the storage type as the shift added it).  w is not read: it
+// sits at the probe point, and ‖w_t‖ is the shift's.
+template <typename P>
+void secant_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, ChunkResult& r) {
   using T = math_t<P>;
-  P* w = static_cast<P*>(l.w) + c.begin;
-  const P* saved = static_cast<const P*>(l.saved) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
-  const P* g_p = Measure ? static_cast<const P*>(l.probe_g) + c.begin : nullptr;
-  const T* s = Measure ? static_cast<const T*>(l.step) + c.begin : nullptr;
+  const P* g_p = static_cast<const P*>(l.probe_g) + c.begin;
+  const T* s = static_cast<const T*>(l.step) + c.begin;
   const int64_t n = c.end - c.begin;
   for (int64_t b = 0; b < n; b += kSumBlock) {  // block sums as in sum_squares
     const int64_t m = std::min(kSumBlock, n - b);
-    T bw = 0, bg = 0, bd = 0, bs = 0;
-#pragma omp simd reduction(+ : bw, bg, bd, bs)
+    T bg = 0, bd = 0, bs = 0;
+#pragma omp simd reduction(+ : bg, bd, bs)
     for (int64_t j = b; j < b + m; ++j) {
-      const P x = saved[j];
-      const T wv = load(x), gv = load(g[j]);
-      bw += wv * wv;
+      const T gv = load(g[j]);
+      const T diff = secant_difference(gv, T(load(g_p[j])), T(load(store<P>(s[j]))), weight_decay);
       bg += gv * gv;
-      if (Measure) {
-        const T diff = decayed_grad(gv, wv, weight_decay) -
-                       decayed_grad(T(load(g_p[j])), T(load(shifted(x, s[j]))), weight_decay);
-        bd += diff * diff;
-        bs += s[j] * s[j];
-      }
+      bd += diff * diff;
+      bs += s[j] * s[j];
     }
-    copy_bytes(w + b, saved + b, m * int64_t(sizeof(P)), stream);  // w_t is in cache now
-    r.w2 += double(bw);
     r.g2 += double(bg);
     r.d2 += double(bd);
     r.s2 += double(bs);
@@ -264,14 +255,15 @@ void probe_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, bool
 // ------------------------------------------------------------------------ pass 2
 
 // Lag: 0 = no stash, 1 = measure the inputs' norms, 2 = norms and median quotients.
+// w_in: w_t (w itself, or the copy a CBLR probe saved).
 template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
-void apply_range(P* w, const P* g, math_t<P>* v, math_t<P>* prev, math_t<P>* h, int64_t n, math_t<P> alpha,
-                 math_t<P> momentum, math_t<P> weight_decay, ChunkResult& r) {
+void apply_range(P* w, const P* w_in, const P* g, math_t<P>* v, math_t<P>* prev, math_t<P>* h, int64_t n,
+                 math_t<P> alpha, math_t<P> momentum, math_t<P> weight_decay, ChunkResult& r) {
   using T = math_t<P>;
   T w2 = 0, g2 = 0, s2 = 0;  // block sums (n ≤ kSumBlock), as in sum_squares
 #pragma omp simd reduction(+ : w2, g2, s2)
   for (int64_t i = 0; i < n; ++i) {
-    T wv = load(w[i]), gv = load(g[i]);
+    T wv = load(w_in[i]), gv = load(g[i]);
     if (Lag) {
       w2 += wv * wv;
       g2 += gv * gv;
@@ -303,6 +295,7 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
   using T = math_t<P>;
   const bool next_norm = l.next_w_norm != nullptr;
   P* w = static_cast<P*>(l.w) + c.begin;
+  const P* w_in = static_cast<const P*>(l.value()) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
   T* v = Momentum ? static_cast<T*>(l.v) + c.begin : nullptr;
   T* prev = KeepPrev ? static_cast<T*>(l.prev) + c.begin : nullptr;
@@ -310,9 +303,9 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
   alignas(64) T h[Lag == 2 ? kSumBlock : 1];
   for (int64_t b = 0; b < n; b += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - b);
-    apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w + b, g + b, Momentum ? v + b : nullptr,
-                                                      KeepPrev ? prev + b : nullptr, h, m, alpha, momentum,
-                                                      weight_decay, r);
+    apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w + b, w_in + b, g + b, Momentum ? v + b : nullptr,
+                                                      KeepPrev ? prev + b : nullptr, h, m, alpha,
+                                                      momentum, weight_decay, r);
     if (Lag == 2) {
       collect_block(h, m, *bracket, candidates + c.begin, r.counts);
       copy_bytes(quotients + c.begin + b, h, m * int64_t(sizeof(T)), stream);
@@ -363,30 +356,25 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
     // Before the update ‖w‖ and ‖g‖ matter only to a measurement and to the fallback: a
     // layer that does not measure reads g alone here, for the non-finite check (and ‖g‖),
     // the update pass measures its norms for the statistics, and apply reads them first
-    // only where the ratio falls back.  (A CBLR probe reads w_t anyway, to restore it.)
-    read_w[i] = full[i] && (measured[i] || l.shifted);
-    // Where w is read for ‖w‖ alone, the previous update pass's ‖w‖ spares the read.
-    known[i] = read_w[i] && !selects[i] && !l.shifted && !std::isnan(l.known_w_norm);
+    // only where the ratio falls back.
+    read_w[i] = full[i] && measured[i];
+    // Where w is read for ‖w‖ alone, a known ‖w‖ spares the read: the previous update
+    // pass's (LARS), the shift's ‖w_t‖ (a CBLR probe: w sits at w_t + s).
+    known[i] = read_w[i] && !selects[i] && (l.measures || !std::isnan(l.known_w_norm));
     if (known[i]) read_w[i] = false;
     read_g[i] = read_w[i] || known[i] || cfg.check_nonfinite;
   }
   MedianPlan plan(cfg, layers, selects, false);
   const std::vector<Chunk> chunks = make_chunks(layers);
   std::vector<ChunkResult> results(chunks.size());
-  int64_t restored = 0;
-  for (const LayerRef& l : layers) restored += l.shifted ? l.n : 0;
-  const bool stream = restored * 4 > kStreamBytes;
   parallel_items(int64_t(chunks.size()), cfg.threads, total_elements(layers), [&](int64_t k) {
     const Chunk& c = chunks[k];
     const LayerRef& l = layers[c.layer];
     dispatch(l.dtype, [&](auto tag) {
       using P = decltype(tag);
       using T = math_t<P>;
-      if (l.shifted) {
-        with_flag(l.measures, [&](auto measure) {
-          probe_chunk<P, measure.value>(l, c, T(cfg.weight_decay), stream, results[k]);
-        });
-        if (stream) stream_fence();
+      if (l.measures) {
+        secant_chunk<P>(l, c, T(cfg.weight_decay), results[k]);
       } else {
         reduce_chunk<P>(l, c, read_w[c.layer], read_g[c.layer], plan.collecting<T>(c.layer),
                         plan.candidates<T>(c.layer), T(cfg.weight_decay), results[k]);
@@ -432,8 +420,8 @@ std::vector<LayerSums> input_norms(const StepConfig& cfg, const std::vector<Laye
     const LayerRef& l = layers[c.layer];
     dispatch(l.dtype, [&](auto tag) {
       using P = decltype(tag);
-      sum_squares(static_cast<const P*>(l.w) + c.begin, static_cast<const P*>(l.g) + c.begin, c.end - c.begin,
-                  results[k].w2, results[k].g2);
+      sum_squares(static_cast<const P*>(l.value()) + c.begin, static_cast<const P*>(l.g) + c.begin,
+                  c.end - c.begin, results[k].w2, results[k].g2);
     });
   });
   return sum_chunks(layers.size(), chunks, results);
