@@ -237,78 +237,35 @@ inline void collect_block(const float* h, int64_t m, const Bracket<float>& b, fl
 }
 #endif
 
-// The quotients of one block (m ≤ kSumBlock elements), kNoQuotient where w = 0.
+// The quotients of one block (m ≤ kSumBlock elements), kNoQuotient where w = 0, and the
+// block's Σw² and Σg² (in the same loop: the pass is bound by this loop's arithmetic
+// and a separate norm loop would stall on memory without overlapping it).
 template <typename P>
-inline void block_quotients(const P* w, const P* g, int64_t m, math_t<P> weight_decay, math_t<P>* h) {
+inline void block_quotients(const P* w, const P* g, int64_t m, math_t<P> weight_decay, math_t<P>* h,
+                            double& w2, double& g2) {
   using T = math_t<P>;
-#pragma omp simd
+  T bw = 0, bg = 0;
+#pragma omp simd reduction(+ : bw, bg)
   for (int64_t j = 0; j < m; ++j) {
-    const T wv = load(w[j]);
-    const T q = curvature_quotient(decayed_grad(T(load(g[j])), wv, weight_decay), wv);
+    const T wv = load(w[j]), gv = load(g[j]);
+    bw += wv * wv;
+    bg += gv * gv;
+    const T q = curvature_quotient(decayed_grad(gv, wv, weight_decay), wv);
     h[j] = wv != 0 ? q : kNoQuotient<T>;
   }
+  w2 += double(bw);
+  g2 += double(bg);
 }
 
-// Counts and collects the quotients of one block against the bracket.
+// Counts and collects the quotients of one block against the bracket; adds its Σw², Σg².
 template <typename P>
 inline void collect_quotients(const P* w, const P* g, int64_t m, math_t<P> weight_decay,
-                              const Bracket<math_t<P>>& b, math_t<P>* cand, MedianCounts& counts) {
-  math_t<P> h[kSumBlock];
-  block_quotients(w, g, m, weight_decay, h);
+                              const Bracket<math_t<P>>& b, math_t<P>* cand, MedianCounts& counts,
+                              double& w2, double& g2) {
+  alignas(64) math_t<P> h[kSumBlock];
+  block_quotients(w, g, m, weight_decay, h, w2, g2);
   collect_block(h, m, b, cand, counts);
 }
-
-#if defined(CBLR_ISA_AVX512)
-// The AVX-512 variant for fp32, without a division for most quotients: r = |d|·rcp14(|w|)
-// is within 2^-13 of |d|/|w|, so r below lo·(1 − 2^-10) or above hi·(1 + 2^-10) places the
-// exact quotient below or above the bracket for sure.  The other lanes (near or inside the
-// bracket, |w| subnormal or ≥ 2^126, NaN) are packed and divided exactly, then counted and collected
-// as usual.  Brackets near the ends of the fp32 range take the plain path.
-inline void collect_quotients(const float* w, const float* g, int64_t m, float weight_decay,
-                              const Bracket<float>& b, float* cand, MedianCounts& counts) {
-  constexpr double kMargin = 1.0 / 1024;
-  if (!(b.lo >= 0x1p-100f && b.hi <= 0x1p100f)) {
-    float h[kSumBlock];
-    block_quotients(w, g, m, weight_decay, h);
-    collect_block(h, m, b, cand, counts);
-    return;
-  }
-  alignas(64) float packed_d[kSumBlock + 16], packed_w[kSumBlock + 16];  // + 16: full-vector stores
-  const __m512 decay = _mm512_set1_ps(weight_decay), zero = _mm512_setzero_ps();
-  const __m512 lo = _mm512_set1_ps(float(double(b.lo) * (1 - kMargin)));
-  const __m512 hi = _mm512_set1_ps(float(double(b.hi) * (1 + kMargin)));
-  const __m512 smallest = _mm512_set1_ps(std::numeric_limits<float>::min()), largest = _mm512_set1_ps(0x1p126f);
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512i sure = _mm512_setzero_si512(), below = _mm512_setzero_si512();  // per-lane counts: no mask moves
-  int64_t packed = 0;
-  for (int64_t j = 0; j < m; j += 16) {
-    const __mmask16 lanes = m - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (m - j)) - 1u);
-    const __m512 wv = _mm512_maskz_loadu_ps(lanes, w + j), gv = _mm512_maskz_loadu_ps(lanes, g + j);
-    const __m512 d = _mm512_add_ps(gv, _mm512_mul_ps(wv, decay));  // decayed_grad: no fused multiply-add
-    const __m512 abs_d = _mm512_abs_ps(d), abs_w = _mm512_abs_ps(wv);
-    const __mmask16 nonzero = _mm512_mask_cmp_ps_mask(lanes, wv, zero, _CMP_NEQ_UQ);  // w ≠ 0, NaN included
-    // rcp14 of |w| ≥ 2^126 is subnormal, 0 under flush-to-zero: those lanes divide too.
-    const __mmask16 normal = _mm512_mask_cmp_ps_mask(_mm512_mask_cmp_ps_mask(nonzero, abs_w, smallest, _CMP_GE_OQ),
-                                                     abs_w, largest, _CMP_LT_OQ);
-    const __m512 r = _mm512_mul_ps(abs_d, _mm512_rcp14_ps(abs_w));
-    const __mmask16 is_below = _mm512_mask_cmp_ps_mask(normal, r, lo, _CMP_LT_OQ);
-    const __mmask16 is_above = _mm512_mask_cmp_ps_mask(normal, r, hi, _CMP_GT_OQ);
-    const __mmask16 unsure = nonzero & __mmask16(~(is_below | is_above));
-    _mm512_storeu_ps(packed_d + packed, _mm512_maskz_compress_ps(unsure, abs_d));
-    _mm512_storeu_ps(packed_w + packed, _mm512_maskz_compress_ps(unsure, abs_w));
-    packed += __builtin_popcount(unsure);
-    sure = _mm512_mask_add_epi32(sure, is_below | is_above, sure, one);
-    below = _mm512_mask_add_epi32(below, is_below, below, one);
-  }
-  for (int64_t j = 0; j < packed; j += 16) {  // curvature_quotient, exactly rounded
-    const __mmask16 lanes = packed - j >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (packed - j)) - 1u);
-    _mm512_store_ps(packed_d + j, _mm512_maskz_div_ps(lanes, _mm512_load_ps(packed_d + j), _mm512_load_ps(packed_w + j)));
-  }
-  collect_block(packed_d, packed, b, cand, counts);
-  counts.valid += _mm512_reduce_add_epi32(sure);
-  counts.below += _mm512_reduce_add_epi32(below);
-}
-#endif
 
 // median="approx" needs only the k-th value truncated to bf16 (approx_median), and as
 // truncation is monotone that is the k-th truncated value: a count per bf16 bin between

@@ -217,8 +217,7 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool read_w, bool read_g, c
   } else {
     for (int64_t b = 0; b < n; b += kSumBlock) {
       const int64_t m = std::min(kSumBlock, n - b);
-      sum_squares(w + b, g + b, m, w2, g2);  // the same norms as without a median
-      collect_quotients(w + b, g + b, m, weight_decay, *bracket, candidates + c.begin, r.counts);  // from L1
+      collect_quotients(w + b, g + b, m, weight_decay, *bracket, candidates + c.begin, r.counts, w2, g2);
     }
   }
   r.w2 = w2;
