@@ -19,7 +19,7 @@ import cblr_ext
 from cblr_ext.hyperparams import BACKENDS
 
 from . import report, runner, suites, timing
-from .cases import TRAFFIC, all_cases
+from .cases import TRAFFIC, all_cases, find
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -152,6 +152,8 @@ def main(argv=None) -> int:
                           for (opt, variant), t in TRAFFIC.items()},
     }
 
+    # Timed in turn with every other in-process case: its "÷ fused SGD" (report.derive).
+    fused_sgd = find(cases, report.FUSED_SGD)
     records = []
     # A compilation that timed out on one suite is not retried on the next ones
     # (on CPU it takes minutes: dynamo unrolls the reference's per-layer loop).
@@ -174,7 +176,8 @@ def main(argv=None) -> int:
                             compile_timed_out[case.optimizer, case.variant] = (
                                 f"skipped: timed out on {suite.name} {dtype_name} already")
                     else:
-                        result = runner.measure(case, params, grad_sets, budget, device, flush)
+                        result = runner.measure(case, params, grad_sets, budget, device, flush,
+                                                baseline=None if case is fused_sgd else fused_sgd)
                 except Exception as exc:  # one failing implementation must not end the run
                     result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 records.append(_record(suite, dtype_name, dtype, case, result))
@@ -206,7 +209,7 @@ def _record(suite, dtype_name, dtype, case, result) -> dict:
               "compare_to": case.compare_to, "error": result.get("error")}
     for field in report.TIMING_FIELDS:
         record[field] = result.get(field)
-    for field in ("first_call_s", "closure_ms", "closure_calls", "with_closure_ms"):
+    for field in ("first_call_s", "closure_ms", "closure_calls", "with_closure_ms", "fused_sgd_ms"):
         if field in result:
             record[field] = result[field]
     for field in report.DERIVED_FIELDS:

@@ -38,20 +38,33 @@ def build(case, params_master, grad_sets):
     return case.build(params, grad_sets)
 
 
-def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch.device, flush=None) -> dict:
+def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch.device, flush=None,
+            baseline=None) -> dict:
     """Timings of ``case``'s step, starting from the given parameters and gradients,
-    each call with cold caches when ``flush`` (timing.CacheFlush) is given."""
+    each call with cold caches when ``flush`` (timing.CacheFlush) is given.  A CBLR
+    closure and the ``baseline`` case (fused SGD, on its own copies) are timed in turn
+    with the step, so that their times and the step's come from the same moments."""
     step = build(case, params_master, grad_sets)
     sync = timing.synchronizer(device)
     start = time.perf_counter()
     step.run()  # the first call compiles (torch.compile) and allocates state
     sync()
     first_call_s = time.perf_counter() - start
-    out = timing.summarize(timing.sample(step.run, budget, device, flush))
+    fns = [step.run]
+    if step.closure is not None:
+        fns.append(step.closure)
+    if baseline is not None:
+        base = build(baseline, params_master, grad_sets)
+        base.run()
+        fns.append(base.run)
+    samples = timing.sample(fns, budget, device, flush)
+    out = timing.summarize(samples[0])
     out["first_call_s"] = first_call_s
+    if baseline is not None:
+        out["fused_sgd_ms"] = timing.summarize(samples[-1])["median_ms"]
     if step.closure is not None:
         # The optimizer's own work: subtract the gradient-writing closure calls.
-        closure_ms = timing.summarize(timing.sample(step.closure, budget, device, flush))["median_ms"]
+        closure_ms = timing.summarize(samples[1])["median_ms"]
         cost = step.closure_calls * closure_ms
         out.update(with_closure_ms=out["median_ms"], closure_ms=closure_ms, closure_calls=step.closure_calls)
         for key in ("median_ms", "q1_ms", "q3_ms", "min_ms"):

@@ -62,24 +62,28 @@ class CacheFlush:
         self._buffer.max()
 
 
-def sample(fn, budget: Budget, device: torch.device, flush=None) -> list:
-    """Seconds per call of ``fn`` (no arguments), one entry per timed call; ``flush``
-    (untimed) runs before each."""
+def sample(fns: list, budget: Budget, device: torch.device, flush=None) -> list:
+    """Seconds per call of each of ``fns`` (no arguments): one list per function, one
+    entry per timed call.  The functions take turns, one call each per round, so that
+    on a machine whose speed drifts (a shared VM) every function is timed under the
+    same conditions and their ratios hold; ``flush`` (untimed) runs before each call."""
     sync = synchronizer(device)
     for _ in range(budget.warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync()
-    samples = []
+    samples = [[] for _ in fns]
     deadline = time.perf_counter() + budget.seconds
-    while len(samples) < budget.max_samples and (
-            len(samples) < budget.min_samples or time.perf_counter() < deadline):
-        if flush is not None:
-            flush()
+    while len(samples[0]) < budget.max_samples and (
+            len(samples[0]) < budget.min_samples or time.perf_counter() < deadline):
+        for fn, out in zip(fns, samples):
+            if flush is not None:
+                flush()
+                sync()
+            start = time.perf_counter()
+            fn()
             sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - start)
+            out.append(time.perf_counter() - start)
     return samples
 
 
@@ -97,7 +101,8 @@ def copy_bandwidth(device: torch.device, megabytes: int, budget: Budget, flush=N
     numel = megabytes * 2**20 // 4
     src = torch.ones(numel, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)  # touched: no page faults in the timed copies
-    stats = summarize(sample(lambda: dst.copy_(src), budget, device, flush))
+    (copies,) = sample([lambda: dst.copy_(src)], budget, device, flush)
+    stats = summarize(copies)
     stats["buffer_mb"] = megabytes
     stats["gbps"] = 2 * numel * 4 / (stats["median_ms"] * 1e-3) / 1e9
     return stats
