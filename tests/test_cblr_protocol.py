@@ -56,7 +56,7 @@ def test_parameters_and_grads_restored_bit_exactly(momentum, nesterov, monkeypat
             expected_grads = [p.grad.clone() for p in params]
         return loss
 
-    # Pass 1 restores w_t (backends fuse it with the secant): capture what the update sees.
+    # The reference restores w_t in pass 1 (cpp updates from the copy): capture what its update sees.
     captured = {}
     original_apply = reference.apply
 
