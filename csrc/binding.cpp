@@ -89,6 +89,22 @@ void bump_versions(at::TensorList tensors) {
   for (const Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
 }
 
+// Bit-exact copies into whole tensors, run as one multi-tensor pass (copy_layers).
+struct TensorCopies {
+  std::vector<const void*> from;
+  std::vector<void*> to;
+  std::vector<int64_t> bytes;
+
+  void add(const Tensor& dst, const void* src) {
+    from.push_back(src);
+    to.push_back(dst.data_ptr());
+    bytes.push_back(dst.numel() * dst.element_size());
+  }
+  void run() const {
+    if (!to.empty()) cblr::cpu::copy_layers(from, to, bytes, at::get_num_threads());
+  }
+};
+
 cblr::cpu::StepConfig step_config(const std::string& rule, double weight_decay, double eps,
                                   int64_t curvature_interval, bool lag, bool approx_median) {
   cblr::cpu::StepConfig cfg;
@@ -234,40 +250,32 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
   }
   // A skipped step writes nothing but the restore of the shifted parameters to w_t.
   const bool skip = found_inf.item<bool>();
-  std::vector<const void*> restore_from;
-  std::vector<void*> restore_to;
-  std::vector<int64_t> restore_bytes;
+  TensorCopies restores;
   if (!skip) {
     for (at::TensorList written : {params, momentum_buffers, prev_steps, kappas, ages, lagged}) bump_versions(written);
   } else {
     for (size_t i = 0; i < count; ++i) {
       if (!layers[i].shifted) continue;
       bump_versions(params[i]);
-      restore_from.push_back(layers[i].saved);
-      restore_to.push_back(layers[i].w);
-      restore_bytes.push_back(params[i].numel() * params[i].element_size());
+      restores.add(params[i], layers[i].saved);
     }
   }
   Tensor stats = at::empty({int64_t(count), cblr::cpu::STAT_COLUMNS}, at::kFloat);
   cblr::cpu::apply_layers(cfg, layers, red.data_ptr<float>(), skip, lr.item<float>(), stats.data_ptr<float>());
-  if (!restore_to.empty()) cblr::cpu::copy_layers(restore_from, restore_to, restore_bytes, at::get_num_threads());
+  restores.run();
   return stats;
 }
 
 void restore(at::TensorList dst, at::TensorList src) {
   check_count(src.size(), dst.size(), "sources", false);
-  std::vector<const void*> from;
-  std::vector<void*> to;
-  std::vector<int64_t> bytes;
+  TensorCopies copies;
   for (size_t i = 0; i < dst.size(); ++i) {
     check_param(dst[i], i);
     check_companion(dst[i], src[i], dst[i].scalar_type(), "source", i);
-    from.push_back(src[i].data_ptr());
-    to.push_back(dst[i].data_ptr());
-    bytes.push_back(dst[i].numel() * dst[i].element_size());
+    copies.add(dst[i], src[i].data_ptr());
   }
   bump_versions(dst);
-  cblr::cpu::copy_layers(from, to, bytes, at::get_num_threads());
+  copies.run();
 }
 
 Tensor shift(at::TensorList params, at::TensorList steps, at::TensorList saved) {

@@ -31,7 +31,7 @@ void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& 
 
 void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_norms) {
   const std::vector<Chunk> chunks = make_chunks(layers);
-  std::vector<double> w2(chunks.size(), 0.0);
+  std::vector<ChunkResult> results(chunks.size());
   const bool stream = total_elements(layers) * 4 > kStreamBytes;
   parallel_items(int64_t(chunks.size()), threads, total_elements(layers), [&](int64_t k) {
     const Chunk& c = chunks[k];
@@ -55,15 +55,14 @@ void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_n
             sum += wv * wv;
             w[i] = shifted(w[i], s[i]);
           }
-          w2[k] += double(sum);
+          results[k].w2 += double(sum);
         }
       }
     });
     if (stream) stream_fence();
   });
-  std::vector<double> layer_w2(layers.size(), 0.0);
-  for (size_t k = 0; k < chunks.size(); ++k) layer_w2[chunks[k].layer] += w2[k];  // chunk order
-  for (size_t i = 0; i < layers.size(); ++i) w_norms[i] = float(std::sqrt(layer_w2[i]));
+  const std::vector<LayerSums> sums = sum_chunks(layers.size(), chunks, results);
+  for (size_t i = 0; i < layers.size(); ++i) w_norms[i] = float(std::sqrt(sums[i].w2));
 }
 
 }  // namespace cblr::cpu::CBLR_ISA
