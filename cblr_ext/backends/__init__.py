@@ -75,3 +75,17 @@ def available_backends(device="cpu") -> list:
         except BackendUnavailable:
             pass
     return names
+
+
+def resolve(name: str, device) -> str:
+    """The name of the backend that ``backend=name`` runs on ``device`` ("auto" picks)."""
+    return get(name, torch.device(device)).name
+
+
+def why_unavailable(name: str, device):
+    """Why backend ``name`` cannot run on ``device``, or None when it can."""
+    try:
+        get(name, torch.device(device))
+    except BackendUnavailable as exc:
+        return str(exc)
+    return None
