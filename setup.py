@@ -32,8 +32,8 @@ setup(
     extras_require={
         # The Triton backend's tests run its kernels on the CPU (TRITON_INTERPRET=1);
         # the bench smoke test needs the report's and the microbenchmarks' packages.
-        "test": ["pytest", "numpy", "triton", "matplotlib", "pytest-benchmark", "pytorch-optimizer"],
+        "test": ["pytest", "numpy", "scipy", "triton", "matplotlib", "pytest-benchmark", "pytorch-optimizer"],
         "triton": ["triton"],
-        "bench": ["pytest-benchmark", "matplotlib", "pytorch-optimizer"],
+        "bench": ["numpy", "scipy", "pytest-benchmark", "matplotlib", "pytorch-optimizer"],
     },
 )

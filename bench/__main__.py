@@ -1,6 +1,6 @@
 """``python -m bench``: time every optimizer implementation side by side on
-real models' parameter shapes; print a table, write bench/results/<device>.json
-and a PNG chart.  See bench/README.md."""
+real models' parameter shapes; print a table, write <device>.json and a PNG
+chart per (suite, dtype) to ./bench-results/ (or --out).  See bench/README.md."""
 from __future__ import annotations
 
 import argparse
@@ -18,10 +18,14 @@ from tqdm import tqdm
 import cblr_ext
 from cblr_ext.hyperparams import BACKENDS
 
-from . import report, runner, suites, timing
+from . import chart, compare, machine, report, runner, stats, suites, timing
 from .cases import TRAFFIC, all_cases, find
+from .clock import for_device as clock_for
 
-RESULTS = Path(__file__).parent / "results"
+# Outside the source tree by default (the cwd's); the committed reference runs are in bench/results/.
+DEFAULT_OUT = Path("bench-results")
+# The copy-bandwidth calibration at the start and at the end of a run.
+CALIBRATION = timing.Budget(warmup=1, min_samples=stats.MIN_SAMPLES, max_samples=60, seconds=2.0)
 
 
 def _positive(convert):
@@ -58,7 +62,10 @@ def parse_args(argv=None):
     ap.add_argument("--warm-cache", action="store_true",
                     help="time steps back to back, without evicting the caches before each (by default every "
                          "timed call starts cold, as a step after a forward and backward pass does)")
-    ap.add_argument("--out", type=Path, default=RESULTS, help="directory for the JSON and PNG files")
+    ap.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                    help="directory for the JSON and PNG files (default: ./bench-results in the current directory)")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
+                    help="print, case by case, run B's times over run A's with 95%% intervals, and exit")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     try:
@@ -108,19 +115,15 @@ def cpp_kernel_isa():
     return cpp.kernel_isa()
 
 
-def _load_average():
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):  # not on every platform
-        return None
-
-
 def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.compare:
+        print(compare.compare(*args.compare))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
@@ -134,15 +137,20 @@ def main(argv=None) -> int:
     cases, unavailable = all_cases(device, compile_reference=not (args.quick or args.no_compile),
                                    only_backends=args.backend)
 
+    load_start = machine.load_average()
+    if (busy := machine.busy_at_start(load_start)) is not None:
+        print(busy, file=sys.stderr)
+    cpu = machine.CpuMeter()
+    clock = clock_for(device)
     flush = None if args.warm_cache else timing.CacheFlush(device)
-    copy = timing.copy_bandwidth(device, 128 if args.quick else 512, budget, flush)
+    copy_mb = 128 if args.quick else 512
+    copy = timing.copy_bandwidth(device, copy_mb, CALIBRATION, clock, flush)
     meta = {
         "device": device.type, "device_name": device_name(device), "torch_version": torch.__version__,
         "cblr_ext_version": cblr_ext.__version__, "git_revision": git_revision(), "threads": torch.get_num_threads(),
         "python": platform.python_version(), "created": datetime.datetime.now().isoformat(timespec="seconds"),
-        # Other work on the machine distorts timings (bench/README.md): the 1-min load at start.
-        "load_average_start": _load_average(),
-        "quick": args.quick, "small": args.small or args.quick, "budget": vars(budget),
+        "clock": type(clock).__name__, "quick": args.quick, "small": args.small or args.quick,
+        "budget": vars(budget), "confidence": stats.CONFIDENCE,
         "cache_flush_bytes": flush.bytes if flush else 0, "copy_bandwidth": copy,
         "backends_unavailable": unavailable,
         "cpp_kernel_isa": cpp_kernel_isa() if device.type == "cpu" and "cpp" not in unavailable else None,
@@ -152,7 +160,8 @@ def main(argv=None) -> int:
                           for (opt, variant), t in TRAFFIC.items()},
     }
 
-    # Timed in turn with every other in-process case: its "÷ fused SGD" (report.derive).
+    # Timed in turn with every case, itself included (on its own copies), so that every
+    # row, fused SGD's too, comes from the same paired rounds.
     fused_sgd = find(cases, report.FUSED_SGD)
     records = []
     # A compilation that timed out on one suite is not retried on the next ones
@@ -170,14 +179,13 @@ def main(argv=None) -> int:
                     if case.isolated and (case.optimizer, case.variant) in compile_timed_out:
                         result = {"error": compile_timed_out[case.optimizer, case.variant]}
                     elif case.isolated:
-                        result = runner.measure_isolated(case, suite, dtype, device, budget, compile_timeout,
-                                                         cold=flush is not None)
+                        result = runner.measure_isolated(case, fused_sgd, suite, dtype, device, budget,
+                                                         compile_timeout, cold=flush is not None)
                         if result.get("error", "").startswith("timed out"):
                             compile_timed_out[case.optimizer, case.variant] = (
                                 f"skipped: timed out on {suite.name} {dtype_name} already")
                     else:
-                        result = runner.measure(case, params, grad_sets, budget, device, flush,
-                                                baseline=None if case is fused_sgd else fused_sgd)
+                        result = runner.measure(case, params, grad_sets, budget, device, flush, baseline=fused_sgd)
                 except Exception as exc:  # one failing implementation must not end the run
                     result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 records.append(_record(suite, dtype_name, dtype, case, result))
@@ -185,19 +193,35 @@ def main(argv=None) -> int:
             del params, grad_sets
     progress.close()
 
-    meta["load_average_end"] = _load_average()
+    meta["machine"] = {"cpu_count": os.cpu_count(), "load_average_start": load_start,
+                       "load_average_end": machine.load_average(), **cpu.read(), "copy_start": copy,
+                       "copy_end": timing.copy_bandwidth(device, copy_mb, CALIBRATION, clock, flush)}
+    warnings = machine.warnings(meta["machine"])
+    meta["machine"]["warnings"] = warnings
     report.derive(records, copy["gbps"])
+    args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
     size = "-quick" if args.quick else "-small" if args.small else ""
     stem = slug(f"{device.type}-{meta['device_name']}-{meta['threads']}t") + size
     report.write_json(args.out / f"{stem}.json", meta, records)
-    report.chart(args.out / f"{stem}.png", meta, records)
+    charts = []
+    for suite_name, dtype_name in dict.fromkeys((r["suite"], r["dtype"]) for r in records):
+        charts.append(args.out / f"{stem}-{suite_name}-{dtype_name}.png")
+        chart.chart(charts[-1], meta, [r for r in records if (r["suite"], r["dtype"]) == (suite_name, dtype_name)],
+                    budget.target)
     print(f"{meta['device_name']}, torch {meta['torch_version']}, {meta['threads']} threads; "
-          f"copy bandwidth {copy['gbps']:.1f} GB/s")
+          f"copy bandwidth {copy['gbps']:.1f} GB/s [{copy['gbps_low']:.1f}, {copy['gbps_high']:.1f}] at the start, "
+          f"{meta['machine']['copy_end']['gbps']:.1f} GB/s at the end")
     for name, why in unavailable.items():
         print(f"not benchmarked: {name}: {why}")
-    print(report.table(records))
-    print(f"\nwrote {args.out / stem}.json and .png")
+    print(report.table(records, budget.target))
+    for r in records:
+        if r.get("rejected_rounds"):
+            print(f"measurement errors, discarded and repeated: {' '.join(report.key(r))}: "
+                  f"{r['rejected_rounds']} rounds with an impossible time (e.g. {r['rejected'][0]['measured']})")
+    for line in warnings:
+        print(f"\n{line}")
+    print(f"\nwrote {args.out / stem}.json and {len(charts)} chart(s): {', '.join(c.name for c in charts)}")
     return 0
 
 
@@ -207,9 +231,9 @@ def _record(suite, dtype_name, dtype, case, result) -> dict:
               "bytes_per_step": case.traffic.bytes_per_step(suite.numel, dtype, case.state_dtype(dtype)),
               "state_dtype": str(case.state_dtype(dtype)).removeprefix("torch."),
               "compare_to": case.compare_to, "error": result.get("error")}
-    for field in report.TIMING_FIELDS:
+    for field in report.TIMING_FIELDS + report.PAIRED_FIELDS:
         record[field] = result.get(field)
-    for field in ("first_call_s", "closure_ms", "closure_calls", "with_closure_ms", "fused_sgd_ms"):
+    for field in ("first_call_s", "closure_ms", "closure_calls", "with_closure_ms"):
         if field in result:
             record[field] = result[field]
     for field in report.DERIVED_FIELDS:

@@ -75,13 +75,13 @@ COMPILED = "torch.compile(reference)"
 
 @dataclass
 class Step:
-    """A built case: ``run()`` is one optimizer step.  CBLR steps call ``closure``
-    (which only writes gradients) ``closure_calls`` times; its cost is timed
-    apart and subtracted."""
+    """A built case: ``run()`` is one optimizer step.  A CBLR step is
+    ``step_with(closure)``; its closure only writes gradients, and the runner times
+    each of its calls inside the step to leave it out (timing.own_work_timer)."""
 
     run: Callable[[], None]
     closure: Optional[Callable[[], None]] = None
-    closure_calls: int = 0
+    step_with: Optional[Callable[[Callable], None]] = None
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def _cblr_ext_step(optimizer, backend, variant, compiled=False):
             for p, g in zip(params, grad_sets[next(calls) % 2]):
                 p.grad.copy_(g)
 
-        return Step(lambda: opt.step(closure), closure, 2 if variant == "re-measure" else 1)
+        return Step(lambda: opt.step(closure), closure, opt.step)
 
     return build
 
@@ -161,10 +161,9 @@ def all_cases(device: torch.device, compile_reference: bool, only_backends=None)
             missing[name] = "not selected (--backend)"
     for name in BACKENDS:
         if name not in ("auto", *backends, *missing):
-            try:
-                cblr_ext.backends.get(name, device)
-            except cblr_ext.BackendUnavailable as exc:
-                missing[name] = str(exc)
+            reason = cblr_ext.backends.why_unavailable(name, device)
+            if reason is not None:
+                missing[name] = reason
     for (optimizer, variant), traffic in ((k, TRAFFIC[k]) for k in VARIANTS):
         for backend in backends:
             cases.append(Case(optimizer, backend, variant, traffic, _cblr_ext_step(optimizer, backend, variant),

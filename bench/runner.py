@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import statistics
 import time
 import traceback
 
 import torch
 
-from . import timing
+from . import machine, stats, timing
+from .clock import for_device as clock_for
 
 SEED = 0
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -41,46 +43,52 @@ def build(case, params_master, grad_sets):
 def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch.device, flush=None,
             baseline=None) -> dict:
     """Timings of ``case``'s step, starting from the given parameters and gradients,
-    each call with cold caches when ``flush`` (timing.CacheFlush) is given.  A CBLR
-    closure and the ``baseline`` case (fused SGD, on its own copies) are timed in turn
-    with the step, so that their times and the step's come from the same moments."""
+    each call with cold caches when ``flush`` (timing.CacheFlush) is given.  The
+    ``baseline`` case (fused SGD, on its own copies) takes turns with the step, one
+    call each per round, and the ratio is taken round by round.  A CBLR step's
+    closure calls are timed inside the step and left out, call by call."""
+    clock = clock_for(device)
     step = build(case, params_master, grad_sets)
-    sync = timing.synchronizer(device)
+    clock.sync()
     start = time.perf_counter()
     step.run()  # the first call compiles (torch.compile) and allocates state
-    sync()
+    clock.sync()
     first_call_s = time.perf_counter() - start
-    fns = [step.run]
-    if step.closure is not None:
-        fns.append(step.closure)
+    timers = [timing.call_timer(step.run) if step.closure is None
+              else timing.own_work_timer(step.step_with, step.closure)]
     if baseline is not None:
         base = build(baseline, params_master, grad_sets)
         base.run()
-        fns.append(base.run)
-    samples = timing.sample(fns, budget, device, flush)
-    out = timing.summarize(samples[0])
-    out["first_call_s"] = first_call_s
-    if baseline is not None:
-        out["fused_sgd_ms"] = timing.summarize(samples[-1])["median_ms"]
+        timers.append(timing.call_timer(base.run))
+    cpu = machine.CpuMeter()
+    result = timing.sample(timers, budget, clock, flush, paired=[(0, 1)] if baseline is not None else [])
+    own = result.series[0]
+    out = timing.summarize(own["seconds"])
+    out.update(first_call_s=first_call_s, precise=result.precise, rejected_rounds=len(result.rejected),
+               rejected=result.rejected[:5], **cpu.read())
     if step.closure is not None:
-        # The optimizer's own work: subtract the gradient-writing closure calls.
-        closure_ms = timing.summarize(samples[1])["median_ms"]
-        cost = step.closure_calls * closure_ms
-        out.update(with_closure_ms=out["median_ms"], closure_ms=closure_ms, closure_calls=step.closure_calls)
-        for key in ("median_ms", "q1_ms", "q3_ms", "min_ms"):
-            out[key] -= cost
+        out.update(with_closure_ms=stats.median_interval(own["with_closure_seconds"]).median * 1e3,
+                   closure_ms=stats.median_interval(own["closure_seconds"]).median * 1e3,
+                   closure_calls=int(statistics.median_low(own["closure_calls"])))
+    if baseline is not None:
+        sgd = timing.summarize(result.series[1]["seconds"])
+        ratio = stats.paired_ratio_interval(own["seconds"], result.series[1]["seconds"])
+        out.update(fused_sgd_ms=sgd["median_ms"], fused_sgd_ci_low_ms=sgd["ci_low_ms"],
+                   fused_sgd_ci_high_ms=sgd["ci_high_ms"], fused_sgd_samples_ms=sgd["samples_ms"],
+                   ratio_to_fused_sgd=ratio.median, ratio_ci_low=ratio.low, ratio_ci_high=ratio.high)
     return out
 
 
-def _child(conn, case_key, suite, dtype, device, budget, torch_threads, cold):
+def _child(conn, case_key, baseline_key, suite, dtype, device, budget, torch_threads, cold):
     from .cases import all_cases, find  # imported here: the child is a fresh interpreter
     torch.set_num_threads(torch_threads)
     # Graph breaks in the reference backend (host reads) are expected: no warnings per break.
     torch._logging.set_logs(dynamo=logging.ERROR)
     try:
-        case = find(all_cases(device, compile_reference=True)[0], case_key)
+        cases = all_cases(device, compile_reference=True)[0]
         params, grad_sets = make_tensors(suite, dtype, device)
-        conn.send(measure(case, params, grad_sets, budget, device, timing.CacheFlush(device) if cold else None))
+        conn.send(measure(find(cases, case_key), params, grad_sets, budget, device,
+                          timing.CacheFlush(device) if cold else None, baseline=find(cases, baseline_key)))
     except Exception as exc:  # reported as the record's error
         conn.send({"error": f"{type(exc).__name__}: {exc}".strip()[:500],
                    "traceback": traceback.format_exc(limit=3)[-2000:]})
@@ -88,11 +96,13 @@ def _child(conn, case_key, suite, dtype, device, budget, torch_threads, cold):
         conn.close()
 
 
-def measure_isolated(case, suite, dtype, device, budget: timing.Budget, timeout_s: float, cold: bool = True) -> dict:
-    """``measure`` in a child process (same seeded tensors), killed after ``timeout_s``."""
+def measure_isolated(case, baseline, suite, dtype, device, budget: timing.Budget, timeout_s: float,
+                     cold: bool = True) -> dict:
+    """``measure`` in a child process (same seeded tensors, ``baseline`` in turn as
+    in-process), killed after ``timeout_s``."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, case.key, suite, dtype, device, budget,
+    proc = ctx.Process(target=_child, args=(child, case.key, baseline.key, suite, dtype, device, budget,
                                             torch.get_num_threads(), cold), daemon=True)
     proc.start()
     child.close()

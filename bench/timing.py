@@ -1,37 +1,42 @@
-"""Wall-clock timing of one call repeated: warm-up, then samples until a count
-or a time budget is reached, summarised by median and interquartile range."""
+"""Sampling of timed calls: warm-up, then rounds (every timer once per round, in
+turn) until the medians and their ratios are precise enough or the time budget
+is spent.  A round with an impossible time (not positive, not finite) is a
+measurement error: it is discarded, counted and repeated, never a sample."""
 from __future__ import annotations
 
-import statistics
+import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from . import stats
+
 
 @dataclass(frozen=True)
 class Budget:
-    """How long to measure one case: ``warmup`` untimed calls (after the runner's
-    first call, which also compiles and allocates state), then at least
-    ``min_samples`` and at most ``max_samples`` timed calls, stopping after
+    """How long to measure one case: ``warmup`` untimed rounds (after the runner's
+    first call, which also compiles and allocates state), then rounds until every
+    median interval and paired ratio interval is within ±``target`` of its median,
+    at least ``min_samples`` and at most ``max_samples`` rounds, stopping after
     ``seconds`` once ``min_samples`` are in."""
 
     warmup: int
     min_samples: int
     max_samples: int
     seconds: float
+    target: float = 0.05
 
 
-FULL = Budget(warmup=1, min_samples=3, max_samples=30, seconds=3.0)
-QUICK = Budget(warmup=1, min_samples=3, max_samples=5, seconds=0.5)
+FULL = Budget(warmup=1, min_samples=stats.MIN_SAMPLES, max_samples=400, seconds=10.0)
+QUICK = Budget(warmup=1, min_samples=stats.MIN_SAMPLES, max_samples=60, seconds=1.0)
+# A case whose rejected rounds outnumber its accepted ones (and at least this many) has no figure.
+MAX_REJECTED = 10
 
 
-def synchronizer(device: torch.device):
-    """What to call so that the clock stops after queued device work finished."""
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
+class MeasurementError(RuntimeError):
+    """Too many rounds had impossible times: the case gets an error, not a figure."""
 
 
 def last_level_cache_bytes(device: torch.device) -> int:
@@ -62,47 +67,112 @@ class CacheFlush:
         self._buffer.max()
 
 
-def sample(fns: list, budget: Budget, device: torch.device, flush=None) -> list:
-    """Seconds per call of each of ``fns`` (no arguments): one list per function, one
-    entry per timed call.  The functions take turns, one call each per round, so that
-    on a machine whose speed drifts (a shared VM) every function is timed under the
-    same conditions and their ratios hold; ``flush`` (untimed) runs before each call."""
-    sync = synchronizer(device)
+def call_timer(fn):
+    """A timer of ``fn()``: {"seconds": its duration} on the given clock."""
+    def timed(clock) -> dict:
+        start = clock.mark()
+        fn()
+        end = clock.mark()
+        return {"seconds": clock.seconds(start, end)}
+    return timed
+
+
+def own_work_timer(step_with, closure):
+    """A timer of ``step_with(closure)`` that leaves out the closure: every closure
+    call is timed on the same clock inside the step and subtracted from that very
+    step, so "seconds" is the optimizer's own work, sample by sample."""
+    def timed(clock) -> dict:
+        spans = []
+
+        def timed_closure():
+            start = clock.mark()
+            result = closure()
+            spans.append((start, clock.mark()))
+            return result
+
+        start = clock.mark()
+        step_with(timed_closure)
+        end = clock.mark()
+        total = clock.seconds(start, end)
+        in_closure = sum(clock.seconds(a, b) for a, b in spans)
+        return {"seconds": total - in_closure, "with_closure_seconds": total,
+                "closure_seconds": in_closure / max(len(spans), 1), "closure_calls": len(spans)}
+    return timed
+
+
+def impossible(measured: dict) -> bool:
+    """Times must be positive and finite; a difference of two clock readings that is
+    not means the clock or the subtraction failed for that call."""
+    return not all(math.isfinite(v) and v > 0 for k, v in measured.items() if k != "closure_calls")
+
+
+@dataclass
+class Samples:
+    """One dict of lists per timer (a key per measured quantity, an entry per
+    accepted round), the rejected rounds and whether the stopping rule was met."""
+
+    series: list
+    rejected: list = field(default_factory=list)
+    precise: bool = False
+
+
+def sample(timers: list, budget: Budget, clock, flush=None, paired=()) -> Samples:
+    """Rounds of every timer in turn (one call each per round), so that on a machine
+    whose speed drifts every timer meets the same conditions and their per-round
+    ratios hold; ``flush`` (untimed) runs before each call.  ``paired``: the (i, j)
+    whose ratio series i / series j must be precise too."""
     for _ in range(budget.warmup):
-        for fn in fns:
-            fn()
-    sync()
-    samples = [[] for _ in fns]
+        for timer in timers:
+            timer(clock)
+    clock.sync()
+    out = Samples([{} for _ in timers])
     deadline = time.perf_counter() + budget.seconds
-    while len(samples[0]) < budget.max_samples and (
-            len(samples[0]) < budget.min_samples or time.perf_counter() < deadline):
-        for fn, out in zip(fns, samples):
+    accepted = 0
+    while accepted < budget.max_samples:
+        measured = []
+        for timer in timers:
             if flush is not None:
                 flush()
-                sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            out.append(time.perf_counter() - start)
-    return samples
+                clock.sync()
+            measured.append(timer(clock))
+        bad = [(i, m) for i, m in enumerate(measured) if impossible(m)]
+        if bad:  # the whole round goes, so that the series stay paired round by round
+            out.rejected.append({"round": accepted + len(out.rejected), "timer": bad[0][0], "measured": bad[0][1]})
+            if len(out.rejected) >= max(MAX_REJECTED, accepted):
+                raise MeasurementError(f"{len(out.rejected)} rounds with impossible times "
+                                       f"(e.g. {bad[0][1]}), {accepted} accepted")
+            continue
+        for series, m in zip(out.series, measured):
+            for key, value in m.items():
+                series.setdefault(key, []).append(value)
+        accepted += 1
+        if accepted >= budget.min_samples:
+            out.precise = stats.precise_enough([s["seconds"] for s in out.series], paired, budget.target)
+            if out.precise or time.perf_counter() > deadline:
+                break
+    return out
 
 
-def summarize(samples: list) -> dict:
-    """Median and spread (interquartile range) in milliseconds."""
-    ms = [s * 1e3 for s in samples]
-    q1, _, q3 = statistics.quantiles(ms, n=4, method="inclusive") if len(ms) > 1 else (ms[0],) * 3
-    return {"median_ms": statistics.median(ms), "q1_ms": q1, "q3_ms": q3, "iqr_ms": q3 - q1,
-            "min_ms": min(ms), "samples": len(ms)}
+def summarize(seconds: list) -> dict:
+    """Median, its interval and the minimum in milliseconds, and the samples."""
+    ms = [s * 1e3 for s in seconds]
+    iv = stats.median_interval(ms)
+    return {"median_ms": iv.median, "ci_low_ms": iv.low, "ci_high_ms": iv.high, "min_ms": min(ms),
+            "samples": len(ms), "samples_ms": ms}
 
 
-def copy_bandwidth(device: torch.device, megabytes: int, budget: Budget, flush=None) -> dict:
-    """Achievable memory bandwidth: ``dst.copy_(src)`` on a buffer larger than the
-    caches, counting 2 × size bytes (one read, one write) per copy."""
+def copy_bandwidth(device: torch.device, megabytes: int, budget: Budget, clock, flush=None) -> dict:
+    """Achievable memory bandwidth on ``device`` (device to device on a GPU):
+    ``dst.copy_(src)`` on a buffer larger than the caches, counting 2 × size bytes
+    (one read, one write) per copy; GB/s with the interval of the copy time."""
     numel = megabytes * 2**20 // 4
     src = torch.ones(numel, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)  # touched: no page faults in the timed copies
-    (copies,) = sample([lambda: dst.copy_(src)], budget, device, flush)
-    stats = summarize(copies)
-    stats["buffer_mb"] = megabytes
-    stats["gbps"] = 2 * numel * 4 / (stats["median_ms"] * 1e-3) / 1e9
-    return stats
+    result = sample([call_timer(lambda: dst.copy_(src))], budget, clock, flush)
+    stats_ms = summarize(result.series[0]["seconds"])
+    gb = 2 * numel * 4 / 1e9
+    return {"buffer_mb": megabytes, "median_ms": stats_ms["median_ms"], "ci_low_ms": stats_ms["ci_low_ms"],
+            "ci_high_ms": stats_ms["ci_high_ms"], "samples": stats_ms["samples"], "precise": result.precise,
+            "gbps": gb / (stats_ms["median_ms"] * 1e-3),
+            # a longer copy time is a lower bandwidth: the bounds swap
+            "gbps_low": gb / (stats_ms["ci_high_ms"] * 1e-3), "gbps_high": gb / (stats_ms["ci_low_ms"] * 1e-3)}

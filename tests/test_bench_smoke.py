@@ -6,8 +6,10 @@ import math
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytest.importorskip("matplotlib", reason="the bench extra is not installed: pip install -e '.[bench]'")
@@ -21,36 +23,73 @@ BYTES_PER_ELEMENT = {("SGD", "fused"): 20, ("LARS", "lag=0"): 24, ("LARS", "lag=
                      ("MCLR", "exact"): 36, ("MCLR", "approx,lag=1"): 24, ("CBLR", "re-measure"): 48}
 
 
+def bench_env():
+    """The checkout importable from any directory (appended: an installed cblr_ext still wins)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [env.get("PYTHONPATH"), str(ROOT)]))
+    return env
+
+
+def bench_outputs_under(root, since):
+    """Files under ``root`` named like a run's output and written after ``since``."""
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".git"]
+        found += [Path(folder, f) for f in files if f.startswith("cpu-") and f.endswith((".json", ".png"))
+                  and Path(folder, f).stat().st_mtime >= since]
+    return found
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("bench")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--suite", "tiny", "--quiet", "--out", str(out)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    """``--quick`` as a user runs it, without --out, from a directory outside the checkout."""
+    cwd = tmp_path_factory.mktemp("bench")
+    started = time.time()
+    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--suite", "tiny", "--quiet"],
+                          cwd=cwd, env=bench_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (json_path,) = out.glob("*.json")
-    return json.loads(json_path.read_text()), json_path, proc.stdout
+    (json_path,) = (cwd / "bench-results").glob("*.json")
+    return json.loads(json_path.read_text()), json_path, proc.stdout, started
 
 
-def test_writes_json_and_png(run):
-    report, json_path, _ = run
+def test_writes_json_and_one_png_per_suite_and_dtype(run):
+    report, json_path, _, _ = run
     assert json_path.name.startswith("cpu-") and json_path.name.endswith("-quick.json")
-    assert json_path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    (png,) = json_path.parent.glob("*.png")
+    assert png.name == json_path.stem + "-tiny-fp32.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_quick_writes_nothing_under_the_repository(run):
+    *_, started = run
+    assert bench_outputs_under(ROOT, started) == []
 
 
 def test_run_metadata(run):
     import torch
-    report, _, _ = run
-    assert report["device"] == "cpu" and report["device_name"]
+    report, *_ = run
+    assert report["device"] == "cpu" and report["device_name"] and report["clock"] == "WallClock"
     assert report["torch_version"] == torch.__version__
     assert isinstance(report["threads"], int) and report["threads"] >= 1
     assert report["quick"] is True and report["small"] is True
+    assert report["confidence"] == 0.95 and report["budget"]["target"] == 0.05
     assert math.isfinite(report["copy_bandwidth"]["gbps"])
     assert report["suites"] == {"tiny": {"tensors": 5, "numel": TINY_NUMEL, "description": "5-tensor MLP (smoke test)"}}
 
 
+def test_machine_state_at_start_and_end(run):
+    report, _, stdout, _ = run
+    state = report["machine"]
+    assert state["cpu_count"] >= 1 and isinstance(state["warnings"], list)
+    for copy in (state["copy_start"], state["copy_end"]):
+        assert 0 < copy["gbps_low"] <= copy["gbps"] <= copy["gbps_high"]
+    assert state["copy_start"] == report["copy_bandwidth"]
+    for warning in state["warnings"]:  # whatever the machine's state, each warning is printed
+        assert warning in stdout
+
+
 def test_one_record_per_case(run):
-    report, _, _ = run
+    report, *_ = run
     records = report["records"]
     keys = [(r["suite"], r["dtype"], r["optimizer"], r["backend"], r["variant"]) for r in records]
     assert len(keys) == len(set(keys))
@@ -68,45 +107,52 @@ def test_one_record_per_case(run):
 
 
 def test_records_are_complete_and_consistent(run):
-    report, _, _ = run
+    report, *_ = run
     for r in report["records"]:
         if r["backend"] == "pytorch-optimizer" and r["error"]:
             pytest.importorskip("pytorch_optimizer")
         assert r["error"] is None, r
-        for field in ("median_ms", "q1_ms", "q3_ms", "iqr_ms", "gbps", "fraction_of_copy", "ratio_to_fused_sgd"):
-            assert isinstance(r[field], float) and math.isfinite(r[field]), (field, r)
-        assert r["q1_ms"] <= r["q3_ms"] and r["samples"] >= 3
+        for field in ("median_ms", "ci_low_ms", "ci_high_ms", "gbps", "fraction_of_copy", "fused_sgd_ms",
+                      "ratio_to_fused_sgd", "ratio_ci_low", "ratio_ci_high"):
+            assert isinstance(r[field], float) and math.isfinite(r[field]) and r[field] > 0, (field, r)
+        assert isinstance(r["precise"], bool) and r["rejected_rounds"] >= 0
+        # Every figure is a median of positive samples, and the interval holds it.
+        assert r["samples"] >= 6 and len(r["samples_ms"]) == len(r["fused_sgd_samples_ms"]) == r["samples"]
+        assert min(r["samples_ms"]) > 0 and r["min_ms"] == min(r["samples_ms"])
+        assert r["median_ms"] == pytest.approx(np.median(r["samples_ms"]))
+        assert r["ci_low_ms"] <= r["median_ms"] <= r["ci_high_ms"]
+        # The ratio is the median of the rounds' ratios (fused SGD timed in turn).
+        rounds = np.array(r["samples_ms"]) / np.array(r["fused_sgd_samples_ms"])
+        assert r["ratio_to_fused_sgd"] == pytest.approx(np.median(rounds))
+        assert r["ratio_ci_low"] <= r["ratio_to_fused_sgd"] <= r["ratio_ci_high"]
+        assert r["fused_sgd_ms"] == pytest.approx(np.median(r["fused_sgd_samples_ms"]))
         assert r["gbps"] == pytest.approx(r["bytes_per_step"] / r["median_ms"] / 1e6)
         per_element = BYTES_PER_ELEMENT.get((r["optimizer"], r["variant"]))
         if per_element is not None:
             assert r["bytes_per_step"] == per_element * TINY_NUMEL
-        if r["optimizer"] == "CBLR":
+        if r["optimizer"] == "CBLR":  # the closure's calls were timed inside the step and left out
             assert r["closure_calls"] == (2 if r["variant"] == "re-measure" else 1)
-            assert r["with_closure_ms"] == pytest.approx(r["median_ms"] + r["closure_calls"] * r["closure_ms"])
+            assert r["closure_ms"] > 0 and r["with_closure_ms"] > r["median_ms"]
         if r["optimizer"] == "SGD":
             assert r["speedup_vs_reference"] is None
         else:
             assert isinstance(r["speedup_vs_reference"], float)
         if r["backend"] == "reference":
             assert r["speedup_vs_reference"] == 1.0
-        if (r["optimizer"], r["backend"], r["variant"]) == ("SGD", "torch", "fused"):
-            assert r["ratio_to_fused_sgd"] == 1.0 and "fused_sgd_ms" not in r
-        else:  # fused SGD was timed in turn with the case, and the ratio is over those times
-            assert r["ratio_to_fused_sgd"] == pytest.approx(r["median_ms"] / r["fused_sgd_ms"])
 
 
 def test_prints_the_table(run):
-    _, json_path, stdout = run
+    _, json_path, stdout, _ = run
     assert "| SGD | torch | fused |" in stdout and "| LARS | reference | lag=0 |" in stdout
+    assert "step ms [95% CI]" in stdout and "÷ fused SGD [95% CI]" in stdout
     assert str(json_path.with_suffix("")) in stdout
 
 
 def test_microbenchmarks_run():
     """The pytest-benchmark suite runs (each benchmark once, untimed) on the tiny suite."""
     pytest.importorskip("pytest_benchmark")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "bench/benchmarks",
                            "--bench-suite", "tiny", "--benchmark-disable"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+                          cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout and "error" not in proc.stdout
