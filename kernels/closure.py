@@ -1,5 +1,6 @@
-"""CBLR's closure protocol as multi-tensor kernels: save / exact restore (a copy),
-the shift w ← w + s_{t−1}, and the per-chunk partials of the secant norms."""
+"""CBLR's closure protocol as multi-tensor kernels: the exact restore (a copy), the
+shift saved ← w, w ← w + s_{t−1} (with Σw_t² per chunk), and the secant difference
+that pass 1 (``reduce.chunk_stats_kernel``) sums."""
 from __future__ import annotations
 
 import triton
@@ -8,9 +9,14 @@ import triton.language as tl
 from .chunks import chunk_span, round_to, tensor_ptr
 
 ROLE_DST, ROLE_SRC = tl.constexpr(0), tl.constexpr(1)
-ROLE_W, ROLE_S = tl.constexpr(0), tl.constexpr(1)
-ROLE_GT, ROLE_GP, ROLE_STEP = (tl.constexpr(i) for i in range(3))
-SECANT_PARTIALS = tl.constexpr(2)  # ‖d(w_t) − d(w_t + s)‖², ‖s‖²
+ROLE_W, ROLE_S, ROLE_SAVED = (tl.constexpr(i) for i in range(3))
+
+
+@triton.jit
+def secant_difference(g_t, g_p, s, weight_decay, DTYPE: tl.constexpr):
+    """d(w_t) − d(w_t + s) = (g_t − g_p) − β·s in fp32, s (fp32 state) rounded to the
+    parameter's dtype first, as the shift added it (``layer_math.secant_difference``)."""
+    return (g_t - g_p) - round_to(s, DTYPE).to(tl.float32) * weight_decay
 
 
 @triton.jit
@@ -22,25 +28,14 @@ def copy_kernel(chunks, ptrs, n_layers, DTYPE: tl.constexpr, BLOCK: tl.constexpr
 
 
 @triton.jit
-def shift_kernel(chunks, ptrs, n_layers, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """w ← w + s, with s (fp32 state) first rounded to w's dtype like ``p.add_(s.to(p.dtype))``."""
+def shift_kernel(chunks, ptrs, n_layers, partials, DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """saved ← w, then w ← w + s, with s (fp32 state) first rounded to w's dtype like
+    ``p.add_(s.to(p.dtype))``; the chunk's Σw_t² (fp32) into ``partials[c]``."""
     c, row, offs, mask = chunk_span(chunks, BLOCK)
     w_ptr = tensor_ptr(ptrs, ROLE_W, n_layers, row, DTYPE) + offs
-    s = tl.load(tensor_ptr(ptrs, ROLE_S, n_layers, row, tl.float32) + offs, mask=mask)
-    w = tl.load(w_ptr, mask=mask).to(tl.float32)
+    s = tl.load(tensor_ptr(ptrs, ROLE_S, n_layers, row, tl.float32) + offs, mask=mask, other=0.0)
+    x = tl.load(w_ptr, mask=mask, other=0.0)
+    tl.store(tensor_ptr(ptrs, ROLE_SAVED, n_layers, row, DTYPE) + offs, x, mask=mask)
+    w = x.to(tl.float32)
+    tl.store(partials + c, tl.sum(w * w, axis=0))
     tl.store(w_ptr, round_to(w + round_to(s, DTYPE).to(tl.float32), DTYPE), mask=mask)
-
-
-@triton.jit
-def secant_partials_kernel(chunks, ptrs, n_layers, partials, weight_decay,
-                           DTYPE: tl.constexpr, BLOCK: tl.constexpr):
-    """Per chunk Σ (d(w_t) − d(w_t + s))² = Σ ((g_t − g_p) − β·s)² (s rounded to the
-    parameter's dtype, as the shift added it) and Σ s², in fp32."""
-    c, row, offs, mask = chunk_span(chunks, BLOCK)
-    g_t = tl.load(tensor_ptr(ptrs, ROLE_GT, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
-    g_p = tl.load(tensor_ptr(ptrs, ROLE_GP, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(tensor_ptr(ptrs, ROLE_STEP, n_layers, row, tl.float32) + offs, mask=mask, other=0.0)
-    diff = (g_t - g_p) - round_to(s, DTYPE).to(tl.float32) * weight_decay
-    out = partials + c * SECANT_PARTIALS
-    tl.store(out, tl.sum(diff * diff, axis=0))
-    tl.store(out + 1, tl.sum(s * s, axis=0))

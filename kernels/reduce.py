@@ -1,17 +1,21 @@
-"""Pass 1: per-chunk partial sums of ‖w‖², ‖g‖², the non-finite flag of g, and
-the radix-select histograms of the MCLR curvature quotients h = |d| / |w|."""
+"""Pass 1: per-chunk partial sums of Σw², Σg², the non-finite flag of g, CBLR's secant
+sums Σ(d(w_t) − d(w_t + s))² and Σs², and the radix-select histograms of the MCLR
+curvature quotients h = |d| / |w|."""
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
 from .chunks import chunk_span, lanes_if, tensor_ptr
+from .closure import secant_difference
 
 # Partial columns written by ``chunk_stats_kernel`` (``.value`` on the host).
-P_W2, P_G2, P_NONFINITE, P_H_NAN = (tl.constexpr(i) for i in range(4))
-STAT_PARTIALS = tl.constexpr(4)
-# Roles of the pointer table.
-ROLE_W, ROLE_G = tl.constexpr(0), tl.constexpr(1)
+P_W2, P_G2, P_NONFINITE, P_H_NAN, P_DIFF2, P_STEP2 = (tl.constexpr(i) for i in range(6))
+STAT_PARTIALS = tl.constexpr(6)
+# Roles of the pointer table: w, g, and with SECANT the gradient at w + s and s (fp32).
+ROLE_W, ROLE_G, ROLE_GP, ROLE_STEP = (tl.constexpr(i) for i in range(4))
+# Bits of a layer's mode byte: what pass 1 takes of it.
+MODE_W2, MODE_G2, MODE_CHECK, MODE_SECANT = (tl.constexpr(1 << i) for i in range(4))
 NAN_KEY = tl.constexpr(0x7FFFFFFF)  # NaN quotients sort last (their layer's median is NaN anyway)
 
 
@@ -39,22 +43,27 @@ def count_bins(hist, row, key, selected, prefix, SHIFT: tl.constexpr, BITS: tl.c
 
 
 @triton.jit
-def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, norm_rows, measure, weight_decay,
-                       DTYPE: tl.constexpr, STATS: tl.constexpr, HIST: tl.constexpr, FILTER: tl.constexpr,
-                       SHIFT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass over a chunk.  STATS: write the partial row: non-finite g, ‖w‖² and ‖g‖²
-    if ``norm_rows[row]`` (lag=1 skips layers whose previous norms are stashed), NaN
-    quotients.  HIST: add the quotients to the layer's histogram if ``measure[row]``.
-    Only what is needed is read: g for the non-finite check, w for norms or quotients."""
+def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, measure, weight_decay,
+                       DTYPE: tl.constexpr, STATS: tl.constexpr, SECANT: tl.constexpr, HIST: tl.constexpr,
+                       FILTER: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over a chunk.  STATS: write the partial row as the layer's mode byte
+    ``modes[row]`` asks: Σw² (MODE_W2), Σg² (MODE_G2), the non-finite flag of the g it
+    read (MODE_CHECK or MODE_G2), with SECANT the secant sums (MODE_SECANT), and the NaN
+    quotient flag.  HIST: add the quotients to the layer's histogram if ``measure[row]``.
+    Only what is needed is read: a layer whose mode is 0 and that does not measure costs
+    the load of two bytes."""
     c, row, offs, mask = chunk_span(chunks, BLOCK)
     if STATS:
-        g_mask = mask
-        norm_mask = lanes_if(tl.load(norm_rows + row) != 0, mask, BLOCK)
-        w_mask = norm_mask
+        mode = tl.load(modes + row).to(tl.int32)
+        w2_mask = lanes_if((mode & MODE_W2) != 0, mask, BLOCK)
+        g2_mask = lanes_if((mode & MODE_G2) != 0, mask, BLOCK)
+        g_mask = lanes_if((mode & (MODE_G2 | MODE_CHECK | MODE_SECANT)) != 0, mask, BLOCK)
+        w_mask = w2_mask
     if HIST:
         hist_mask = lanes_if(tl.load(measure + row) != 0, mask, BLOCK)
         if STATS:
             w_mask = w_mask | hist_mask
+            g_mask = g_mask | hist_mask
         else:
             g_mask = hist_mask
             w_mask = hist_mask
@@ -67,10 +76,21 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, norm_rows
     if STATS:
         out = partials + c * STAT_PARTIALS
         finite = tl.abs(g) < float("inf")
-        tl.store(out + P_NONFINITE, tl.max(tl.where(mask & ~finite, 1.0, 0.0), axis=0))
-        tl.store(out + P_W2, tl.sum(tl.where(norm_mask, w * w, 0.0), axis=0))
-        tl.store(out + P_G2, tl.sum(tl.where(norm_mask, g * g, 0.0), axis=0))
+        tl.store(out + P_NONFINITE, tl.max(tl.where(g_mask & ~finite, 1.0, 0.0), axis=0))
+        tl.store(out + P_W2, tl.sum(tl.where(w2_mask, w * w, 0.0), axis=0))
+        tl.store(out + P_G2, tl.sum(tl.where(g2_mask, g * g, 0.0), axis=0))
         if HIST:
             tl.store(out + P_H_NAN, tl.max(tl.where(selected & (key == NAN_KEY), 1.0, 0.0), axis=0))
         else:
             tl.store(out + P_H_NAN, 0.0)
+        if SECANT:
+            s_mask = lanes_if((mode & MODE_SECANT) != 0, mask, BLOCK)
+            g_p = tl.load(tensor_ptr(ptrs, ROLE_GP, n_layers, row, DTYPE) + offs, mask=s_mask,
+                          other=0.0).to(tl.float32)
+            s = tl.load(tensor_ptr(ptrs, ROLE_STEP, n_layers, row, tl.float32) + offs, mask=s_mask, other=0.0)
+            diff = secant_difference(g, g_p, s, weight_decay, DTYPE)
+            tl.store(out + P_DIFF2, tl.sum(tl.where(s_mask, diff * diff, 0.0), axis=0))
+            tl.store(out + P_STEP2, tl.sum(s * s, axis=0))
+        else:
+            tl.store(out + P_DIFF2, 0.0)
+            tl.store(out + P_STEP2, 0.0)

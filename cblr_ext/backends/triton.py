@@ -1,22 +1,38 @@
-"""The Triton backend: multi-tensor kernels (``cblr_ext.kernels``), one launch per
-pass per dtype of a param group, and the per-layer math on device as [L]
-tensors through ``layer_math``.  Nothing is read on the host during a step.
+"""The Triton backend: the ops of ``cblr_ext.ops`` as multi-tensor kernels
+(``cblr_ext.kernels``), one launch per pass per dtype of a param group, and the
+per-layer math on device as [L] tensors through ``layer_math``.  Nothing is read on
+the host during a step.  The module-level functions ``layerwise_reduce``,
+``layerwise_update_``, ``probe_shift_`` and ``probe_restore_`` have the op schemas'
+signatures (``ops.SCHEMAS``): ``ops`` registers them as the CUDA kernels, and
+``backend="triton"`` calls them directly (CPU tensors, in the interpreter).  Their
+semantics are those of ``backends/reference.py``.
 
 Triton is imported on first use, not with ``cblr_ext``: on the CPU the kernels
 run in the Triton interpreter, which ``TRITON_INTERPRET=1`` selects only when
 set before triton is imported.
+
+What pass 1 leaves out (``Reduction.flags``): under lag=1 the layers with a stash
+(``lagged_valid``) are not measured in pass 1 (FLAG_NORMS false; with
+``check_nonfinite=False`` their g is not read at all); the update pass reads their w_t
+and g anyway and measures them for the next step's stash.  MCLR takes the median of
+the layers that measure (lag=0), of every layer (lag=1, multi-pass median), or of the
+layers without a stash (lag=1 with a one-pass median: the update pass histograms the
+others).  A reduction made elsewhere (another backend, merged shards) may leave out
+more: the update then takes what its ratio needs in a pass of its own first.
 """
 from __future__ import annotations
 
-import functools
+import contextlib
 import importlib.util
 import os
+import weakref
 
 import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import LayerBatch, RED_KAPPA, RED_MEASURED, finish_probe, times_lr
+from ..functional import (FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, STAT_COLUMNS, SUM_COLUMNS,
+                          SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2)
 
 name = "triton"
 
@@ -41,6 +57,8 @@ def available(device) -> bool | str:
 
 
 # ------------------------------------------------------------------ checks
+# Every op checks all of its inputs before it launches anything (a clear error, and
+# nothing modified).
 
 def _dense(t: Tensor) -> bool:
     """Elements are the ``numel`` consecutive slots from ``data_ptr`` in some order."""
@@ -50,67 +68,86 @@ def _dense(t: Tensor) -> bool:
 
 
 def _check(tensors: list, what: str, like: list | None = None) -> None:
-    """A clear error, before anything is modified, for what the kernels cannot address."""
+    """What the kernels cannot address (None entries are skipped)."""
     for i, t in enumerate(tensors):
+        if t is None:
+            continue
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"triton backend: {what} {i} has dtype {t.dtype}; supported are "
                              "float32, float16 and bfloat16 (use backend='reference' or 'cpp')")
         if not _dense(t):
             raise ValueError(f"triton backend: {what} {i} is not dense (strides {t.stride()})")
-        if like is not None and t.numel() and (t.dtype, t.stride()) != (like[i].dtype, like[i].stride()):
-            raise ValueError(f"triton backend: {what} {i} must have the dtype and strides of its "
-                             f"parameter ({like[i].dtype}, {like[i].stride()}), got ({t.dtype}, {t.stride()})")
+        if like is not None:
+            p = like[i]
+            if t.shape != p.shape or t.device != p.device or (
+                    t.numel() and (t.dtype, t.stride()) != (p.dtype, p.stride())):
+                raise ValueError(f"triton backend: {what} {i} must have the shape, dtype, strides and device "
+                                 f"of its parameter ({tuple(p.shape)}, {p.dtype}, {p.stride()}, {p.device}), "
+                                 f"got ({tuple(t.shape)}, {t.dtype}, {t.stride()}, {t.device})")
 
 
 def _check_fp32_like(buffers: list, params: list, what: str) -> None:
     """Optimizer-state tensors (momentum, s_{t−1}): fp32 with their parameter's layout."""
     for i, (buf, p) in enumerate(zip(buffers, params)):
-        if buf is not None and (buf.dtype != torch.float32 or buf.shape != p.shape
+        if buf is not None and (buf.dtype != torch.float32 or buf.shape != p.shape or buf.device != p.device
                                 or (p.numel() and buf.stride() != p.stride())):
             raise ValueError(f"triton backend: {what} of layer {i} must be float32 with the "
-                             f"parameter's shape and strides")
+                             f"parameter's shape, strides and device")
 
 
-def _check_state(batch: LayerBatch) -> None:
-    for key in ("momentum_buffer", "prev_step"):
-        _check_fp32_like([s.get(key) for s in batch.states], batch.params, f"state[{key!r}]")
+def _check_lengths(n: int, optional: dict, required: dict) -> None:
+    for what, values in required.items():
+        if len(values) != n:
+            raise ValueError(f"triton backend: {len(values)} {what} for {n} parameters")
+    for what, values in optional.items():
+        if values and len(values) != n:
+            raise ValueError(f"triton backend: {len(values)} {what} for {n} parameters (give one per "
+                             "parameter, or none)")
+
+
+def _check_small(tensors: list, what: str, numel: int, device) -> None:
+    """Per-layer fp32 state (κ̄, age: one element; the lag stash: three)."""
+    for i, t in enumerate(tensors):
+        if t.dtype != torch.float32 or t.numel() != numel or t.device != device:
+            raise ValueError(f"triton backend: {what} {i} must be a float32 tensor of {numel} element(s) on "
+                             f"{device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+
+
+def _check_shape(t: Tensor, what: str, shape: tuple, dtype: torch.dtype, device) -> None:
+    if tuple(t.shape) != shape or t.dtype != dtype or t.device != device:
+        raise ValueError(f"triton backend: {what} must be {dtype} of shape {shape} on {device}, "
+                         f"got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
 # ----------------------------------------------------------------- helpers
 
-def _on_tensors_device(fn):
-    """Run ``fn`` with the tensors' CUDA device current: Triton launches there."""
-    @functools.wraps(fn)
-    def wrapper(first, *args):
-        tensors = first.params if isinstance(first, LayerBatch) else first
-        if tensors and tensors[0].is_cuda:
-            with torch.cuda.device(tensors[0].device):
-                return fn(first, *args)
-        return fn(first, *args)
-    return wrapper
+def _on_device(params: list):
+    """The tensors' CUDA device made current: Triton launches there."""
+    if params and params[0].is_cuda:
+        return torch.cuda.device(params[0].device)
+    return contextlib.nullcontext()
 
 
-_flag_vectors: dict = {}
+_vectors: dict = {}
+_MAX_VECTORS = 256
 
 
-def _adapt_vector(batch: LayerBatch) -> Tensor:
-    """The group's per-layer adapt flags on the device (cached: no copy per step)."""
+def _vector(values, device, dtype: torch.dtype) -> Tensor:
+    """A host list of per-layer flags or bytes as a device vector, cached per (device,
+    values): a steady training loop copies nothing to the device."""
     from ..kernels.chunks import to_device
-    key = (batch.device, tuple(batch.adapt))
-    if key not in _flag_vectors:
-        _flag_vectors[key] = to_device([int(a) for a in batch.adapt], batch.device).bool()
-    return _flag_vectors[key]
+    key = (device, dtype, tuple(int(v) for v in values))
+    vector = _vectors.get(key)
+    if vector is None:
+        if len(_vectors) >= _MAX_VECTORS:
+            _vectors.pop(next(iter(_vectors)))
+        vector = _vectors[key] = to_device(list(key[2]), device).to(dtype)
+    return vector
 
 
-def _lag_stash(batch: LayerBatch) -> Tensor:
-    """[L, 3] (‖w‖, ‖g‖, κ) of the previous step's inputs (lag=1); NaN rows where none is
-    stashed (first step, or a first step that was skipped)."""
-    missing = torch.full((3,), float("nan"), device=batch.device)
-    return torch.stack([s.get("lagged", missing) for s in batch.states])
-
-
-def _stack_state(states: list, key: str) -> Tensor:
-    return torch.stack([s[key] for s in states])
+def _stack(scalars: list) -> Tensor:
+    """[L] of the layers' one-element state tensors."""
+    return torch.stack([t.reshape(()) for t in scalars])
 
 
 def _launch(kernel, plan, *args, **constexprs):
@@ -120,19 +157,44 @@ def _launch(kernel, plan, *args, **constexprs):
                                  num_warps=CHUNK_WARPS, **constexprs, **LAUNCH_OPTIONS)
 
 
-# ------------------------------------------------------------------ pass 1
+def _layer_sums(kernel, plans: list, n: int, columns: int, device, *args, **constexprs) -> Tensor:
+    """[n, columns] fp32: the per-chunk partials of ``kernel`` summed per layer in a fixed
+    order (rows of layers without elements stay 0)."""
+    from ..kernels.chunks import sum_per_layer
+    sums = torch.zeros((n, columns), dtype=torch.float32, device=device)
+    for plan in plans:
+        partials = torch.empty((plan.n_chunks, columns), dtype=torch.float32, device=device)
+        _launch(kernel, plan, args[0], n, partials, *args[1:], **constexprs)
+        sum_per_layer(plan, partials, sums)
+    return sums
 
-def _median_passes(batch: LayerBatch) -> tuple:
+
+# Reductions made by this module's pass 1, by id(flags): (weak reference, flags' version,
+# the configuration).  The update recognises them and knows, without reading the flags,
+# that it needs no pass of its own before the ratio.
+_made_here: dict = {}
+
+
+def _remember(flags: Tensor, config: tuple) -> None:
+    key = id(flags)
+
+    def forget(ref, key=key):
+        if _made_here.get(key, (None,))[0] is ref:
+            del _made_here[key]
+    _made_here[key] = (weakref.ref(flags, forget), flags._version, config)
+
+
+def _made_here_for(flags: Tensor, config: tuple) -> bool:
+    entry = _made_here.get(id(flags))
+    return entry is not None and entry[0]() is flags and entry[1:] == (flags._version, config)
+
+
+# ------------------------------------------------------------ median helpers
+
+def _schedule(approx_median: bool, params: list, grads: list) -> tuple:
     from ..kernels import median
-    data_bytes = sum(p.numel() * p.element_size() + g.numel() * g.element_size()
-                     for p, g in zip(batch.params, batch.grads))
-    return median.passes(batch.hp["median"], len(batch), data_bytes)
-
-
-def _median_in_update(batch: LayerBatch) -> bool:
-    """MCLR lag=1 with a one-pass median: the update pass histograms its inputs, the
-    next step's κ, so pass 1 reads only g (and w of layers without a stash)."""
-    return batch.rule == "mclr" and bool(batch.hp["lag"]) and len(_median_passes(batch)) == 1
+    data_bytes = sum(p.numel() * p.element_size() + g.numel() * g.element_size() for p, g in zip(params, grads))
+    return median.passes("approx" if approx_median else "exact", len(params), data_bytes)
 
 
 def _select(hist: Tensor, prefix: Tensor, rank: Tensor, count: Tensor, shift: int, bits: int,
@@ -155,226 +217,308 @@ def _selection_state(n: int, device) -> tuple:
     return tuple(torch.zeros(n, dtype=torch.int32, device=device) for _ in range(3))
 
 
-def _median(batch: LayerBatch, ptrs: Tensor, plans: list, measuring: Tensor, h_nan: Tensor,
-            run_first_pass) -> Tensor:
-    """Per-layer lower median of the curvature quotients by radix selection; NaN for no
-    quotient, a NaN quotient, or a layer not ``measuring`` (its histogram passes read
-    nothing).  ``run_first_pass(hist, prefix, measure, shift, bits)`` runs
-    pass 1, which also fills the first histogram."""
+def _pass_one(ptrs: Tensor, plans: list, n: int, device, modes: Tensor, measure, schedule, weight_decay: float,
+              secant: bool) -> tuple:
+    """Pass 1 over w (role 0) and g (role 1): the [n, STAT_PARTIALS] fp32 sums that the
+    layers' mode bytes ask for and, when ``measure`` (uint8 [n]) is given, the lower
+    median of the quotients of the measuring layers by radix selection (NaN elsewhere:
+    their histogram passes read nothing).  The first histogram is filled by the pass
+    that takes the sums."""
     from ..kernels import reduce as kr
-    n = len(batch)
-    measure = measuring.to(torch.uint8)
-    prefix, rank, count = _selection_state(n, batch.device)
-    for i, (shift, bits) in enumerate(_median_passes(batch)):
-        hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=batch.device)
+    columns = kr.STAT_PARTIALS.value
+
+    def stats_pass(hist, prefix, shift, bits):
+        return _layer_sums(kr.chunk_stats_kernel, plans, n, columns, device, ptrs, hist, prefix, modes, measure,
+                           float(weight_decay), STATS=True, SECANT=secant, HIST=hist is not None, FILTER=False,
+                           SHIFT=shift, BITS=bits)
+
+    if measure is None:
+        return stats_pass(None, None, 0, 1), None
+    prefix, rank, count = _selection_state(n, device)
+    for i, (shift, bits) in enumerate(schedule):
+        hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=device)
         if i == 0:
-            run_first_pass(hist, prefix, measure, shift, bits)
+            sums = stats_pass(hist, prefix, shift, bits)
         else:
             for plan in plans:
                 _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, None, measure,
-                        float(batch.hp["weight_decay"]), STATS=False, HIST=True, FILTER=True,
-                        SHIFT=shift, BITS=bits)
+                        float(weight_decay), STATS=False, SECANT=False, HIST=True, FILTER=True, SHIFT=shift,
+                        BITS=bits)
         _select(hist, prefix, rank, count, shift, bits, first=i == 0)
-    return _median_value(prefix, count, h_nan)
+    return sums, _median_value(prefix, count, sums[:, kr.P_H_NAN.value])
 
 
-@_on_tensors_device
-def reduce(batch: LayerBatch) -> Tensor:
-    """Pass 1: per layer ‖w‖, ‖g‖, κ, measured, non-finite (see ``reference.reduce``).
-    MCLR's κ is NaN where the layer does not measure (it is not used there).  Under
-    lag=1, ‖w‖ and ‖g‖ (and LARS's κ) are measured only for layers without a stash
-    (NaN elsewhere): the update pass measures them for the next step, so pass 1
-    reads just g for the non-finite check (the one-pass variant)."""
+# ------------------------------------------------------------------ pass 1
+
+def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, w_sq, w_sq_known,
+                     weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
+    """Pass 1 (``reference.layerwise_reduce``): Σw², Σg², the median, the secant sums
+    where a probe gradient is given (CBLR), the flags; what it leaves out is in the flags
+    (module docstring).  ``w_sq`` where ``w_sq_known``: Σw_t² taken instead of reading w."""
+    n = len(params)
+    device = params[0].device if params else torch.device("cpu")
+    if n == 0:
+        return (torch.zeros((0, SUM_COLUMNS), dtype=torch.float64, device=device),
+                torch.zeros((0,), dtype=torch.float32, device=device),
+                torch.zeros((0, FLAG_COLUMNS), dtype=torch.bool, device=device))
+    _check(params, "parameter")
+    _check_lengths(n, dict(probe_grads=probe_grads, probe_steps=probe_steps, w_sq_known=w_sq_known),
+                   dict(gradients=grads, ages=ages, adapt=adapt, lagged_valid=lagged_valid))
+    _check(grads, "gradient", like=params)
+    probed = [rule == "cblr" and bool(probe_grads) and probe_grads[i] is not None for i in range(n)]
+    if any(probed):
+        if not probe_steps or any(pr and probe_steps[i] is None for i, pr in enumerate(probed)):
+            raise ValueError("triton backend: a probe gradient without its step s")
+        _check([g if pr else None for g, pr in zip(probe_grads, probed)], "probe gradient", like=params)
+        _check_fp32_like([s if pr else None for s, pr in zip(probe_steps, probed)], params, "probe step")
+    if w_sq is not None:
+        _check_shape(w_sq.reshape(-1), "w_sq", (n,), torch.float64, device)
+    if rule != "cblr":
+        _check_small(ages, "age", 1, device)
+    with _on_device(params):
+        return _reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, probed, w_sq,
+                       w_sq_known, weight_decay, curvature_interval, bool(lag), bool(approx_median),
+                       bool(check_nonfinite))
+
+
+def _reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, probed, w_sq, w_sq_known,
+            weight_decay, curvature_interval, lag, approx_median, check_nonfinite) -> tuple:
     from ..kernels import reduce as kr
-    from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
-    secant = finish_probe(batch, secant_norms, restore) if batch.rule == "cblr" else None
-    _check(batch.params, "parameter")
-    _check(batch.grads, "gradient", like=batch.params)
-    _check_state(batch)
-    hp, n, device = batch.hp, len(batch), batch.device
-    ptrs = pointer_table([batch.params, batch.grads])
-    plans = chunk_plans(batch.params, CHUNK)
-    if hp["lag"]:
-        norm_rows = torch.isnan(_lag_stash(batch)[:, 0])
+    from ..kernels.chunks import chunk_plans, pointer_table
+    n, device = len(params), params[0].device
+    stashed = [lag and bool(v) for v in lagged_valid]
+    known = [w_sq is not None and bool(w_sq_known) and bool(w_sq_known[i]) and not stashed[i] for i in range(n)]
+    modes_host = [(0 if stashed[i] else kr.MODE_G2.value | (0 if known[i] else kr.MODE_W2.value))
+                  | (kr.MODE_CHECK.value if check_nonfinite else 0) | (kr.MODE_SECANT.value if probed[i] else 0)
+                  for i in range(n)]
+    adapt_vector = _vector(adapt, device, torch.bool)
+    if rule == "cblr":
+        measured = _vector([a and pr for a, pr in zip(adapt, probed)], device, torch.bool)
     else:
-        norm_rows = torch.ones(n, dtype=torch.bool, device=device)
-    norm_flags = norm_rows.to(torch.uint8)
-    sums = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
-    adapt = _adapt_vector(batch)
-    if batch.rule == "cblr":
-        measured = adapt & ~torch.isnan(secant[:, 1])
-    else:
-        measured = adapt & lm.measurement_due(_stack_state(batch.states, "age"), hp["curvature_interval"])
+        measured = adapt_vector & lm.measurement_due(_stack(ages), curvature_interval)
 
-    def first_pass(hist, prefix, measure, shift, bits):
-        for plan in plans:
-            partials = torch.empty((plan.n_chunks, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
-            _launch(kr.chunk_stats_kernel, plan, ptrs, n, partials, hist, prefix, norm_flags,
-                    measure, float(hp["weight_decay"]), STATS=True, HIST=hist is not None, FILTER=False,
-                    SHIFT=shift, BITS=bits)
-            sum_per_layer(plan, partials, sums)
-
-    if batch.rule == "mclr":
-        if not hp["lag"]:
-            measuring = measured
-        elif _median_in_update(batch):
-            measuring = norm_rows  # the others' κ was measured by the last update pass
+    schedule, measure, measure_host, one_pass = None, None, None, False
+    if rule == "mclr":
+        schedule = _schedule(approx_median, params, grads)
+        one_pass = lag and len(schedule) == 1
+        if not lag:
+            median_flag = measured
+            measure = measured.to(torch.uint8)
         else:
-            # lag=1 stashes κ of every layer (as the reference does) for the next step,
-            # which may be due when this one is not.
-            measuring = torch.ones_like(adapt)
-        median = _median(batch, ptrs, plans, measuring, sums[:, kr.P_H_NAN.value], first_pass)
-        kappa = lm.median_kappa(median, hp["eps"])
+            # lag=1 stashes κ of every layer (as the reference does) for the next step, which may be
+            # due when this one is not; with a one-pass median the update pass takes it for the
+            # layers with a stash.
+            measure_host = [not s for s in stashed] if one_pass else [True] * n
+            median_flag = _vector(measure_host, device, torch.bool)
+            measure = _vector(measure_host, device, torch.uint8)
     else:
-        first_pass(None, None, None, 0, 1)
-    nan = torch.full((n,), float("nan"), device=device)
-    w_norm = torch.where(norm_rows, sums[:, kr.P_W2.value].sqrt(), nan)
-    g_norm = torch.where(norm_rows, sums[:, kr.P_G2.value].sqrt(), nan)
-    if batch.rule == "lars":
-        kappa = lm.lars_kappa(w_norm, g_norm, hp["weight_decay"], hp["eps"])
-    elif batch.rule == "cblr":
-        kappa = lm.secant_kappa(secant[:, 0], secant[:, 1], hp["eps"])
-    nonfinite = sums[:, kr.P_NONFINITE.value] > 0
-    return torch.stack([w_norm, g_norm, kappa, measured.float(), nonfinite.float()], dim=1)
+        median_flag = _vector([False] * n, device, torch.bool)
+
+    if any(modes_host) or (measure is not None and (measure_host is None or any(measure_host))):
+        secant = any(probed)
+        roles = [params, grads]
+        if secant:
+            roles += [[g if pr else None for g, pr in zip(probe_grads, probed)],
+                      [s if pr else None for s, pr in zip(probe_steps, probed)]]
+        part, median = _pass_one(pointer_table(roles), chunk_plans(params, CHUNK), n, device,
+                                 _vector(modes_host, device, torch.uint8), measure, schedule, weight_decay, secant)
+    else:  # lag=1, every layer stashed, no non-finite check: pass 1 reads nothing
+        part = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
+        median = None
+    if median is None:
+        median = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+
+    part64 = part.double()
+    w2 = part64[:, kr.P_W2.value]
+    if any(known):
+        w2 = torch.where(_vector(known, device, torch.bool), w_sq.reshape(n).to(torch.float64), w2)
+    columns = {SUM_W2: w2, SUM_G2: part64[:, kr.P_G2.value], SUM_DIFF2: part64[:, kr.P_DIFF2.value],
+               SUM_STEP2: part64[:, kr.P_STEP2.value]}
+    sums = torch.stack([columns[c] for c in range(SUM_COLUMNS)], dim=1)
+    norms_flag = _vector([not s for s in stashed], device, torch.bool)
+    nonfinite = part[:, kr.P_NONFINITE.value] > 0
+    flags = torch.stack([measured, norms_flag, median_flag, nonfinite], dim=1)
+    _remember(flags, (rule, lag, approx_median, tuple(stashed), one_pass))
+    return sums, median, flags
 
 
 # ------------------------------------------------------------------ pass 2
 
-def _state_buffers(batch: LayerBatch, key: str, wanted: bool) -> list:
-    """The fp32 per-layer buffers ``state[key]``, created as zeros on first use."""
-    if not wanted:
-        return [None] * len(batch)
-    for p, state in zip(batch.params, batch.states):
-        if key not in state:
-            state[key] = torch.zeros_like(p, dtype=torch.float32)
-    return [state[key] for state in batch.states]
+def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
+                      adapt, sums, median, flags, found_inf, lr, momentum, nesterov, weight_decay, eps,
+                      trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
+                      approx_median, workspace, next_w_sq):
+    """Pass 2 (``reference.layerwise_update_``): κ from the reduction
+    (``layer_math.reduction_kappa``, completed where it left out what is needed), the
+    ratio, the fused update of every layer from w_t (``saved[i]`` where given, the
+    parameter otherwise), κ̄, age, the lag stash; when ``found_inf`` nothing is
+    written but parameters at their probe point go back to w_t.  With ``next_w_sq``:
+    Σw² of the result per layer (left as it was on a skipped step)."""
+    n = len(params)
+    device = params[0].device if params else torch.device("cpu")
+    if n == 0:
+        return torch.zeros((0, STAT_COLUMNS), dtype=torch.float32, device=device)
+    _check(params, "parameter")
+    _check_lengths(n, dict(momentum_buffers=momentum_buffers, prev_steps=prev_steps, lagged=lagged, saved=saved),
+                   dict(gradients=grads, kappas=kappas, ages=ages, lagged_valid=lagged_valid, adapt=adapt))
+    if lag and len(lagged) != n:
+        raise ValueError("triton backend: lag=1 needs a stash tensor per layer (lagged)")
+    _check(grads, "gradient", like=params)
+    _check_fp32_like(momentum_buffers, params, "momentum buffer")
+    _check_fp32_like(prev_steps, params, "previous step")
+    _check(saved, "saved parameter", like=params)
+    _check_small(kappas, "kappa", 1, device)
+    _check_small(ages, "age", 1, device)
+    if lag:
+        _check_small(lagged, "lag stash", 3, device)
+    _check_shape(sums, "the reduction's sums", (n, SUM_COLUMNS), torch.float64, device)
+    _check_shape(median, "the reduction's median", (n,), torch.float32, device)
+    _check_shape(flags, "the reduction's flags", (n, FLAG_COLUMNS), torch.bool, device)
+    if next_w_sq is not None:
+        _check_shape(next_w_sq, "next_w_sq", (n,), torch.float64, device)
+    with _on_device(params):
+        return _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
+                       adapt, sums, median, flags, found_inf, lr, float(momentum), bool(nesterov),
+                       float(weight_decay), float(eps), float(trust_coefficient), float(curvature_ema),
+                       max_ratio, float(fallback_trust), bool(lag), bool(approx_median), next_w_sq)
 
 
-def _stash_lagged(batch: LayerBatch, current: Tensor, stash: Tensor, keep: Tensor) -> None:
-    """state["lagged"] ← this step's (‖w‖, ‖g‖, κ) unless the step is skipped (then a
-    layer without a stash gets a NaN row, which counts as none)."""
-    rows = torch.where(keep, stash, current).unbind()
-    stashed = [i for i, s in enumerate(batch.states) if "lagged" in s]
-    if stashed:
-        torch._foreach_copy_([batch.states[i]["lagged"] for i in stashed], [rows[i] for i in stashed])
-    for i, state in enumerate(batch.states):
-        if "lagged" not in state:
-            state["lagged"] = rows[i].clone()
-
-
-@_on_tensors_device
-def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
-    """Pass 2: ratio (on device, ``layer_math``) and the fused update; nothing changes
-    when ``found_inf``.  Returns the [L, 7] statistics of ``STAT_NAMES``."""
+def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved, adapt,
+            sums, median, flags, found_inf, lr, momentum, nesterov, weight_decay, eps, trust_coefficient,
+            curvature_ema, max_ratio, fallback_trust, lag, approx_median, next_w_sq) -> Tensor:
+    from ..kernels import reduce as kr
     from ..kernels import update as ku
-    from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
-    hp, n, device = batch.hp, len(batch), batch.device
-    current = red[:, :3]
-    if hp["lag"]:
-        # lag=1: the ratio uses the previous step's inputs (this step's where none is stashed).
-        stash = _lag_stash(batch)
-        source = torch.where(torch.isnan(stash[:, :1]), current, stash)
-    else:
-        source = current
+    from ..kernels.chunks import chunk_plans, pointer_table
+    n, device = len(params), params[0].device
+    stashed = [lag and bool(v) for v in lagged_valid]
+    w_t = [saved[i] if saved and saved[i] is not None else p for i, p in enumerate(params)]
+    plans = chunk_plans(params, CHUNK)
+    schedule = _schedule(approx_median, params, grads) if rule == "mclr" else None
+    one_pass = rule == "mclr" and lag and len(schedule) == 1
+    stashed_vector = _vector(stashed, device, torch.bool)
+    measured = flags[:, FLAG_MEASURED]
+    norms_known, median_known = flags[:, FLAG_NORMS], flags[:, FLAG_MEDIAN]
+    w2, g2, m = sums[:, SUM_W2], sums[:, SUM_G2], median
+
+    # What the ratio needs before anything is written and the reduction left out (never for
+    # one of this module's: the layers without norms or median are those whose stash gives
+    # the ratio, and the update pass measures them for the next stash).
+    if not _made_here_for(flags, (rule, lag, approx_median, tuple(stashed), one_pass)) and (
+            not all(stashed) or (rule == "mclr" and not one_pass)):
+        need_norms = ~norms_known & ~stashed_vector
+        measure = None
+        if rule == "mclr":
+            wanted = (~stashed_vector if one_pass else torch.ones_like(measured)) if lag else measured
+            need_median = ~median_known & wanted
+            measure = need_median.to(torch.uint8)
+        modes = need_norms.to(torch.uint8) * (kr.MODE_W2.value | kr.MODE_G2.value)
+        part, pre_median = _pass_one(pointer_table([w_t, grads]), plans, n, device, modes, measure, schedule,
+                                     weight_decay, secant=False)
+        w2 = torch.where(norms_known, w2, part[:, kr.P_W2.value].double())
+        g2 = torch.where(norms_known, g2, part[:, kr.P_G2.value].double())
+        norms_known = norms_known | need_norms
+        if rule == "mclr":
+            m = torch.where(median_known, m, pre_median)
+            median_known = median_known | need_median
+
+    def inputs(w2, g2, m):
+        """(‖w‖, ‖g‖, κ) [L, 3] of the step's inputs."""
+        w_norm, g_norm = lm.norm_from_sum(w2), lm.norm_from_sum(g2)
+        kappa = lm.reduction_kappa(rule, w_norm, g_norm, sums[:, SUM_DIFF2], sums[:, SUM_STEP2], m, weight_decay,
+                                   eps)
+        return torch.stack([w_norm, g_norm, kappa.float()], dim=1)
+
+    current = inputs(w2, g2, m)
+    # lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
+    stash = _stack_rows(lagged) if lag else None
+    source = torch.where(stashed_vector[:, None], stash, current) if any(stashed) else current
     w_norm, g_norm, kappa = source.unbind(1)
-    measured = red[:, RED_MEASURED] > 0
-    kappa_bar = _stack_state(batch.states, "kappa")
-    age = _stack_state(batch.states, "age")
+    kappa_bar, age = _stack(kappas), _stack(ages)
     ratio, new_bar, used, fallback = lm.layer_ratio(
-        kappa, measured, kappa_bar, w_norm, g_norm, _adapt_vector(batch),
-        trust_coefficient=hp["trust_coefficient"], curvature_ema=hp["curvature_ema"],
-        max_ratio=hp["max_ratio"], weight_decay=hp["weight_decay"], eps=hp["eps"],
-        fallback_trust=hp["fallback_trust"])
-    alpha = times_lr(ratio, hp["lr"])
+        kappa, measured, kappa_bar, w_norm, g_norm, _vector(adapt, device, torch.bool),
+        trust_coefficient=trust_coefficient, curvature_ema=curvature_ema, max_ratio=max_ratio,
+        weight_decay=weight_decay, eps=eps, fallback_trust=fallback_trust)
+    alpha = ratio * lr.to(device=device, dtype=torch.float32).reshape(())
 
-    momentum = _state_buffers(batch, "momentum_buffer", batch.uses_momentum)
-    steps = _state_buffers(batch, "prev_step", batch.keeps_prev_step)
-    # The kernels write through raw pointers: tell autograd, as torch's in-place ops do
-    # (also on a skipped step, which the host does not know of without a sync).
-    torch.autograd.graph.increment_version([t for t in batch.params + momentum + steps if t is not None])
-    ptrs = pointer_table([batch.params, batch.grads, momentum, steps])
-    sums = torch.zeros((n, ku.UPDATE_PARTIALS.value), dtype=torch.float32, device=device)
-    skip = found_inf.to(device=device, dtype=torch.uint8)
-    median_in_update = _median_in_update(batch)
-    (shift, bits), = _median_passes(batch) if median_in_update else ((0, 1),)
+    skip = found_inf.to(device=device, dtype=torch.bool).reshape(())
+    median_in_update = one_pass and any(stashed)
+    (shift, bits), = schedule if median_in_update else ((0, 1),)
     hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=device) if median_in_update else None
-    for plan in chunk_plans(batch.params, CHUNK):
-        partials = torch.empty((plan.n_chunks, ku.UPDATE_PARTIALS.value), dtype=torch.float32, device=device)
-        _launch(ku.momentum_update_kernel, plan, ptrs, n, alpha, skip, partials, hist, float(hp["weight_decay"]),
-                float(hp["momentum"]), MOMENTUM=batch.uses_momentum, NESTEROV=bool(hp["nesterov"]),
-                STORE_STEP=batch.keeps_prev_step, INPUT_NORMS=bool(hp["lag"]), INPUT_HIST=median_in_update,
-                SHIFT=shift, BITS=bits)
-        sum_per_layer(plan, partials, sums)
-    step_norm = sums[:, ku.U_S2.value].sqrt()  # 0 on a skipped step: the kernel read nothing
+    momentum_on, store_step = bool(momentum_buffers), bool(prev_steps)
+    written = params + list(momentum_buffers) + list(prev_steps)
+    # The kernel writes through raw pointers: tell autograd, as torch's in-place ops do (also on
+    # a skipped step, which the host does not know of without a sync).
+    torch.autograd.graph.increment_version(written)
+    ptrs = pointer_table([params, w_t, grads, momentum_buffers or [None] * n, prev_steps or [None] * n])
+    part = _layer_sums(ku.momentum_update_kernel, plans, n, ku.UPDATE_PARTIALS.value, device, ptrs, alpha,
+                       skip.to(torch.uint8), hist, weight_decay, momentum, MOMENTUM=momentum_on, NESTEROV=nesterov,
+                       STORE_STEP=store_step, FROM_SAVED=any(w is not p for w, p in zip(w_t, params)),
+                       INPUT_NORMS=any(stashed), INPUT_HIST=median_in_update, NEXT_W2=next_w_sq is not None,
+                       SHIFT=shift, BITS=bits)
+    step_norm = lm.norm_from_sum(part[:, ku.U_S2.value].double())  # 0 on a skipped step: nothing was read
 
-    keep = found_inf.to(device)
-    torch._foreach_copy_([s["kappa"] for s in batch.states], list(torch.where(keep, kappa_bar, new_bar)))
-    torch._foreach_copy_([s["age"] for s in batch.states],
-                         list(torch.where(keep, age, lm.next_age(age, measured))))
-    if hp["lag"]:
-        in_w, in_g = sums[:, ku.U_W2.value].sqrt(), sums[:, ku.U_G2.value].sqrt()
-        if batch.rule == "lars":
-            in_kappa = lm.lars_kappa(in_w, in_g, hp["weight_decay"], hp["eps"])
-        elif median_in_update:
+    torch._foreach_copy_(kappas, list(torch.where(skip, kappa_bar, new_bar).unbind()))
+    torch._foreach_copy_(ages, list(torch.where(skip, age, lm.next_age(age, measured)).unbind()))
+    if lag:
+        # The stash: this step's inputs, as the reduction had them or as the update pass read them.
+        w2 = torch.where(norms_known, w2, part[:, ku.U_W2.value].double())
+        g2 = torch.where(norms_known, g2, part[:, ku.U_G2.value].double())
+        if median_in_update:
             prefix, rank, count = _selection_state(n, device)
             _select(hist, prefix, rank, count, shift, bits, first=True)
-            in_kappa = lm.median_kappa(_median_value(prefix, count, sums[:, ku.U_H_NAN.value]), hp["eps"])
-        else:
-            in_kappa = red[:, RED_KAPPA]
-        _stash_lagged(batch, torch.stack([in_w, in_g, in_kappa], dim=1), stash, keep)
+            m = torch.where(median_known, m, _median_value(prefix, count, part[:, ku.U_H_NAN.value]))
+        torch._foreach_copy_(lagged, list(torch.where(skip, stash, inputs(w2, g2, m)).unbind()))
+    if next_w_sq is not None:
+        next_w_sq.copy_(torch.where(skip, next_w_sq, part[:, ku.U_NEXT_W2.value].double()))
     return torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()], dim=1)
 
 
-# ------------------------------------------------------- CBLR closure protocol
+def _stack_rows(lagged: list) -> Tensor:
+    """[L, 3] of the stash tensors."""
+    return torch.stack([t.reshape(3) for t in lagged])
+
+
+# ------------------------------------------------------- CBLR probe primitives
 
 def _copy(dst: list, src: list) -> None:
     from ..kernels import closure as kc
     from ..kernels.chunks import chunk_plans, pointer_table
-    if not src:
-        return
     torch.autograd.graph.increment_version(dst)  # written through raw pointers
     ptrs = pointer_table([dst, src])
     for plan in chunk_plans(src, CHUNK):
         _launch(kc.copy_kernel, plan, ptrs, len(src))
 
 
-@_on_tensors_device
-def restore(dst: list, src: list) -> None:
-    _check(src, "saved tensor", like=dst)
-    _copy(dst, src)
-
-
-@_on_tensors_device
-def shift(params: list, steps: list, saved: list) -> None:
-    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first, like the reference)."""
+def probe_shift_(params, steps, saved):
+    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first, like the reference),
+    in one pass that also sums Σw_t² per layer: returned as [L] fp64."""
     from ..kernels import closure as kc
     from ..kernels.chunks import chunk_plans, pointer_table
+    n = len(params)
+    device = params[0].device if params else torch.device("cpu")
+    _check_lengths(n, {}, dict(steps=steps, saved=saved))
+    if n == 0:
+        return torch.zeros((0,), dtype=torch.float64, device=device)
     _check(params, "parameter")
     _check_fp32_like(steps, params, "step")
+    if any(s is None for s in list(steps) + list(saved)):
+        raise ValueError("triton backend: the shift needs a step and a save buffer for every parameter")
     _check(saved, "save buffer", like=params)
+    with _on_device(params):
+        torch.autograd.graph.increment_version(list(saved) + list(params))  # written through raw pointers
+        w_sq = _layer_sums(kc.shift_kernel, chunk_plans(params, CHUNK), n, 1, device,
+                           pointer_table([params, steps, saved]))
+        return w_sq[:, 0].double()
+
+
+def probe_restore_(params, saved):
+    """w ← saved, bit-exactly."""
+    _check_lengths(len(params), {}, dict(saved=saved))
     if not params:
         return
-    _copy(saved, params)
-    torch.autograd.graph.increment_version(params)
-    ptrs = pointer_table([params, steps])
-    for plan in chunk_plans(params, CHUNK):
-        _launch(kc.shift_kernel, plan, ptrs, len(params))
-
-
-@_on_tensors_device
-def secant_norms(params: list, g_t: list, g_p: list, steps: list, weight_decay: float) -> Tensor:
-    """Per layer (‖d(w_t) − d(w_t + s)‖, ‖s‖), d = g + β·w: [L, 2] fp32 (params: the
-    parameters' dtypes, not read)."""
-    from ..kernels import closure as kc
-    from ..kernels.chunks import chunk_plans, pointer_table, sum_per_layer
-    for what, tensors in (("gradient", g_t), ("probe gradient", g_p)):
-        _check(tensors, what, like=params)
-    _check_fp32_like(steps, params, "step")
-    n, device = len(params), params[0].device
-    ptrs = pointer_table([g_t, g_p, steps])
-    sums = torch.zeros((n, kc.SECANT_PARTIALS.value), dtype=torch.float32, device=device)
-    for plan in chunk_plans(params, CHUNK):
-        partials = torch.empty((plan.n_chunks, kc.SECANT_PARTIALS.value), dtype=torch.float32, device=device)
-        _launch(kc.secant_partials_kernel, plan, ptrs, n, partials, float(weight_decay))
-        sum_per_layer(plan, partials, sums)
-    return sums.sqrt()
+    _check(params, "parameter")
+    if any(s is None for s in saved):
+        raise ValueError("triton backend: the restore needs a saved copy for every parameter")
+    _check(saved, "saved parameter", like=params)
+    with _on_device(params):
+        _copy(params, saved)
