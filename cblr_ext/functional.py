@@ -1,108 +1,108 @@
-"""The functional core: one param group's layers as a ``LayerBatch`` and the two
-backend passes over it.
+"""The functional core: a step as two calls over the layers of one param group,
+usable without the optimizer class (``torch.optim.sgd.sgd`` style: tensor lists,
+flags and a small hyperparameter record).
 
-A step is ``reduce`` (pass 1: per-layer norms, measurement, non-finite flag)
-over every group, one step-wide non-finite decision, then ``apply`` (ratio and
-update, pass 2) over every group.  Backends implement the two passes and the
-CBLR protocol's ``shift`` and ``restore``.  On a CBLR re-measure step
-(``LayerBatch.probe``) ``reduce`` measures the secant, and the shifted
-parameters go back to w_t bit-exactly: restored by ``reduce`` (``finish_probe``),
-or, in a fused backend, updated by ``apply`` from the saved copy (restored when the
-step is skipped).  Whoever restores clears ``batch.probe``; the optimizer restores a
-probe still pending when a pass raises.  Everything here is backend-independent.
+    reduction = layerwise_reduce(rule, params, grads, ages, adapt, hp, ...)
+    found_inf = reduction.nonfinite.any()          # over every group of the step
+    stats = layerwise_update_(rule, params, grads, state, adapt, reduction, found_inf, hp, ...)
+
+The ``Reduction`` is backend-independent: per-layer *sums* (so that partial
+reductions of one layer's shards add up before the ratio), the median, and flags
+saying what was measured.  The ratio is formed from it in one place per language
+(``layer_math.reduction_kappa`` and csrc/layer_math.h): a reduction made by one
+backend may be fed to another's update.  docs/architecture.md has the op table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-# Columns of the per-layer reduction returned by ``Backend.reduce``.
-# Pass 1 measures the current inputs (w_t, g_t); under lag=1, ``apply`` takes
-# ‖w‖, ‖g‖ and κ from the previous step's inputs instead (state["lagged"]).
-# A fused backend may leave κ NaN where the layer does not measure, and the norms
-# NaN where a lag=1 stash replaces them or the layer does not measure (its ``apply``
-# then takes them during the update, or first where the ratio falls back): only its
-# own ``apply`` reads the columns.
-RED_W_NORM, RED_G_NORM, RED_KAPPA, RED_MEASURED, RED_NONFINITE = range(5)
-REDUCTION_COLUMNS = 5
+# Columns of Reduction.sums (fp64): Σw², Σg² of the step's inputs; the CBLR secant's
+# Σ(d(w_t) − d(w_t + s))² and Σs².  0 where not taken (see the flags).
+SUM_W2, SUM_G2, SUM_DIFF2, SUM_STEP2 = range(4)
+SUM_COLUMNS = 4
+# Columns of Reduction.flags (bool): the layer measures κ this step; Σw², Σg² were taken
+# (else the update takes them); the median was taken (MCLR); g holds a NaN or Inf.
+FLAG_MEASURED, FLAG_NORMS, FLAG_MEDIAN, FLAG_NONFINITE = range(4)
+FLAG_COLUMNS = 4
 
-# Columns of the per-layer statistics returned by ``Backend.apply``.
+# Columns of the per-layer statistics returned by ``layerwise_update_``.
 STAT_NAMES = ("w_norm", "g_norm", "step_norm", "kappa", "ratio", "alpha", "fallback")
 STAT_COLUMNS = len(STAT_NAMES)
 
 
 @dataclass
-class Probe:
-    """CBLR's probe of one group, per layer: ``saved`` holds w_t where the parameter
-    now sits at w_t + s_{t−1} (None where it was not shifted), ``grads`` the
-    gradient there where the layer measures (None elsewhere).  ``w_norms``: what the
-    backend's ``shift`` returned, ‖w_t‖ of the shifted layers in order, or None."""
+class Reduction:
+    """Pass 1 of one group: ``sums`` [L, 4] fp64, ``median`` [L] fp32 (the lower median of
+    the quotients |d_i|/|w_i|, bf16-truncated for median="approx"; NaN when the layer has
+    no quotient or a NaN one), ``flags`` [L, 4] bool."""
 
-    saved: list
-    grads: list
-    w_norms: Optional[Tensor] = None
+    sums: Tensor
+    median: Tensor
+    flags: Tensor
+
+    @property
+    def nonfinite(self) -> Tensor:
+        return self.flags[:, FLAG_NONFINITE]
+
+    @property
+    def measured(self) -> Tensor:
+        return self.flags[:, FLAG_MEASURED]
+
+    def tensors(self) -> tuple:
+        return self.sums, self.median, self.flags
+
+
+@dataclass(frozen=True)
+class Hyperparams:
+    """One group's hyperparameters, as the ops take them (docs/algorithm.md, Symbols)."""
+
+    lr: object = 1.0  # a float or a one-element tensor (never read on the host)
+    momentum: float = 0.0
+    nesterov: bool = False
+    weight_decay: float = 0.0
+    eps: float = 1e-8
+    trust_coefficient: float = 1e-3
+    curvature_ema: float = 0.0
+    max_ratio: Optional[float] = None
+    fallback_trust: float = 1e-3
+    curvature_interval: int = 1
+    lag: bool = False
+    median: str = "exact"
+    check_nonfinite: bool = True  # False: lag=1 layers with a stash need not be read in pass 1
+
+    @classmethod
+    def from_group(cls, group: dict, check_nonfinite: bool = True) -> "Hyperparams":
+        names = {f.name for f in fields(cls)} - {"check_nonfinite"}
+        values = {k: group[k] for k in names}
+        values["lag"] = bool(values["lag"])
+        return cls(check_nonfinite=check_nonfinite, **values)
+
+    @property
+    def approx_median(self) -> bool:
+        return self.median == "approx"
 
 
 @dataclass
-class LayerBatch:
-    """The layers of one param group that have a gradient, with their state.
+class LayerState:
+    """The per-layer state the update writes, as tensor lists (the optimizer owns it).
+    ``momentum_buffers`` / ``prev_steps`` / ``lagged``: empty lists when not kept;
+    ``lagged_valid[i]``: ``lagged[i]`` holds an earlier step's (‖w‖, ‖g‖, κ)."""
 
-    ``states`` are the optimizer's per-parameter state dicts; backends read and
-    write ``momentum_buffer``, ``kappa``, ``age``, ``lagged`` and
-    ``prev_step`` in them (see ``init_layer_state``).
-    """
-
-    rule: str
-    params: list
-    grads: list
-    states: list
-    adapt: list
-    hp: dict
-    # CBLR re-measure steps: the probe that ``reduce`` finishes.
-    probe: Optional[Probe] = None
-    # (group index, each layer's index in the group's params): names for layer_stats.
-    positions: tuple = ((), ())
-    # Scratch a backend keeps between steps, owned by the optimizer (freed with it).
-    workspace: dict = field(default_factory=dict)
-
-    def __len__(self):
-        return len(self.params)
-
-    @property
-    def device(self):
-        return self.params[0].device
-
-    @property
-    def uses_momentum(self) -> bool:
-        return self.hp["momentum"] > 0
-
-    @property
-    def keeps_prev_step(self) -> bool:
-        """CBLR needs s_{t−1}; it is the momentum buffer itself unless Nesterov or μ = 0."""
-        return self.rule == "cblr" and (not self.uses_momentum or self.hp["nesterov"])
+    kappas: list
+    ages: list
+    momentum_buffers: list = field(default_factory=list)
+    prev_steps: list = field(default_factory=list)
+    lagged: list = field(default_factory=list)
+    lagged_valid: list = field(default_factory=list)
 
 
 def state_dtype(param: Tensor) -> torch.dtype:
     """Math and optimizer state run in fp32 at least (fp64 stays fp64)."""
     return torch.promote_types(param.dtype, torch.float32)
-
-
-def init_layer_state(state: dict, param: Tensor) -> None:
-    """Create the per-layer scalars on the parameter's device (no host syncs later)."""
-    if "kappa" not in state:
-        state["kappa"] = torch.full((), float("nan"), dtype=torch.float32, device=param.device)
-        state["age"] = torch.full((), float("inf"), dtype=torch.float32, device=param.device)
-
-
-def prev_step(batch: LayerBatch, i: int) -> Optional[Tensor]:
-    """s_{t−1} of layer i, or None before its first step."""
-    state = batch.states[i]
-    if batch.keeps_prev_step:
-        return state.get("prev_step")
-    return state.get("momentum_buffer")
 
 
 def lr_value(lr, device) -> Tensor:
@@ -112,28 +112,63 @@ def lr_value(lr, device) -> Tensor:
     return torch.tensor(float(lr), dtype=torch.float32, device=device)
 
 
-def times_lr(x: Tensor, lr) -> Tensor:
-    """x·γ in fp32: a float γ stays a kernel scalar (no host-to-device copy per
-    step); a tensor γ is moved to x's device and never read on the host."""
-    return x * lr_value(lr, x.device) if isinstance(lr, Tensor) else x * float(lr)
+def empty_workspace(device) -> Tensor:
+    """The workspace of a backend that keeps none (inductor mis-lowers an op whose only
+    mutable argument is None, torch 2.13)."""
+    return torch.empty(0, dtype=torch.uint8, device=device)
 
 
-def finish_probe(batch: LayerBatch, secant_norms, restore) -> Tensor:
-    """[L, 2] (‖d(w_t) − d(w_t + s)‖, ‖s‖), NaN rows where the layer does not measure,
-    and every shifted parameter restored to w_t (``batch.probe`` cleared): the start of
-    ``reduce`` for backends that do not fuse the restore into the update, from their
-    ``secant_norms`` and ``restore``."""
-    secant = torch.full((len(batch), 2), float("nan"), dtype=torch.float32, device=batch.device)
-    probe = batch.probe
-    if probe is None:
-        return secant
-    measured = [i for i, g in enumerate(probe.grads) if g is not None]
-    if measured:
-        secant[measured] = secant_norms(
-            [batch.params[i] for i in measured], [batch.grads[i] for i in measured],
-            [probe.grads[i] for i in measured], [prev_step(batch, i) for i in measured],
-            batch.hp["weight_decay"])
-    shifted = [i for i, w in enumerate(probe.saved) if w is not None]
-    restore([batch.params[i] for i in shifted], [probe.saved[i] for i in shifted])
-    batch.probe = None
-    return secant
+def _ops(backend):
+    from .backends import resolve_ops
+    return resolve_ops(backend)
+
+
+def layerwise_reduce(rule: str, params: list, grads: list, ages: list, adapt: list, hp: Hyperparams, *,
+                     lagged_valid=None, probe_grads=None, probe_steps=None, w_sq=None, w_sq_known=None,
+                     workspace=None, backend="auto") -> Reduction:
+    """Pass 1 over one group's layers (docs/architecture.md, ``layerwise_reduce``).
+
+    ``probe_grads``/``probe_steps``: CBLR, per layer the gradient at w_t + s and s (None
+    where the layer does not measure); ``w_sq``/``w_sq_known``: Σw_t² where already known
+    (the probe's shift, or the last update), which a backend may use instead of reading w.
+    """
+    n = len(params)
+    device = params[0].device
+    return Reduction(*_ops(backend).layerwise_reduce(
+        rule, params, grads, ages, [bool(a) for a in adapt],
+        [False] * n if lagged_valid is None else list(lagged_valid),
+        [] if probe_grads is None else list(probe_grads), [] if probe_steps is None else list(probe_steps),
+        w_sq, [False] * n if w_sq_known is None else list(w_sq_known),
+        float(hp.weight_decay), int(hp.curvature_interval), hp.lag, hp.approx_median, hp.check_nonfinite,
+        empty_workspace(device) if workspace is None else workspace))
+
+
+def layerwise_update_(rule: str, params: list, grads: list, state: LayerState, adapt: list,
+                      reduction: Reduction, found_inf: Tensor, hp: Hyperparams, *, saved=None,
+                      workspace=None, next_w_sq=None, backend="auto") -> Tensor:
+    """Pass 2: ratio and update of every layer, nothing written when ``found_inf``;
+    returns the [L, 7] statistics of ``STAT_NAMES``.  ``saved``: CBLR, w_t of the layers
+    that sit at the probe point w_t + s (None elsewhere): they are updated from it (and
+    restored to it when the step is skipped)."""
+    n = len(params)
+    device = params[0].device
+    return _ops(backend).layerwise_update_(
+        rule, params, grads, state.momentum_buffers, state.prev_steps, state.kappas, state.ages, state.lagged,
+        list(state.lagged_valid) if state.lagged_valid else [False] * n,
+        [] if saved is None else list(saved), [bool(a) for a in adapt], *reduction.tensors(),
+        found_inf.reshape(()), lr_value(hp.lr, device), float(hp.momentum), bool(hp.nesterov),
+        float(hp.weight_decay), float(hp.eps), float(hp.trust_coefficient), float(hp.curvature_ema),
+        None if hp.max_ratio is None else float(hp.max_ratio), float(hp.fallback_trust),
+        int(hp.curvature_interval), hp.lag, hp.approx_median,
+        empty_workspace(device) if workspace is None else workspace, next_w_sq)
+
+
+def probe_shift_(params: list, steps: list, saved: list, *, backend="auto") -> Tensor:
+    """saved ← w, w ← w + s (s rounded to w's dtype); returns Σw_t² per layer (fp64)."""
+    return _ops(backend).probe_shift_(params, steps, saved)
+
+
+def probe_restore_(params: list, saved: list, *, backend="auto") -> None:
+    """w ← saved, bit-exactly."""
+    if params:
+        _ops(backend).probe_restore_(params, saved)

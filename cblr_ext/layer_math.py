@@ -31,6 +31,22 @@ def secant_kappa(diff_norm: Tensor, step_norm: Tensor, eps: float) -> Tensor:
     return torch.where(defined, (diff_norm + eps) / step_norm, torch.full_like(diff_norm, float("nan")))
 
 
+def norm_from_sum(sum_sq: Tensor) -> Tensor:
+    """‖x‖ as fp32 from Σx² (fp64): the square root in fp64, rounded once."""
+    return sum_sq.sqrt().float()
+
+
+def reduction_kappa(rule: str, w_norm: Tensor, g_norm: Tensor, diff_sq: Tensor, step_sq: Tensor,
+                    median: Tensor, weight_decay: float, eps: float) -> Tensor:
+    """This step's κ by ``rule`` from a reduction's quantities (functional.Reduction):
+    the norms, the secant's Σ(Δd)² and Σs² (CBLR), the median (MCLR)."""
+    if rule == "lars":
+        return lars_kappa(w_norm, g_norm, weight_decay, eps)
+    if rule == "mclr":
+        return median_kappa(median, eps)
+    return secant_kappa(norm_from_sum(diff_sq), norm_from_sum(step_sq), eps)
+
+
 def decayed_grad(g: Tensor, w: Tensor, weight_decay: float) -> Tensor:
     """d = g + β·w, rounded after the product and after the sum (no fused multiply-add),
     so that every backend forms bit-identical curvature quotients."""

@@ -1,37 +1,103 @@
-"""The ``torch.ops.cblr_ext`` ops (schemas declared once, in csrc/binding.cpp) and their
-fake implementations, so that ``torch.compile`` can trace around them.
+"""Every ``torch.ops.cblr_ext`` op, declared once: schema, fake, and the default kernel.
 
-Importing this module loads the extension (``_build.load``: compiled, or JIT-built).
+| op | reads | writes | returns |
+| --- | --- | --- | --- |
+| ``layerwise_reduce`` | w, g (probe: g at w + s, s) | the workspace | ``Reduction`` tensors (sums, median, flags) |
+| ``layerwise_update_`` | w (or the probe's saved w_t), g, a reduction | w, v, s_{t−1}, κ̄, age, lag stash | [L, 7] statistics |
+| ``probe_shift_`` | w, s_{t−1} | saved ← w, w ← w + s | Σw_t² per layer (fp64) |
+| ``probe_restore_`` | saved | w ← saved | |
+| ``cpu_isa`` | | | the C++ kernels' instruction set |
+
+Kernels per device (the dispatcher picks): the reference backend is the
+``CompositeExplicitAutograd`` kernel (any device); the C++ extension registers the
+CPU kernels (``TORCH_LIBRARY_IMPL(cblr_ext, CPU, m)`` in csrc/binding.cpp); the
+Triton backend the CUDA kernels (without importing triton here).  Importing this
+module loads the extension (``_build.load``: compiled, or JIT-built); when that
+fails the CPU runs the reference kernels and ``cpp`` reports why it is unavailable.
 """
 from __future__ import annotations
+
+import importlib.util
 
 import torch
 
 from . import _build
-from .functional import REDUCTION_COLUMNS, STAT_COLUMNS
+from .functional import FLAG_COLUMNS, STAT_COLUMNS, SUM_COLUMNS
 
-_build.load()
+LIBRARY = torch.library.Library("cblr_ext", "DEF")  # noqa: the namespace's one definition
+
+SCHEMAS = {
+    "layerwise_reduce": (
+        "layerwise_reduce(str rule, Tensor[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, "
+        "bool[] lagged_valid, Tensor?[] probe_grads, Tensor?[] probe_steps, Tensor? w_sq, bool[] w_sq_known, "
+        "float weight_decay, int curvature_interval, bool lag, bool approx_median, bool check_nonfinite, "
+        "Tensor(a!) workspace) -> (Tensor sums, Tensor median, Tensor flags)"),
+    "layerwise_update_": (
+        "layerwise_update_(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, "
+        "bool[] lagged_valid, Tensor?[] saved, bool[] adapt, Tensor sums, Tensor median, Tensor flags, "
+        "Tensor found_inf, Tensor lr, float momentum, bool nesterov, float weight_decay, float eps, "
+        "float trust_coefficient, float curvature_ema, float? max_ratio, float fallback_trust, "
+        "int curvature_interval, bool lag, bool approx_median, Tensor(g!) workspace, "
+        "Tensor(h!)? next_w_sq) -> Tensor"),
+    "probe_shift_": "probe_shift_(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved) -> Tensor",
+    "probe_restore_": "probe_restore_(Tensor(a!)[] params, Tensor[] saved) -> ()",
+    "cpu_isa": "cpu_isa() -> str",
+}
+for _schema in SCHEMAS.values():
+    LIBRARY.define(_schema)
 
 
-@torch.library.register_fake("cblr_ext::reduce")
-def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, probe_grads, steps, weight_decay, eps,
-                 curvature_interval, lag, approx_median, check_nonfinite=True, workspace=None, w_norms=None):
-    return params[0].new_empty((len(params), REDUCTION_COLUMNS), dtype=torch.float32)
+def _layers_device(params):
+    return params[0].device if params else torch.device("cpu")
 
 
-@torch.library.register_fake("cblr_ext::apply")
-def _apply_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, saved, adapt,
-                lagged_valid, red, found_inf, lr, momentum, nesterov, weight_decay, eps,
-                trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
-                approx_median, workspace=None, next_w_norms=None):
-    return params[0].new_empty((len(params), STAT_COLUMNS), dtype=torch.float32)
+@torch.library.register_fake("cblr_ext::layerwise_reduce")
+def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, w_sq, w_sq_known,
+                 weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
+    n, device = len(params), _layers_device(params)
+    return (torch.empty((n, SUM_COLUMNS), dtype=torch.float64, device=device),
+            torch.empty((n,), dtype=torch.float32, device=device),
+            torch.empty((n, FLAG_COLUMNS), dtype=torch.bool, device=device))
 
 
-@torch.library.register_fake("cblr_ext::restore")
-def _restore_fake(dst, src):
+@torch.library.register_fake("cblr_ext::layerwise_update_")
+def _update_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
+                 adapt, sums, median, flags, found_inf, lr, momentum, nesterov, weight_decay, eps,
+                 trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
+                 approx_median, workspace, next_w_sq):
+    return torch.empty((len(params), STAT_COLUMNS), dtype=torch.float32, device=_layers_device(params))
+
+
+@torch.library.register_fake("cblr_ext::probe_shift_")
+def _shift_fake(params, steps, saved):
+    return torch.empty((len(params),), dtype=torch.float64, device=_layers_device(params))
+
+
+@torch.library.register_fake("cblr_ext::probe_restore_")
+def _restore_fake(params, saved):
     return None
 
 
-@torch.library.register_fake("cblr_ext::shift")
-def _shift_fake(params, steps, saved):
-    return params[0].new_empty((len(params),), dtype=torch.float32)
+def _register(module, dispatch_key):
+    for name in ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_"):
+        LIBRARY.impl(name, getattr(module, name), dispatch_key)
+
+
+def _register_default_and_cuda_kernels():
+    from .backends import reference
+    _register(reference, "CompositeExplicitAutograd")
+    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+        from .backends import triton  # imports triton itself only when a kernel runs
+        _register(triton, "CUDA")
+
+
+_register_default_and_cuda_kernels()
+
+try:
+    _build.load()
+    LOAD_ERROR = None
+except Exception as exc:  # a failed JIT build is a reason (backend "cpp" reports it), not a crash
+    LOAD_ERROR = exc
+
+OPS = torch.ops.cblr_ext

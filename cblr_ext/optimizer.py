@@ -2,13 +2,36 @@
 three curvature rules (docs/algorithm.md)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.optim import Optimizer
 
 from . import backends
+from . import functional as F
 from . import layer_math as lm
-from .functional import (LayerBatch, Probe, RED_NONFINITE, STAT_NAMES, init_layer_state, prev_step)
+from .backends import cpp
 from .hyperparams import RULE_DEFAULTS, validate_group
+from .probe import CurvatureProbe, ProbeBuffers
+
+
+@dataclass
+class _Group:
+    """One param group's layers that have a gradient this step, as the ops take them."""
+
+    index: int
+    positions: list  # each layer's index in the group's params (names for layer_stats)
+    params: list
+    grads: list
+    states: list     # the optimizer's state dicts (only the optimizer reads them)
+    adapt: list
+    hp: F.Hyperparams
+    rule: str
+    backend: backends.Backend
+    lagged_valid: list
+    keeps_prev_step: bool
+    prev_steps: list = None  # CBLR: s_{t−1} per layer, None before its first step
+    measures: list = None    # CBLR: the layer measures this step (host bools)
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -54,10 +77,8 @@ class LayerwiseOptimizer(Optimizer):
         self.reuse_weight_norm = bool(reuse_weight_norm)
         self._skipped_steps = 0
         self._stats = []
-        # CBLR: .grad buffers of the probe closure and copies of w_t, reused every probe.
-        self._probe_grads = {}
-        self._probe_saved = {}
-        self._workspace = {}  # backends' scratch (LayerBatch.workspace)
+        self._probe_buffers = ProbeBuffers()  # CBLR: reused by every probe
+        self._scratch = {}  # backends' scratch kept between steps (cpp: workspace, carried Σw²)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -75,9 +96,8 @@ class LayerwiseOptimizer(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_stats", [])
-        self.__dict__.setdefault("_probe_grads", {})
-        self.__dict__.setdefault("_probe_saved", {})
-        self.__dict__.setdefault("_workspace", {})
+        self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
+        self.__dict__.setdefault("_scratch", {})
         self.__dict__.setdefault("reuse_weight_norm", True)
 
     # ----------------------------------------------------------------- step
@@ -88,19 +108,28 @@ class LayerwiseOptimizer(Optimizer):
         the loss) is required by CBLR on re-measure steps and optional otherwise."""
         for group in self.param_groups:
             validate_group(group, self.rule)
-        if self.rule == "cblr":
-            return self._cblr_step(closure)
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        self._run(self._batches())
+        groups = self._init_groups()
+        with CurvatureProbe(self._probe_buffers) as probe:
+            if self.rule == "cblr" and any(any(g.measures) for g in groups):
+                if closure is None:
+                    raise RuntimeError(
+                        "CBLR needs step(closure) on a re-measure step (every curvature_interval-th "
+                        "step): the closure re-evaluates the loss on the same batch at w + s. "
+                        "Nothing was modified.")
+                # A non-finite g_t is found by pass 1 (no extra pass here); the step is then
+                # skipped, probe or not.
+                probe.measure(groups, closure)
+            self._run(groups, probe)
         return loss
 
-    def _batches(self):
-        """Validate every group's gradients, then bundle each group's layers (one loop over
-        the parameters: this runs every step, for every layer)."""
-        batches = []
+    def _init_groups(self) -> list:
+        """Validate every group's gradients and create the state every step reads (one loop
+        over the parameters: this runs every step, for every layer)."""
+        groups = []
         state = self.state
         for gi, group in enumerate(self.param_groups):
             params, grads, states, positions = [], [], [], []
@@ -121,137 +150,114 @@ class LayerwiseOptimizer(Optimizer):
                 if grad.shape != p.shape:
                     raise RuntimeError(f"gradient of shape {tuple(grad.shape)} does not match "
                                        f"parameter {pi} of group {gi}, shape {tuple(p.shape)}")
-                layer_state = state[p]
-                init_layer_state(layer_state, p)
                 params.append(p)
                 grads.append(grad)
-                states.append(layer_state)
+                states.append(state[p])
                 positions.append(pi)
             if not params:
                 continue
+            backend = backends.get(group["backend"], device)
+            hp = F.Hyperparams.from_group(group, check_nonfinite=self.skip_nonfinite)
+            keeps_prev_step = self.rule == "cblr" and (hp.momentum == 0 or hp.nesterov)
+            for p, layer_state in zip(params, states):
+                self._init_layer_state(layer_state, p)
             exclude_1d = group["exclude_1d"]
             adapt = [group["adapt"] and not (exclude_1d and p.ndim <= 1) for p in params]
-            hp = {k: v for k, v in group.items() if k not in ("params", "param_names")}
-            # Backends may skip the non-finite check when nothing acts on it (lag=1: no pass 1).
-            hp["skip_nonfinite"] = self.skip_nonfinite
-            hp["reuse_weight_norm"] = self.reuse_weight_norm
-            batches.append(LayerBatch(self.rule, params, grads, states, adapt, hp, positions=(gi, positions),
-                                      workspace=self._workspace))
-        return batches
+            g = _Group(gi, positions, params, grads, states, adapt, hp, self.rule, backend,
+                       lagged_valid=[hp.lag and "lagged" in s for s in states], keeps_prev_step=keeps_prev_step)
+            if self.rule == "cblr":
+                g.prev_steps = [s.get("prev_step" if keeps_prev_step else "momentum_buffer") for s in states]
+                # One host read per group: the closure must know whether to run again.
+                due = lm.measurement_due(torch.stack([s["age"] for s in states]), hp.curvature_interval).tolist()
+                g.measures = [a and d and s is not None for a, d, s in zip(adapt, due, g.prev_steps)]
+            groups.append(g)
+        return groups
 
     @staticmethod
-    def _backend(batch):
-        return backends.get(batch.hp["backend"], batch.device)
+    def _init_layer_state(state: dict, p: torch.Tensor) -> None:
+        """κ̄ (NaN: no valid measurement yet) and the measurement age (+inf: never measured),
+        on the parameter's device; buffers kept from another layout (state loaded from a
+        contiguous model now channels_last) are copied into the parameter's: the kernels
+        read both as flat memory."""
+        if "kappa" not in state:
+            state["kappa"] = torch.full((), float("nan"), dtype=torch.float32, device=p.device)
+            state["age"] = torch.full((), float("inf"), dtype=torch.float32, device=p.device)
+        for key in ("momentum_buffer", "prev_step"):
+            buffer = state.get(key)
+            if buffer is not None and buffer.shape == p.shape and buffer.stride() != p.stride():
+                state[key] = torch.empty_like(p, dtype=buffer.dtype).copy_(buffer)
 
-    def _run(self, batches):
+    @staticmethod
+    def _update_state(g: _Group, found_inf: torch.Tensor) -> F.LayerState:
+        """The state lists the update writes; buffers a layer does not have yet are created
+        here, and kept unless the step is skipped (a skipped step creates no state: only
+        then is ``found_inf`` read on the host)."""
+        wanted = []
+        if g.hp.momentum > 0:
+            wanted.append(("momentum_buffer", lambda p: torch.zeros_like(p, dtype=F.state_dtype(p))))
+        if g.keeps_prev_step:
+            wanted.append(("prev_step", lambda p: torch.zeros_like(p, dtype=F.state_dtype(p))))
+        if g.hp.lag:
+            wanted.append(("lagged", lambda p: torch.zeros(3, dtype=torch.float32, device=p.device)))
+        lists = {}
+        keep = None
+        for key, make in wanted:
+            tensors = []
+            for p, s in zip(g.params, g.states):
+                tensor = s.get(key)
+                if tensor is None:
+                    if keep is None:
+                        keep = not bool(found_inf)
+                    tensor = make(p)
+                    if keep:
+                        s[key] = tensor
+                tensors.append(tensor)
+            lists[key] = tensors
+        return F.LayerState(kappas=[s["kappa"] for s in g.states], ages=[s["age"] for s in g.states],
+                            momentum_buffers=lists.get("momentum_buffer", []),
+                            prev_steps=lists.get("prev_step", []), lagged=lists.get("lagged", []),
+                            lagged_valid=g.lagged_valid)
+
+    def _reduce(self, g: _Group, probe: CurvatureProbe) -> F.Reduction:
+        kwargs = probe.reduce_inputs(g)
+        module = g.backend.module
+        if module is cpp:
+            kwargs["workspace"] = cpp.workspace(g.rule, g.params, g.hp.lag, self._scratch)
+            if not kwargs.get("w_sq_known") and cpp.carries_w_sq(g.rule, g.hp.lag, self.reuse_weight_norm):
+                kwargs["w_sq"], kwargs["w_sq_known"] = cpp.known_w_sq(g.params, self._scratch)
+        return F.layerwise_reduce(g.rule, g.params, g.grads, [s["age"] for s in g.states], g.adapt, g.hp,
+                                  lagged_valid=g.lagged_valid, backend=g.backend, **kwargs)
+
+    def _update(self, g: _Group, reduction: F.Reduction, found_inf: torch.Tensor,
+                probe: CurvatureProbe) -> torch.Tensor:
+        state = self._update_state(g, found_inf)
+        kwargs = {}
+        tracked = None
+        if g.backend.module is cpp:
+            kwargs["workspace"] = cpp.workspace(g.rule, g.params, g.hp.lag, self._scratch)
+            if cpp.carries_w_sq(g.rule, g.hp.lag, self.reuse_weight_norm) and not bool(found_inf):
+                kwargs["next_w_sq"], tracked = cpp.next_w_sq(g.params)
+        stats = F.layerwise_update_(g.rule, g.params, g.grads, state, g.adapt, reduction, found_inf, g.hp,
+                                    saved=probe.saved_for_update(g), backend=g.backend, **kwargs)
+        probe.updated(g)
+        if tracked is not None:
+            cpp.record_w_sq(g.params, kwargs["next_w_sq"], tracked, self._scratch)
+        return stats
+
+    def _run(self, groups: list, probe: CurvatureProbe) -> None:
         """Pass 1 over every group, one step-wide skip decision, pass 2 over every group."""
-        work = [(b, self._backend(b)) for b in batches]
-        if not work:
+        if not groups:
             return
-        try:
-            reductions = [backend.reduce(b) for b, backend in work]
-            device = batches[0].device
-            found_inf = None
-            if self.skip_nonfinite:
-                for red in reductions:  # the column is 0 or 1
-                    flag = red[:, RED_NONFINITE].any().to(device)
-                    found_inf = flag if found_inf is None else found_inf | flag
-            else:
-                found_inf = torch.zeros((), dtype=torch.bool, device=device)
-            stats = [(b.positions, backend.apply(b, red, found_inf)) for (b, backend), red in zip(work, reductions)]
-        except BaseException:
-            # CBLR probes not restored yet (by pass 1, or by the update) leave w shifted.
-            for b, backend in work:
-                self._restore_probe(b, backend)
-            raise
-        self._stats = stats
+        reductions = [self._reduce(g, probe) for g in groups]
+        device = groups[0].params[0].device
+        found_inf = torch.zeros((), dtype=torch.bool, device=device)
+        if self.skip_nonfinite:
+            for red in reductions:
+                found_inf = found_inf | red.nonfinite.any().to(device)
+        self._stats = [((g.index, g.positions), self._update(g, red, found_inf, probe))
+                       for g, red in zip(groups, reductions)]
         # A device tensor (int64: bool + int): counting skipped steps must not sync the host.
         self._skipped_steps = found_inf + self._skipped_steps
-
-    def _cblr_step(self, closure):
-        """CBLR: gradient at w_t, and on a re-measure step a second gradient on the same
-        batch at w_t + s_{t−1}; pass 1 then measures the secant, and the step goes on
-        from w_t, restored bit-exactly (.grad is restored right after the probe closure)."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        batches = self._batches()
-        probes = [self._probe_mask(b) for b in batches]
-        if any(any(mask) for mask in probes):
-            if closure is None:
-                raise RuntimeError(
-                    "CBLR needs step(closure) on a re-measure step (every curvature_interval-th "
-                    "step): the closure re-evaluates the loss on the same batch at w + s. "
-                    "Nothing was modified.")
-            # A non-finite g_t is found by pass 1 (no extra pass here); the step is
-            # then skipped, probe or not.
-            self._probe(batches, probes, closure)
-        self._run(batches)
-        return loss
-
-    @staticmethod
-    def _probe_mask(batch):
-        """Layers of ``batch`` that measure this step: adapted, due, with a previous step.
-        (One host read per group: the closure must know whether to run again.)"""
-        ages = torch.stack([state["age"] for state in batch.states])
-        due = lm.measurement_due(ages, batch.hp["curvature_interval"]).tolist()
-        return [batch.adapt[i] and due[i] and prev_step(batch, i) is not None for i in range(len(batch))]
-
-    @staticmethod
-    def _reused(buffers, p, like, make):
-        """``buffers[p]``, made by ``make(like)`` when missing or no longer like ``like``
-        (reused: fixed addresses, and no fresh pages to fault in every probe)."""
-        buffer = buffers.get(p)
-        if buffer is None or (buffer.shape, buffer.stride(), buffer.dtype, buffer.device) != (
-                like.shape, like.stride(), like.dtype, like.device):
-            buffer = buffers[p] = make(like)
-        return buffer
-
-    def _probe(self, batches, probes, closure):
-        """Shift every layer with a previous step to w_t + s_{t−1} (keeping w_t) and run
-        the closure there.  The g_t tensors are set aside (not copied) meanwhile, with a
-        spare buffer per parameter in ``.grad``, so a closure that zeroes in place
-        (``zero_grad(set_to_none=False)``) keeps fixed addresses.  Sets ``b.probe``; the
-        parameters stay shifted until a pass restores them (here, when anything fails)."""
-        work = []
-        for b in batches:
-            shifted = [i for i in range(len(b)) if prev_step(b, i) is not None]
-            saved = [None] * len(b)
-            for i in shifted:
-                saved[i] = self._reused(self._probe_saved, b.params[i], b.params[i], torch.empty_like)
-            work.append((b, shifted, saved))
-        try:
-            for b, shifted, saved in work:
-                for p in b.params:
-                    p.grad = self._reused(self._probe_grads, p, p.grad, torch.zeros_like)
-                w_norms = self._backend(b).shift([b.params[i] for i in shifted],
-                                                 [prev_step(b, i) for i in shifted], [saved[i] for i in shifted])
-                b.probe = Probe(saved=saved, grads=[None] * len(b), w_norms=w_norms)  # restore on failure
-            with torch.enable_grad():
-                closure()
-            for (b, _, _), probe in zip(work, probes):
-                grads = [p.grad if probe[i] else None for i, p in enumerate(b.params)]
-                if any(probe[i] and g is None for i, g in enumerate(grads)):
-                    raise RuntimeError("CBLR: the closure left a measured parameter without .grad")
-                b.probe.grads = grads
-        except BaseException:
-            for b, _, _ in work:
-                self._restore_probe(b, self._backend(b))
-            raise
-        finally:
-            for b, _, _ in work:
-                for p, g in zip(b.params, b.grads):
-                    if p.grad is not None and p.grad is not g:
-                        self._probe_grads[p] = p.grad
-                    p.grad = g
-
-    @staticmethod
-    def _restore_probe(batch, backend):
-        if batch.probe is not None:
-            shifted = [i for i, w in enumerate(batch.probe.saved) if w is not None]
-            backend.restore([batch.params[i] for i in shifted], [batch.probe.saved[i] for i in shifted])
-            batch.probe = None
 
     # ---------------------------------------------------------- inspection
 
@@ -272,7 +278,7 @@ class LayerwiseOptimizer(Optimizer):
             names = self.param_groups[gi].get("param_names")
             rows = stats.detach().cpu().tolist()
             for pi, row in zip(positions, rows):
-                entry = dict(zip(STAT_NAMES, row))
+                entry = dict(zip(F.STAT_NAMES, row))
                 entry["fallback"] = bool(entry["fallback"])
                 out[names[pi] if names else f"{gi}.{pi}"] = entry
         return out

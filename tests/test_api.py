@@ -333,6 +333,7 @@ def test_unknown_backend_and_unbuilt_backend_errors():
 def test_auto_falls_back_to_reference_with_one_warning(monkeypatch):
     monkeypatch.setattr(backends, "_AUTO_ORDER", {"cpu": ("cuda",)})
     monkeypatch.setattr(backends, "_warned", set())
+    monkeypatch.setattr(backends, "_resolved", {})  # resolutions are cached per device type
     model = mlp()
     opt = LARS(model.parameters(), backend="auto")
     with warnings.catch_warnings(record=True) as caught:

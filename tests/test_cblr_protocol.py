@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from cblr_ext import CBLR
-from cblr_ext.backends import reference
+from cblr_ext import functional as F
 
 
 def setup(curvature_interval, momentum=0.9, nesterov=False, backend="reference", group_per_layer=False):
@@ -56,15 +56,16 @@ def test_parameters_and_grads_restored_bit_exactly(momentum, nesterov, monkeypat
             expected_grads = [p.grad.clone() for p in params]
         return loss
 
-    # The reference restores w_t in pass 1 (cpp updates from the copy): capture what its update sees.
+    # The reference is restored to w_t before pass 1 (cpp updates from the copy): capture what
+    # its update sees.
     captured = {}
-    original_apply = reference.apply
+    original_update = F.layerwise_update_
 
-    def apply_and_capture(batch, red, found_inf):
+    def update_and_capture(*args, **kwargs):
         captured["params"] = [p.detach().clone() for p in params]
         captured["grads"] = [p.grad.clone() for p in params]
-        return original_apply(batch, red, found_inf)
-    monkeypatch.setattr(reference, "apply", apply_and_capture)
+        return original_update(*args, **kwargs)
+    monkeypatch.setattr(F, "layerwise_update_", update_and_capture)
     opt.step(recording_closure)
     assert len(seen) == 3
     # the probe ran at w_t + s, yet before the update the parameters are w_t again, bit for bit
@@ -122,21 +123,20 @@ def test_a_closure_that_raises_during_the_probe_leaves_w_and_grad_as_they_were()
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_a_pass_1_that_fails_after_the_probe_leaves_w_as_it_was(backend, monkeypatch):
-    """Pass 1 (reference) or the update (cpp) restores w_t; when pass 1 raises for one
-    group, every group still shifted is restored by the optimizer, bit for bit."""
-    from cblr_ext import backends
+    """The probe restores w_t before pass 1 (reference) or the update writes from the copy
+    (cpp); when pass 1 raises for one group, every group still shifted is restored by the
+    probe protocol, bit for bit."""
     model, opt, closure, _ = setup(1, backend=backend, group_per_layer=True)
     opt.step(closure)
     w_t = [p.detach().clone() for p in model.parameters()]
-    module = backends.get(backend, torch.device("cpu"))
-    real_reduce, calls = module.reduce, []
+    real_reduce, calls = F.layerwise_reduce, []
 
-    def reduce_then_fail(batch):
-        calls.append(batch.probe is not None)
+    def reduce_then_fail(*args, **kwargs):
+        calls.append(kwargs.get("probe_grads") is not None)
         if len(calls) == 2:
             raise RuntimeError("pass 1 failed")
-        return real_reduce(batch)
-    monkeypatch.setattr(module, "reduce", reduce_then_fail)
+        return real_reduce(*args, **kwargs)
+    monkeypatch.setattr(F, "layerwise_reduce", reduce_then_fail)
     with pytest.raises(RuntimeError, match="pass 1 failed"):
         opt.step(closure)
     assert calls == [True, True]  # both groups were probed (shifted)
@@ -148,22 +148,20 @@ def test_a_pass_1_that_fails_after_the_probe_leaves_w_as_it_was(backend, monkeyp
 def test_an_update_that_fails_restores_the_groups_it_did_not_reach(backend, monkeypatch):
     """The fused update restores from the copy as it writes w: when it raises for the
     second group, the first is updated as in an unbroken step and the second is w_t."""
-    from cblr_ext import backends
     model, opt, closure, _ = setup(1, backend=backend, group_per_layer=True)
     twin, twin_opt, twin_closure, _ = setup(1, backend=backend, group_per_layer=True)
     opt.step(closure)
     twin_opt.step(twin_closure)
     w_t = [p.detach().clone() for p in model.parameters()]
     twin_opt.step(twin_closure)
-    module = backends.get(backend, torch.device("cpu"))
-    real_apply, calls = module.apply, []
+    real_update, calls = F.layerwise_update_, []
 
-    def apply_then_fail(batch, red, found_inf):
+    def update_then_fail(*args, **kwargs):
         calls.append(len(calls))
         if len(calls) == 2:
             raise RuntimeError("update failed")
-        return real_apply(batch, red, found_inf)
-    monkeypatch.setattr(module, "apply", apply_then_fail)
+        return real_update(*args, **kwargs)
+    monkeypatch.setattr(F, "layerwise_update_", update_then_fail)
     with pytest.raises(RuntimeError, match="update failed"):
         opt.step(closure)
     params, twin_params = list(model.parameters()), list(twin.parameters())

@@ -1,26 +1,29 @@
-"""Backend registry.
+"""The backends a user may name (``backend=``), and which kernels they run.
 
-Each backend is one module exposing ``available(device)``, ``reduce``, ``apply``
-and the CBLR protocol ops ``shift`` and ``restore`` (see ``reference.py``, the
-ground truth). ``reduce`` finishes a pending probe: the reference and triton
-backends through ``functional.finish_probe`` and their ``secant_norms``; cpp fuses
-the secant into its pass 1 and the restore into ``apply``. Modules are imported on
-first use so that a backend whose compiled part is missing ("cuda" is not built
-yet) costs nothing until it is asked for.
+``"auto"`` calls the ops through the torch dispatcher, which picks the kernel the
+parameters' device registered (``cblr_ext.ops``).  A named backend calls its own
+implementation of the same ops directly: ``reference`` on any device (for
+debugging), ``triton`` on CPU tensors in the Triton interpreter.  Everything here is
+resolved once per (name, device), when a param group is added, never per step.
+
+| backend | devices | kernels | updates a probe from the saved w_t |
+| --- | --- | --- | --- |
+| reference | any | ``backends/reference.py`` | no: restored before pass 1 |
+| cpp | cpu | csrc/ (``TORCH_LIBRARY_IMPL(cblr_ext, CPU)``) | yes |
+| triton | cuda (cpu: ``TRITON_INTERPRET=1``) | ``backends/triton.py`` + ``cblr_ext.kernels`` | no |
+| cuda | cuda | not built yet | |
 """
 from __future__ import annotations
 
-import importlib
+import importlib.util
+import os
 import warnings
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 
-_MODULES = {
-    "reference": "cblr_ext.backends.reference",
-    "cpp": "cblr_ext.backends.cpp",
-    "triton": "cblr_ext.backends.triton",
-    "cuda": "cblr_ext.backends.cuda",
-}
+NAMES = ("reference", "cpp", "triton", "cuda")
 # Fastest first, per device type.
 _AUTO_ORDER = {"cpu": ("cpp",), "cuda": ("cuda", "triton")}
 
@@ -29,63 +32,123 @@ class BackendUnavailable(RuntimeError):
     """A backend that is not built or cannot run on the parameters' device."""
 
 
-def _load(name: str):
-    try:
-        return importlib.import_module(_MODULES[name])
-    except ImportError as exc:
-        raise BackendUnavailable(f"cblr_ext backend {name!r} is not built: {exc}") from exc
+@dataclass(frozen=True)
+class Backend:
+    """A resolved backend: ``ops`` has the four ops' functions (``torch.ops.cblr_ext`` when
+    the dispatcher picks); ``module`` the backend's Python side (workspace, carried ‖w‖)."""
+
+    name: str
+    ops: Any
+    updates_from_saved: bool
+    module: Any = None
 
 
-def get(name: str, device: torch.device):
-    """The backend module ``name`` for ``device``; a clear error when it cannot run there."""
-    if name == "auto":
-        return _auto(device)
-    module = _load(name)
-    reason = module.available(device)
-    if reason is not True:
-        raise BackendUnavailable(f"cblr_ext backend {name!r} cannot run on {device}: {reason}")
-    return module
+def _reason(name: str, device: torch.device) -> Optional[str]:
+    """Why ``name`` cannot run on ``device``, or None."""
+    if name == "reference":
+        return None
+    if name == "cpp":
+        if device.type != "cpu":
+            return "the cpp backend runs on CPU tensors only"
+        from .. import ops
+        if ops.LOAD_ERROR is not None:
+            return f"the C++ extension could not be loaded or built: {ops.LOAD_ERROR}"
+        if not torch._C._dispatch_has_kernel_for_dispatch_key("cblr_ext::layerwise_reduce", "CPU"):
+            return "the C++ extension loaded but registers no CPU kernels (a stale build?)"
+        return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return "triton is not installed (pip install triton)"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu":
+            if os.environ.get("TRITON_INTERPRET") == "1":
+                return None
+            return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton"
+        return f"no Triton support for {device.type} tensors"
+    if name == "cuda":
+        return "the CUDA kernels are not built yet"
+    raise ValueError(f"unknown cblr_ext backend {name!r} (choose from auto, {', '.join(NAMES)})")
 
 
-_warned = set()
+def _make(name: str, device: torch.device) -> Backend:
+    from .. import ops
+    if name == "reference":
+        from . import reference
+        return Backend(name, reference, updates_from_saved=False)
+    if name == "cpp":
+        from . import cpp
+        return Backend(name, ops.OPS, updates_from_saved=True, module=cpp)
+    from . import triton
+    # On CUDA the dispatcher runs the Triton kernels; the interpreter (CPU) is called directly.
+    return Backend(name, ops.OPS if device.type == "cuda" else triton, updates_from_saved=False)
 
 
-def _auto(device: torch.device):
-    for name in _AUTO_ORDER.get(device.type, ()):
-        try:
-            return get(name, device)
-        except BackendUnavailable as exc:
-            last = exc
-    if device.type not in _warned:
-        _warned.add(device.type)
-        why = f" ({last})" if _AUTO_ORDER.get(device.type) else ""
-        warnings.warn(f"cblr_ext: no fused backend available on {device.type}, using 'reference'{why}",
-                      RuntimeWarning, stacklevel=4)
-    return _load("reference")
+_resolved: dict = {}
+_warned: set = set()
 
 
-def available_backends(device="cpu") -> list:
-    """Names of the backends that can run on ``device``."""
+def get(name: str, device) -> Backend:
+    """The backend ``name`` runs on ``device``; ``BackendUnavailable`` when it cannot."""
     device = torch.device(device)
-    names = []
-    for name in _MODULES:
-        try:
-            get(name, device)
-            names.append(name)
-        except BackendUnavailable:
-            pass
-    return names
+    key = (name, device.type)
+    if key not in _resolved:
+        if name == "auto":
+            _resolved[key] = _auto(device)
+        else:
+            reason = _reason(name, device)
+            if reason is not None:
+                raise BackendUnavailable(f"cblr_ext backend {name!r} cannot run on {device}: {reason}")
+            _resolved[key] = _make(name, device)
+    return _resolved[key]
+
+
+def _auto(device: torch.device) -> Backend:
+    reasons = []
+    for name in _AUTO_ORDER.get(device.type, ()):
+        reason = _reason(name, device)
+        if reason is None:
+            return _make(name, device)
+        reasons.append(f"{name}: {reason}")
+    if device.type not in _warned and reasons:
+        _warned.add(device.type)
+        warnings.warn(f"cblr_ext: no fused backend available on {device.type}, using 'reference' "
+                      f"({'; '.join(reasons)})", RuntimeWarning, stacklevel=5)
+    from .. import ops
+    return Backend("reference", ops.OPS, updates_from_saved=False)
+
+
+def resolve_ops(backend):
+    """The ops object a functional call runs: a ``Backend``'s, a backend name's on the
+    dispatcher's device choice ("auto": ``torch.ops.cblr_ext``)."""
+    if isinstance(backend, Backend):
+        return backend.ops
+    if backend == "auto":
+        from .. import ops
+        return ops.OPS
+    if backend == "reference":
+        from . import reference
+        return reference
+    if backend == "triton":
+        from . import triton
+        return triton
+    return get(backend, "cpu").ops
 
 
 def resolve(name: str, device) -> str:
     """The name of the backend that ``backend=name`` runs on ``device`` ("auto" picks)."""
-    return get(name, torch.device(device)).name
+    return get(name, device).name
 
 
-def why_unavailable(name: str, device):
+def why_unavailable(name: str, device) -> Optional[str]:
     """Why backend ``name`` cannot run on ``device``, or None when it can."""
     try:
-        get(name, torch.device(device))
+        get(name, device)
     except BackendUnavailable as exc:
         return str(exc)
     return None
+
+
+def available_backends(device="cpu") -> list:
+    """Names of the backends that can run on ``device``."""
+    return [name for name in NAMES if why_unavailable(name, device) is None]

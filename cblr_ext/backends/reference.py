@@ -1,7 +1,8 @@
-"""The reference backend: a readable single-tensor for-loop over the layers.
+"""The reference backend: the ops of ``cblr_ext.ops`` as readable single-tensor loops.
 
-It is the ground truth every fused backend is tested against, so it favours
-clarity over speed and may read values on the host.
+It is the ground truth every fused backend is tested against and the default kernel
+of every op on any device, so it favours clarity over speed and may read values on
+the host.  The signatures are the op schemas (``ops.SCHEMAS``).
 """
 from __future__ import annotations
 
@@ -9,108 +10,115 @@ import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import (LayerBatch, REDUCTION_COLUMNS, STAT_COLUMNS, finish_probe, state_dtype, times_lr)
-
-name = "reference"
-
-
-def available(device: torch.device) -> bool:
-    return True
+from ..functional import (FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NONFINITE, FLAG_NORMS, STAT_COLUMNS,
+                          SUM_COLUMNS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2, state_dtype)
 
 
-def _layer_kappa(batch: LayerBatch, i: int, w: Tensor, g: Tensor, w_norm: Tensor, g_norm: Tensor,
-                 secant: Tensor) -> Tensor:
-    """This step's curvature measurement of layer i by the group's rule."""
-    hp = batch.hp
-    if batch.rule == "lars":
-        return lm.lars_kappa(w_norm, g_norm, hp["weight_decay"], hp["eps"])
-    if batch.rule == "mclr":
-        q = lm.curvature_quotients(lm.decayed_grad(g, w, hp["weight_decay"]), w)
-        return lm.median_kappa(lm.lower_median(q, approx=hp["median"] == "approx"), hp["eps"])
-    diff_norm, step_norm = secant[i]
-    return lm.secant_kappa(diff_norm, step_norm, hp["eps"])
+def _squares(x: Tensor) -> Tensor:
+    """Σx² in fp64 (a 0-d tensor): finite for any finite fp32 input, and mergeable."""
+    return x.double().square().sum()
 
 
-def reduce(batch: LayerBatch) -> Tensor:
-    """Pass 1: per layer ‖w‖, ‖g‖, the measurement κ, whether it counts, and the
-    non-finite flag, all of the current inputs (CBLR: after finishing the probe)."""
-    hp = batch.hp
-    secant = finish_probe(batch, secant_norms, restore) if batch.rule == "cblr" else None
-    out = torch.full((len(batch), REDUCTION_COLUMNS), float("nan"), dtype=torch.float32, device=batch.device)
-    for i, (p, grad, state) in enumerate(zip(batch.params, batch.grads, batch.states)):
+def _median(w: Tensor, g: Tensor, weight_decay: float, approx: bool) -> Tensor:
+    q = lm.curvature_quotients(lm.decayed_grad(g, w, weight_decay), w)
+    return lm.lower_median(q, approx=approx)
+
+
+def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, w_sq, w_sq_known,
+                     weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
+    """Pass 1: every layer's Σw², Σg² (and median, MCLR), the secant sums where a probe
+    gradient is given (CBLR), the measured and non-finite flags.  Reads w, so a probe's
+    parameters must be back at w_t (this backend's shift is always restored first)."""
+    n = len(params)
+    device = params[0].device
+    sums = torch.zeros((n, SUM_COLUMNS), dtype=torch.float64, device=device)
+    median = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+    flags = torch.zeros((n, FLAG_COLUMNS), dtype=torch.bool, device=device)
+    for i, (p, grad) in enumerate(zip(params, grads)):
         w, g = p.to(state_dtype(p)), grad.to(state_dtype(p))
-        w_norm = torch.linalg.vector_norm(w).float()
-        g_norm = torch.linalg.vector_norm(g).float()
-        kappa = _layer_kappa(batch, i, w, g, w_norm, g_norm, secant).float()
-        if batch.rule == "cblr":
-            measured = torch.tensor(batch.adapt[i], device=p.device) & ~torch.isnan(secant[i, 1])
+        sums[i, SUM_W2], sums[i, SUM_G2] = _squares(w), _squares(g)
+        flags[i, FLAG_NORMS] = True
+        if rule == "mclr":
+            median[i] = _median(w, g, weight_decay, approx_median)
+            flags[i, FLAG_MEDIAN] = True
+        if rule == "cblr":
+            measures = bool(probe_grads) and probe_grads[i] is not None
+            if measures:
+                s = probe_steps[i]
+                diff = lm.secant_difference(g, probe_grads[i].to(w.dtype), s.to(p.dtype).to(w.dtype), weight_decay)
+                sums[i, SUM_DIFF2], sums[i, SUM_STEP2] = _squares(diff), _squares(s)
         else:
-            measured = torch.tensor(batch.adapt[i], device=p.device) & lm.measurement_due(
-                state["age"], hp["curvature_interval"])
-        out[i] = torch.stack([w_norm, g_norm, kappa, measured.float(), (~torch.isfinite(g).all()).float()])
-    return out
+            measures = bool(lm.measurement_due(ages[i], curvature_interval))
+        flags[i, FLAG_MEASURED] = adapt[i] and measures
+        flags[i, FLAG_NONFINITE] = not bool(torch.isfinite(g).all())
+    return sums, median, flags
 
 
-def apply(batch: LayerBatch, red: Tensor, found_inf: Tensor) -> Tensor:
-    """Pass 2: ratio and update of every layer; nothing changes when ``found_inf``."""
-    hp = batch.hp
+def _current_inputs(rule, sums, median, flags, i, w, g, weight_decay, eps, approx_median):
+    """(‖w‖, ‖g‖, κ) of layer i's current inputs: from the reduction, completed from w and
+    g where it left something out (a fused backend's pass 1 reads only what it needs)."""
+    if flags[i, FLAG_NORMS]:
+        w_norm, g_norm = lm.norm_from_sum(sums[i, SUM_W2]), lm.norm_from_sum(sums[i, SUM_G2])
+    else:
+        w_norm, g_norm = lm.norm_from_sum(_squares(w)), lm.norm_from_sum(_squares(g))
+    m = median[i]
+    if rule == "mclr" and not flags[i, FLAG_MEDIAN]:
+        m = _median(w, g, weight_decay, approx_median)
+    kappa = lm.reduction_kappa(rule, w_norm, g_norm, sums[i, SUM_DIFF2], sums[i, SUM_STEP2], m, weight_decay, eps)
+    return torch.stack([w_norm, g_norm, kappa.float()])
+
+
+def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
+                      adapt, sums, median, flags, found_inf, lr, momentum, nesterov, weight_decay, eps,
+                      trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
+                      approx_median, workspace, next_w_sq):
+    """Pass 2: ratio and update of every layer; when ``found_inf`` nothing changes but the
+    restore of parameters that sit at a probe point (``saved``)."""
     skip = bool(found_inf)
-    stats = torch.zeros((len(batch), STAT_COLUMNS), dtype=torch.float32, device=batch.device)
-    for i, (p, grad, state) in enumerate(zip(batch.params, batch.grads, batch.states)):
-        current = red[i, :3]
+    stats = torch.zeros((len(params), STAT_COLUMNS), dtype=torch.float32, device=params[0].device)
+    for i, (p, grad) in enumerate(zip(params, grads)):
+        w_t = saved[i] if saved and saved[i] is not None else p
+        dtype = state_dtype(p)
+        w, g = w_t.to(dtype, copy=True), grad.to(dtype)
+        current = _current_inputs(rule, sums, median, flags, i, w, g, weight_decay, eps, approx_median)
         # lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
-        w_norm, g_norm, kappa = state["lagged"] if hp["lag"] and "lagged" in state else current
-        measured = red[i, 3] > 0
+        w_norm, g_norm, kappa = lagged[i] if lag and lagged_valid[i] else current
+        measured = flags[i, FLAG_MEASURED]
         ratio, new_bar, used, fallback = lm.layer_ratio(
-            kappa, measured, state["kappa"], w_norm, g_norm,
-            torch.tensor(batch.adapt[i], device=p.device),
-            trust_coefficient=hp["trust_coefficient"], curvature_ema=hp["curvature_ema"],
-            max_ratio=hp["max_ratio"], weight_decay=hp["weight_decay"], eps=hp["eps"],
-            fallback_trust=hp["fallback_trust"])
-        alpha = times_lr(ratio, hp["lr"])
+            kappa, measured, kappas[i], w_norm, g_norm, torch.tensor(adapt[i], device=p.device),
+            trust_coefficient=trust_coefficient, curvature_ema=curvature_ema, max_ratio=max_ratio,
+            weight_decay=weight_decay, eps=eps, fallback_trust=fallback_trust)
+        alpha = ratio * lr
         step_norm = torch.zeros((), device=p.device)
-        if not skip:
-            dtype = state_dtype(p)
-            w = p.to(dtype)  # p itself when already fp32/fp64
-            d = lm.decayed_grad(grad.to(dtype), w, hp["weight_decay"])
-            v = None
-            if batch.uses_momentum:
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype)
-                v = state["momentum_buffer"]
-            s = lm.momentum_update(w, d, v, alpha, hp["momentum"], hp["nesterov"])
-            if w is not p:
-                p.copy_(w)
-            if batch.keeps_prev_step:
-                state["prev_step"] = s.clone() if s is v else s
-            state["kappa"] = new_bar
-            state["age"] = lm.next_age(state["age"], measured)
-            if hp["lag"]:
-                state["lagged"] = current.clone()
-            step_norm = torch.linalg.vector_norm(s).float()
+        if skip:
+            if w_t is not p:
+                p.copy_(w_t)
+        else:
+            d = lm.decayed_grad(g, w, weight_decay)
+            v = momentum_buffers[i] if momentum_buffers else None
+            s = lm.momentum_update(w, d, v, alpha, momentum, nesterov)
+            p.copy_(w)
+            if prev_steps:
+                prev_steps[i].copy_(s)
+            kappas[i].copy_(new_bar)
+            ages[i].copy_(lm.next_age(ages[i], measured))
+            if lag:
+                lagged[i].copy_(current)
+            step_norm = lm.norm_from_sum(_squares(s))
         stats[i] = torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()])
     return stats
 
 
-def shift(params: list, steps: list, saved: list) -> None:
-    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first).  No ‖w_t‖:
-    ``reduce`` measures the restored parameters."""
-    for p, s, w in zip(params, steps, saved):
+def probe_shift_(params, steps, saved):
+    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first); Σw_t² per layer."""
+    w_sq = torch.zeros((len(params),), dtype=torch.float64, device=params[0].device if params else "cpu")
+    for i, (p, s, w) in enumerate(zip(params, steps, saved)):
         w.copy_(p)
+        w_sq[i] = _squares(w.to(state_dtype(p)))
         p.add_(s.to(p.dtype))
+    return w_sq
 
 
-def restore(dst: list, src: list) -> None:
-    for d, s in zip(dst, src):
-        d.copy_(s)
-
-
-def secant_norms(params: list, g_t: list, g_p: list, steps: list, weight_decay: float) -> Tensor:
-    """Per layer (‖d(w_t) − d(w_t + s)‖, ‖s‖), d = g + β·w, g_t and g_p (at w_t + s) on the
-    same batch, s as the shift added it (rounded to the parameter's dtype)."""
-    rows = []
-    for p, gt, gp, s in zip(params, g_t, g_p, steps):
-        dtype = state_dtype(p)
-        diff = lm.secant_difference(gt.to(dtype), gp.to(dtype), s.to(p.dtype).to(dtype), weight_decay)
-        rows.append(torch.stack([torch.linalg.vector_norm(diff), torch.linalg.vector_norm(s)]).float())
-    return torch.stack(rows)
+def probe_restore_(params, saved):
+    for p, w in zip(params, saved):
+        p.copy_(w)

@@ -1,0 +1,98 @@
+"""Every op passes ``torch.library.opcheck`` (schema, fake, autograd registration,
+AOT dispatch) with the kernels of every backend available here: cpp through its CPU
+registration; the reference and Triton (interpreter) kernels registered for the CPU
+key for the test's duration."""
+import contextlib
+import math
+
+import pytest
+import torch
+
+import cblr_ext
+from cblr_ext import functional as F
+from cblr_ext import ops
+
+BACKENDS = cblr_ext.available_backends("cpu")
+
+
+@contextlib.contextmanager
+def cpu_kernels(backend):
+    """Run ``backend``'s kernels for CPU tensors through the dispatcher."""
+    if backend == "cpp":
+        yield
+        return
+    module = cblr_ext.backends.get(backend, "cpu").ops
+    with torch.library._scoped_library("cblr_ext", "IMPL") as lib:
+        for name in ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_"):
+            lib.impl(name, getattr(module, name), "CPU")
+        yield
+
+
+def tensors(gen, *shapes, dtype=torch.float32):
+    return [torch.randn(s, generator=gen, dtype=dtype) for s in shapes]
+
+
+SHAPES = [(5, 3), (40,)]
+
+
+def reduce_args(rule, gen, probe=False, lag=False):
+    ws, gs = tensors(gen, *SHAPES), tensors(gen, *SHAPES)
+    ages = [torch.tensor(math.inf), torch.tensor(1.0)]
+    probe_grads = tensors(gen, *SHAPES) if probe else []
+    steps = tensors(gen, *SHAPES) if probe else []
+    return (rule, ws, gs, ages, [True, True], [lag, False], probe_grads, steps, None, [False, False],
+            1e-3, 1, lag, False, True, F.empty_workspace("cpu"))
+
+
+def update_args(rule, gen, lag=False, momentum=0.9):
+    ws, gs = tensors(gen, *SHAPES), tensors(gen, *SHAPES)
+    ages = [torch.tensor(math.inf), torch.tensor(1.0)]
+    sums, median, flags = ops.OPS.layerwise_reduce(*reduce_args(rule, torch.Generator().manual_seed(9)))
+    buffers = [torch.zeros_like(w) for w in ws] if momentum else []
+    lagged = [torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)] if lag else []
+    return (rule, ws, gs, buffers, [], [torch.tensor(0.5), torch.tensor(math.nan)], ages, lagged, [lag, False],
+            [], [True, False], sums, median, flags, torch.tensor(False), torch.tensor(0.1), momentum, False,
+            1e-3, 1e-8, 1e-3, 0.0, None, 1e-3, 1, lag, False, F.empty_workspace("cpu"), None)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", ["lars", "mclr", "cblr"])
+def test_opcheck_reduce_and_update(backend, rule):
+    gen = torch.Generator().manual_seed(0)
+    with cpu_kernels(backend):
+        torch.library.opcheck(ops.OPS.layerwise_reduce.default, reduce_args(rule, gen, probe=rule == "cblr"))
+        torch.library.opcheck(ops.OPS.layerwise_update_.default, update_args(rule, gen))
+        if rule != "cblr":
+            torch.library.opcheck(ops.OPS.layerwise_reduce.default, reduce_args(rule, gen, lag=True))
+            torch.library.opcheck(ops.OPS.layerwise_update_.default, update_args(rule, gen, lag=True, momentum=0.0))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck_probe_shift_and_restore(backend):
+    gen = torch.Generator().manual_seed(1)
+    ws, steps = tensors(gen, *SHAPES), tensors(gen, *SHAPES)
+    with cpu_kernels(backend):
+        torch.library.opcheck(ops.OPS.probe_shift_.default, (ws, steps, [torch.empty_like(w) for w in ws]))
+        torch.library.opcheck(ops.OPS.probe_restore_.default, (ws, tensors(gen, *SHAPES)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_shift_returns_the_squares_of_w_t(backend):
+    gen = torch.Generator().manual_seed(2)
+    ws, steps = tensors(gen, *SHAPES), tensors(gen, *SHAPES)
+    w_t = [w.clone() for w in ws]
+    saved = [torch.empty_like(w) for w in ws]
+    w_sq = F.probe_shift_(ws, steps, saved, backend=backend)
+    assert w_sq.dtype == torch.float64
+    torch.testing.assert_close(w_sq, torch.stack([w.double().square().sum() for w in w_t]), rtol=1e-6, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(saved, w_t))
+    assert all(torch.equal(w, a + s) for w, a, s in zip(ws, w_t, steps))
+    F.probe_restore_(ws, saved, backend=backend)
+    assert all(torch.equal(a, b) for a, b in zip(ws, w_t))
+
+
+def test_ops_are_declared_once_in_python():
+    assert set(ops.SCHEMAS) == {"layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_",
+                                "cpu_isa"}
+    for name, schema in ops.SCHEMAS.items():
+        assert str(getattr(ops.OPS, name).default._schema).startswith(f"cblr_ext::{name}(")
