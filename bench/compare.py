@@ -1,7 +1,7 @@
-"""``python -m bench --compare A.json B.json``: case by case, run B's step time
-over run A's, with a 95 % bootstrap interval (the runs share no rounds), and the
-same for the ratio to fused SGD, which each run timed in turn and which therefore
-holds better when the machine's speed differs between the runs."""
+"""``python -m bench --compare A.json B.json``: case by case, run B's median step
+time over run A's, with a 95 % bootstrap interval (the runs share no rounds), and
+the same for the rounds' step ÷ fused SGD (each run timed both in every round),
+which holds better when the machine's speed differs between the runs."""
 from __future__ import annotations
 
 import json

@@ -127,7 +127,7 @@ def sample(timers: list, budget: Budget, clock, flush=None, paired=()) -> Sample
     clock.sync()
     out = Samples([{} for _ in timers])
     deadline = time.perf_counter() + budget.seconds
-    accepted = 0
+    accepted = checked = 0
     while accepted < budget.max_samples:
         measured = []
         for timer in timers:
@@ -146,10 +146,17 @@ def sample(timers: list, budget: Budget, clock, flush=None, paired=()) -> Sample
             for key, value in m.items():
                 series.setdefault(key, []).append(value)
         accepted += 1
-        if accepted >= budget.min_samples:
+        # The rule is checked after every round at first, then every ~10 % more rounds:
+        # its bootstrap costs more the more samples there are.
+        if accepted >= budget.min_samples and accepted >= checked * 1.1:
+            checked = accepted
             out.precise = stats.precise_enough([s["seconds"] for s in out.series], paired, budget.target)
-            if out.precise or time.perf_counter() > deadline:
+            if out.precise:
                 break
+        if accepted >= budget.min_samples and time.perf_counter() > deadline:
+            break
+    if not out.precise and accepted != checked:  # rounds since the last check
+        out.precise = stats.precise_enough([s["seconds"] for s in out.series], paired, budget.target)
     return out
 
 

@@ -41,18 +41,33 @@ def test_too_few_samples_have_no_interval():
     assert stats.MIN_SAMPLES == 6 and order_statistic_bounds(5) is None
 
 
-def test_paired_ratio_cancels_a_drift_shared_by_the_round():
+def numpy_bootstrap(a, b, paired, draws=20000, seed=7):
+    """2.5 / 97.5 percentiles of median(a*) / median(b*), written out with numpy:
+    rounds resampled together when ``paired``, each sample on its own when not."""
+    rng = np.random.default_rng(seed)
+    ia = rng.integers(0, a.size, (draws, a.size))
+    ib = ia if paired else rng.integers(0, b.size, (draws, b.size))
+    return np.percentile(np.median(a[ia], axis=1) / np.median(b[ib], axis=1), [2.5, 97.5])
+
+
+def test_paired_ratio_is_the_ratio_of_the_medians_printed_beside_it():
     rng = np.random.default_rng(1)
-    ratios = 1.5 * (1 + 0.01 * rng.standard_normal(30))
+    step, sgd = rng.gamma(30, 0.5, size=40), rng.gamma(30, 0.3, size=40)
+    iv = stats.paired_ratio_interval(step, sgd)
+    assert iv.median == np.median(step) / np.median(sgd)
+    low, high = numpy_bootstrap(step, sgd, paired=True)
+    assert iv.low == pytest.approx(low, rel=0.02) and iv.high == pytest.approx(high, rel=0.02)
+
+
+def test_paired_ratio_cancels_a_drift_shared_by_the_round():
     baseline = np.linspace(5.0, 11.0, 30)  # the machine slows down 2x over the run
-    iv = stats.paired_ratio_interval(ratios * baseline, baseline)
-    lo, hi = order_statistic_bounds(30)
-    ordered = np.sort(ratios)
-    assert iv.median == pytest.approx(np.median(ratios))
-    assert (iv.low, iv.high) == pytest.approx((ordered[lo - 1], ordered[hi - 1]))
-    assert iv.within(0.05)
-    # The times themselves spread over the drift: their interval is far wider.
-    assert not stats.median_interval(ratios * baseline).within(0.05)
+    step = 1.5 * baseline  # and the step with it, round by round
+    iv = stats.paired_ratio_interval(step, baseline)
+    # Every resample of rounds has median(1.5 b*) / median(b*) = 1.5: no width at all.
+    assert (iv.median, iv.low, iv.high) == pytest.approx((1.5, 1.5, 1.5))
+    # The same times, unpaired, spread over the drift.
+    assert not stats.unpaired_ratio_interval(step, baseline).within(0.05)
+    assert not stats.median_interval(step).within(0.05)
 
 
 def test_unpaired_ratio_matches_a_numpy_percentile_bootstrap():
@@ -60,11 +75,7 @@ def test_unpaired_ratio_matches_a_numpy_percentile_bootstrap():
     a, b = rng.gamma(20, 0.1, size=40), rng.gamma(20, 0.2, size=25)
     iv = stats.unpaired_ratio_interval(a, b)
     assert iv.median == np.median(a) / np.median(b)
-    # An independent bootstrap: resample each sample on its own, 2.5 / 97.5 percentiles.
-    draws = 20000
-    ra = np.median(a[rng.integers(0, a.size, (draws, a.size))], axis=1)
-    rb = np.median(b[rng.integers(0, b.size, (draws, b.size))], axis=1)
-    low, high = np.percentile(ra / rb, [2.5, 97.5])
+    low, high = numpy_bootstrap(a, b, paired=False)
     assert iv.low == pytest.approx(low, rel=0.02) and iv.high == pytest.approx(high, rel=0.02)
 
 
@@ -87,7 +98,8 @@ def test_stopping_rule_needs_the_series_and_their_paired_ratio():
     noisy = [100.0, 130.0] * 10  # interval [100, 130] around a median of 115: ±13 %
     assert not stats.precise_enough([steady, noisy], [], 0.05)
     # Each series alone within ±4 %, but they move in opposite directions round by
-    # round: the per-round ratio alternates 0.92 / 1.08 and stays ±8 % wide.
+    # round: a resample with more of one kind of round has medians 96 / 104 = 0.92
+    # or 104 / 96 = 1.08, so the ratio's interval stays ±8 % wide.
     up, down = [96.0, 104.0] * 10, [104.0, 96.0] * 10
     assert stats.precise_enough([up, down], [], 0.05)
     assert not stats.precise_enough([up, down], [(0, 1)], 0.05)
