@@ -1,15 +1,15 @@
-// The torch side of the CPU backend: op schemas (declared once, here), input checks
-// (every check runs before anything is written), and the translation of tensor
-// lists into the torch-free layer views of csrc/cpu/kernels.h.
+// The torch side of the CPU backend: the CPU kernels of the ops that cblr_ext/ops.py
+// declares, their input checks (every check runs before anything is written), and the
+// translation of tensor lists into the torch-free layer views of csrc/cpu/kernels.h.
 #include <Python.h>
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu/kernels.h"
@@ -83,7 +83,7 @@ void check_count(size_t got, size_t layers, const char* what, bool optional) {
 
 // A write by these ops is an in-place update to torch: bump the written tensors' version
 // counters, as torch's own in-place ops do (autograd's checks of saved tensors and the cpp
-// backend's carried ‖w‖ rely on them).  Called before the kernels write, so that a tensor
+// backend's carried Σw² rely on them).  Called before the kernels write, so that a tensor
 // whose counter cannot move (an inference tensor outside inference mode) fails first.
 void bump_versions(at::TensorList tensors) {
   for (const Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
@@ -121,22 +121,26 @@ cblr::cpu::StepConfig step_config(const std::string& rule, double weight_decay, 
 
 using OptionalTensors = c10::List<std::optional<Tensor>>;
 
-// The caller's scratch for the median passes (a CPU uint8 tensor), if any.
-void use_workspace(const std::optional<Tensor>& workspace, cblr::cpu::StepConfig& cfg) {
-  if (!workspace.has_value()) return;
-  TORCH_CHECK(workspace->device().is_cpu() && workspace->scalar_type() == at::kByte && workspace->is_contiguous(),
+// The caller's scratch for the median passes (a CPU uint8 tensor; empty: none).
+void use_workspace(const Tensor& workspace, cblr::cpu::StepConfig& cfg) {
+  TORCH_CHECK(workspace.device().is_cpu() && workspace.scalar_type() == at::kByte && workspace.is_contiguous(),
               "cblr_ext cpp backend: the workspace must be a contiguous CPU uint8 tensor");
-  cfg.workspace = workspace->data_ptr<uint8_t>();
-  cfg.workspace_bytes = workspace->numel();
+  cfg.workspace = workspace.data_ptr<uint8_t>();
+  cfg.workspace_bytes = workspace.numel();
 }
 
-// A per-layer fp32 column ([layers] contiguous CPU), or null.
-float* layer_norms(const std::optional<Tensor>& norms, size_t layers, const char* what) {
-  if (!norms.has_value()) return nullptr;
-  TORCH_CHECK(norms->device().is_cpu() && norms->scalar_type() == at::kFloat && norms->is_contiguous() &&
-                  norms->dim() == 1 && norms->size(0) == int64_t(layers),
-              "cblr_ext cpp backend: ", what, " must be a contiguous CPU fp32 tensor of ", layers, " elements");
-  return norms->data_ptr<float>();
+// A contiguous CPU tensor of the given dtype and shape.
+void check_table(const Tensor& t, at::ScalarType dtype, at::IntArrayRef shape, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous(),
+              "cblr_ext cpp backend: ", what, " must be a contiguous CPU ", dtype, " tensor of shape ", shape,
+              " (got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device(), ")");
+}
+
+// A per-layer fp64 column ([layers]), or null.
+double* layer_sums(const std::optional<Tensor>& sums, size_t layers, const char* what) {
+  if (!sums.has_value()) return nullptr;
+  check_table(*sums, at::kDouble, {int64_t(layers)}, what);
+  return sums->data_ptr<double>();
 }
 
 // Entry i of an optional per-layer list (empty list: none), checked like a companion;
@@ -168,44 +172,52 @@ LayerRef layer_inputs(at::TensorList params, at::TensorList grads, at::TensorLis
   return l;
 }
 
-Tensor reduce(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages,
-              c10::List<bool> adapt, c10::List<bool> lagged_valid, const OptionalTensors& probe_grads, const OptionalTensors& steps, double weight_decay, double eps,
-              int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite,
-              const std::optional<Tensor>& workspace, const std::optional<Tensor>& w_norms) {
+std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
+    const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages, c10::List<bool> adapt,
+    c10::List<bool> lagged_valid, const OptionalTensors& probe_grads, const OptionalTensors& probe_steps,
+    const std::optional<Tensor>& w_sq, c10::List<bool> w_sq_known, double weight_decay, int64_t curvature_interval,
+    bool lag, bool approx_median, bool check_nonfinite, const Tensor& workspace) {
   const size_t count = params.size();
   check_count(grads.size(), count, "gradients", false);
   check_count(ages.size(), count, "ages", false);
   check_count(adapt.size(), count, "adapt flags", false);
   check_count(lagged_valid.size(), count, "lag flags", false);
   check_count(probe_grads.size(), count, "probe gradients", true);
-  check_count(steps.size(), count, "steps", true);
-  cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
+  check_count(probe_steps.size(), count, "probe steps", true);
+  check_count(w_sq_known.size(), count, "w_sq_known flags", true);
+  cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, 0.0, curvature_interval, lag, approx_median);
   cfg.check_nonfinite = check_nonfinite;
   use_workspace(workspace, cfg);
-  const float* known_w_norms = layer_norms(w_norms, count, "w_norms");
+  const double* known_w2 = layer_sums(w_sq, count, "w_sq");
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
     LayerRef& l = layers[i] = layer_inputs(params, grads, ages, adapt, lagged_valid, i);
+    l.has_known_w2 = !w_sq_known.empty() && w_sq_known.get(i);
+    TORCH_CHECK(!l.has_known_w2 || known_w2, "cblr_ext cpp backend: w_sq_known[", i, "] is set but w_sq is None");
+    if (l.has_known_w2) l.known_w2 = known_w2[i];
     l.measures = optional_companion(probe_grads, i, params[i], params[i].scalar_type(), "probe gradient", l.probe_g);
-    const bool has_step = optional_companion(steps, i, params[i], state_dtype(params[i]), "step", l.step);
-    // The parameter sits at w_t + s: ‖w_t‖ must come from the shift (w_norms).
-    TORCH_CHECK(!l.measures || (has_step && known_w_norms), "cblr_ext cpp backend: layer ", i,
-                " has a probe gradient but no step or no ‖w_t‖ (w_norms)");
+    const bool has_step = optional_companion(probe_steps, i, params[i], state_dtype(params[i]), "probe step", l.step);
+    // The parameter sits at w_t + s: Σw_t² must come from the shift (w_sq).
+    TORCH_CHECK(!l.measures || (has_step && l.has_known_w2), "cblr_ext cpp backend: layer ", i,
+                " has a probe gradient but no probe step or no known Σw_t² (w_sq with w_sq_known[", i, "])");
     TORCH_CHECK(!l.measures || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
-    if (known_w_norms) l.known_w_norm = known_w_norms[i];
   }
-  Tensor red = at::empty({int64_t(count), cblr::cpu::RED_COLUMNS}, at::kFloat);
-  cblr::cpu::reduce_layers(cfg, layers, red.data_ptr<float>());
-  return red;
+  const int64_t rows = int64_t(count);
+  Tensor sums = at::empty({rows, cblr::cpu::SUM_COLUMNS}, at::kDouble);
+  Tensor median = at::empty({rows}, at::kFloat);
+  Tensor flags = at::empty({rows, cblr::cpu::FLAG_COLUMNS}, at::kBool);
+  cblr::cpu::reduce_layers(cfg, layers, {sums.data_ptr<double>(), median.data_ptr<float>(), flags.data_ptr<bool>()});
+  return {sums, median, flags};
 }
 
-Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grads,
-             at::TensorList momentum_buffers, at::TensorList prev_steps, at::TensorList kappas,
-             at::TensorList ages, at::TensorList lagged, const OptionalTensors& saved, c10::List<bool> adapt,
-             c10::List<bool> lagged_valid, const Tensor& red, const Tensor& found_inf, const Tensor& lr, double momentum, bool nesterov,
-             double weight_decay, double eps, double trust_coefficient, double curvature_ema,
-             std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag,
-             bool approx_median, const std::optional<Tensor>& workspace, const std::optional<Tensor>& next_w_norms) {
+Tensor layerwise_update_(
+    const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+    at::TensorList prev_steps, at::TensorList kappas, at::TensorList ages, at::TensorList lagged,
+    c10::List<bool> lagged_valid, const OptionalTensors& saved, c10::List<bool> adapt, const Tensor& sums,
+    const Tensor& median, const Tensor& flags, const Tensor& found_inf, const Tensor& lr, double momentum,
+    bool nesterov, double weight_decay, double eps, double trust_coefficient, double curvature_ema,
+    std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag, bool approx_median,
+    const Tensor& workspace, const std::optional<Tensor>& next_w_sq) {
   const size_t count = params.size();
   check_count(grads.size(), count, "gradients", false);
   check_count(momentum_buffers.size(), count, "momentum buffers", true);
@@ -213,20 +225,22 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
   check_count(kappas.size(), count, "kappas", false);
   check_count(ages.size(), count, "ages", false);
   check_count(lagged.size(), count, "lag stashes", !lag);
+  check_count(lagged_valid.size(), count, "lag flags", false);
   check_count(saved.size(), count, "saved parameters", true);
   check_count(adapt.size(), count, "adapt flags", false);
-  check_count(lagged_valid.size(), count, "lag flags", false);
-  TORCH_CHECK(red.device().is_cpu() && red.scalar_type() == at::kFloat && red.is_contiguous() &&
-                  red.dim() == 2 && red.size(0) == int64_t(count) && red.size(1) == cblr::cpu::RED_COLUMNS,
-              "cblr_ext cpp backend: red must be a contiguous fp32 [layers, 5] CPU tensor");
+  const int64_t rows = int64_t(count);
+  check_table(sums, at::kDouble, {rows, cblr::cpu::SUM_COLUMNS}, "the reduction's sums");
+  check_table(median, at::kFloat, {rows}, "the reduction's median");
+  check_table(flags, at::kBool, {rows, cblr::cpu::FLAG_COLUMNS}, "the reduction's flags");
   TORCH_CHECK(found_inf.numel() == 1 && lr.numel() == 1, "cblr_ext cpp backend: found_inf and lr are scalars");
   cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
   cfg.momentum = momentum;
   cfg.nesterov = nesterov;
   use_workspace(workspace, cfg);
-  float* next_norms = layer_norms(next_w_norms, count, "next_w_norms");
+  double* next_w2 = layer_sums(next_w_sq, count, "next_w_sq");
   cfg.ratio = cblr::make_ratio_params(trust_coefficient, curvature_ema, max_ratio.has_value(),
                                       max_ratio.value_or(0.0), weight_decay, eps, fallback_trust);
+  const cblr::cpu::ReductionIn reduction{sums.data_ptr<double>(), median.data_ptr<float>(), flags.data_ptr<bool>()};
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
     LayerRef& l = layers[i] = layer_inputs(params, grads, ages, adapt, lagged_valid, i);
@@ -244,9 +258,15 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
       check_scalar_state(lagged[i], 3, "lag stash", i);
       l.lagged = lagged[i].data_ptr<float>();
     }
-    if (next_norms) l.next_w_norm = next_norms + i;
+    if (next_w2) l.next_w2 = next_w2 + i;
     l.shifted = optional_companion(saved, i, params[i], params[i].scalar_type(), "saved parameter", l.saved);
     TORCH_CHECK(!l.shifted || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
+    // The update takes missing norms itself, not a missing median (pass 1 selects it).
+    const bool* row = reduction.flags + i * cblr::cpu::FLAG_COLUMNS;
+    TORCH_CHECK(cfg.rule != cblr::RULE_MCLR || !row[cblr::cpu::FLAG_MEASURED] || row[cblr::cpu::FLAG_MEDIAN] ||
+                    (lag && l.lagged_valid),
+                "cblr_ext cpp backend: MCLR layer ", i, " measures, but the reduction has no median for it "
+                "(FLAG_MEDIAN) and it has no valid lag stash");
   }
   // A skipped step writes nothing but the restore of the shifted parameters to w_t.
   const bool skip = found_inf.item<bool>();
@@ -260,25 +280,14 @@ Tensor apply(const std::string& rule, at::TensorList params, at::TensorList grad
       restores.add(params[i], layers[i].saved);
     }
   }
-  Tensor stats = at::empty({int64_t(count), cblr::cpu::STAT_COLUMNS}, at::kFloat);
-  cblr::cpu::apply_layers(cfg, layers, red.data_ptr<float>(), skip, lr.item<float>(), stats.data_ptr<float>());
+  Tensor stats = at::empty({rows, cblr::cpu::STAT_COLUMNS}, at::kFloat);
+  cblr::cpu::apply_layers(cfg, layers, reduction, skip, lr.item<float>(), stats.data_ptr<float>());
   restores.run();
   return stats;
 }
 
-void restore(at::TensorList dst, at::TensorList src) {
-  check_count(src.size(), dst.size(), "sources", false);
-  TensorCopies copies;
-  for (size_t i = 0; i < dst.size(); ++i) {
-    check_param(dst[i], i);
-    check_companion(dst[i], src[i], dst[i].scalar_type(), "source", i);
-    copies.add(dst[i], src[i].data_ptr());
-  }
-  bump_versions(dst);
-  copies.run();
-}
-
-Tensor shift(at::TensorList params, at::TensorList steps, at::TensorList saved) {
+// saved ← w, w ← w + s; returns Σw_t² per layer (fp64: layerwise_reduce's w_sq).
+Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList saved) {
   check_count(steps.size(), params.size(), "steps", false);
   check_count(saved.size(), params.size(), "save buffers", false);
   std::vector<cblr::cpu::ShiftLayer> layers;
@@ -291,45 +300,41 @@ Tensor shift(at::TensorList params, at::TensorList steps, at::TensorList saved) 
   }
   bump_versions(params);
   bump_versions(saved);
-  Tensor w_norms = at::empty({int64_t(params.size())}, at::kFloat);
-  cblr::cpu::shift_layers(layers, at::get_num_threads(), w_norms.data_ptr<float>());
-  return w_norms;
+  Tensor w_sq = at::empty({int64_t(params.size())}, at::kDouble);
+  cblr::cpu::shift_layers(layers, at::get_num_threads(), w_sq.data_ptr<double>());
+  return w_sq;
+}
+
+void probe_restore_(at::TensorList params, at::TensorList saved) {
+  check_count(saved.size(), params.size(), "saved parameters", false);
+  TensorCopies copies;
+  for (size_t i = 0; i < params.size(); ++i) {
+    check_param(params[i], i);
+    check_companion(params[i], saved[i], params[i].scalar_type(), "saved parameter", i);
+    copies.add(params[i], saved[i].data_ptr());
+  }
+  bump_versions(params);
+  copies.run();
 }
 
 std::string cpu_isa() { return cblr::cpu::kernel_isa(); }
 
 }  // namespace
 
-TORCH_LIBRARY(cblr_ext, m) {
-  m.def("reduce(str rule, Tensor[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, bool[] lagged_valid, "
-        "Tensor?[] probe_grads, Tensor?[] steps, float weight_decay, float eps, "
-        "int curvature_interval, bool lag, bool approx_median, bool check_nonfinite=True, "
-        "Tensor(z!)? workspace=None, Tensor? w_norms=None) -> Tensor");
-  m.def("apply(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-        "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, Tensor?[] saved, "
-        "bool[] adapt, "
-        "bool[] lagged_valid, Tensor red, Tensor found_inf, Tensor lr, float momentum, bool nesterov, "
-        "float weight_decay, float eps, float trust_coefficient, float curvature_ema, float? max_ratio, "
-        "float fallback_trust, int curvature_interval, bool lag, bool approx_median, Tensor(z!)? workspace=None, "
-        "Tensor(y!)? next_w_norms=None) -> Tensor");
-  m.def("restore(Tensor(a!)[] dst, Tensor[] src) -> ()");
-  // Returns ‖w_t‖ per layer (for reduce's w_norms); apply updates from `saved`.
-  m.def("shift(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved) -> Tensor");
-  m.def("cpu_isa() -> str");
-}
-
+// The ops and their schemas are declared once, in cblr_ext/ops.py (SCHEMAS): this file
+// registers kernels only.
 TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
-  m.impl("reduce", &reduce);
-  m.impl("apply", &apply);
-  m.impl("restore", &restore);
-  m.impl("shift", &shift);
+  m.impl("layerwise_reduce", &layerwise_reduce);
+  m.impl("layerwise_update_", &layerwise_update_);
+  m.impl("probe_shift_", &probe_shift_);
+  m.impl("probe_restore_", &probe_restore_);
 }
 
 // No tensor arguments: registered for every dispatch key.
 TORCH_LIBRARY_IMPL(cblr_ext, CompositeExplicitAutograd, m) { m.impl("cpu_isa", &cpu_isa); }
 
 // An empty Python module, so that the setup.py build imports as ``cblr_ext._C``
-// (importing it registers the ops above).
+// (importing it registers the kernels above).
 extern "C" PyObject* PyInit__C() {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
   return PyModule_Create(&module);

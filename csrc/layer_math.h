@@ -42,6 +42,18 @@ CBLR_HD float secant_kappa(float diff_norm, float step_norm, float eps) {
   return (diff_norm > 0.0f && step_norm > 0.0f) ? (diff_norm + eps) / step_norm : quiet_nan();
 }
 
+// ‖x‖ as fp32 from Σx² (double): the square root in double, rounded once.
+CBLR_HD float norm_from_sum(double sum_sq) { return float(sqrt(sum_sq)); }
+
+// This step's κ by rule from a reduction's quantities: the norms (LARS), the median
+// (MCLR), the secant's Σ(Δd)² and Σs² (CBLR).
+CBLR_HD float reduction_kappa(Rule rule, float w_norm, float g_norm, double diff_sq, double step_sq,
+                              float median, float weight_decay, float eps) {
+  if (rule == RULE_LARS) return lars_kappa(w_norm, g_norm, weight_decay, eps);
+  if (rule == RULE_MCLR) return median_kappa(median, eps);
+  return secant_kappa(norm_from_sum(diff_sq), norm_from_sum(step_sq), eps);
+}
+
 // d = g + β·w, rounded after the product and after the sum (no fused multiply-add).
 template <typename T>
 CBLR_HD T decayed_grad(T g, T w, T weight_decay) {

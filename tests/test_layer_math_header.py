@@ -41,6 +41,11 @@ int main() {
       std::printf("%a\n", median_kappa(float(a[0]), float(a[1])));
     } else if (!std::strcmp(fn, "secant_kappa")) {
       std::printf("%a\n", secant_kappa(float(a[0]), float(a[1]), float(a[2])));
+    } else if (!std::strcmp(fn, "norm_from_sum")) {
+      std::printf("%a\n", norm_from_sum(a[0]));
+    } else if (!std::strcmp(fn, "reduction_kappa")) {
+      std::printf("%a\n", reduction_kappa(Rule(int(a[0])), float(a[1]), float(a[2]), a[3], a[4], float(a[5]),
+                                          float(a[6]), float(a[7])));
     } else if (!std::strcmp(fn, "decayed_grad_f32")) {
       std::printf("%a\n", decayed_grad(float(a[0]), float(a[1]), float(a[2])));
     } else if (!std::strcmp(fn, "decayed_grad_f64")) {
@@ -120,6 +125,32 @@ def test_scalar_rules(probe):
     check(probe, "fallback_ratio", fb, [lm.fallback_ratio(f32(w), f32(g), wd, e, t) for w, g, wd, e, t in fb])
 
 
+def f64(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+RULE_IDS = {"lars": 0, "mclr": 1, "cblr": 2}  # cblr::Rule
+
+
+def test_reduction_to_kappa(probe):
+    """Σx² (fp64) to fp32 norms, and κ by rule from a reduction's quantities."""
+    # Sums whose square root rounds differently via fp32, huge, subnormal and non-finite ones.
+    sums = [4.0, 2.0, 1e-300, 1e300, 3.4e38**2 * 4, 5e-324, 0.0, INF, NAN, 0.1 + 2**-50]
+    check(probe, "norm_from_sum", [(x,) for x in sums], [lm.norm_from_sum(f64(x)) for x in sums])
+    cases = [
+        # w_norm, g_norm, Σ(Δd)², Σs², median, weight_decay, eps
+        (2.0, 3.0, 0.09, 0.49, 0.5, 1e-4, 1e-8),
+        (0.0, 1.0, 0.0, 0.49, 0.0, 0.0, 0.0),
+        (3.5, 0.0, 0.09, 0.0, NAN, 5e-4, 1e-8),
+        (NAN, NAN, 1e-300, 1e300, INF, 0.0, 1e-8),
+        (1e-30, 1e30, 2.0, 3.0, 1e-40, 0.1, 1e-8),
+    ]
+    for rule, rule_id in RULE_IDS.items():
+        expected = [lm.reduction_kappa(rule, f32(w), f32(g), f64(d2), f64(s2), f32(m), wd, e)
+                    for w, g, d2, s2, m, wd, e in cases]
+        check(probe, "reduction_kappa", [(rule_id,) + c for c in cases], expected)
+
+
 def test_elementwise_math(probe):
     # Values where a fused multiply-add would round differently from g + fl(β·w).
     dg = [(0.1, 0.3, 1e-4), (1.0000001, -3.3333333, 0.3), (-2.5, 7.1, 5e-4), (0.0, -0.0, 0.0)]
@@ -197,7 +228,8 @@ def test_header_compiles_as_cuda(tmp_path):
         "  out[threadIdx.x] = r.ratio + r.used + cblr::approx_median(x) + cblr::median_kappa(x, 1e-8f)\n"
         "      + cblr::lars_kappa(1.f, x, 0.f, 0.f) + cblr::secant_kappa(x, 2.f, 0.f)\n"
         "      + cblr::fallback_ratio(x, 1.f, 0.f, 0.f, 1e-3f) + cblr::curvature_quotient(x, 2.f) + s\n"
-        "      + cblr::next_age(x, cblr::measurement_due(x, 2));\n"
+        "      + cblr::next_age(x, cblr::measurement_due(x, 2)) + cblr::norm_from_sum(double(x))\n"
+        "      + cblr::reduction_kappa(cblr::RULE_CBLR, 1.f, x, 2.0, double(x), x, 0.f, 1e-8f);\n"
         "}\n")
     subprocess.run([nvcc, "-x", "cu", "-c", "--fmad=false", f"-I{CSRC}", str(src), "-o", str(tmp_path / "k.o")],
                    check=True)

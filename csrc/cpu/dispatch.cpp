@@ -46,13 +46,13 @@ const KernelTable& kernels() {
 
 const char* kernel_isa() { return kernels().isa; }
 
-void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red) {
-  kernels().reduce(cfg, layers, red);
+void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionOut& reduction) {
+  kernels().reduce(cfg, layers, reduction);
 }
 
-void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
+void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionIn& reduction,
                   bool skip, float lr, float* stats) {
-  kernels().apply(cfg, layers, red, skip, lr, stats);
+  kernels().apply(cfg, layers, reduction, skip, lr, stats);
 }
 
 void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& dst,
@@ -60,8 +60,8 @@ void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& 
   kernels().copy(src, dst, bytes, threads);
 }
 
-void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_norms) {
-  kernels().shift(layers, threads, w_norms);
+void shift_layers(const std::vector<ShiftLayer>& layers, int threads, double* w_sq) {
+  kernels().shift(layers, threads, w_sq);
 }
 
 }  // namespace cpu

@@ -33,25 +33,45 @@ struct StepConfig {
 // The instruction-set variant of the passes in use: "baseline", "avx2" or "avx512".
 const char* kernel_isa();
 
-// Reduction columns (functional.RED_*) and statistics columns (functional.STAT_NAMES).
-enum { RED_W_NORM, RED_G_NORM, RED_KAPPA, RED_MEASURED, RED_NONFINITE, RED_COLUMNS };
+// Columns of functional.Reduction (SUM_*, FLAG_*), of the lag stash (‖w‖, ‖g‖, κ) and of
+// the statistics (functional.STAT_NAMES).
+enum { SUM_W2, SUM_G2, SUM_DIFF2, SUM_STEP2, SUM_COLUMNS };
+enum { FLAG_MEASURED, FLAG_NORMS, FLAG_MEDIAN, FLAG_NONFINITE, FLAG_COLUMNS };
+enum { LAGGED_W_NORM, LAGGED_G_NORM, LAGGED_KAPPA };
 enum { STAT_W_NORM, STAT_G_NORM, STAT_STEP_NORM, STAT_KAPPA, STAT_RATIO, STAT_ALPHA, STAT_FALLBACK,
        STAT_COLUMNS };
 
-// Pass 1: writes red[L][RED_COLUMNS].  Layers with a valid lag stash get only the
-// non-finite check (their other columns are NaN).  A layer that reads w only for ‖w‖
-// takes LayerRef::known_w_norm instead where it is known.  A CBLR layer with a probe
-// gradient (LayerRef::measures) sits at w_t + s: w is not read, its ‖w_t‖ is the known
-// norm (the shift's), and the pass measures ‖d(w_t) − d(w_t + s)‖ and ‖s‖ from g_t, the
-// probe gradient and s (layer_math.h, secant_difference).
-void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red);
+// A reduction of L layers as flat rows: sums[L][SUM_COLUMNS], median[L], flags[L][FLAG_COLUMNS].
+struct ReductionOut {
+  double* sums;
+  float* median;
+  bool* flags;
+};
+struct ReductionIn {
+  const double* sums;
+  const float* median;
+  const bool* flags;
+};
 
-// Pass 2: ratio and update; writes stats[L][STAT_COLUMNS] and, unless skip, the
-// parameters, momentum buffers, prev steps, κ̄, age, the lag stash and, where
-// LayerRef::next_w_norm is set, ‖w‖ of the result (equal to what pass 1 would measure).
-// A shifted layer (CBLR probe) is updated from w_t in LayerRef::saved; when skip, the
-// caller restores it (copy_layers).
-void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
+// Pass 1: writes the reduction.  Σw² and Σg² (FLAG_NORMS) only where the layer measures
+// and has no valid lag stash; a layer that reads w only for Σw² takes
+// LayerRef::known_w2 instead where it has one.  Elsewhere g is read for the non-finite
+// check alone (not at all for a layer with a lag stash when !check_nonfinite).  The
+// median (MCLR, FLAG_MEDIAN) where a measuring layer has no stash, approx-truncated.  A
+// CBLR layer with a probe gradient (LayerRef::measures) sits at w_t + s: w is not read,
+// Σw_t² is the known one (the shift's), and the pass sums the secant's (d(w_t) − d(w_t + s))²
+// and s² from g_t, the probe gradient and s (layer_math.h, secant_difference).
+void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionOut& reduction);
+
+// Pass 2: κ by rule from the reduction (or the lag stash), ratio and update; writes
+// stats[L][STAT_COLUMNS] and, unless skip, the parameters, momentum buffers, prev steps,
+// κ̄, age, the lag stash and, where LayerRef::next_w2 is set, Σw² of the result (equal to
+// what pass 1 would sum).  Norms the reduction lacks are taken by this pass (read first
+// where the ratio falls back or the step is skipped).  An MCLR layer that measures needs
+// the reduction's median or a valid stash (the caller checks).  A shifted layer (CBLR
+// probe) is updated from w_t in LayerRef::saved; when skip, the caller restores it
+// (copy_layers).
+void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionIn& reduction,
                   bool skip, float lr, float* stats);
 
 // CBLR closure protocol.  Pointers are to n dense elements; parameters in the storage
@@ -67,9 +87,9 @@ struct ShiftLayer {
 // dst[i] = src[i], bytes[i] bytes each.
 void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& dst,
                  const std::vector<int64_t>& bytes, int threads);
-// saved = param; param += step rounded to the parameter's storage type; w_norms[i] =
-// ‖saved‖ (one pass).
-void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_norms);
+// saved = param; param += step rounded to the parameter's storage type; w_sq[i] =
+// Σsaved² (one pass).
+void shift_layers(const std::vector<ShiftLayer>& layers, int threads, double* w_sq);
 
 }  // namespace cpu
 }  // namespace cblr

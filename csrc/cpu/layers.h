@@ -4,7 +4,6 @@
 
 #include <cstdint>
 #include <cstring>
-#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -82,10 +81,12 @@ struct LayerRef {
   const void* saved = nullptr;
   const void* probe_g = nullptr;
   const void* step = nullptr;  // math type
-  // ‖w‖ as the previous update pass left w (NaN: unknown), for pass 1 to use instead of
-  // reading w; and where the update pass writes ‖w‖ of its result (null: not wanted).
-  float known_w_norm = std::numeric_limits<float>::quiet_NaN();
-  float* next_w_norm = nullptr;
+  // Σw² where already known (the previous update pass's, or the shift's Σw_t²), for pass 1
+  // to use instead of reading w; and where the update pass writes Σw² of its result (null:
+  // not wanted).
+  bool has_known_w2 = false;
+  double known_w2 = 0;
+  double* next_w2 = nullptr;
 
   // Where w_t is read: the saved copy while the parameter sits at the probe point.
   const void* value() const { return shifted ? saved : w; }

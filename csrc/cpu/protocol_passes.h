@@ -1,5 +1,5 @@
 // CBLR closure protocol over all layers of a group: the shift w ← w + s_{t−1} that
-// keeps w_t (and measures ‖w_t‖, so that pass 1 need not read the copy), and bit-exact
+// keeps w_t (and sums Σw_t², so that pass 1 need not read the copy), and bit-exact
 // copies (the restore of a skipped or failed step; the update reads w_t from the copy
 // otherwise, step_passes.h).
 #pragma once
@@ -29,7 +29,7 @@ void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& 
   });
 }
 
-void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_norms) {
+void shift_layers(const std::vector<ShiftLayer>& layers, int threads, double* w_sq) {
   const std::vector<Chunk> chunks = make_chunks(layers);
   std::vector<ChunkResult> results(chunks.size());
   const bool stream = total_elements(layers) * 4 > kStreamBytes;
@@ -42,7 +42,7 @@ void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_n
       P* w = static_cast<P*>(l.param);
       P* saved = static_cast<P*>(l.saved);
       const T* s = static_cast<const T*>(l.step);
-      // Per block: copy w_t out (it stays in cache for the shift and ‖w_t‖² that follow).
+      // Per block: copy w_t out (it stays in cache for the shift and Σw_t² that follow).
       for (int64_t b = c.begin; b < c.end; b += kStreamBlock) {
         const int64_t e = std::min(b + kStreamBlock, c.end);
         copy_bytes(saved + b, w + b, (e - b) * int64_t(sizeof(P)), stream);
@@ -62,7 +62,7 @@ void shift_layers(const std::vector<ShiftLayer>& layers, int threads, float* w_n
     if (stream) stream_fence();
   });
   const std::vector<LayerSums> sums = sum_chunks(layers.size(), chunks, results);
-  for (size_t i = 0; i < layers.size(); ++i) w_norms[i] = float(std::sqrt(sums[i].w2));
+  for (size_t i = 0; i < layers.size(); ++i) w_sq[i] = sums[i].w2;
 }
 
 }  // namespace cblr::cpu::CBLR_ISA

@@ -111,8 +111,9 @@ bool layer_nonfinite(const LayerRef& l, double g2) {
   return dispatch(l.dtype, [&](auto tag) { return any_nonfinite(static_cast<const decltype(tag)*>(l.g), l.n); });
 }
 
-// The median of each selecting layer, as fp32 (NaN elsewhere).  The fallback reads the
-// quotients stored by the pass (lag=1: w is overwritten) or recomputes them from w and g.
+// The median of each selecting layer, as fp32 and approx-truncated (NaN elsewhere).  The
+// fallback reads the quotients stored by the pass (lag=1: w is overwritten) or recomputes
+// them from w and g.
 std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPlan& plan,
                                   const std::vector<LayerSums>& sums, bool from_quotients, bool approx,
                                   double weight_decay, int threads) {
@@ -143,15 +144,19 @@ std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPla
         }
         return m;
       };
-      medians[i] = float(finish_median(plan.bracket<T>(i), sums[i].counts, sums[i].slices,
-                                       plan.candidates<T>(i), approx, all_quotients));
+      const float median = float(finish_median(plan.bracket<T>(i), sums[i].counts, sums[i].slices,
+                                               plan.candidates<T>(i), approx, all_quotients));
+      medians[i] = approx ? approx_median(median) : median;
     });
   });
   return medians;
 }
 
-float kappa_from_median(float median, const StepConfig& cfg) {
-  return median_kappa(cfg.approx_median ? approx_median(median) : median, cfg.ratio.eps);
+// κ of layer i's current inputs by the group's rule, from the reduction and the norms.
+float current_kappa(const StepConfig& cfg, const ReductionIn& reduction, size_t i, float w_norm, float g_norm) {
+  const double* sums = reduction.sums + i * SUM_COLUMNS;
+  return reduction_kappa(cfg.rule, w_norm, g_norm, sums[SUM_DIFF2], sums[SUM_STEP2], reduction.median[i],
+                         cfg.ratio.weight_decay, cfg.ratio.eps);
 }
 
 // ------------------------------------------------------------------------ pass 1
@@ -213,7 +218,7 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool read_w, bool read_g, c
     double unused = 0;
     if (read_g) sum_squares(g, g, n, unused, g2);
   } else if (!bracket) {
-    carried_squares(w, g, n, w2, g2);  // ‖w‖ as the update pass measures it (LayerRef::next_w_norm)
+    carried_squares(w, g, n, w2, g2);  // Σw² as the update pass sums it (LayerRef::next_w2)
   } else {
     for (int64_t b = 0; b < n; b += kSumBlock) {
       const int64_t m = std::min(kSumBlock, n - b);
@@ -292,7 +297,7 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
                  math_t<P> weight_decay, const Bracket<math_t<P>>* bracket, math_t<P>* candidates,
                  math_t<P>* quotients, bool stream, ChunkResult& r) {
   using T = math_t<P>;
-  const bool next_norm = l.next_w_norm != nullptr;
+  const bool next_w2 = l.next_w2 != nullptr;
   P* w = static_cast<P*>(l.w) + c.begin;
   const P* w_in = static_cast<const P*>(l.value()) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
@@ -309,7 +314,7 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
       collect_block(h, m, *bracket, candidates + c.begin, r.counts);
       copy_bytes(quotients + c.begin + b, h, m * int64_t(sizeof(T)), stream);
     }
-    if (next_norm) r.next_w2 += double(block_squares(w + b, m));  // from L1
+    if (next_w2) r.next_w2 += double(block_squares(w + b, m));  // from L1
   }
   if (Lag == 2 && stream) stream_fence();
 }
@@ -343,23 +348,23 @@ void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk&
 
 }  // namespace
 
-void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, float* red) {
+void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionOut& reduction) {
   const size_t count = layers.size();
-  std::vector<char> full(count), measured(count), selects(count), read_w(count), known(count), read_g(count);
+  std::vector<char> measured(count), selects(count), read_w(count), known(count), read_g(count);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
-    full[i] = !(cfg.lag && l.lagged_valid);
+    const bool full = !(cfg.lag && l.lagged_valid);
     measured[i] = l.adapt && (cfg.rule == RULE_CBLR ? l.measures
                                                     : measurement_due(*l.age, cfg.curvature_interval));
-    selects[i] = cfg.rule == RULE_MCLR && full[i] && measured[i];
-    // Before the update ‖w‖ and ‖g‖ matter only to a measurement and to the fallback: a
-    // layer that does not measure reads g alone here, for the non-finite check (and ‖g‖),
-    // the update pass measures its norms for the statistics, and apply reads them first
-    // only where the ratio falls back.
-    read_w[i] = full[i] && measured[i];
-    // Where w is read for ‖w‖ alone, a known ‖w‖ spares the read: the previous update
-    // pass's (LARS), the shift's ‖w_t‖ (a CBLR probe: w sits at w_t + s).
-    known[i] = read_w[i] && !selects[i] && (l.measures || !std::isnan(l.known_w_norm));
+    selects[i] = cfg.rule == RULE_MCLR && full && measured[i];
+    // Before the update Σw² and Σg² matter only to a measurement and to the fallback: a
+    // layer that does not measure reads g alone here, for the non-finite check, the
+    // update pass sums its squares for the statistics, and reads them first only where
+    // the ratio falls back.
+    read_w[i] = full && measured[i];
+    // Where w is read for Σw² alone, a known Σw² spares the read: the previous update
+    // pass's (LARS), the shift's Σw_t² (a CBLR probe: w sits at w_t + s).
+    known[i] = l.measures || (read_w[i] && !selects[i] && l.has_known_w2);
     if (known[i]) read_w[i] = false;
     read_g[i] = read_w[i] || known[i] || cfg.check_nonfinite;
   }
@@ -383,25 +388,20 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, f
   const std::vector<LayerSums> sums = sum_chunks(count, chunks, results);
   const std::vector<float> medians = finish_medians(layers, plan, sums, false, cfg.approx_median, cfg.weight_decay,
                                                       cfg.threads);
-  const float nan = std::nanf("");
   for (size_t i = 0; i < count; ++i) {
-    float* row = red + i * RED_COLUMNS;
-    const float w_norm = read_w[i] ? float(std::sqrt(sums[i].w2)) : known[i] ? layers[i].known_w_norm : nan;
-    const float g_norm = full[i] && read_g[i] ? float(std::sqrt(sums[i].g2)) : nan;
-    float kappa = nan;
-    if (cfg.rule == RULE_LARS) {
-      kappa = lars_kappa(w_norm, g_norm, cfg.ratio.weight_decay, cfg.ratio.eps);
-    } else if (cfg.rule == RULE_MCLR) {
-      kappa = kappa_from_median(medians[i], cfg);
-    } else {
-      kappa = measured[i] ? secant_kappa(float(std::sqrt(sums[i].d2)), float(std::sqrt(sums[i].s2)), cfg.ratio.eps)
-                          : nan;
-    }
-    row[RED_W_NORM] = w_norm;
-    row[RED_G_NORM] = g_norm;
-    row[RED_KAPPA] = kappa;
-    row[RED_MEASURED] = measured[i] ? 1.0f : 0.0f;
-    row[RED_NONFINITE] = layer_nonfinite(layers[i], sums[i].g2) ? 1.0f : 0.0f;
+    const LayerRef& l = layers[i];
+    const bool norms = read_w[i] || known[i];
+    double* row = reduction.sums + i * SUM_COLUMNS;
+    row[SUM_W2] = norms ? (read_w[i] ? sums[i].w2 : l.known_w2) : 0.0;
+    row[SUM_G2] = norms ? sums[i].g2 : 0.0;
+    row[SUM_DIFF2] = l.measures ? sums[i].d2 : 0.0;
+    row[SUM_STEP2] = l.measures ? sums[i].s2 : 0.0;
+    reduction.median[i] = medians[i];
+    bool* flags = reduction.flags + i * FLAG_COLUMNS;
+    flags[FLAG_MEASURED] = measured[i];
+    flags[FLAG_NORMS] = norms;
+    flags[FLAG_MEDIAN] = selects[i];
+    flags[FLAG_NONFINITE] = layer_nonfinite(l, sums[i].g2);
   }
 }
 
@@ -426,42 +426,49 @@ std::vector<LayerSums> input_norms(const StepConfig& cfg, const std::vector<Laye
   return sum_chunks(layers.size(), chunks, results);
 }
 
-void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const float* red,
+void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionIn& reduction,
                   bool skip, float lr, float* stats) {
   const size_t count = layers.size();
+  const float nan = std::nanf("");
   std::vector<LayerRatio> ratios(count);
   std::vector<float> alphas(count), new_ages(count), norms(2 * count);
-  std::vector<char> selects(count), unmeasured(count), read_first(count);
+  std::vector<char> measured(count), selects(count), unmeasured(count), read_first(count);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
-    const float* r = red + i * RED_COLUMNS;
-    // lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
-    const float* inputs = cfg.lag && l.lagged_valid ? l.lagged : r;
-    norms[2 * i] = inputs[RED_W_NORM];
-    norms[2 * i + 1] = inputs[RED_G_NORM];
-    // Pass 1 left the norms out (the layer does not measure): the update pass takes them.
-    unmeasured[i] = inputs == r && (std::isnan(r[RED_W_NORM]) || std::isnan(r[RED_G_NORM]));
-    const bool measured = r[RED_MEASURED] > 0;
-    ratios[i] = layer_ratio(inputs[RED_KAPPA], measured, *l.kappa, norms[2 * i], norms[2 * i + 1], l.adapt,
-                            cfg.ratio);
+    const bool* flags = reduction.flags + i * FLAG_COLUMNS;
+    measured[i] = flags[FLAG_MEASURED];
+    float kappa;
+    if (cfg.lag && l.lagged_valid) {  // lag=1: ‖w‖, ‖g‖ and κ of the previous step's inputs
+      norms[2 * i] = l.lagged[LAGGED_W_NORM];
+      norms[2 * i + 1] = l.lagged[LAGGED_G_NORM];
+      kappa = l.lagged[LAGGED_KAPPA];
+    } else {
+      // Pass 1 left the norms out (the layer does not measure): this pass takes them.
+      unmeasured[i] = !flags[FLAG_NORMS];
+      const double* sums = reduction.sums + i * SUM_COLUMNS;
+      norms[2 * i] = unmeasured[i] ? nan : norm_from_sum(sums[SUM_W2]);
+      norms[2 * i + 1] = unmeasured[i] ? nan : norm_from_sum(sums[SUM_G2]);
+      kappa = current_kappa(cfg, reduction, i, norms[2 * i], norms[2 * i + 1]);
+    }
+    ratios[i] = layer_ratio(kappa, measured[i], *l.kappa, norms[2 * i], norms[2 * i + 1], l.adapt, cfg.ratio);
     read_first[i] = unmeasured[i] && (ratios[i].fallback || skip);
   }
   if (std::find(read_first.begin(), read_first.end(), 1) != read_first.end()) {
     const std::vector<LayerSums> first = input_norms(cfg, layers, read_first);
     for (size_t i = 0; i < count; ++i) {
       if (!read_first[i]) continue;
-      norms[2 * i] = float(std::sqrt(first[i].w2));
-      norms[2 * i + 1] = float(std::sqrt(first[i].g2));
+      norms[2 * i] = norm_from_sum(first[i].w2);
+      norms[2 * i + 1] = norm_from_sum(first[i].g2);
       unmeasured[i] = false;
-      const float* r = red + i * RED_COLUMNS;
-      ratios[i] = layer_ratio(r[RED_KAPPA], r[RED_MEASURED] > 0, *layers[i].kappa, norms[2 * i], norms[2 * i + 1],
-                              layers[i].adapt, cfg.ratio);
+      const float kappa = current_kappa(cfg, reduction, i, norms[2 * i], norms[2 * i + 1]);  // LARS: of the norms
+      ratios[i] = layer_ratio(kappa, measured[i], *layers[i].kappa, norms[2 * i], norms[2 * i + 1], layers[i].adapt,
+                              cfg.ratio);
     }
   }
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
     alphas[i] = lr * ratios[i].ratio;
-    new_ages[i] = next_age(*l.age, red[i * RED_COLUMNS + RED_MEASURED] > 0);
+    new_ages[i] = next_age(*l.age, measured[i]);
     // The stash needs a median only where the next step will measure.
     selects[i] = cfg.lag && cfg.rule == RULE_MCLR && l.adapt &&
                  measurement_due(new_ages[i], cfg.curvature_interval);
@@ -495,21 +502,21 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
     float* row = stats + i * STAT_COLUMNS;
-    row[STAT_STEP_NORM] = float(std::sqrt(sums[i].s2));
+    row[STAT_STEP_NORM] = norm_from_sum(sums[i].s2);
     if (unmeasured[i]) {
-      row[STAT_W_NORM] = float(std::sqrt(sums[i].w2));
-      row[STAT_G_NORM] = float(std::sqrt(sums[i].g2));
+      row[STAT_W_NORM] = norm_from_sum(sums[i].w2);
+      row[STAT_G_NORM] = norm_from_sum(sums[i].g2);
     }
     *l.kappa = ratios[i].new_bar;
     *l.age = new_ages[i];
-    if (l.next_w_norm) *l.next_w_norm = float(std::sqrt(sums[i].next_w2));
-    if (cfg.lag) {
-      const float w_norm = float(std::sqrt(sums[i].w2)), g_norm = float(std::sqrt(sums[i].g2));
-      l.lagged[RED_W_NORM] = w_norm;
-      l.lagged[RED_G_NORM] = g_norm;
-      l.lagged[RED_KAPPA] = cfg.rule == RULE_LARS
-                                ? lars_kappa(w_norm, g_norm, cfg.ratio.weight_decay, cfg.ratio.eps)
-                                : kappa_from_median(medians[i], cfg);
+    if (l.next_w2) *l.next_w2 = sums[i].next_w2;
+    if (cfg.lag) {  // this step's inputs, for the next step (MCLR: its median where selected)
+      const float w_norm = norm_from_sum(sums[i].w2), g_norm = norm_from_sum(sums[i].g2);
+      const double* secant = reduction.sums + i * SUM_COLUMNS;
+      l.lagged[LAGGED_W_NORM] = w_norm;
+      l.lagged[LAGGED_G_NORM] = g_norm;
+      l.lagged[LAGGED_KAPPA] = reduction_kappa(cfg.rule, w_norm, g_norm, secant[SUM_DIFF2], secant[SUM_STEP2],
+                                               medians[i], cfg.ratio.weight_decay, cfg.ratio.eps);
     }
   }
 }
