@@ -38,7 +38,7 @@ STAT_COLUMNS = len(STAT_NAMES)
 class Reduction:
     """Pass 1 of one group: ``sums`` [L, 4] fp64, ``median`` [L] fp32 (the lower median of
     the quotients |d_i|/|w_i|, bf16-truncated for median="approx"; NaN when the layer has
-    no quotient or a NaN one), ``flags`` [L, 4] bool."""
+    no quotient or a NaN one; 0 where not taken), ``flags`` [L, 4] bool."""
 
     sums: Tensor
     median: Tensor

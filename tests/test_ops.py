@@ -37,7 +37,7 @@ SHAPES = [(5, 3), (40,)]
 
 def reduce_args(rule, gen, probe=False, lag=False):
     ws, gs = tensors(gen, *SHAPES), tensors(gen, *SHAPES)
-    ages = [torch.tensor(math.inf), torch.tensor(1.0)]
+    ages = [torch.tensor(math.inf), torch.tensor(math.inf)]
     probe_grads = tensors(gen, *SHAPES) if probe else []
     steps = tensors(gen, *SHAPES) if probe else []
     return (rule, ws, gs, ages, [True, True], [lag, False], probe_grads, steps, None, [False, False],
@@ -45,13 +45,16 @@ def reduce_args(rule, gen, probe=False, lag=False):
 
 
 def update_args(rule, gen, lag=False, momentum=0.9):
+    """Every layer adapted and measured, so that no output holds a NaN (opcheck compares
+    without equal_nan)."""
     ws, gs = tensors(gen, *SHAPES), tensors(gen, *SHAPES)
-    ages = [torch.tensor(math.inf), torch.tensor(1.0)]
-    sums, median, flags = ops.OPS.layerwise_reduce(*reduce_args(rule, torch.Generator().manual_seed(9)))
+    ages = [torch.tensor(math.inf), torch.tensor(math.inf)]
+    sums, median, flags = ops.OPS.layerwise_reduce(*reduce_args(rule, torch.Generator().manual_seed(9),
+                                                                probe=rule == "cblr"))
     buffers = [torch.zeros_like(w) for w in ws] if momentum else []
     lagged = [torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)] if lag else []
-    return (rule, ws, gs, buffers, [], [torch.tensor(0.5), torch.tensor(math.nan)], ages, lagged, [lag, False],
-            [], [True, False], sums, median, flags, torch.tensor(False), torch.tensor(0.1), momentum, False,
+    return (rule, ws, gs, buffers, [], [torch.tensor(0.5), torch.tensor(0.25)], ages, lagged, [lag, False],
+            [], [True, True], sums, median, flags, torch.tensor(False), torch.tensor(0.1), momentum, False,
             1e-3, 1e-8, 1e-3, 0.0, None, 1e-3, 1, lag, False, F.empty_workspace("cpu"), None)
 
 

@@ -32,7 +32,7 @@ def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads
     n = len(params)
     device = params[0].device
     sums = torch.zeros((n, SUM_COLUMNS), dtype=torch.float64, device=device)
-    median = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+    median = torch.zeros((n,), dtype=torch.float32, device=device)
     flags = torch.zeros((n, FLAG_COLUMNS), dtype=torch.bool, device=device)
     for i, (p, grad) in enumerate(zip(params, grads)):
         w, g = p.to(state_dtype(p)), grad.to(state_dtype(p))
