@@ -3,9 +3,12 @@
 Parity over ≥ 15 steps on mixed shapes for every rule and option, the exact MCLR
 median bit-equal to torch.median (direct, bracketed and fallback selection paths),
 non-finite skipping, state_dict round trips between backends, thread-count
-independence, input checks, the fake (meta) implementations, and a JIT build from
-clean sources.
+independence, input checks, the fake (meta) implementations, reductions interchangeable
+between the cpp and reference updates, and a JIT build from clean sources.  Op-level
+tests call ``cblr_ext.functional`` with ``backend="cpp"`` (the dispatcher's CPU kernels
+of csrc/) or ``torch.ops.cblr_ext``.
 """
+import dataclasses
 import itertools
 import math
 import os
@@ -18,7 +21,9 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from cblr_ext import CBLR, LARS, MCLR, backends
+from cblr_ext import functional as F
 from cblr_ext import layer_math as lm
+from cblr_ext.backends import cpp
 
 RULES = {"lars": LARS, "mclr": MCLR, "cblr": CBLR}
 # Odd sizes, excluded 1-D layers, 4-D convs, an empty tensor, a layer whose gradient is
@@ -30,9 +35,8 @@ ZERO_GRAD = 6
 
 @pytest.fixture(scope="module", autouse=True)
 def cpp_backend():
-    reason = backends.get("reference", torch.device("cpu")) and __import__(
-        "cblr_ext.backends.cpp", fromlist=["available"]).available(torch.device("cpu"))
-    assert reason is True, f"the cpp backend must build and load here: {reason}"
+    reason = backends.why_unavailable("cpp", "cpu")
+    assert reason is None, f"the cpp backend must build and load here: {reason}"
 
 
 def make_problem(seed=0, dtype=torch.float32):
@@ -135,9 +139,10 @@ def cpp_ops():
 
 def cpp_median(w, g, weight_decay=0.0, approx=False):
     """κ with ε = 0, i.e. the median itself (NaN where undefined), from the cpp reduce."""
-    red = cpp_ops().reduce("mclr", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [],
-                           weight_decay, 0.0, 1, False, approx, True)
-    return red[0, 2]
+    hp = F.Hyperparams(weight_decay=weight_decay, median="approx" if approx else "exact")
+    red = F.layerwise_reduce("mclr", [w], [g], [torch.tensor(math.inf)], [True], hp, backend="cpp")
+    assert red.flags[0, F.FLAG_MEDIAN]
+    return lm.median_kappa(red.median[0], 0.0)
 
 
 def torch_median(w, g, weight_decay=0.0, approx=False):
@@ -371,25 +376,29 @@ def test_result_independent_of_thread_count():
         assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(results[0], other))
 
 
+CBLR_HP = F.Hyperparams(lr=0.1, momentum=0.9, weight_decay=1e-3, eps=1e-8, trust_coefficient=1.0,
+                        curvature_ema=0.5, fallback_trust=1e-3, curvature_interval=3)
+
+
 def cblr_apply(params, grads, buffers, saved, skip):
     """The cpp update of a CBLR group (μ = 0.9, β = 1e-3) with κ̄ = 2 carried; saved: the
     probe's w_t per layer, or []."""
     n = len(params)
-    red = torch.full((n, 5), math.nan)
-    red[:, 3] = 0.0  # nothing measured: κ̄ is reused
-    kappas = [torch.tensor(2.0) for _ in params]
-    return cpp_ops().apply("cblr", params, grads, buffers, [], kappas, [torch.tensor(1.0) for _ in params], [],
-                           saved, [True] * n, [False] * n, red, torch.tensor(skip), torch.tensor(0.1), 0.9, False,
-                           1e-3, 1e-8, 1.0, 0.5, None, 1e-3, 3, False, False)
+    # Nothing measured (κ̄ is reused), no norms taken (the update takes them).
+    reduction = F.Reduction(torch.zeros((n, F.SUM_COLUMNS), dtype=torch.float64), torch.zeros(n),
+                            torch.zeros((n, F.FLAG_COLUMNS), dtype=torch.bool))
+    state = F.LayerState(kappas=[torch.tensor(2.0) for _ in params], ages=[torch.tensor(1.0) for _ in params],
+                         momentum_buffers=buffers)
+    return F.layerwise_update_("cblr", params, grads, state, [True] * n, reduction, torch.tensor(skip), CBLR_HP,
+                               saved=saved or None, backend="cpp")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_cblr_shift_secant_and_update_from_the_copy(dtype):
-    """shift keeps w_t, moves to w_t + s like the reference and measures ‖w_t‖; pass 1
-    measures the secant like the reference's secant_norms without writing the parameters;
-    the update from the saved copy equals restore + update bit for bit, and a skipped
-    step restores w_t bit for bit."""
-    from cblr_ext.backends import cpp, reference
+    """shift keeps w_t, moves to w_t + s like the reference and sums Σw_t²; pass 1 measures
+    the secant like the reference's pass 1 (at w_t) without writing the parameters; the
+    update from the saved copy equals restore + update bit for bit, and a skipped step
+    restores w_t bit for bit."""
     gen = torch.Generator().manual_seed(3)
     ws = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
     gs = [torch.randn(s, generator=gen).to(dtype) for s in SHAPES]
@@ -398,33 +407,39 @@ def test_cblr_shift_secant_and_update_from_the_copy(dtype):
     saved = [torch.full_like(w, 5.0) for w in ws]
     shifted, expected = [w.clone() for w in ws], [w.clone() for w in ws]
     expected_saved = [torch.empty_like(w) for w in ws]
-    w_norms = cpp.shift(shifted, steps, saved)
-    reference.shift(expected, steps, expected_saved)
+    w_sq = F.probe_shift_(shifted, steps, saved, backend="cpp")
+    F.probe_shift_(expected, steps, expected_saved, backend="reference")
     assert all(torch.equal(a, b) for a, b in zip(saved, ws))
     assert all(torch.equal(a, b) for a, b in zip(shifted, expected))
     norms = torch.stack([torch.stack([torch.linalg.vector_norm(w.to(state)), torch.linalg.vector_norm(g.to(state))])
                          for w, g in zip(ws, gs)]).float()
-    torch.testing.assert_close(w_norms, norms[:, 0], rtol=1e-5, atol=0)
+    assert w_sq.dtype == torch.float64 and w_sq.shape == (len(ws),)
+    torch.testing.assert_close(lm.norm_from_sum(w_sq), norms[:, 0], rtol=1e-5, atol=0)
 
     probe_g = [(g.to(state) + 0.5 * s).to(dtype) for g, s in zip(gs, steps)]
     measured = [i for i in range(len(SHAPES)) if i % 3 != 1]
-    want = reference.secant_norms([ws[i] for i in measured], [gs[i] for i in measured],
-                                  [probe_g[i] for i in measured], [steps[i] for i in measured], 1e-3)
-    at_probe = [w.clone() for w in shifted]
-    red = cpp_ops().reduce("cblr", shifted, gs, [torch.tensor(math.inf)] * len(ws), [True] * len(ws),
-                           [False] * len(ws), [probe_g[i] if i in measured else None for i in range(len(ws))],
-                           [steps[i] if i in measured else None for i in range(len(ws))], 1e-3, 0.0, 1, False, False,
-                           True, None, w_norms)
-    assert all(torch.equal(a, b) for a, b in zip(shifted, at_probe))  # pass 1 writes nothing
-    # κ = (‖Δd‖ + 0) / ‖s‖ with ε = 0; NaN (not measured) elsewhere
-    kappa = torch.where(want[:, 0] > 0, want[:, 0] / want[:, 1], math.nan)
-    torch.testing.assert_close(red[measured, 2], kappa, rtol=2e-5 if dtype != torch.float64 else 1e-6, atol=0,
-                               equal_nan=True)
     others = [i for i in range(len(ws)) if i not in measured]
-    assert red[others, 2].isnan().all() and red[others, 0].isnan().all()  # their norms: the update's
-    assert torch.equal(red[:, 3], torch.tensor([1.0 if i in measured else 0.0 for i in range(len(ws))]))
-    torch.testing.assert_close(red[measured, :2], norms[measured], rtol=1e-5, atol=0)
-    torch.testing.assert_close(red[others, 1], norms[others, 1], rtol=1e-5, atol=0)
+    n = len(ws)
+    probe = dict(probe_grads=[probe_g[i] if i in measured else None for i in range(n)],
+                 probe_steps=[steps[i] if i in measured else None for i in range(n)])
+    hp = F.Hyperparams(weight_decay=1e-3)
+    ages = [torch.tensor(math.inf)] * n
+    want = F.layerwise_reduce("cblr", ws, gs, ages, [True] * n, hp, backend="reference", **probe)
+    at_probe = [w.clone() for w in shifted]
+    red = F.layerwise_reduce("cblr", shifted, gs, ages, [True] * n, hp, w_sq=w_sq, w_sq_known=[True] * n,
+                             backend="cpp", **probe)
+    assert all(torch.equal(a, b) for a, b in zip(shifted, at_probe))  # pass 1 writes nothing
+    # κ = (‖Δd‖ + 0) / ‖s‖ with ε = 0, from the secant sums of either backend
+    def secant(r):
+        return lm.secant_kappa(lm.norm_from_sum(r.sums[measured, F.SUM_DIFF2]),
+                               lm.norm_from_sum(r.sums[measured, F.SUM_STEP2]), 0.0)
+    torch.testing.assert_close(secant(red), secant(want), rtol=2e-5 if dtype != torch.float64 else 1e-6, atol=0,
+                               equal_nan=True)
+    assert (red.sums[others] == 0).all() and not red.flags[others, F.FLAG_NORMS].any()  # their norms: the update's
+    assert torch.equal(red.measured, torch.tensor([i in measured for i in range(n)]))
+    assert red.flags[measured, F.FLAG_NORMS].all() and not red.nonfinite.any()
+    torch.testing.assert_close(lm.norm_from_sum(red.sums[measured, :2]), norms[measured], rtol=1e-5, atol=0)
+    assert (red.median == 0).all() and not red.flags[:, F.FLAG_MEDIAN].any()  # not taken
 
     buffers = [(torch.randn(s, generator=gen) * 1e-2).to(state) for s in SHAPES]
     restored, restored_buffers = [w.clone() for w in ws], [v.clone() for v in buffers]
@@ -434,21 +449,102 @@ def test_cblr_shift_secant_and_update_from_the_copy(dtype):
     assert all(torch.equal(a, b) for a, b in zip(from_copy, restored))
     assert all(torch.equal(a, b) for a, b in zip(copy_buffers, restored_buffers))
     assert torch.equal(got_stats, want_stats)
+    # The update took the norms pass 1 left out: of w_t (the copy), not of the probe point.
+    w_col, g_col = F.STAT_NAMES.index("w_norm"), F.STAT_NAMES.index("g_norm")
+    torch.testing.assert_close(got_stats[:, [w_col, g_col]], norms, rtol=1e-5, atol=0)
     skipped = [w.clone() for w in shifted]
     cblr_apply(skipped, gs, [], saved, True)
     assert all(torch.equal(a, b) for a, b in zip(skipped, ws))
 
 
+def group_one_step_in(rule, lag, nesterov):
+    """A group part-way into a run: κ̄ carried on most layers, every other layer due to
+    measure (k = 2), momentum buffers, a valid lag stash on the layers not due (lag=1),
+    and for CBLR the previous steps and the gradients at w_t + s of the measuring layers."""
+    weights, curvature = make_problem(seed=5)
+    gen = torch.Generator().manual_seed(6)
+    n = len(weights)
+    grads = [c * w + 0.1 * torch.randn(w.shape, generator=gen) for w, c in zip(weights, curvature)]
+    grads[ZERO_GRAD].zero_()
+    adapt = [w.ndim > 1 for w in weights]
+    ages = [torch.tensor(math.inf if i % 2 == 0 else 1.0) for i in range(n)]
+    state = F.LayerState(kappas=[torch.tensor(math.nan if i % 3 == 0 else 1.5 + i) for i in range(n)], ages=ages,
+                         momentum_buffers=[torch.randn(w.shape, generator=gen) * 1e-2 for w in weights])
+    if lag:
+        state.lagged = [torch.tensor([1.0 + i, 0.5, 2.0 + i]) for i in range(n)]
+        state.lagged_valid = [i % 2 == 1 for i in range(n)]
+    probe = None
+    if rule == "cblr":
+        steps = [torch.randn(w.shape, generator=gen) * 1e-2 for w in weights]
+        if nesterov:
+            state.prev_steps = steps
+        measures = [adapt[i] and i % 2 == 0 for i in range(n)]
+        probe = [(c * (w + s) + 0.1 * torch.randn(w.shape, generator=gen) if m else None, s if m else None)
+                 for w, c, s, m in zip(weights, curvature, steps, measures)]
+    hp = F.Hyperparams(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=1e-3, curvature_ema=0.5,
+                       curvature_interval=2, lag=lag, median="exact")
+    return weights, grads, adapt, state, probe, hp
+
+
+def cross_step(rule, reduce_backend, update_backend, lag=False, nesterov=False, median="exact"):
+    """One step whose reduction comes from ``reduce_backend`` and whose update from
+    ``update_backend``: (parameters and state after it, its statistics).  A cpp CBLR pass 1
+    runs at the probe point (the shift's Σw_t²) and the update writes from the saved w_t;
+    the reference's pass 1 runs at w_t."""
+    weights, grads, adapt, state, probe, hp = group_one_step_in(rule, lag, nesterov)
+    hp = dataclasses.replace(hp, median=median)
+    params = [w.clone() for w in weights]
+    n = len(params)
+    kwargs, saved = {}, None
+    if probe is not None:
+        kwargs.update(probe_grads=[g for g, _ in probe], probe_steps=[s for _, s in probe])
+        if reduce_backend == "cpp":
+            shifted = [i for i, (g, _) in enumerate(probe) if g is not None]
+            saved = [torch.empty_like(p) if i in shifted else None for i, p in enumerate(params)]
+            w_sq = torch.zeros(n, dtype=torch.float64)
+            w_sq[shifted] = F.probe_shift_([params[i] for i in shifted], [probe[i][1] for i in shifted],
+                                           [saved[i] for i in shifted], backend="cpp")
+            kwargs.update(w_sq=w_sq, w_sq_known=[i in shifted for i in range(n)])
+    workspace = lambda backend: cpp.workspace(rule, params, lag, {}) if backend == "cpp" else None
+    ages = state.ages
+    reduction = F.layerwise_reduce(rule, params, grads, ages, adapt, hp, lagged_valid=state.lagged_valid or None,
+                                   workspace=workspace(reduce_backend), backend=reduce_backend, **kwargs)
+    stats = F.layerwise_update_(rule, params, grads, state, adapt, reduction, torch.tensor(False), hp, saved=saved,
+                                workspace=workspace(update_backend), backend=update_backend)
+    tensors = params + state.momentum_buffers + state.prev_steps + state.kappas + state.ages + state.lagged
+    return tensors, stats
+
+
+@pytest.mark.parametrize("rule,extra", [("lars", {}), ("lars", {"lag": True}), ("mclr", {}),
+                                        ("mclr", {"median": "approx"}), ("mclr", {"lag": True}),
+                                        ("cblr", {}), ("cblr", {"nesterov": True})])
+def test_reductions_are_interchangeable_between_backends(rule, extra):
+    """A cpp reduction fed to the reference update, and a reference reduction fed to the
+    cpp update, give the step of the same-backend pair: the reduction is a contract, not a
+    backend's private format.  The two reductions differ only in the summation order of
+    their sums (the medians are bit-equal), so parameters and state agree to rounding."""
+    for update_backend in ("reference", "cpp"):
+        same, same_stats = cross_step(rule, update_backend, update_backend, **extra)
+        other = "cpp" if update_backend == "reference" else "reference"
+        mixed, mixed_stats = cross_step(rule, other, update_backend, **extra)
+        for a, b in zip(same, mixed):
+            assert torch.equal(a.isnan(), b.isnan())
+            assert max_rel_diff([a.nan_to_num()], [b.nan_to_num()]) <= 1e-6, (update_backend, a.shape)
+            if rule == "mclr" and not extra.get("lag"):  # κ from the (bit-equal) medians alone: bit for bit
+                assert torch.equal(a.nan_to_num(), b.nan_to_num()), (update_backend, a.shape)
+        assert torch.equal(same_stats.isnan(), mixed_stats.isnan())
+        torch.testing.assert_close(mixed_stats, same_stats, rtol=1e-6, atol=0, equal_nan=True)
+
+
 def test_large_restore_is_exact():
     # Over 16 MiB in all: the copies use streaming stores, here into unaligned
     # destinations (views starting 4 or 12 bytes into a buffer) with ragged tails.
-    from cblr_ext.backends import cpp
     gen = torch.Generator().manual_seed(4)
     saved = [torch.randn(n, generator=gen) for n in (3_000_001, 1_500_003, 17)]
     ws = [t.clone() for t in saved]
     buffers = [torch.zeros(w.numel() + 3) for w in ws]
     targets = [buf[1:1 + w.numel()] if i % 2 == 0 else buf[3:] for i, (buf, w) in enumerate(zip(buffers, ws))]
-    cpp.restore(targets, saved)
+    F.probe_restore_(targets, saved, backend="cpp")
     assert all(torch.equal(a, b) for a, b in zip(targets, ws))
     assert all(buf[0] == 0 for buf in buffers)
 
@@ -471,52 +567,78 @@ def test_fake_implementations_trace_shapes():
         ws = [torch.empty(4, 3), torch.empty(7)]
         gs = [torch.empty(4, 3), torch.empty(7)]
         ages = [torch.empty(()), torch.empty(())]
-        red = ops.reduce("lars", ws, gs, ages, [True, False], [False, False], [], [], 0.0, 1e-8, 1, False, False,
-                         True)
-        assert red.shape == (2, 5) and red.dtype == torch.float32
-        stats = ops.apply("lars", ws, gs, [], [], [torch.empty(()), torch.empty(())], ages, [], [], [True, False],
-                          [False, False], red, torch.empty((), dtype=torch.bool), torch.empty(()), 0.0, False, 0.0,
-                          1e-8, 1e-3, 0.0, None, 1e-3, 1, False, False)
+        workspace = torch.empty(0, dtype=torch.uint8)
+        sums, median, flags = ops.layerwise_reduce("lars", ws, gs, ages, [True, False], [False, False], [], [], None,
+                                                   [False, False], 0.0, 1, False, False, True, workspace)
+        assert sums.shape == (2, 4) and sums.dtype == torch.float64
+        assert median.shape == (2,) and median.dtype == torch.float32
+        assert flags.shape == (2, 4) and flags.dtype == torch.bool
+        stats = ops.layerwise_update_("lars", ws, gs, [], [], [torch.empty(()), torch.empty(())], ages, [],
+                                      [False, False], [], [True, False], sums, median, flags,
+                                      torch.empty((), dtype=torch.bool), torch.empty(()), 0.0, False, 0.0, 1e-8,
+                                      1e-3, 0.0, None, 1e-3, 1, False, False, workspace, None)
         assert stats.shape == (2, 7)
-        w_norms = ops.shift(ws, gs, [torch.empty_like(w) for w in ws])
-        assert w_norms.shape == (2,) and w_norms.dtype == torch.float32
-        red = ops.reduce("cblr", ws, gs, ages, [True, False], [False, False], [gs[0], None], [ws[0], None], 0.0,
-                         1e-8, 1, False, False, True, None, w_norms)
-        assert red.shape == (2, 5)
+        w_sq = ops.probe_shift_(ws, gs, [torch.empty_like(w) for w in ws])
+        assert w_sq.shape == (2,) and w_sq.dtype == torch.float64
+        sums, median, flags = ops.layerwise_reduce("cblr", ws, gs, ages, [True, False], [False, False],
+                                                   [gs[0], None], [ws[0], None], w_sq, [True, True], 0.0, 1,
+                                                   False, False, True, workspace)
+        assert sums.shape == (2, 4) and flags.shape == (2, 4)
 
 
 def test_opcheck_shift_and_probe_reduce():
     # Every layer measures: opcheck compares outputs without equal_nan, and a layer that
-    # does not measure has κ = NaN (that path is compiled in test_torch_compile_traces_the_ops).
+    # does not measure has statistics with κ = NaN (that path is compiled in
+    # test_torch_compile_traces_the_ops).
     gen = torch.Generator().manual_seed(0)
 
     def tensors():
         return [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
 
     ws, gs, probe, steps = tensors(), tensors(), tensors(), tensors()
-    torch.library.opcheck(cpp_ops().shift, (ws, steps, [torch.empty_like(t) for t in ws]))
+    ops = cpp_ops()
+    torch.library.opcheck(ops.probe_shift_, (ws, steps, [torch.empty_like(t) for t in ws]))
+    torch.library.opcheck(ops.probe_restore_, (ws, [t + 1 for t in ws]))
     ages = [torch.tensor(math.inf), torch.tensor(math.inf)]
-    torch.library.opcheck(cpp_ops().reduce, ("cblr", ws, gs, ages, [True, True], [False, False], probe, steps,
-                                             0.1, 1e-8, 1, False, False, True, None, torch.tensor([1.0, 2.0])))
+    no_scratch = torch.empty(0, dtype=torch.uint8)
+    torch.library.opcheck(ops.layerwise_reduce, ("cblr", ws, gs, ages, [True, True], [False, False], probe, steps,
+                                                 torch.tensor([1.0, 2.0], dtype=torch.float64), [True, True], 0.1, 1,
+                                                 False, False, True, no_scratch))
+    workspace = cpp.workspace("mclr", ws, False, {})
+    mclr = ("mclr", ws, gs, ages, [True, True], [False, False], [], [], None, [False, False], 0.1, 1, False, False,
+            True, workspace)
+    torch.library.opcheck(ops.layerwise_reduce, mclr)
+    # The update from a complete reduction: every layer measured, κ defined (no NaN statistic).
+    reduction = ops.layerwise_reduce(*mclr)
+    buffers = [torch.zeros_like(w) for w in ws]
+    torch.library.opcheck(ops.layerwise_update_, (
+        "mclr", ws, gs, buffers, [], [torch.tensor(2.0), torch.tensor(3.0)], ages, [], [False, False], [],
+        [True, True], *reduction, torch.tensor(False), torch.tensor(0.1), 0.9, False, 0.1, 1e-8, 1e-3, 0.0, None,
+        1e-3, 1, False, False, workspace, None))
 
 
 def test_jit_build_from_clean_sources(tmp_path):
     """csrc/ compiles from nothing into a fresh directory and the result steps like the
-    reference (in a subprocess: a process registers the cblr_ext ops only once)."""
-    script = textwrap.dedent(f"""
+    reference (in a subprocess: a process registers the cblr_ext kernels only once; the
+    setup.py build is hidden from it, so that importing the ops JIT-builds them into
+    TORCH_EXTENSIONS_DIR)."""
+    script = textwrap.dedent("""
+        import sys
         import torch
-        from cblr_ext import _build, LARS
-        assert _build.jit_build(build_directory={str(tmp_path)!r}) == "jit"
-        ps = {{b: torch.nn.Parameter(torch.arange(12.0).reshape(3, 4) / 7) for b in ("cpp", "reference")}}
+        sys.modules["cblr_ext._C"] = None  # not importable: _build.load() JIT-builds
+        from cblr_ext import _build, ops, LARS
+        assert ops.LOAD_ERROR is None, ops.LOAD_ERROR
+        assert _build.load() == "jit"
+        ps = {b: torch.nn.Parameter(torch.arange(12.0).reshape(3, 4) / 7) for b in ("cpp", "reference")}
         for b, p in ps.items():
             opt = LARS([p], lr=0.1, momentum=0.9, backend=b)
             p.grad = torch.ones(3, 4)
             opt.step()
         assert torch.allclose(ps["cpp"], ps["reference"], rtol=1e-6), (ps["cpp"], ps["reference"])
     """)
-    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"))
+    env = dict(os.environ, MAX_JOBS=os.environ.get("MAX_JOBS", "2"), TORCH_EXTENSIONS_DIR=str(tmp_path))
     subprocess.run([sys.executable, "-c", script], check=True, env=env, timeout=900)
-    assert any(f.suffix == ".so" for f in tmp_path.iterdir())
+    assert any(f.suffix == ".so" for f in tmp_path.rglob("*"))
 
 
 def test_channels_last_parameters():
@@ -541,12 +663,12 @@ def test_torch_compile_traces_the_ops():
     ops = cpp_ops()
 
     def shift_and_measure(ws, steps, saved):
-        w_norms = ops.shift(ws, steps, saved)
+        w_sq = ops.probe_shift_(ws, steps, saved)
         ages = [torch.full((), math.inf) for _ in ws]
         probe = [ws[0] * 2, None]  # the second layer does not measure
-        no_scratch = torch.empty(0, dtype=torch.uint8)  # as the backend passes (cpp.py, _workspace)
-        return ops.reduce("cblr", ws, steps, ages, [True] * len(ws), [False] * len(ws), probe,
-                          [steps[0], None], 0.1, 1e-8, 1, False, False, True, no_scratch, w_norms)
+        no_scratch = torch.empty(0, dtype=torch.uint8)  # as the backend passes (cpp.workspace)
+        return ops.layerwise_reduce("cblr", ws, steps, ages, [True] * len(ws), [False] * len(ws), probe,
+                                    [steps[0], None], w_sq, [True] * len(ws), 0.1, 1, False, False, True, no_scratch)
 
     gen = torch.Generator().manual_seed(4)
     steps = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]
@@ -554,21 +676,21 @@ def test_torch_compile_traces_the_ops():
     eager_ws = [w.clone() for w in compiled_ws]
     got = torch.compile(shift_and_measure, fullgraph=True)(compiled_ws, steps, [torch.empty_like(w) for w in steps])
     want = shift_and_measure(eager_ws, steps, [torch.empty_like(w) for w in steps])
-    assert torch.equal(got.isnan(), want.isnan()) and got[1, 2].isnan()
-    assert torch.equal(got.nan_to_num(), want.nan_to_num())
+    assert got[2][0, F.FLAG_MEASURED] and not got[2][1, F.FLAG_MEASURED]
+    for a, b in zip(got, want):
+        assert torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
     assert all(torch.equal(a, b) for a, b in zip(compiled_ws, eager_ws))
 
 
 def test_huge_finite_gradients_are_not_non_finite():
     """Squares of |g| > 1.8e19 overflow fp32 partial sums; the flag must still be 0."""
     w, g = torch.ones(1000), torch.full((1000,), 3e30)
-    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], 0.0, 1e-8, 1,
-                           False, False, True)
-    assert red[0, 4] == 0
+    hp = F.Hyperparams()
+    red = F.layerwise_reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], hp, backend="cpp")
+    assert not red.nonfinite[0]
     g[500] = math.nan
-    red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], [False], [], [], 0.0, 1e-8, 1,
-                           False, False, True)
-    assert red[0, 4] == 1
+    red = F.layerwise_reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], hp, backend="cpp")
+    assert red.nonfinite[0]
 
 
 def test_lag_without_nonfinite_skipping_is_one_pass():
@@ -577,10 +699,11 @@ def test_lag_without_nonfinite_skipping_is_one_pass():
     the reference, which reads everything."""
     w, g = torch.ones(1000), torch.ones(1000)
     g[7] = math.nan
-    for check, flag in ((True, 1), (False, 0)):
-        red = cpp_ops().reduce("lars", [w], [g], [torch.tensor(1.0)], [True], [True], [], [], 0.0, 1e-8, 1,
-                               True, False, check)
-        assert red[0, 4] == flag
+    for check, flag in ((True, True), (False, False)):
+        hp = F.Hyperparams(lag=True, check_nonfinite=check)
+        red = F.layerwise_reduce("lars", [w], [g], [torch.tensor(1.0)], [True], hp, lagged_valid=[True],
+                                 backend="cpp")
+        assert bool(red.nonfinite[0]) == flag
     for rule in ("lars", "mclr"):
         ref, _ = train(RULES[rule], "reference", lr=0.1, momentum=0.9, lag=1, skip_nonfinite=False)
         got, _ = train(RULES[rule], "cpp", lr=0.1, momentum=0.9, lag=1, skip_nonfinite=False)
@@ -596,10 +719,10 @@ def test_median_scratch_is_the_optimizers_workspace(lag):
     import weakref
     ref, _ = train(MCLR, "reference", steps=4, lr=0.1, momentum=0.9, lag=lag)
     got, opt = train(MCLR, "cpp", steps=3, lr=0.1, momentum=0.9, lag=lag)
-    workspace = opt._workspace["cpp"]
+    workspace = opt._scratch["cpp.workspace"]
     assert workspace.dtype == torch.uint8 and workspace.numel() == (1 + lag) * sum(4 * p.numel() + 64 for p in got)
     train(MCLR, "cpp", steps=1, params=got, opt=opt, start=3)
-    assert opt._workspace["cpp"] is workspace  # reused, not reallocated
+    assert opt._scratch["cpp.workspace"] is workspace  # reused, not reallocated
     assert max_rel_diff(ref, got) <= 1e-5
     gone = weakref.ref(workspace)
     del opt, workspace

@@ -57,10 +57,11 @@ struct ReductionIn {
 // and has no valid lag stash; a layer that reads w only for Σw² takes
 // LayerRef::known_w2 instead where it has one.  Elsewhere g is read for the non-finite
 // check alone (not at all for a layer with a lag stash when !check_nonfinite).  The
-// median (MCLR, FLAG_MEDIAN) where a measuring layer has no stash, approx-truncated.  A
-// CBLR layer with a probe gradient (LayerRef::measures) sits at w_t + s: w is not read,
-// Σw_t² is the known one (the shift's), and the pass sums the secant's (d(w_t) − d(w_t + s))²
-// and s² from g_t, the probe gradient and s (layer_math.h, secant_difference).
+// median (MCLR, FLAG_MEDIAN) where a measuring layer has no stash, approx-truncated (0
+// elsewhere).  A CBLR layer with a probe gradient (LayerRef::measures) sits at w_t + s:
+// w is not read, Σw_t² is the known one (the shift's), and the pass sums the secant's
+// (d(w_t) − d(w_t + s))² and s² from g_t, the probe gradient and s (layer_math.h,
+// secant_difference).
 void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionOut& reduction);
 
 // Pass 2: κ by rule from the reduction (or the lag stash), ratio and update; writes

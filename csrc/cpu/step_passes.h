@@ -111,13 +111,13 @@ bool layer_nonfinite(const LayerRef& l, double g2) {
   return dispatch(l.dtype, [&](auto tag) { return any_nonfinite(static_cast<const decltype(tag)*>(l.g), l.n); });
 }
 
-// The median of each selecting layer, as fp32 and approx-truncated (NaN elsewhere).  The
-// fallback reads the quotients stored by the pass (lag=1: w is overwritten) or recomputes
-// them from w and g.
+// The median of each selecting layer, as fp32 and approx-truncated (0 elsewhere: not taken;
+// NaN only where undefined).  The fallback reads the quotients stored by the pass (lag=1:
+// w is overwritten) or recomputes them from w and g.
 std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPlan& plan,
                                   const std::vector<LayerSums>& sums, bool from_quotients, bool approx,
                                   double weight_decay, int threads) {
-  std::vector<float> medians(layers.size(), std::nanf(""));
+  std::vector<float> medians(layers.size(), 0.0f);
   std::vector<int> selecting;
   for (size_t i = 0; i < layers.size(); ++i) {
     if (plan.selects(int(i))) selecting.push_back(int(i));
