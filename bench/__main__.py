@@ -40,7 +40,7 @@ def _positive(convert):
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true",
-                    help="under a minute: ResNet-50 at --small size, few samples, fp32, no torch.compile")
+                    help="about a minute: ResNet-50 at --small size, 1 s per case, fp32, no torch.compile")
     ap.add_argument("--suite", action="append", choices=list(suites.SUITES),
                     help=f"suite to run (repeatable; default: {', '.join(suites.DEFAULT_SUITES)})")
     ap.add_argument("--full", action="store_true",

@@ -34,7 +34,7 @@ def chart(path: Path, meta: dict, rows: list, target: float) -> None:
     fig, (ms_ax, ratio_ax) = plt.subplots(1, 2, figsize=(12, 0.32 * len(rows) + 1.8), sharey=True,
                                           layout="constrained")
     y = range(len(rows))
-    panels = ((ms_ax, "median_ms", "ci_low_ms", "ci_high_ms", "step time, ms (log scale)", "{:.3g}"),
+    panels = ((ms_ax, "median_ms", "ci_low_ms", "ci_high_ms", "step time, ms (log scale)", "{:.4g}"),
               (ratio_ax, "ratio_to_fused_sgd", "ratio_ci_low", "ratio_ci_high",
                "step time ÷ fused SGD timed in turn (log scale; lower is faster)", "{:.3g}×"))
     for ax, median, low, high, xlabel, text in panels:

@@ -135,3 +135,11 @@ def test_summary_in_milliseconds():
     s = timing.summarize([0.001 * k for k in range(1, 11)])
     assert s["median_ms"] == pytest.approx(5.5) and s["samples"] == 10 and s["min_ms"] == pytest.approx(1.0)
     assert (s["ci_low_ms"], s["ci_high_ms"]) == pytest.approx((2.0, 9.0))  # ranks 2 and 9 of 10
+
+
+def test_the_clock_follows_the_device():
+    """The same sampling runs on CUDA events on a GPU (constructing one touches no GPU)."""
+    import torch
+    from bench import clock
+    assert isinstance(clock.for_device(torch.device("cpu")), clock.WallClock)
+    assert isinstance(clock.for_device(torch.device("cuda", 0)), clock.CudaEventClock)
