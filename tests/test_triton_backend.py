@@ -21,9 +21,8 @@ if not torch.cuda.is_available():
 
 pytest.importorskip("triton")
 
-from cblr_ext import CBLR, LARS, MCLR, layer_math as lm  # noqa: E402
+from cblr_ext import CBLR, LARS, MCLR, functional as F, layer_math as lm, ops  # noqa: E402
 from cblr_ext.backends import reference, triton as tb  # noqa: E402
-from cblr_ext.functional import RED_KAPPA, RED_NONFINITE, LayerBatch, init_layer_state  # noqa: E402
 
 RULES = {"lars": LARS, "mclr": MCLR, "cblr": CBLR}
 VARIANTS = {
@@ -152,8 +151,8 @@ def test_mclr_lag_with_the_wide_median_schedule(small_chunks, monkeypatch, media
 @interpreted
 @pytest.mark.parametrize("rule", ["lars", "mclr"])
 def test_lag_after_a_skipped_first_step_matches_reference(small_chunks, rule):
-    """A skipped first step stashes nothing in the reference; the device-side stash
-    (NaN rows) must make the next step use its own inputs too."""
+    """A skipped first step stashes nothing: the next step (``lagged_valid`` false) uses
+    its own inputs, as in the reference."""
     runs = []
     for backend in ("reference", "triton"):
         params = make_params(layer_shapes())
@@ -167,6 +166,24 @@ def test_lag_after_a_skipped_first_step_matches_reference(small_chunks, rule):
         runs.append((params, opt))
     assert runs[1][1].skipped_steps == 1
     assert_same_run(runs[0], runs[1], tol=1e-5)
+
+
+@interpreted
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_lag_stats_report_the_lagged_inputs(backend):
+    """docs/algorithm.md (lag = 1): ``layer_stats()`` reports the lagged ‖w‖, ‖g‖, those of
+    the previous step's inputs (the first step: its own)."""
+    p = torch.nn.Parameter(torch.randn(5, 4, generator=torch.Generator().manual_seed(0)))
+    opt = LARS([p], lr=0.5, lag=1, momentum=0.9, backend=backend)
+    inputs = []
+    for step in range(3):
+        p.grad = torch.sin(p.detach() * (step + 1))
+        inputs.append((p.detach().norm().item(), p.grad.norm().item()))
+        opt.step()
+        stats = opt.layer_stats()["0.0"]
+        expected = inputs[max(step - 1, 0)]
+        assert stats["w_norm"] == pytest.approx(expected[0], rel=1e-6), step
+        assert stats["g_norm"] == pytest.approx(expected[1], rel=1e-6), step
 
 
 @interpreted
@@ -218,12 +235,14 @@ def test_channels_last_parameters_match_reference(small_chunks):
 
 # --------------------------------------------------------- pass 1 directly
 
-def batch_of(rule, params, grads, **hp):
-    states = [{} for _ in params]
-    for p, s in zip(params, states):
-        init_layer_state(s, p)
-    hp = dict(dict(weight_decay=0.0, eps=0.0, median="exact", lag=0, curvature_interval=1), **hp)
-    return LayerBatch(rule, params, grads, states, [True] * len(params), hp)
+def reduce_of(rule, params, grads, backend="triton", adapt=None, ages=None, probe_grads=None, probe_steps=None,
+              **hp):
+    """Pass 1 through the functional API: every layer adapted and due to measure."""
+    hp = F.Hyperparams(**dict(dict(weight_decay=0.0, eps=0.0), **hp))
+    ages = [torch.full((), float("inf")) for _ in params] if ages is None else ages
+    adapt = [True] * len(params) if adapt is None else adapt
+    return F.layerwise_reduce(rule, list(params), list(grads), ages, adapt, hp, probe_grads=probe_grads,
+                              probe_steps=probe_steps, backend=backend)
 
 
 def median_cases():
@@ -254,14 +273,17 @@ def median_cases():
 @pytest.mark.parametrize("median", ["exact", "approx"])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
 def test_median_is_bit_equal_to_torch_median(small_chunks, monkeypatch, schedule, median, weight_decay):
+    """The Reduction's median (bf16-truncated for approx) bit for bit; NaN for no quotient
+    or a NaN one."""
     from cblr_ext.kernels import median as km
     monkeypatch.setattr(km, "passes", lambda kind, n_layers, data_bytes: getattr(km, schedule)[kind])
     params, grads = zip(*median_cases())
-    red = tb.reduce(batch_of("mclr", list(params), list(grads), median=median, weight_decay=weight_decay))
+    red = reduce_of("mclr", params, grads, median=median, weight_decay=weight_decay)
+    assert red.flags[:, F.FLAG_MEDIAN].all()
     for i, (w, g) in enumerate(zip(params, grads)):
         q = lm.curvature_quotients(lm.decayed_grad(g, w, weight_decay), w)
-        expected = lm.median_kappa(lm.lower_median(q, approx=median == "approx"), 0.0)
-        got = red[i, RED_KAPPA]
+        expected = lm.lower_median(q, approx=median == "approx")
+        got = red.median[i]
         if torch.isnan(expected):
             assert torch.isnan(got), f"layer {i}"
         else:
@@ -283,18 +305,63 @@ def test_a_layer_over_many_chunks_reduces_deterministically(small_chunks):
     w = torch.randn(3200, generator=torch.Generator().manual_seed(5)) * 3
     g = torch.randn(3200, generator=torch.Generator().manual_seed(6))
     g[2500] = float("inf")
-    runs = [tb.reduce(batch_of("lars", [w], [g])) for _ in range(2)]
-    assert torch.equal(runs[0], runs[1])
-    expected = reference.reduce(batch_of("lars", [w], [g]))
-    torch.testing.assert_close(runs[0][0, :2], expected[0, :2], rtol=1e-6, atol=0)
-    assert runs[0][0, RED_NONFINITE] == 1
+    runs = [reduce_of("lars", [w], [g]) for _ in range(2)]
+    assert all(_same(a, b) for a, b in zip(runs[0].tensors(), runs[1].tensors()))
+    expected = reduce_of("lars", [w], [g], backend="reference")
+    # Σw² to 1e-6 (the old ‖w‖, ‖g‖ check; Σg² is +inf in both)
+    torch.testing.assert_close(runs[0].sums[0, :2], expected.sums[0, :2], rtol=1e-6, atol=0)
+    assert runs[0].nonfinite[0] and runs[0].flags[0, F.FLAG_NORMS] and runs[0].sums.dtype == torch.float64
+
+
+@interpreted
+@pytest.mark.parametrize("rule", RULES)
+def test_reduction_matches_the_reference_where_taken(small_chunks, rule):
+    """Sums (fp64, from fp32 partials) to 1e-6, flags equal; the median where the triton
+    pass took it (the layers that measure), NaN elsewhere."""
+    params = [p.detach() for p in make_params(layer_shapes())]
+    grads = [g.detach() for g in make_params(layer_shapes(), seed=1)]
+    ages = [torch.tensor(a) for a in (float("inf"), 0.0, 5.0, 1.0)]
+    adapt = [True, True, False, True]
+    probe = {}
+    if rule == "cblr":
+        probe = dict(probe_grads=[g * 1.5 if i != 1 else None for i, g in enumerate(grads)],
+                     probe_steps=[p * 1e-2 if i != 1 else None for i, p in enumerate(params)])
+    hp = F.Hyperparams(weight_decay=1e-2, curvature_interval=2)
+    ref, tri = (F.layerwise_reduce(rule, params, grads, ages, adapt, hp, backend=b, **probe)
+                for b in ("reference", "triton"))
+    torch.testing.assert_close(tri.sums, ref.sums, rtol=1e-6, atol=0)
+    for col in (F.FLAG_MEASURED, F.FLAG_NORMS, F.FLAG_NONFINITE):
+        assert torch.equal(tri.flags[:, col], ref.flags[:, col]), col
+    taken = tri.flags[:, F.FLAG_MEDIAN]
+    assert torch.equal(taken, ref.flags[:, F.FLAG_MEDIAN] & tri.measured)
+    assert torch.equal(tri.median[taken].view(torch.int32), ref.median[taken].view(torch.int32))
+    assert tri.median[~taken].isnan().all()
+
+
+@interpreted
+@pytest.mark.parametrize("check_nonfinite", [True, False])
+def test_lag_reduction_leaves_stashed_layers_to_the_update(small_chunks, check_nonfinite):
+    """lag=1, layers with a stash: no norms in pass 1 (0, flag false); g is still read for
+    the non-finite check unless check_nonfinite=False."""
+    params = [p.detach() for p in make_params(layer_shapes())]
+    grads = [g.detach().clone() for g in make_params(layer_shapes(), seed=1)]
+    grads[1].view(-1)[3] = float("nan")
+    hp = F.Hyperparams(lag=True, check_nonfinite=check_nonfinite)
+    ages = [torch.tensor(float("inf")) for _ in params]
+    valid = [True, True, False, True]
+    red, ref = (F.layerwise_reduce("lars", params, grads, ages, [True] * 4, hp, lagged_valid=valid, backend=b)
+                for b in ("triton", "reference"))
+    assert red.flags[:, F.FLAG_NORMS].tolist() == [False, False, True, False]
+    assert (red.sums[[0, 1, 3], :2] == 0).all()
+    torch.testing.assert_close(red.sums[2], ref.sums[2], rtol=1e-6, atol=0)
+    assert red.nonfinite.tolist() == [False, check_nonfinite, False, False]
 
 
 # ------------------------------------------------------ CBLR protocol ops
 
 @interpreted
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_closure_ops_match_reference_bit_exactly(small_chunks, dtype):
+def test_probe_ops_match_reference_bit_exactly(small_chunks, dtype):
     shapes = [(5, 9), (0,), (3, 3, 2)]
     w = [p.detach() for p in make_params(shapes, dtype)]
     g = [p.detach() for p in make_params(shapes, dtype, seed=1)]
@@ -302,15 +369,246 @@ def test_closure_ops_match_reference_bit_exactly(small_chunks, dtype):
     w_t = [t.clone() for t in w]
     saved = [torch.full_like(t, 7.0) for t in w]
     shifted_ref, saved_ref = [t.clone() for t in w], [torch.empty_like(t) for t in w]
-    reference.shift(shifted_ref, s, saved_ref)
-    tb.shift(w, s, saved)
+    w_sq_ref = F.probe_shift_(shifted_ref, s, saved_ref, backend="reference")
+    w_sq = F.probe_shift_(w, s, saved, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(saved, w_t))
     assert all(torch.equal(a, b) for a, b in zip(w, shifted_ref))
+    assert w_sq.dtype == torch.float64 and w_sq.shape == (3,)
+    torch.testing.assert_close(w_sq, w_sq_ref, rtol=1e-6, atol=0)
+    # The secant norms from pass 1's sums, to 1e-6 of the reference's.
     g_p = [t * 1.5 for t in g]
-    torch.testing.assert_close(tb.secant_norms(w, g, g_p, s, 0.1),
-                               reference.secant_norms(w, g, g_p, s, 0.1), rtol=1e-6, atol=0)
-    tb.restore(w, saved)
+    reds = [reduce_of("cblr", w_t, g, backend=b, weight_decay=0.1, probe_grads=g_p, probe_steps=s)
+            for b in ("triton", "reference")]
+    norms = [red.sums[:, [F.SUM_DIFF2, F.SUM_STEP2]].sqrt() for red in reds]
+    torch.testing.assert_close(norms[0], norms[1], rtol=1e-6, atol=0)
+    F.probe_restore_(w, saved, backend="triton")
     assert all(torch.equal(a, b) for a, b in zip(w, w_t))
+
+
+# ------------------------------------------- the functional contract (issue 14)
+
+@interpreted
+def test_cblr_after_a_skipped_first_step_follows_the_reference(small_chunks):
+    """Issue 14: the backend made a zero momentum buffer on the skipped first step and so
+    probed one step early (closure calls [1, 2, 1, 1, 2, 1]); the optimizer owns the state
+    now and both backends follow the cadence of docs/algorithm.md."""
+    runs, calls = [], []
+    for backend in ("reference", "triton"):
+        params = make_params(layer_shapes())
+        opt = CBLR(params, lr=0.1, momentum=0.9, curvature_interval=3, backend=backend)
+        gen = torch.Generator().manual_seed(1)
+        per_step = []
+        for step in range(6):
+            targets = [torch.randn(p.shape, generator=gen) for p in params]
+            count = [0]
+
+            def closure():
+                count[0] += 1
+                opt.zero_grad()
+                loss = sum(((p - t) ** 2 + p.cos()).sum() * 0.1 for p, t in zip(params, targets))
+                loss.backward()
+                if step == 0:
+                    params[0].grad[0, 0] = float("inf")
+                return loss
+            opt.step(closure)
+            per_step.append(count[0])
+        runs.append((params, opt))
+        calls.append(per_step)
+    assert calls == [[1, 1, 2, 1, 1, 2]] * 2
+    assert runs[1][1].skipped_steps == 1
+    assert_same_run(runs[0], runs[1], tol=1e-5)
+
+
+def layer_inputs(rule, lag, seed=0):
+    """One group's inputs and state in mid-run: momentum, κ̄ of earlier measurements (NaN
+    for one layer), ages due and not, a lag stash where ``lag`` (none for layer 2), a probe
+    (CBLR, not for layer 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(6, 7), (3, 2, 3, 3), (5, 4), (9,)]
+    params = [torch.randn(s, generator=gen) for s in shapes]
+    grads = [torch.randn(s, generator=gen) for s in shapes]
+    state = dict(
+        kappas=[torch.tensor(v) for v in (0.8, float("nan"), 1.5, float("nan"))],
+        ages=[torch.tensor(v) for v in (float("inf"), 1.0, 2.0, 3.0)],
+        momentum_buffers=[torch.randn(s, generator=gen) * 0.1 for s in shapes],
+        lagged=[torch.tensor([4.0, 5.0, 1.2]) + i for i in range(4)] if lag else [],
+        lagged_valid=[lag, lag, False, lag])
+    probe = {}
+    if rule == "cblr":
+        probe = dict(probe_grads=[g * 0.7 + 0.1 if i != 1 else None for i, g in enumerate(grads)],
+                     probe_steps=[b if i != 1 else None for i, b in enumerate(state["momentum_buffers"])])
+    return params, grads, state, probe, [True, True, True, False]
+
+
+def clone_state(state):
+    return {k: [t.clone() if isinstance(t, torch.Tensor) else t for t in v] for k, v in state.items()}
+
+
+def thinned(red: F.Reduction) -> F.Reduction:
+    """A reduction that took no norms and no median (the update must take them)."""
+    sums, median, flags = (t.clone() for t in red.tensors())
+    sums[:, [F.SUM_W2, F.SUM_G2]] = 0
+    median.fill_(float("nan"))
+    flags[:, [F.FLAG_NORMS, F.FLAG_MEDIAN]] = False
+    return F.Reduction(sums, median, flags)
+
+
+INTERCHANGE_CASES = [
+    ("lars", dict()), ("lars", dict(lag=True)), ("mclr", dict(curvature_interval=2)),
+    ("mclr", dict(lag=True, median="approx", wide=True)), ("mclr", dict(lag=True)), ("cblr", dict()),
+]
+
+
+@interpreted
+@pytest.mark.parametrize("rule,kwargs", INTERCHANGE_CASES)
+def test_reductions_are_interchangeable_between_backends(small_chunks, monkeypatch, rule, kwargs):
+    """A triton Reduction fed to the reference update, a reference one to the triton update,
+    and one that took no norms and no median, give the step each update gives with its own
+    backend's reduction (the one-pass lag median with ``wide``)."""
+    from cblr_ext.kernels import median as km
+    kwargs = dict(kwargs)
+    if kwargs.pop("wide", False):
+        monkeypatch.setattr(km, "passes", lambda kind, n_layers, data_bytes: km.WIDE[kind])
+    hp = F.Hyperparams(lr=0.5, momentum=0.9, weight_decay=1e-2, trust_coefficient=0.02, **kwargs)
+    params, grads, state, probe, adapt = layer_inputs(rule, hp.lag)
+    reductions = {b: F.layerwise_reduce(rule, params, grads, state["ages"], adapt, hp,
+                                        lagged_valid=state["lagged_valid"], backend=b, **probe)
+                  for b in ("reference", "triton")}
+    reductions["thin"] = thinned(reductions["reference"])
+    for updater in ("reference", "triton"):
+        results = {}
+        for reducer, red in reductions.items():
+            w, s = [p.clone() for p in params], clone_state(state)
+            stats = F.layerwise_update_(rule, w, grads, F.LayerState(**s), adapt, red, torch.tensor(False), hp,
+                                        backend=updater)
+            results[reducer] = (w, s, stats)
+        own = results[updater]
+        for reducer, (w, s, stats) in results.items():
+            where = f"{reducer} reduction, {updater} update"
+            assert all(max_rel_diff(a, b) <= 1e-5 for a, b in zip(own[0], w)), where
+            for key in ("kappas", "ages", "momentum_buffers", "lagged"):
+                for a, b in zip(own[1][key], s[key]):
+                    assert torch.equal(a.isnan(), b.isnan()) and max_rel_diff(a.nan_to_num(), b.nan_to_num()) <= 1e-5, \
+                        f"{where}: {key}"
+            torch.testing.assert_close(stats, own[2], rtol=1e-5, atol=0, equal_nan=True, msg=where)
+
+
+@interpreted
+@pytest.mark.parametrize("skip", [False, True])
+def test_update_from_the_saved_copy_equals_restore_then_update(small_chunks, skip):
+    """The contract's update from saved w_t (a backend with updates_from_saved=False must
+    still honour it): bit-equal to restoring first; a skipped step restores w_t and writes
+    nothing else.  Layer 1 was not shifted (saved None)."""
+    hp = F.Hyperparams(lr=0.5, momentum=0.9, weight_decay=1e-2)
+    params, grads, state, probe, adapt = layer_inputs("cblr", False)
+    red = F.layerwise_reduce("cblr", params, grads, state["ages"], adapt, hp, backend="triton", **probe)
+    found_inf = torch.tensor(skip)
+    runs = []
+    for from_copy in (False, True):
+        w, s = [p.clone() for p in params], clone_state(state)
+        shifted = [0, 2, 3]
+        saved = [torch.empty_like(p) for p in w]
+        F.probe_shift_([w[i] for i in shifted], [s["momentum_buffers"][i] for i in shifted],
+                       [saved[i] for i in shifted], backend="triton")
+        if not from_copy:
+            F.probe_restore_([w[i] for i in shifted], [saved[i] for i in shifted], backend="triton")
+        next_w_sq = torch.full((4,), -1.0, dtype=torch.float64)
+        stats = F.layerwise_update_("cblr", w, grads, F.LayerState(**s), adapt, red, found_inf, hp,
+                                    saved=[saved[i] if from_copy and i in shifted else None for i in range(4)],
+                                    next_w_sq=next_w_sq, backend="triton")
+        runs.append((w, s, stats, next_w_sq))
+    (w0, s0, stats0, sq0), (w1, s1, stats1, sq1) = runs
+    assert all(torch.equal(a, b) for a, b in zip(w0, w1))
+    for key in ("kappas", "ages", "momentum_buffers"):
+        assert all(torch.equal(a.nan_to_num(), b.nan_to_num()) for a, b in zip(s0[key], s1[key])), key
+    assert torch.equal(stats0.nan_to_num(), stats1.nan_to_num()) and torch.equal(sq0, sq1)
+    if skip:
+        assert all(torch.equal(a, b) for a, b in zip(w1, params))
+        assert all(torch.equal(a, b) for a, b in zip(s1["momentum_buffers"], state["momentum_buffers"]))
+        assert (sq1 == -1).all()
+    else:
+        torch.testing.assert_close(sq1, torch.stack([_sq(p) for p in w1]), rtol=1e-6, atol=0)
+
+
+def _sq(t):
+    return t.double().square().sum()
+
+
+def _schema(name):
+    return torch._C.parse_schema(ops.SCHEMAS[name])
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [t for t in value if isinstance(t, torch.Tensor)]
+    return []
+
+
+def _same(a, b):
+    if a.is_floating_point():
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.nan_to_num(), b.nan_to_num())
+    return torch.equal(a, b)
+
+
+def op_cases():
+    """(op name, arguments by schema name) covering every optional input."""
+    hp = F.Hyperparams(lr=0.5, momentum=0.9, weight_decay=1e-2, lag=True)
+    params, grads, state, _, adapt = layer_inputs("lars", True)
+    _, _, _, probe, _ = layer_inputs("cblr", False)
+    red = F.layerwise_reduce("lars", params, grads, state["ages"], adapt, hp, lagged_valid=state["lagged_valid"],
+                             backend="reference")
+    common = dict(params=params, grads=grads, ages=state["ages"], adapt=adapt, weight_decay=1e-2,
+                  curvature_interval=1, approx_median=False, workspace=torch.empty(0, dtype=torch.uint8))
+    yield "layerwise_reduce", dict(common, rule="mclr", lagged_valid=state["lagged_valid"], probe_grads=[],
+                                   probe_steps=[], w_sq=None, w_sq_known=[False] * 4, lag=True,
+                                   check_nonfinite=True)
+    yield "layerwise_reduce", dict(common, rule="cblr", lagged_valid=[False] * 4, w_sq=torch.rand(4).double(),
+                                   w_sq_known=[True, False, True, True], lag=False, check_nonfinite=True, **probe)
+    saved = [p.clone() for p in params]
+    saved[1] = None
+    yield "layerwise_update_", dict(
+        common, rule="lars", momentum_buffers=state["momentum_buffers"],
+        prev_steps=[torch.zeros_like(p) for p in params], kappas=state["kappas"], lagged=state["lagged"],
+        lagged_valid=state["lagged_valid"], saved=saved, sums=red.sums, median=red.median, flags=red.flags,
+        found_inf=torch.tensor(False), lr=torch.tensor(0.5), momentum=0.9, nesterov=False, eps=1e-8,
+        trust_coefficient=1e-3, curvature_ema=0.0, max_ratio=None, fallback_trust=1e-3, lag=True,
+        next_w_sq=torch.zeros(4, dtype=torch.float64))
+    yield "probe_shift_", dict(params=params, steps=state["momentum_buffers"],
+                               saved=[torch.empty_like(p) for p in params])
+    yield "probe_restore_", dict(params=params, saved=[p + 1 for p in params])
+
+
+FAKES = {"layerwise_reduce": ops._reduce_fake, "layerwise_update_": ops._update_fake,
+         "probe_shift_": ops._shift_fake, "probe_restore_": ops._restore_fake}
+
+
+@interpreted
+@pytest.mark.parametrize("case", range(5))
+def test_ops_return_what_their_fakes_say_and_write_only_mutable_arguments(small_chunks, case):
+    """``opcheck`` needs the dispatcher, which runs the triton kernels only for CUDA tensors:
+    on the CPU, check the functions against the fakes' shapes and dtypes and the schema's
+    mutability (what is not marked ``!`` is bit-equal afterwards; what was written through
+    raw pointers moved its version counter)."""
+    name, kwargs = list(op_cases())[case]
+    schema = _schema(name)
+    args = [kwargs[a.name] for a in schema.arguments]
+    mutable = {a.name for a in schema.arguments if a.alias_info is not None and a.alias_info.is_write}
+    before = {k: [(t.clone(), t._version) for t in _tensors(v)] for k, v in kwargs.items()}
+    out = getattr(tb, name)(*args)
+    fake = FAKES[name](*args)
+    for got, expected in zip(_tensors(out) if isinstance(out, tuple) else _tensors(out), _tensors(fake)):
+        assert (got.shape, got.dtype, got.device) == (expected.shape, expected.dtype, expected.device)
+    assert (out is None) == (fake is None) and len(_tensors(out)) == len(_tensors(fake))
+    changed = set()
+    for k, v in kwargs.items():
+        for (old, version), t in zip(before[k], _tensors(v)):
+            if not _same(old, t):
+                changed.add(k)
+                assert t._version > version, f"{name}: {k} written without a version bump"
+    assert changed <= mutable, f"{name} wrote {changed - mutable}, not marked mutable in its schema"
+    assert bool(changed) == name.endswith("_"), f"{name} wrote {changed}"
 
 
 # ------------------------------------------------------------ bad input
@@ -370,17 +668,15 @@ COMPILE_SCRIPT = textwrap.dedent("""
                        target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False))
     head = dict(chunks=P, ptrs=P, n_layers="i32")
     for dt in (tl.float32, tl.bfloat16):
-        build(reduce.chunk_stats_kernel, dict(head, partials="*fp32", hist="*i32", prefix="*i32", norm_rows="*u8", measure="*u8",
-              weight_decay="fp32"), dict(DTYPE=dt, STATS=True, HIST=True, FILTER=True,
-              SHIFT=10, BITS=10, BLOCK=4096))
-        build(update.momentum_update_kernel, dict(head, alpha="*fp32", skip="*u8", partials="*fp32",
+        build(reduce.chunk_stats_kernel, dict(head, partials="*fp32", hist="*i32", prefix="*i32", modes="*u8",
+              measure="*u8", weight_decay="fp32"), dict(DTYPE=dt, STATS=True, SECANT=True, HIST=True,
+              FILTER=True, SHIFT=10, BITS=10, BLOCK=4096))
+        build(update.momentum_update_kernel, dict(head, partials="*fp32", alpha="*fp32", skip="*u8",
               hist="*i32", weight_decay="fp32", momentum="fp32"), dict(DTYPE=dt, MOMENTUM=True,
-              NESTEROV=True, STORE_STEP=True, INPUT_NORMS=True, INPUT_HIST=True, SHIFT=16, BITS=15,
-              BLOCK=4096))
+              NESTEROV=True, STORE_STEP=True, FROM_SAVED=True, INPUT_NORMS=True, INPUT_HIST=True,
+              NEXT_W2=True, SHIFT=16, BITS=15, BLOCK=4096))
         build(closure.copy_kernel, head, dict(DTYPE=dt, BLOCK=4096))
-        build(closure.shift_kernel, head, dict(DTYPE=dt, BLOCK=4096))
-        build(closure.secant_partials_kernel, dict(head, partials="*fp32", weight_decay="fp32"),
-              dict(DTYPE=dt, BLOCK=4096))
+        build(closure.shift_kernel, dict(head, partials="*fp32"), dict(DTYPE=dt, BLOCK=4096))
     build(median.radix_select_kernel, dict(hist="*i32", prefix="*i32", rank="*i32", count="*i32"),
           dict(SHIFT=20, BITS=11, FIRST=True))
     build(chunks.sum_partials_kernel, dict(partials="*fp32", chunk_begin=P, rows=P, out="*fp32"),
@@ -516,12 +812,15 @@ def test_cblr_protocol_ops_make_no_host_sync():
     probe = [g * 1.01 for g in grads]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        tb.shift(params, steps, saved_w)
-        norms = tb.secant_norms(params, grads, probe, steps, 1e-4)
-        tb.restore(params, saved_w)
+        w_sq = F.probe_shift_(params, steps, saved_w, backend="triton")
+        red = F.layerwise_reduce("cblr", params, grads, [s["age"] for s in map(opt.state.get, params)],
+                                 [True] * len(params), F.Hyperparams(weight_decay=1e-4), probe_grads=probe,
+                                 probe_steps=steps, backend="triton")
+        F.probe_restore_(params, saved_w, backend="triton")
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert all(torch.equal(a, b) for a, b in zip(params, saved_w)) and torch.isfinite(norms).all()
+    assert all(torch.equal(a, b) for a, b in zip(params, saved_w))
+    assert torch.isfinite(red.sums).all() and torch.isfinite(w_sq).all()
 
 
 @interpreted
