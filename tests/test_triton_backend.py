@@ -494,6 +494,28 @@ def test_reductions_are_interchangeable_between_backends(small_chunks, monkeypat
 
 
 @interpreted
+@pytest.mark.parametrize("rule,kwargs,wide", [("lars", dict(lag=1), False), ("mclr", dict(), False),
+                                              ("mclr", dict(lag=1, median="approx"), True)])
+def test_the_update_reads_nothing_more_after_this_backends_pass_one(small_chunks, monkeypatch, rule, kwargs, wide):
+    """A reduction of this backend's pass 1 is recognised: the update runs no pass of its
+    own before the ratio (a foreign one may need it: see the interchange test)."""
+    from cblr_ext.kernels import median as km
+    if wide:
+        monkeypatch.setattr(km, "passes", lambda kind, n_layers, data_bytes: km.WIDE[kind])
+    calls = []
+    first_pass = tb._pass_one
+    monkeypatch.setattr(tb, "_pass_one", lambda *a, **k: calls.append(1) or first_pass(*a, **k))
+    monkeypatch.setattr(tb, "_reduce", lambda *a, reduce=tb._reduce: (calls.append("reduce"), reduce(*a))[1])
+    params = make_params(layer_shapes())
+    opt = RULES[rule](params, lr=0.1, momentum=0.9, backend="triton", **kwargs)
+    for step in range(3):
+        for p in params:
+            p.grad = p.detach().sin() * (step + 1)
+        opt.step()
+    assert calls == ["reduce", 1] * 3
+
+
+@interpreted
 @pytest.mark.parametrize("skip", [False, True])
 def test_update_from_the_saved_copy_equals_restore_then_update(small_chunks, skip):
     """The contract's update from saved w_t (a backend with updates_from_saved=False must
