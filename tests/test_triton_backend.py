@@ -658,6 +658,28 @@ def test_non_dense_gradient_is_rejected_before_anything_changes():
 
 
 @interpreted
+@pytest.mark.parametrize("bad", ["momentum_dtype", "saved_shape", "lag_without_stash", "short_kappas"])
+def test_bad_functional_inputs_are_rejected_before_anything_changes(small_chunks, bad):
+    hp = F.Hyperparams(lr=0.5, momentum=0.9, lag=bad == "lag_without_stash")
+    params, grads, state, _, adapt = layer_inputs("lars", False)
+    red = F.layerwise_reduce("lars", params, grads, state["ages"], adapt, hp, backend="reference")
+    saved = None
+    if bad == "momentum_dtype":
+        state["momentum_buffers"][2] = state["momentum_buffers"][2].bfloat16()
+    elif bad == "saved_shape":
+        saved = [None, torch.zeros(3), None, None]
+    elif bad == "short_kappas":
+        state["kappas"] = state["kappas"][:3]
+    state["lagged_valid"] = [False] * 4
+    w, s = [p.clone() for p in params], clone_state(state)
+    with pytest.raises(ValueError, match="triton backend"):
+        F.layerwise_update_("lars", w, grads, F.LayerState(**s), adapt, red, torch.tensor(False), hp, saved=saved,
+                            backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(w, params))
+    assert all(torch.equal(a, b) for a, b in zip(s["momentum_buffers"], state["momentum_buffers"]))
+
+
+@interpreted
 @pytest.mark.parametrize("rule", RULES)
 def test_nonfinite_gradient_skips_the_step_on_device(small_chunks, rule):
     results = []
