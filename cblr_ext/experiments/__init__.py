@@ -1,0 +1,1 @@
+"""``python -m cblr_ext.experiments``: the large-batch study (docs/experiments.md)."""

@@ -1,0 +1,46 @@
+"""The optimizers compared, each with its learning-rate grid (the same size for all)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Tuple
+
+import torch
+
+from .. import CBLR, LARS, MCLR
+
+MOMENTUM = 0.9
+WEIGHT_DECAY = 5e-4
+# SGD's grid is of its lr at this batch size; the linear scaling rule sets the rest.
+SGD_BASE_BATCH = 128
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    name: str
+    make: Callable[[list, float], torch.optim.Optimizer]
+    lr_grid: Tuple[float, ...]
+    lr_rule: Optional[str]   # ScaledLR rule: how the lr follows the batch size
+    base_batch: int = SGD_BASE_BATCH
+
+
+def _cblr(interval):
+    return lambda params, lr: CBLR(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
+                                   curvature_interval=interval)
+
+
+# Grids span the rules' usual scales (docs/algorithm.md: LARS/MCLR γ around 1-10 with
+# η = 1e-3, CBLR γ the fraction of the secant-Newton step, around 0.1).
+OPTIMIZERS = {
+    "SGD": OptimizerSpec("SGD", lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=MOMENTUM,
+                                                                 weight_decay=WEIGHT_DECAY),
+                         (0.025, 0.05, 0.1), "linear"),
+    "LARS": OptimizerSpec("LARS", lambda params, lr: LARS(params, lr=lr, momentum=MOMENTUM,
+                                                          weight_decay=WEIGHT_DECAY),
+                          (4.0, 8.0, 16.0), None),
+    "MCLR": OptimizerSpec("MCLR", lambda params, lr: MCLR(params, lr=lr, momentum=MOMENTUM,
+                                                          weight_decay=WEIGHT_DECAY),
+                          (2.0, 4.0, 8.0), None),
+    "CBLR-k1": OptimizerSpec("CBLR-k1", _cblr(1), (0.05, 0.1, 0.2), None),
+    "CBLR-k4": OptimizerSpec("CBLR-k4", _cblr(4), (0.05, 0.1, 0.2), None),
+    "CBLR-k16": OptimizerSpec("CBLR-k16", _cblr(16), (0.05, 0.1, 0.2), None),
+}

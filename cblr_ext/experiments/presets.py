@@ -1,0 +1,21 @@
+"""The sweeps ``--preset`` names: "quick" (the package's main job, a few minutes on 2 cores)
+and "full" (the study in docs/experiments.md)."""
+from .optimizers import OPTIMIZERS
+from .run import VARIANTS
+from .sweep import SweepConfig
+
+PRESETS = {
+    "quick": dict(tasks=[("teacher", "mlp")], batch_sizes={"teacher": [128, 8192]}, epochs={"teacher": 20},
+                  optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], variants=["plain"], seeds=2),
+    "full": dict(tasks=[("teacher", "mlp"), ("digits", "cnn")],
+                 batch_sizes={"teacher": [128, 512, 2048, 8192], "digits": [32, 128, 512, 1024]},
+                 epochs={"teacher": 20, "digits": 30}, optimizers=list(OPTIMIZERS), variants=list(VARIANTS),
+                 variant_batch_sizes={"teacher": [8192], "digits": [1024]},
+                 variant_optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], seeds=3),
+}
+
+
+def preset_config(name: str) -> SweepConfig:
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {name!r}")
+    return SweepConfig(**PRESETS[name])

@@ -1,0 +1,110 @@
+"""The sweep: tasks × batch sizes × optimizers × variants, the lr of each configuration
+picked on the validation split (seed 0), then the other seeds at that lr."""
+from __future__ import annotations
+
+import math
+import statistics
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
+from typing import Dict, List, Tuple
+
+import torch
+from tqdm.auto import tqdm
+
+from .optimizers import OPTIMIZERS
+from .run import RunSpec, train_run
+
+
+@dataclass
+class SweepConfig:
+    tasks: List[Tuple[str, str]]                 # (data set, model)
+    batch_sizes: Dict[str, List[int]]            # per data set
+    epochs: Dict[str, int]                       # per data set: the same budget for every optimizer
+    optimizers: List[str]
+    variants: List[str] = field(default_factory=lambda: ["plain"])
+    variant_batch_sizes: Dict[str, List[int]] = field(default_factory=dict)   # where non-plain variants run
+    variant_optimizers: List[str] = field(default_factory=list)
+    seeds: int = 3
+    train_size: int = 32768
+
+    def cells(self):
+        """(data set, model, optimizer, variant, batch size) of every configuration."""
+        for dataset, model in self.tasks:
+            for batch in self.batch_sizes[dataset]:
+                for optimizer in self.optimizers:
+                    for variant in self.variants:
+                        if variant == "plain" or (batch in self.variant_batch_sizes.get(dataset, [])
+                                                  and optimizer in self.variant_optimizers):
+                            yield dataset, model, optimizer, variant, batch
+
+
+def _worker_init():
+    torch.set_num_threads(1)   # one thread per worker: the workers share the cores
+
+
+def _run_all(specs: List[RunSpec], jobs: int, desc: str, progress: bool) -> Dict[RunSpec, dict]:
+    bar = tqdm(total=len(specs), desc=desc, disable=not progress)
+    results = {}
+    if jobs == 1:
+        for spec in specs:
+            results[spec] = train_run(spec)
+            bar.update()
+    else:
+        with ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_worker_init) as pool:
+            futures = {pool.submit(train_run, spec): spec for spec in specs}
+            for future in as_completed(futures):
+                results[futures[future]] = future.result()
+                bar.update()
+    bar.close()
+    return results
+
+
+def _stats(values):
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def run_sweep(config: SweepConfig, *, jobs: int = 1, progress: bool = True) -> List[dict]:
+    """One result per configuration: the chosen lr, the validation accuracy of every lr tried,
+    mean/std/values over seeds of the metrics, and seed 0's curve and telemetry."""
+    if jobs < 1:
+        raise ValueError(f"jobs must be >= 1, got {jobs!r}")
+    if config.seeds < 1:
+        raise ValueError(f"seeds must be >= 1, got {config.seeds!r}")
+    cells = list(config.cells())
+
+    def spec(cell, lr, seed):
+        dataset, model, optimizer, variant, batch = cell
+        return RunSpec(dataset, model, optimizer, lr, batch, config.epochs[dataset], seed, variant,
+                       config.train_size)
+
+    grid = {cell: [spec(cell, lr, 0) for lr in OPTIMIZERS[cell[2]].lr_grid] for cell in cells}
+    tried = _run_all([s for specs in grid.values() for s in specs], jobs, "lr grid (seed 0)", progress)
+    chosen = {}
+    for cell, specs in grid.items():
+        # a diverged run scores -1 so that any finite run wins; ties go to the smaller lr
+        chosen[cell] = max(specs, key=lambda s: (-1.0 if tried[s]["diverged"] else tried[s]["val_acc"], -s.lr))
+    extra = _run_all([spec(cell, chosen[cell].lr, seed) for cell in cells for seed in range(1, config.seeds)],
+                     jobs, "other seeds", progress)
+
+    results = []
+    for cell in cells:
+        best = chosen[cell]
+        runs = [tried[best]] + [extra[spec(cell, best.lr, seed)] for seed in range(1, config.seeds)]
+        dataset, model, optimizer, variant, batch = cell
+        results.append({
+            "dataset": dataset, "model": model, "optimizer": optimizer, "variant": variant, "batch_size": batch,
+            "epochs": config.epochs[dataset], "lr": best.lr,
+            "lr_grid_val_acc": {str(s.lr): tried[s]["val_acc"] for s in grid[cell]},
+            "seeds": config.seeds, "diverged_seeds": sum(r["diverged"] for r in runs),
+            **{key: _stats([r[key] for r in runs]) for key in ("train_acc", "val_acc", "test_acc", "steps", "wall_s")},
+            "gap": _stats([r["train_acc"] - r["test_acc"] for r in runs]),
+            "curve": runs[0]["curve"], "telemetry": runs[0]["telemetry"],
+        })
+    return results
+
+
+def finite_mean(values):
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else math.nan
