@@ -206,10 +206,12 @@ def _select(hist: Tensor, prefix: Tensor, rank: Tensor, count: Tensor, shift: in
                                                   num_warps=min(32, max(4, (1 << bits) // 1024)), **LAUNCH_OPTIONS)
 
 
-def _median_value(prefix: Tensor, count: Tensor, h_nan: Tensor) -> Tensor:
-    """The selected bits as fp32; NaN for no quotient or a NaN one (as ``torch.median``)."""
+def _median_value(prefix: Tensor, count: Tensor, h_nan: Tensor, measure: Tensor) -> Tensor:
+    """The selected bits as fp32; NaN for no quotient or a NaN one (as ``torch.median``),
+    0 for a layer not ``measure``d (not taken)."""
     missing = (count == 0) | (h_nan > 0)
-    return torch.where(missing, torch.full_like(h_nan, float("nan")), prefix.view(torch.float32))
+    value = torch.where(missing, torch.full_like(h_nan, float("nan")), prefix.view(torch.float32))
+    return torch.where(measure != 0, value, torch.zeros_like(value))
 
 
 def _selection_state(n: int, device) -> tuple:
@@ -221,7 +223,7 @@ def _pass_one(ptrs: Tensor, plans: list, n: int, device, modes: Tensor, measure,
               secant: bool) -> tuple:
     """Pass 1 over w (role 0) and g (role 1): the [n, STAT_PARTIALS] fp32 sums that the
     layers' mode bytes ask for and, when ``measure`` (uint8 [n]) is given, the lower
-    median of the quotients of the measuring layers by radix selection (NaN elsewhere:
+    median of the quotients of the measuring layers by radix selection (0 elsewhere:
     their histogram passes read nothing).  The first histogram is filled by the pass
     that takes the sums."""
     from ..kernels import reduce as kr
@@ -245,7 +247,7 @@ def _pass_one(ptrs: Tensor, plans: list, n: int, device, modes: Tensor, measure,
                         float(weight_decay), STATS=False, SECANT=False, HIST=True, FILTER=True, SHIFT=shift,
                         BITS=bits)
         _select(hist, prefix, rank, count, shift, bits, first=i == 0)
-    return sums, _median_value(prefix, count, sums[:, kr.P_H_NAN.value])
+    return sums, _median_value(prefix, count, sums[:, kr.P_H_NAN.value], measure)
 
 
 # ------------------------------------------------------------------ pass 1
@@ -325,8 +327,8 @@ def _reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_s
     else:  # lag=1, every layer stashed, no non-finite check: pass 1 reads nothing
         part = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
         median = None
-    if median is None:
-        median = torch.full((n,), float("nan"), dtype=torch.float32, device=device)
+    if median is None:  # not taken: 0
+        median = torch.zeros((n,), dtype=torch.float32, device=device)
 
     part64 = part.double()
     w2 = part64[:, kr.P_W2.value]
@@ -466,7 +468,8 @@ def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lag
         if median_in_update:
             prefix, rank, count = _selection_state(n, device)
             _select(hist, prefix, rank, count, shift, bits, first=True)
-            m = torch.where(median_known, m, _median_value(prefix, count, part[:, ku.U_H_NAN.value]))
+            in_update = _median_value(prefix, count, part[:, ku.U_H_NAN.value], stashed_vector)
+            m = torch.where(median_known, m, in_update)
         torch._foreach_copy_(lagged, list(torch.where(skip, stash, inputs(w2, g2, m)).unbind()))
     if next_w_sq is not None:
         next_w_sq.copy_(torch.where(skip, next_w_sq, part[:, ku.U_NEXT_W2.value].double()))
