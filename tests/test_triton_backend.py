@@ -540,6 +540,32 @@ def test_through_the_dispatcher_the_update_still_recognises_the_reduction(small_
 
 
 @interpreted
+@pytest.mark.parametrize("variant", ["momentum", "nesterov_wd"])
+def test_cblr_may_update_from_the_saved_copy(small_chunks, monkeypatch, variant):
+    """The backend table runs triton with updates_from_saved=False (the probe restores w_t
+    before pass 1); its ops support True as well (pass 1 takes Σw_t² from the shift and
+    reads no w of a shifted layer, the update reads w_t from the copy and restores it on a
+    skipped step), which saves the restore's pass: the run still follows the reference."""
+    from cblr_ext import backends
+    real_get = backends.get
+
+    def get(name, device):
+        backend = real_get(name, device)
+        if backend.name == "triton":
+            return backends.Backend("triton", tb, updates_from_saved=True)
+        return backend
+    monkeypatch.setattr(backends, "get", get)
+    shift_sums = []
+    reduce = tb._reduce
+    monkeypatch.setattr(tb, "_reduce", lambda *a: (shift_sums.append(a[9] is not None), reduce(*a))[1])
+    kwargs = dict(VARIANTS[variant], curvature_interval=2)
+    ref = run("cblr", "reference", layer_shapes(), 6, **kwargs)
+    tri = run("cblr", "triton", layer_shapes(), 6, **kwargs)
+    assert shift_sums == [False, True, False, True, False, True]  # Σw_t² from the shift on probe steps
+    assert_same_run(ref, tri, tol=1e-5)
+
+
+@interpreted
 @pytest.mark.parametrize("skip", [False, True])
 def test_update_from_the_saved_copy_equals_restore_then_update(small_chunks, skip):
     """The contract's update from saved w_t (a backend with updates_from_saved=False must
