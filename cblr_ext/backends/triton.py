@@ -447,7 +447,7 @@ def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lag
     (shift, bits), = schedule if median_in_update else ((0, 1),)
     hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=device) if median_in_update else None
     momentum_on, store_step = bool(momentum_buffers), bool(prev_steps)
-    written = params + list(momentum_buffers) + list(prev_steps)
+    written = list(params) + list(momentum_buffers) + list(prev_steps)
     # The kernel writes through raw pointers: tell autograd, as torch's in-place ops do (also on
     # a skipped step, which the host does not know of without a sync).
     torch.autograd.graph.increment_version(written)
