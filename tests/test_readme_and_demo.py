@@ -1,7 +1,9 @@
-"""The README's usage examples run, and the demo trains every rule to a finite,
-lower loss."""
+"""The README's usage examples run, and the main job (the demo) compares every rule at a
+small and a large batch."""
 import pathlib
 import re
+
+import pytest
 
 from cblr_ext import demo
 
@@ -18,12 +20,23 @@ def test_readme_usage_examples_run():
     assert stats and all(s["ratio"] > 0 for s in stats.values())
 
 
-def test_demo_trains_every_rule(capsys):
-    assert demo.main(["--batch-size", "512", "--steps", "25", "--no-progress"]) == 0
-    out = capsys.readouterr().out
-    rows = {line.split()[0]: line.split() for line in out.splitlines()
-            if line.split() and line.split()[0] in ("SGD", "LARS", "MCLR", "CBLR")}
-    assert set(rows) == {"SGD", "LARS", "MCLR", "CBLR"}
-    for name, cols in rows.items():
-        first, final = float(cols[2]), float(cols[3])
-        assert final < first, name
+def test_demo_compares_every_rule_and_explains_its_table(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert demo.main(["--train-size", "1024", "--epochs", "1", "--batch-sizes", "128", "512", "--seeds", "1",
+                      "--jobs", "1", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines() if line.startswith("teacher/mlp ")]
+    # every rule at the small and the large batch, none diverged
+    assert sorted((cols[2], cols[1]) for cols in rows) == sorted(
+        (name, batch) for name in ("SGD", "LARS", "MCLR", "CBLR-k1") for batch in ("128", "512"))
+    assert not any("diverged" in " ".join(cols) for cols in rows)
+    for column in ("lr ", "steps", "train", "test", "gap", "wall s"):
+        assert f"\n  {column}" in printed
+    assert str(out / "accuracy_vs_batch.png") in printed and (out / "accuracy_vs_batch.png").stat().st_size > 0
+
+
+def test_main_job_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    text = capsys.readouterr().out
+    assert "--preset" in text and "--batch-sizes" in text and "--out" in text and "(default: quick)" in text

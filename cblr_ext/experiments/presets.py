@@ -6,12 +6,12 @@ from .sweep import SweepConfig
 
 PRESETS = {
     "quick": dict(tasks=[("teacher", "mlp")], batch_sizes={"teacher": [128, 8192]}, epochs={"teacher": 20},
-                  optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], variants=["plain"], seeds=2),
+                  optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], variants=["plain"], seeds=2, train_size=16384),
     "full": dict(tasks=[("teacher", "mlp"), ("digits", "cnn")],
-                 batch_sizes={"teacher": [128, 512, 2048, 8192], "digits": [32, 128, 512, 1024]},
-                 epochs={"teacher": 20, "digits": 30}, optimizers=list(OPTIMIZERS), variants=list(VARIANTS),
+                 batch_sizes={"teacher": [128, 512, 2048, 8192], "digits": [64, 256, 1024]},
+                 epochs={"teacher": 20, "digits": 20}, optimizers=list(OPTIMIZERS), variants=list(VARIANTS),
                  variant_batch_sizes={"teacher": [8192], "digits": [1024]},
-                 variant_optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], seeds=3),
+                 variant_optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], seeds=3, train_size=16384),
 }
 
 

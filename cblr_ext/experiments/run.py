@@ -1,6 +1,7 @@
 """One training run of the study: a data set, model, optimizer, lr, batch size and seed."""
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -62,9 +63,13 @@ def batch_milestones(batch_size: int, epochs: int, variant: str) -> dict:
 
 
 def load_data(spec: RunSpec):
-    if spec.dataset == "teacher":
-        return DATASETS["teacher"](spec.train_size)
-    return DATASETS[spec.dataset]()
+    return _cached_data(spec.dataset, spec.train_size if spec.dataset == "teacher" else None)
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_data(dataset, train_size):
+    # a sweep trains many runs on the same data; no run modifies it
+    return DATASETS[dataset](train_size) if train_size else DATASETS[dataset]()
 
 
 @torch.no_grad()

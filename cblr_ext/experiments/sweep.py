@@ -2,7 +2,6 @@
 picked on the validation split (seed 0), then the other seeds at that lr."""
 from __future__ import annotations
 
-import math
 import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
@@ -103,8 +102,3 @@ def run_sweep(config: SweepConfig, *, jobs: int = 1, progress: bool = True) -> L
             "curve": runs[0]["curve"], "telemetry": runs[0]["telemetry"],
         })
     return results
-
-
-def finite_mean(values):
-    values = [v for v in values if math.isfinite(v)]
-    return sum(values) / len(values) if values else math.nan

@@ -1,0 +1,61 @@
+"""A seconds-long run of ``python -m cblr_ext.experiments``: the files it writes and their
+structure (no accuracy is asserted), and the options its --help documents."""
+import json
+
+import pytest
+
+from cblr_ext.experiments import cli
+
+PLOTS = ["accuracy_vs_batch.png", "variants.png", "accuracy_vs_wall_time.png", "layer_kappa_ratio.png",
+         "structure_vs_batch.png"]
+
+
+def test_tiny_sweep_writes_table_json_and_plots(tmp_path, capsys):
+    pytest.importorskip("sklearn")
+    out = tmp_path / "study"
+    assert cli.main(["--tasks", "teacher/mlp", "digits/cnn", "--train-size", "1024", "--batch-sizes", "128", "512",
+                     "--epochs", "1", "--optimizers", "SGD", "CBLR-k4", "--variants", "plain", "discard", "schedule",
+                     "--variant-batch-sizes", "512", "--variant-optimizers", "SGD", "--seeds", "2", "--jobs", "1",
+                     "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    document = json.loads((out / "results.json").read_text())
+    assert set(document) == {"machine", "config", "columns", "results"}
+    assert set(document["machine"]) == {"cpu", "cores", "torch", "backend"}
+    results = document["results"]
+    # per task: 2 batches × 2 optimizers plain, and SGD's discard and schedule at 512
+    assert len(results) == 2 * (4 + 2)
+    assert {(r["dataset"], r["optimizer"], r["variant"], r["batch_size"]) for r in results} >= {
+        ("teacher", "SGD", "schedule", 512), ("digits", "CBLR-k4", "plain", 128), ("digits", "SGD", "discard", 512)}
+    for r in results:
+        assert {"model", "epochs", "lr", "lr_grid_val_acc", "seeds", "diverged_seeds", "train_acc", "val_acc",
+                "test_acc", "gap", "steps", "wall_s", "curve", "telemetry"} <= set(r)
+        assert len(r["test_acc"]["values"]) == 2 and set(r["test_acc"]) == {"mean", "std", "values"}
+        assert len(r["lr_grid_val_acc"]) == 3 and str(r["lr"]) in r["lr_grid_val_acc"]
+        assert [p["epoch"] for p in r["curve"]] == [1]
+        layers = r["telemetry"]["layers"]
+        assert {"ndim", "kappa", "ratio", "mean_g_norm", "mean_step_norm"} <= set(next(iter(layers.values())))
+    schedule = next(r for r in results if r["variant"] == "schedule" and r["dataset"] == "teacher")
+    assert schedule["steps"]["mean"] == 2   # one epoch (< 4) keeps B: 1024 samples at 512
+    for name in PLOTS:
+        assert (out / name).stat().st_size > 1000, name
+        assert str(out / name) in printed
+    table = (out / "results.txt").read_text()
+    assert table.splitlines()[0].split()[:4] == ["task", "batch", "optimizer", "variant"]
+    assert "columns:" in table and "columns:" in printed
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--preset", "--out", "--tasks", "--batch-sizes", "--epochs", "--optimizers", "--variants",
+                   "--variant-batch-sizes", "--variant-optimizers", "--seeds", "--train-size", "--jobs",
+                   "--no-progress"):
+        assert option in text
+
+
+def test_bad_task_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--tasks", "teacher/cnn2"])
+    assert "DATASET/MODEL" in capsys.readouterr().err
