@@ -1,4 +1,6 @@
-"""The Triton backend against the reference backend.
+"""The Triton backend against the reference backend, through the optimizers and
+through the functional core (``cblr_ext.functional`` with backend="triton" against
+backend="reference": the ops' contract, docs/architecture.md).
 
 On the CPU the kernels run in the Triton interpreter (TRITON_INTERPRET=1 must
 be set before triton is imported, hence at the top of this module) on tiny
@@ -6,6 +8,7 @@ shapes with tiny chunks, so that layers span many chunks.  GPU tests run the
 same parity at real sizes, CUDA-graph capture and the no-sync check; they
 skip without a GPU.
 """
+import contextlib
 import os
 import subprocess
 import sys
@@ -563,6 +566,45 @@ def test_cblr_may_update_from_the_saved_copy(small_chunks, monkeypatch, variant)
     tri = run("cblr", "triton", layer_shapes(), 6, **kwargs)
     assert shift_sums == [False, True, False, True, False, True]  # Σw_t² from the shift on probe steps
     assert_same_run(ref, tri, tol=1e-5)
+
+
+@contextlib.contextmanager
+def no_host_reads():
+    """Every way a tensor's value reaches the host raises (the CPU stand-in for CUDA's
+    sync debug mode: the interpreter itself reads none of these)."""
+    names = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+    saved = {name: getattr(torch.Tensor, name) for name in names}
+
+    def host_read(self, *args, **kwargs):
+        raise AssertionError("a tensor value was read on the host")
+    try:
+        for name in names:
+            setattr(torch.Tensor, name, host_read)
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(torch.Tensor, name, fn)
+
+
+@interpreted
+@pytest.mark.parametrize("rule,kwargs", [("lars", dict(lag=True)), ("mclr", dict()), ("mclr", dict(lag=True)),
+                                         ("cblr", dict())])
+def test_the_ops_read_nothing_on_the_host(small_chunks, rule, kwargs):
+    hp = F.Hyperparams(lr=0.5, momentum=0.9, weight_decay=1e-2, **kwargs)
+    params, grads, state, probe, adapt = layer_inputs(rule, hp.lag)
+    layer_state = F.LayerState(**state)
+    lr = torch.tensor(0.5)
+    hp = F.Hyperparams(**dict(vars(hp), lr=lr))
+    for warm in (True, False):  # the first call fills the chunk, pointer and flag caches
+        with contextlib.nullcontext() if warm else no_host_reads():
+            if rule == "cblr":
+                saved = [torch.empty_like(p) for p in params]
+                F.probe_shift_(params, state["momentum_buffers"], saved, backend="triton")
+                F.probe_restore_(params, saved, backend="triton")
+            red = F.layerwise_reduce(rule, params, grads, state["ages"], adapt, hp,
+                                     lagged_valid=state["lagged_valid"], backend="triton", **probe)
+            F.layerwise_update_(rule, params, grads, layer_state, adapt, red, red.nonfinite.any(), hp,
+                                backend="triton")
 
 
 @interpreted
