@@ -18,7 +18,7 @@ def _verdict(iv: stats.Interval) -> str:
         return "faster"
     if iv.low > 1:
         return "slower"
-    return "same (1 within the interval)"
+    return "undecided (1 inside)"
 
 
 def _ratios(record: dict) -> list:

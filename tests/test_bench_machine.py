@@ -64,4 +64,4 @@ def test_compare_prints_the_ratio_of_two_runs(tmp_path):
     assert cells[7].startswith(f"{expected:.3f} [") and cells[7].endswith("slower")
     # Over fused SGD timed in turn the two runs agree: the interval contains 1.
     assert cells[8].startswith("1.0") or cells[8].startswith("0.99")
-    assert cells[8].endswith("same (1 within the interval)")
+    assert cells[8].endswith("undecided (1 inside)")
