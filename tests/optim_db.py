@@ -55,9 +55,10 @@ BACKEND_DTYPES = {
 }
 
 # Largest relative difference of any parameter from the reference after every step:
-# backends sum norms in other orders (about 1e-7 relative in fp32), which moves the ratios;
-# 16-bit parameters may round the other way after such a move.
-TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+# backends sum norms in other orders, and a norm rounded to fp32 (the per-layer scalars
+# are fp32 for every dtype, docs/algorithm.md) may then differ by an ulp, which moves the
+# ratio by ~6e-8; 16-bit parameters may round the other way after such a move.
+TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 
 def cases():
