@@ -105,16 +105,14 @@ struct TensorCopies {
   }
 };
 
-cblr::cpu::StepConfig step_config(const std::string& rule, double weight_decay, double eps,
-                                  int64_t curvature_interval, bool lag, bool approx_median) {
+cblr::cpu::StepConfig step_config(const std::string& rule, double weight_decay, int64_t curvature_interval,
+                                  bool lag, bool approx_median) {
   cblr::cpu::StepConfig cfg;
   cfg.rule = rule_of(rule);
   cfg.weight_decay = weight_decay;
   cfg.curvature_interval = curvature_interval;
   cfg.lag = lag;
   cfg.approx_median = approx_median;
-  cfg.ratio.weight_decay = float(weight_decay);
-  cfg.ratio.eps = float(eps);
   cfg.threads = at::get_num_threads();
   return cfg;
 }
@@ -185,7 +183,7 @@ std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
   check_count(probe_grads.size(), count, "probe gradients", true);
   check_count(probe_steps.size(), count, "probe steps", true);
   check_count(w_sq_known.size(), count, "w_sq_known flags", true);
-  cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, 0.0, curvature_interval, lag, approx_median);
+  cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, curvature_interval, lag, approx_median);
   cfg.check_nonfinite = check_nonfinite;
   use_workspace(workspace, cfg);
   const double* known_w2 = layer_sums(w_sq, count, "w_sq");
@@ -233,7 +231,7 @@ Tensor layerwise_update_(
   check_table(median, at::kFloat, {rows}, "the reduction's median");
   check_table(flags, at::kBool, {rows, cblr::cpu::FLAG_COLUMNS}, "the reduction's flags");
   TORCH_CHECK(found_inf.numel() == 1 && lr.numel() == 1, "cblr_ext cpp backend: found_inf and lr are scalars");
-  cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, eps, curvature_interval, lag, approx_median);
+  cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, curvature_interval, lag, approx_median);
   cfg.momentum = momentum;
   cfg.nesterov = nesterov;
   use_workspace(workspace, cfg);

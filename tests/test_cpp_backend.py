@@ -536,6 +536,42 @@ def test_reductions_are_interchangeable_between_backends(rule, extra):
         torch.testing.assert_close(mixed_stats, same_stats, rtol=1e-6, atol=0, equal_nan=True)
 
 
+def test_update_takes_missing_norms_and_rejects_a_missing_median():
+    """The cpp update given a reduction without Σw², Σg² (FLAG_NORMS) for a measuring LARS
+    layer takes them itself (the step of the complete reduction); one without the median
+    of a measuring MCLR layer (and no lag stash) is an error, raised before anything is
+    written."""
+    gen = torch.Generator().manual_seed(8)
+    w, g = torch.randn(300, 301, generator=gen), torch.randn(300, 301, generator=gen)
+    hp = F.Hyperparams(lr=0.1, momentum=0.9, trust_coefficient=1e-2)
+
+    def step(rule, reduction):
+        params = [w.clone()]
+        state = F.LayerState(kappas=[torch.tensor(0.5)], ages=[torch.tensor(math.inf)],
+                             momentum_buffers=[torch.zeros_like(w)])
+        try:
+            stats = F.layerwise_update_(rule, params, [g], state, [True], reduction, torch.tensor(False), hp,
+                                        backend="cpp")
+        except RuntimeError as exc:
+            return exc, [params[0], state.kappas[0], state.ages[0], state.momentum_buffers[0]]
+        return stats, [params[0], state.kappas[0], state.ages[0], state.momentum_buffers[0]]
+
+    complete = F.layerwise_reduce("lars", [w], [g], [torch.tensor(math.inf)], [True], hp, backend="cpp")
+    assert complete.flags[0, F.FLAG_NORMS] and complete.measured[0]
+    partial = F.Reduction(complete.sums.clone(), complete.median.clone(), complete.flags.clone())
+    partial.sums[0, :2] = 0.0
+    partial.flags[0, F.FLAG_NORMS] = False
+    (want_stats, want), (got_stats, got) = step("lars", complete), step("lars", partial)
+    assert max_rel_diff(want, got) <= 1e-6
+    torch.testing.assert_close(got_stats, want_stats, rtol=1e-6, atol=0, equal_nan=True)
+
+    red = F.layerwise_reduce("mclr", [w], [g], [torch.tensor(math.inf)], [True], hp, backend="cpp")
+    red.flags[0, F.FLAG_MEDIAN] = False
+    error, after = step("mclr", red)
+    assert isinstance(error, RuntimeError) and "no median" in str(error)
+    assert torch.equal(after[0], w) and after[1] == 0.5 and after[2] == math.inf and not after[3].any()
+
+
 def test_large_restore_is_exact():
     # Over 16 MiB in all: the copies use streaming stores, here into unaligned
     # destinations (views starting 4 or 12 bytes into a buffer) with ragged tails.

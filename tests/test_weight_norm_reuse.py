@@ -7,17 +7,16 @@ import math
 import pytest
 import torch
 
-from cblr_ext import LARS
-from cblr_ext.backends import cpp
+from cblr_ext import LARS, backends
 
-# Indices 1 to 3 are large enough to be tracked (cpp._W_NORM_MIN_NUMEL); the others are read.
+# Indices 1 to 3 are large enough to be tracked (cpp._W_SQ_MIN_NUMEL); the others are read.
 SHAPES = [(64, 3, 3, 3), (300, 301), (70001,), (3, 70001), (0, 5), (257,)]
 
 
 @pytest.fixture(scope="module", autouse=True)
 def cpp_backend():
-    reason = cpp.available(torch.device("cpu"))
-    assert reason is True, f"the cpp backend must build and load here: {reason}"
+    reason = backends.why_unavailable("cpp", "cpu")
+    assert reason is None, f"the cpp backend must build and load here: {reason}"
 
 
 def make_params(dtype):

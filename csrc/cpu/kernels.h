@@ -21,7 +21,7 @@ struct StepConfig {
   bool lag = false;
   bool approx_median = false;
   bool check_nonfinite = true;  // false: lag=1 layers with a stash are not read in pass 1 at all
-  RatioParams ratio{};
+  RatioParams ratio{};  // pass 2 only
   int threads = 1;
   // MCLR scratch (the caller's, kept between steps so its pages stay mapped): a pass
   // needs 4 (fp64: 8) bytes per element of the selecting layers, twice that under lag=1;

@@ -443,7 +443,8 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
       norms[2 * i + 1] = l.lagged[LAGGED_G_NORM];
       kappa = l.lagged[LAGGED_KAPPA];
     } else {
-      // Pass 1 left the norms out (the layer does not measure): this pass takes them.
+      // The reduction left the norms out (pass 1 of a layer that does not measure): this
+      // pass takes them.
       unmeasured[i] = !flags[FLAG_NORMS];
       const double* sums = reduction.sums + i * SUM_COLUMNS;
       norms[2 * i] = unmeasured[i] ? nan : norm_from_sum(sums[SUM_W2]);
