@@ -57,7 +57,7 @@ def chart(path: Path, meta: dict, rows: list, target: float) -> None:
     ms_ax.invert_yaxis()
     first = rows[0] if rows else {"suite": "?", "dtype": "?"}
     fig.suptitle(f"{first['suite']} ({first['dtype']}): optimizer step, {meta['device_name']}, "
-                 f"torch {meta['torch_version']}, {meta['threads']} threads", fontsize=10)
+                 f"torch {meta['torch_version']}, {meta['threads']} thread{'' if meta['threads'] == 1 else 's'}", fontsize=10)
     present = {}  # colour name -> the backends of the chart drawn in it
     for r in rows:
         present.setdefault(_color_name(r["backend"]), {}).setdefault(r["backend"])
