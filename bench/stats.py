@@ -41,9 +41,6 @@ class Interval:
         there is no interval)."""
         return math.isfinite(self.low) and math.isfinite(self.high) and self.half_width <= relative
 
-    def scaled(self, factor: float) -> "Interval":
-        return Interval(self.median * factor, self.low * factor, self.high * factor)
-
 
 def median_interval(values) -> Interval:
     """The median of ``values`` and the order-statistic interval of the population
