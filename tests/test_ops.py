@@ -4,6 +4,7 @@ registration; the reference and Triton (interpreter) kernels registered for the 
 key for the test's duration."""
 import contextlib
 import math
+import warnings
 
 import pytest
 import torch
@@ -22,7 +23,8 @@ def cpu_kernels(backend):
         yield
         return
     module = cblr_ext.backends.get(backend, "cpu").ops
-    with torch.library._scoped_library("cblr_ext", "IMPL") as lib:
+    with torch.library._scoped_library("cblr_ext", "IMPL") as lib, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Warning only once", UserWarning)  # overriding cpp's kernels: meant
         for name in ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_"):
             lib.impl(name, getattr(module, name), "CPU")
         yield
@@ -40,7 +42,9 @@ def reduce_args(rule, gen, probe=False, lag=False):
     ages = [torch.tensor(math.inf), torch.tensor(math.inf)]
     probe_grads = tensors(gen, *SHAPES) if probe else []
     steps = tensors(gen, *SHAPES) if probe else []
-    return (rule, ws, gs, ages, [True, True], [lag, False], probe_grads, steps, None, [False, False],
+    # A probed layer sits at w_t + s: Σw_t² comes from the shift.
+    w_sq = torch.stack([w.double().square().sum() for w in ws]) if probe else None
+    return (rule, ws, gs, ages, [True, True], [lag, False], probe_grads, steps, w_sq, [probe, probe],
             1e-3, 1, lag, False, True, F.empty_workspace("cpu"))
 
 
