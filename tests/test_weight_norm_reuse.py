@@ -1,4 +1,4 @@
-"""LARS on the cpp backend takes ‖w_t‖ from the previous update pass (reuse_weight_norm):
+"""LARS on the cpp backend takes Σw_t² from the previous update pass (reuse_weight_norm):
 steps equal, bit for bit, those that read w again; an in-place change the version counter
 sees makes pass 1 measure w again; a write through ``.data`` is not seen (the documented
 contract), which also shows that the carried norm is the one in use."""

@@ -1,7 +1,7 @@
 // CBLR closure protocol over all layers of a group: the shift w ← w + s_{t−1} that
-// keeps w_t (and sums Σw_t², so that pass 1 need not read the copy), and bit-exact
-// copies (the restore of a skipped or failed step; the update reads w_t from the copy
-// otherwise, step_passes.h).
+// keeps w_t (and takes Σw_t² on the way, so that pass 1 need not read the copy), and
+// bit-exact copies (the restore of a skipped or failed step; the update reads w_t from
+// the copy otherwise, step_passes.h).
 #pragma once
 
 namespace cblr::cpu::CBLR_ISA {  // one instruction-set variant (isa_unit.h)
