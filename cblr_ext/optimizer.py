@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, distributed
 from . import functional as F
 from . import layer_math as lm
 from .backends import cpp
@@ -30,8 +30,21 @@ class _Group:
     backend: backends.Backend
     lagged_valid: list
     keeps_prev_step: bool
-    prev_steps: list = None  # CBLR: s_{t−1} per layer, None before its first step
+    prev_steps: list = None  # CBLR: s_{t−1} per layer (local shards), None before its first step
     measures: list = None    # CBLR: the layer measures this step (host bools)
+    # What the kernels read and write: the local shards of DTensor parameters (they share
+    # storage); ``params``/``grads`` themselves where no parameter is a DTensor.
+    local_params: list = None
+    local_grads: list = None
+    sharding: distributed.Sharding = None  # None: no parameter is a DTensor
+
+    def __post_init__(self):
+        if self.local_params is None:
+            self.local_params, self.local_grads = self.params, self.grads
+
+    def local(self, tensor):
+        """A held tensor (parameter, gradient, state) as the kernels take it."""
+        return tensor if self.sharding is None else distributed.local(tensor)
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -127,12 +140,12 @@ class LayerwiseOptimizer(Optimizer):
         return loss
 
     def _init_groups(self) -> list:
-        """Validate every group's gradients and create the state every step reads (one loop
-        over the parameters: this runs every step, for every layer)."""
-        groups = []
-        state = self.state
+        """Validate every group's gradients and sharding, then create the state every step
+        reads (nothing is created before every group has passed; this runs every step, for
+        every layer)."""
+        collected = []
         for gi, group in enumerate(self.param_groups):
-            params, grads, states, positions = [], [], [], []
+            params, grads, positions = [], [], []
             device = None
             for pi, p in enumerate(group["params"]):
                 if p.device != device:
@@ -152,10 +165,14 @@ class LayerwiseOptimizer(Optimizer):
                                        f"parameter {pi} of group {gi}, shape {tuple(p.shape)}")
                 params.append(p)
                 grads.append(grad)
-                states.append(state[p])
                 positions.append(pi)
-            if not params:
-                continue
+            if params:
+                sharding = distributed.sharding(gi, group, params, grads, positions, self.rule)
+                collected.append((gi, group, params, grads, positions, device, sharding))
+        groups = []
+        state = self.state
+        for gi, group, params, grads, positions, device, sharding in collected:
+            states = [state[p] for p in params]
             backend = backends.get(group["backend"], device)
             hp = F.Hyperparams.from_group(group, check_nonfinite=self.skip_nonfinite)
             keeps_prev_step = self.rule == "cblr" and (hp.momentum == 0 or hp.nesterov)
@@ -165,8 +182,13 @@ class LayerwiseOptimizer(Optimizer):
             adapt = [group["adapt"] and not (exclude_1d and p.ndim <= 1) for p in params]
             g = _Group(gi, positions, params, grads, states, adapt, hp, self.rule, backend,
                        lagged_valid=[hp.lag and "lagged" in s for s in states], keeps_prev_step=keeps_prev_step)
+            if sharding is not None:
+                g.sharding = sharding
+                g.local_params = [distributed.local(p) for p in params]
+                g.local_grads = [distributed.local(grad) for grad in grads]
             if self.rule == "cblr":
-                g.prev_steps = [s.get("prev_step" if keeps_prev_step else "momentum_buffer") for s in states]
+                g.prev_steps = [g.local(s.get("prev_step" if keeps_prev_step else "momentum_buffer"))
+                                for s in states]
                 # One host read per group: the closure must know whether to run again.
                 due = lm.measurement_due(torch.stack([s["age"] for s in states]), hp.curvature_interval).tolist()
                 g.measures = [a and d and s is not None for a, d, s in zip(adapt, due, g.prev_steps)]
@@ -220,32 +242,42 @@ class LayerwiseOptimizer(Optimizer):
 
     def _reduce(self, g: _Group, probe: CurvatureProbe) -> F.Reduction:
         kwargs = probe.reduce_inputs(g)
+        # Sharded MCLR: the median of a shard is not the layer's; distributed.merge_reductions
+        # takes it across ranks, so pass 1 takes the LARS sums alone (same flags, no median).
+        rule = "lars" if g.sharding is not None and g.rule == "mclr" else g.rule
         module = g.backend.module
         if module is cpp:
-            kwargs["workspace"] = cpp.workspace(g.rule, g.params, g.hp.lag, self._scratch)
+            kwargs["workspace"] = cpp.workspace(rule, g.local_params, g.hp.lag, self._scratch)
             if not kwargs.get("w_sq_known") and cpp.carries_w_sq(g.rule, g.hp.lag, self.reuse_weight_norm):
-                kwargs["w_sq"], kwargs["w_sq_known"] = cpp.known_w_sq(g.params, self._scratch)
-        return F.layerwise_reduce(g.rule, g.params, g.grads, [s["age"] for s in g.states], g.adapt, g.hp,
-                                  lagged_valid=g.lagged_valid, backend=g.backend, **kwargs)
+                kwargs["w_sq"], kwargs["w_sq_known"] = cpp.known_w_sq(g.local_params, self._scratch)
+        reduction = F.layerwise_reduce(rule, g.local_params, g.local_grads, [s["age"] for s in g.states], g.adapt,
+                                       g.hp, lagged_valid=g.lagged_valid, backend=g.backend, **kwargs)
+        if g.sharding is not None:
+            distributed.complete_norms(reduction, g.local_params, g.local_grads, kwargs.get("w_sq"),
+                                       kwargs.get("w_sq_known"))
+        return reduction
 
     def _update(self, g: _Group, reduction: F.Reduction, found_inf: torch.Tensor,
                 probe: CurvatureProbe) -> torch.Tensor:
         state = self._update_state(g, found_inf)
+        if g.sharding is not None:
+            state = distributed.local_state(state)
         kwargs = {}
         tracked = None
         if g.backend.module is cpp:
-            kwargs["workspace"] = cpp.workspace(g.rule, g.params, g.hp.lag, self._scratch)
+            kwargs["workspace"] = cpp.workspace(g.rule, g.local_params, g.hp.lag, self._scratch)
             if cpp.carries_w_sq(g.rule, g.hp.lag, self.reuse_weight_norm) and not bool(found_inf):
-                kwargs["next_w_sq"], tracked = cpp.next_w_sq(g.params)
-        stats = F.layerwise_update_(g.rule, g.params, g.grads, state, g.adapt, reduction, found_inf, g.hp,
-                                    saved=probe.saved_for_update(g), backend=g.backend, **kwargs)
+                kwargs["next_w_sq"], tracked = cpp.next_w_sq(g.local_params)
+        stats = F.layerwise_update_(g.rule, g.local_params, g.local_grads, state, g.adapt, reduction, found_inf,
+                                    g.hp, saved=probe.saved_for_update(g), backend=g.backend, **kwargs)
         probe.updated(g)
         if tracked is not None:
-            cpp.record_w_sq(g.params, kwargs["next_w_sq"], tracked, self._scratch)
+            cpp.record_w_sq(g.local_params, kwargs["next_w_sq"], tracked, self._scratch)
         return stats
 
     def _run(self, groups: list, probe: CurvatureProbe) -> None:
-        """Pass 1 over every group, one step-wide skip decision, pass 2 over every group."""
+        """Pass 1 over every group, one step-wide skip decision, pass 2 over every group;
+        sharded groups make their reductions and statistics whole-layer across ranks."""
         if not groups:
             return
         reductions = [self._reduce(g, probe) for g in groups]
@@ -254,8 +286,13 @@ class LayerwiseOptimizer(Optimizer):
         if self.skip_nonfinite:
             for red in reductions:
                 found_inf = found_inf | red.nonfinite.any().to(device)
-        self._stats = [((g.index, g.positions), self._update(g, red, found_inf, probe))
-                       for g, red in zip(groups, reductions)]
+        sharded = any(g.sharding is not None for g in groups)
+        if sharded:
+            found_inf = distributed.merge_reductions(groups, reductions, found_inf)
+        stats = [self._update(g, red, found_inf, probe) for g, red in zip(groups, reductions)]
+        if sharded:
+            distributed.merge_step_norms(groups, stats)
+        self._stats = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
         # A device tensor (int64: bool + int): counting skipped steps must not sync the host.
         self._skipped_steps = found_inf + self._skipped_steps
 

@@ -51,8 +51,11 @@ class ProbeBuffers:
 class CurvatureProbe:
     """``with CurvatureProbe(buffers) as probe: probe.measure(groups, closure); ...``.
 
-    ``groups``: objects with ``params``, ``grads``, ``prev_steps`` (s_{t−1} per layer, None
-    before the first step), ``measures`` (host bools) and ``backend`` (a ``backends.Backend``).
+    ``groups``: objects with ``params``, ``grads`` (as the optimizer holds them: ``.grad`` is
+    swapped on these), ``local_params`` and ``local(tensor)`` (what the kernels take: the
+    local shards of DTensor parameters, else the same tensors), ``prev_steps`` (s_{t−1} per
+    layer as the kernels take it, None before the first step), ``measures`` (host bools) and
+    ``backend`` (a ``backends.Backend``).
     """
 
     def __init__(self, buffers: ProbeBuffers):
@@ -76,7 +79,7 @@ class CurvatureProbe:
             shifted = [i for i, s in enumerate(g.prev_steps) if s is not None]
             saved = [None] * len(g.params)
             for i in shifted:
-                saved[i] = self.buffers.reused(self.buffers.saved, g.params[i], g.params[i], torch.empty_like)
+                saved[i] = self.buffers.reused(self.buffers.saved, g.params[i], g.local_params[i], torch.empty_like)
             self.groups[id(g)] = (g, GroupProbe(saved=saved, grads=[None] * len(g.params),
                                                 steps=[g.prev_steps[i] if g.measures[i] else None
                                                        for i in range(len(g.params))]))
@@ -89,16 +92,16 @@ class CurvatureProbe:
                 if not shifted:
                     continue
                 # The shift checks its inputs before it writes: pending once it has returned.
-                w_sq = F.probe_shift_([g.params[i] for i in shifted], [g.prev_steps[i] for i in shifted],
+                w_sq = F.probe_shift_([g.local_params[i] for i in shifted], [g.prev_steps[i] for i in shifted],
                                       [probe.saved[i] for i in shifted], backend=g.backend)
                 probe.pending = True
-                probe.w_sq = torch.zeros(len(g.params), dtype=torch.float64, device=g.params[0].device)
+                probe.w_sq = torch.zeros(len(g.params), dtype=torch.float64, device=g.local_params[0].device)
                 probe.w_sq[shifted] = w_sq
             with torch.enable_grad():
                 closure()
             for g in groups:
                 probe = self.groups[id(g)][1]
-                probe.grads = [p.grad if g.measures[i] else None for i, p in enumerate(g.params)]
+                probe.grads = [g.local(p.grad) if g.measures[i] else None for i, p in enumerate(g.params)]
                 if any(g.measures[i] and grad is None for i, grad in enumerate(probe.grads)):
                     raise RuntimeError("CBLR: the closure left a measured parameter without .grad")
         finally:
@@ -143,6 +146,6 @@ class CurvatureProbe:
     def _restore(group, probe: GroupProbe) -> None:
         if probe.pending:
             shifted = [i for i, w in enumerate(probe.saved) if w is not None]
-            F.probe_restore_([group.params[i] for i in shifted], [probe.saved[i] for i in shifted],
+            F.probe_restore_([group.local_params[i] for i in shifted], [probe.saved[i] for i in shifted],
                              backend=group.backend)
             probe.pending = False
