@@ -5,6 +5,7 @@ import json
 import pytest
 
 from cblr_ext.experiments import cli
+from cblr_ext.experiments.presets import preset_config
 
 PLOTS = ["accuracy_vs_batch.png", "variants.png", "accuracy_vs_wall_time.png", "layer_kappa_ratio.png",
          "structure_vs_batch.png"]
@@ -15,8 +16,8 @@ def test_tiny_sweep_writes_table_json_and_plots(tmp_path, capsys):
     out = tmp_path / "study"
     assert cli.main(["--tasks", "teacher/mlp", "digits/cnn", "--train-size", "1024", "--batch-sizes", "128", "512",
                      "--epochs", "1", "--optimizers", "SGD", "CBLR-k4", "--variants", "plain", "discard", "schedule",
-                     "--variant-batch-sizes", "512", "--variant-optimizers", "SGD", "--seeds", "2", "--jobs", "1",
-                     "--no-progress", "--out", str(out)]) == 0
+                     "--variant-batch-sizes", "512", "--variant-optimizers", "SGD", "--seeds", "2", "--lr-points", "1",
+                     "--jobs", "1", "--no-progress", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     document = json.loads((out / "results.json").read_text())
     assert set(document) == {"machine", "config", "columns", "results"}
@@ -30,7 +31,7 @@ def test_tiny_sweep_writes_table_json_and_plots(tmp_path, capsys):
         assert {"model", "epochs", "lr", "lr_grid_val_acc", "seeds", "diverged_seeds", "train_acc", "val_acc",
                 "test_acc", "gap", "steps", "wall_s", "curve", "telemetry"} <= set(r)
         assert len(r["test_acc"]["values"]) == 2 and set(r["test_acc"]) == {"mean", "std", "values"}
-        assert len(r["lr_grid_val_acc"]) == 3 and str(r["lr"]) in r["lr_grid_val_acc"]
+        assert len(r["lr_grid_val_acc"]) == 1 and str(r["lr"]) in r["lr_grid_val_acc"]
         assert [p["epoch"] for p in r["curve"]] == [1]
         layers = r["telemetry"]["layers"]
         assert {"ndim", "kappa", "ratio", "mean_g_norm", "mean_step_norm"} <= set(next(iter(layers.values())))
@@ -50,7 +51,7 @@ def test_help_documents_every_option(capsys):
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
     for option in ("--preset", "--out", "--tasks", "--batch-sizes", "--epochs", "--optimizers", "--variants",
-                   "--variant-batch-sizes", "--variant-optimizers", "--seeds", "--train-size", "--jobs",
+                   "--variant-batch-sizes", "--variant-optimizers", "--seeds", "--train-size", "--lr-points", "--jobs",
                    "--no-progress"):
         assert option in text
 
@@ -59,3 +60,15 @@ def test_bad_task_is_refused(capsys):
     with pytest.raises(SystemExit):
         cli.main(["--tasks", "teacher/cnn2"])
     assert "DATASET/MODEL" in capsys.readouterr().err
+
+
+def test_lr_points_take_the_grid_centre():
+    config = preset_config("quick")
+    assert config.lr_grid("SGD") == (0.0125, 0.025, 0.05, 0.1, 0.2)
+    config.lr_points = 3
+    assert config.lr_grid("SGD") == (0.025, 0.05, 0.1)
+    config.lr_points = 1
+    assert config.lr_grid("LARS") == (8.0,)
+    config.lr_points = 6
+    with pytest.raises(ValueError, match="lr_points"):
+        config.lr_grid("MCLR")

@@ -22,7 +22,7 @@ def test_readme_usage_examples_run():
 
 def test_demo_compares_every_rule_and_explains_its_table(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert demo.main(["--train-size", "1024", "--epochs", "1", "--batch-sizes", "128", "512", "--seeds", "1",
+    assert demo.main(["--train-size", "1024", "--epochs", "1", "--batch-sizes", "128", "512", "--seeds", "1", "--lr-points", "1",
                       "--jobs", "1", "--no-progress", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     rows = [line.split() for line in printed.splitlines() if line.startswith("teacher/mlp ")]

@@ -23,9 +23,29 @@ def _task(text):
     return dataset, model
 
 
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Shows defaults, except for the options whose default is the preset's."""
+
+    def _get_help_string(self, action):
+        if action.default is None:
+            return action.help + " (default: the preset's)"
+        return super()._get_help_string(action)
+
+
+def _presets_epilog():
+    lines = ["presets:"]
+    for name, preset in PRESETS.items():
+        tasks = ", ".join(f"{d}/{m} (batches {preset['batch_sizes'][d]}, {preset['epochs'][d]} epochs)"
+                          for d, m in preset["tasks"])
+        lines.append(f"  {name}: {tasks}; optimizers {', '.join(preset['optimizers'])}; "
+                     f"variants {', '.join(preset['variants'])}; {preset['seeds']} seeds; "
+                     f"teacher train size {preset['train_size']}")
+    return "\n".join(lines)
+
+
 def build_parser(prog, description, default_preset) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description, epilog=_presets_epilog(),
+                                formatter_class=_Formatter)
     p.add_argument("--preset", choices=sorted(PRESETS), default=default_preset,
                    help="the sweep to start from; the options below override its parts")
     p.add_argument("--out", default="cblr-experiments",
@@ -45,6 +65,8 @@ def build_parser(prog, description, default_preset) -> argparse.ArgumentParser:
                    help="optimizers with which the non-plain variants run")
     p.add_argument("--seeds", type=int, help="seeds per configuration (seed 0 also picks the lr)")
     p.add_argument("--train-size", type=int, help="training samples of the teacher task")
+    p.add_argument("--lr-points", type=int,
+                   help="try only the central N points of each optimizer's 5-point lr grid (for short runs)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs in parallel, one thread each")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -56,7 +78,7 @@ def config_from(args):
     if args.tasks:
         config.tasks = args.tasks
     datasets = {dataset for dataset, _ in config.tasks}
-    for name in ("epochs", "seeds", "train_size"):
+    for name in ("epochs", "seeds", "train_size", "lr_points"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -66,7 +88,7 @@ def config_from(args):
         config.batch_sizes = {d: args.batch_sizes for d in datasets}
     if args.variant_batch_sizes:
         config.variant_batch_sizes = {d: args.variant_batch_sizes for d in datasets}
-    for name in ("optimizers", "variants", "variant_optimizers", "seeds", "train_size"):
+    for name in ("optimizers", "variants", "variant_optimizers", "seeds", "train_size", "lr_points"):
         if getattr(args, name):
             setattr(config, name, getattr(args, name))
     missing = [d for d in datasets if d not in config.batch_sizes or d not in config.epochs]

@@ -28,19 +28,20 @@ def _cblr(interval):
                                    curvature_interval=interval)
 
 
-# Grids span the rules' usual scales (docs/algorithm.md: LARS/MCLR γ around 1-10 with
-# η = 1e-3, CBLR γ the fraction of the secant-Newton step, around 0.1).
+# Five points a factor 2 apart around the rules' usual scales (docs/algorithm.md: LARS/MCLR
+# γ around 1-10 with η = 1e-3, CBLR γ the fraction of the secant-Newton step, around 0.1);
+# a first sweep with three points picked the grid's edge in many large-batch cells.
 OPTIMIZERS = {
     "SGD": OptimizerSpec("SGD", lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=MOMENTUM,
                                                                  weight_decay=WEIGHT_DECAY),
-                         (0.025, 0.05, 0.1), "linear"),
+                         (0.0125, 0.025, 0.05, 0.1, 0.2), "linear"),
     "LARS": OptimizerSpec("LARS", lambda params, lr: LARS(params, lr=lr, momentum=MOMENTUM,
                                                           weight_decay=WEIGHT_DECAY),
-                          (4.0, 8.0, 16.0), None),
+                          (2.0, 4.0, 8.0, 16.0, 32.0), None),
     "MCLR": OptimizerSpec("MCLR", lambda params, lr: MCLR(params, lr=lr, momentum=MOMENTUM,
                                                           weight_decay=WEIGHT_DECAY),
-                          (2.0, 4.0, 8.0), None),
-    "CBLR-k1": OptimizerSpec("CBLR-k1", _cblr(1), (0.05, 0.1, 0.2), None),
-    "CBLR-k4": OptimizerSpec("CBLR-k4", _cblr(4), (0.05, 0.1, 0.2), None),
-    "CBLR-k16": OptimizerSpec("CBLR-k16", _cblr(16), (0.05, 0.1, 0.2), None),
+                          (1.0, 2.0, 4.0, 8.0, 16.0), None),
+    "CBLR-k1": OptimizerSpec("CBLR-k1", _cblr(1), (0.05, 0.1, 0.2, 0.4, 0.8), None),
+    "CBLR-k4": OptimizerSpec("CBLR-k4", _cblr(4), (0.05, 0.1, 0.2, 0.4, 0.8), None),
+    "CBLR-k16": OptimizerSpec("CBLR-k16", _cblr(16), (0.05, 0.1, 0.2, 0.4, 0.8), None),
 }

@@ -6,7 +6,7 @@ import statistics
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,16 @@ class SweepConfig:
     variant_optimizers: List[str] = field(default_factory=list)
     seeds: int = 3
     train_size: int = 32768
+    lr_points: Optional[int] = None              # the central points of each lr grid; None: all
+
+    def lr_grid(self, optimizer: str) -> Tuple[float, ...]:
+        grid = OPTIMIZERS[optimizer].lr_grid
+        if self.lr_points is None:
+            return grid
+        if not 1 <= self.lr_points <= len(grid):
+            raise ValueError(f"lr_points must be in 1..{len(grid)}, got {self.lr_points!r}")
+        start = (len(grid) - self.lr_points) // 2
+        return grid[start:start + self.lr_points]
 
     def cells(self):
         """(data set, model, optimizer, variant, batch size) of every configuration."""
@@ -78,7 +88,7 @@ def run_sweep(config: SweepConfig, *, jobs: int = 1, progress: bool = True) -> L
         return RunSpec(dataset, model, optimizer, lr, batch, config.epochs[dataset], seed, variant,
                        config.train_size)
 
-    grid = {cell: [spec(cell, lr, 0) for lr in OPTIMIZERS[cell[2]].lr_grid] for cell in cells}
+    grid = {cell: [spec(cell, lr, 0) for lr in config.lr_grid(cell[2])] for cell in cells}
     tried = _run_all([s for specs in grid.values() for s in specs], jobs, "lr grid (seed 0)", progress)
     chosen = {}
     for cell, specs in grid.items():
