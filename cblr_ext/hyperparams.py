@@ -25,9 +25,7 @@ RULE_DEFAULTS = {
 
 def _number(name, value):
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a number or a one-element tensor, got shape {tuple(value.shape)}")
-        return None  # a device tensor (lr): its value is not read on the host
+        raise ValueError(f"{name} must be a Python number, got a tensor (only lr may be a tensor)")
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a real number, got {value!r}")
     value = float(value)
@@ -36,10 +34,21 @@ def _number(name, value):
     return value
 
 
+def _learning_rate(lr):
+    """γ as a float where it can be read without a device sync: a number, or a CPU tensor
+    (an accelerator tensor's value is never read on the host; None)."""
+    if not isinstance(lr, torch.Tensor):
+        return _number("lr", lr)
+    if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
+        raise ValueError(f"lr must be a number or a one-element real floating tensor, got {lr.dtype} "
+                         f"of shape {tuple(lr.shape)}")
+    return float(lr) if lr.device.type == "cpu" else None
+
+
 def validate_group(group: dict, rule: str) -> None:
     """Raise ``ValueError`` naming the first bad hyperparameter of ``group``."""
-    lr = _number("lr", group["lr"])
-    if lr is not None and lr < 0:
+    lr = _learning_rate(group["lr"])
+    if lr is not None and not lr >= 0:
         raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
     momentum = _number("momentum", group["momentum"])
     if not 0.0 <= momentum < 1.0:

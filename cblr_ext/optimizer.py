@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.optim import Optimizer
 
 from . import backends, distributed
@@ -106,12 +107,26 @@ class LayerwiseOptimizer(Optimizer):
             self.param_groups.pop()
             raise
 
+    # Attributes a copy or pickle keeps besides torch's (defaults, state, param_groups), with
+    # the value an older pickle without them gets.
+    _PICKLED = {"skip_nonfinite": True, "reuse_weight_norm": True, "_skipped_steps": 0}
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update({key: self.__dict__[key] for key in self._PICKLED})
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)
+        for key, value in self._PICKLED.items():
+            self.__dict__.setdefault(key, value)
+        # Caches of the last step, not kept: rebuilt on the next step.
         self.__dict__.setdefault("_stats", [])
         self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
         self.__dict__.setdefault("_scratch", {})
-        self.__dict__.setdefault("reuse_weight_norm", True)
+        for group in self.param_groups:  # groups of older versions get the keys added since
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
 
     # ----------------------------------------------------------------- step
 
@@ -173,7 +188,7 @@ class LayerwiseOptimizer(Optimizer):
         state = self.state
         for gi, group, params, grads, positions, device, sharding in collected:
             states = [state[p] for p in params]
-            backend = backends.get(group["backend"], device)
+            backend = self._group_backend(group["backend"], device, params)
             hp = F.Hyperparams.from_group(group, check_nonfinite=self.skip_nonfinite)
             keeps_prev_step = self.rule == "cblr" and (hp.momentum == 0 or hp.nesterov)
             for p, layer_state in zip(params, states):
@@ -194,6 +209,16 @@ class LayerwiseOptimizer(Optimizer):
                 g.measures = [a and d and s is not None for a, d, s in zip(adapt, due, g.prev_steps)]
             groups.append(g)
         return groups
+
+    @staticmethod
+    def _group_backend(name: str, device, params: list) -> backends.Backend:
+        """The group's backend; "auto" takes the reference for a group with a parameter the
+        fused kernels cannot address as flat memory (a strided view)."""
+        backend = backends.get(name, device)
+        if name == "auto" and backend.name != "reference" and not all(
+                p.is_contiguous() or is_non_overlapping_and_dense(p) for p in params):
+            backend = backends.get("reference", device)
+        return backend
 
     @staticmethod
     def _init_layer_state(state: dict, p: torch.Tensor) -> None:
@@ -279,6 +304,7 @@ class LayerwiseOptimizer(Optimizer):
         """Pass 1 over every group, one step-wide skip decision, pass 2 over every group;
         sharded groups make their reductions and statistics whole-layer across ranks."""
         if not groups:
+            self._stats = []  # no layer stepped: layer_stats() says so (empty)
             return
         reductions = [self._reduce(g, probe) for g in groups]
         device = groups[0].params[0].device
@@ -328,17 +354,47 @@ class LayerwiseOptimizer(Optimizer):
         return sd
 
     def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        skipped = state_dict.pop("skipped_steps", 0)
-        super().load_state_dict(state_dict)
-        # torch casts floating state to the parameter's dtype; ours keeps its own
-        # (fp32 state for fp16/bf16 parameters, fp32 κ̄).
+        """torch's, with load-state-dict hooks honoured; loaded state keeps its own dtype
+        (fp32 state of 16-bit parameters, fp32 κ̄), where torch casts floating state to the
+        parameter's; every group keeps the backend it has (a checkpoint from any backend
+        loads under any other) and gets the keys an older checkpoint lacks from the defaults."""
+        chosen = [group["backend"] for group in self.param_groups]
+        hooked = {}
+
+        def capture(opt, sd):  # runs after the user's pre-hooks: sd is what torch loads
+            self._check_loaded_shapes(sd)  # before torch loads anything
+            hooked["sd"] = sd
+
+        handle = self.register_load_state_dict_pre_hook(capture)
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            handle.remove()
+        loaded = hooked["sd"]
+        for saved_group, group in zip(loaded["param_groups"], self.param_groups):
+            for pid, p in zip(saved_group["params"], group["params"]):
+                for key, value in loaded["state"].get(pid, {}).items():
+                    if isinstance(value, torch.Tensor):
+                        self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
+        for group, backend in zip(self.param_groups, chosen):
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+            group["backend"] = backend
+        self._skipped_steps = loaded.get("skipped_steps", 0)
+
+    _STATE_SHAPES = {"kappa": (), "age": (), "lagged": (3,)}  # the others: the parameter's
+
+    def _check_loaded_shapes(self, state_dict) -> None:
+        """A clear error, before anything is loaded, for state of another model."""
         for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
             for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in state_dict["state"].get(pid, {}).items():
-                    if isinstance(value, torch.Tensor):
-                        self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
-        self._skipped_steps = skipped
+                    if not isinstance(value, torch.Tensor):
+                        continue
+                    want = self._STATE_SHAPES.get(key, tuple(p.shape))
+                    if tuple(value.shape) != want:
+                        raise ValueError(f"loaded state[{key!r}] of parameter {pid} has shape "
+                                         f"{tuple(value.shape)}, expected {want} (a checkpoint of another model?)")
 
 
 class LARS(LayerwiseOptimizer):

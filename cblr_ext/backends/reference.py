@@ -82,7 +82,7 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
         w, g = w_t.to(dtype, copy=True), grad.to(dtype)
         current = _current_inputs(rule, sums, median, flags, i, w, g, weight_decay, eps, approx_median)
         # lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
-        w_norm, g_norm, kappa = lagged[i] if lag and lagged_valid[i] else current
+        w_norm, g_norm, kappa = lagged[i].clone() if lag and lagged_valid[i] else current  # written below
         measured = flags[i, FLAG_MEASURED]
         ratio, new_bar, used, fallback = lm.layer_ratio(
             kappa, measured, kappas[i], w_norm, g_norm, torch.tensor(adapt[i], device=p.device),
