@@ -1,0 +1,355 @@
+"""The rank side of tests/test_distributed.py (no tests here): spawning ranks on 127.0.0.1
+with a deadline, the models, the data and the scenarios each rank runs.  Every rank
+trains on the same full batch, so FSDP2's averaged gradients equal the single-process
+ones bit for bit and any difference comes from the optimizer."""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import cblr_ext
+
+CONFIGS = {  # name: (optimizer, keywords); MCLR re-measures every 2nd step (norms it lacks in between)
+    "lars": ("LARS", dict(lr=1.0, momentum=0.9, weight_decay=1e-3)),
+    "mclr": ("MCLR", dict(lr=1.0, momentum=0.9, weight_decay=1e-3, curvature_interval=2)),
+    "mclr_approx": ("MCLR", dict(lr=1.0, momentum=0.9, weight_decay=1e-3, median="approx")),
+    "cblr": ("CBLR", dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
+}
+WIDTHS = (7, 13, 1, 5)  # odd sizes; 13 → 1 has fewer rows than ranks
+LONG_WIDTHS = (7, 13, 1, 5, 9, 3, 6, 11, 4, 5)
+TP_WIDTHS = (6, 10, 4, 3)  # tensor parallelism's Shard(-1) activations need even widths
+STEPS = 20
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+               "reduce", "gather", "scatter", "all_to_all_single", "barrier", "all_gather_object")
+
+
+# ------------------------------------------------------------------ models and training
+
+def plain_model(widths=WIDTHS) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(widths, widths[1:]):
+        layers += [torch.nn.Linear(a, b), torch.nn.Tanh()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
+def batch(widths=WIDTHS):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(32, widths[0], generator=generator), torch.randn(32, widths[-1], generator=generator)
+
+
+def make_optimizer(model, config: str, backend: str, **overrides):
+    cls, kwargs = CONFIGS[config]
+    return getattr(cblr_ext, cls)(model.named_parameters(), backend=backend, **dict(kwargs, **overrides))
+
+
+def make_closure(model, opt, x, y, after_backward=None):
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        return loss
+    return closure
+
+
+def train(model, opt, steps: int, widths=WIDTHS) -> list:
+    """``steps`` steps on one batch; the layer statistics of each."""
+    device = next(model.parameters()).device
+    x, y = (t.to(device) for t in batch(widths))
+    closure = make_closure(model, opt, x, y)
+    history = []
+    for _ in range(steps):
+        opt.step(closure)
+        history.append(opt.layer_stats())
+    return history
+
+
+def full(tensor) -> torch.Tensor:
+    """The whole tensor on every rank (a collective for a DTensor)."""
+    return tensor.full_tensor().clone() if hasattr(tensor, "full_tensor") else tensor.detach().clone()
+
+
+def full_params(model) -> dict:
+    return {name: full(p) for name, p in model.named_parameters()}
+
+
+def fsdp_model(mesh, widths=WIDTHS):
+    """FSDP2 per layer for all Linear layers but the last, whose parameters the root shards."""
+    from torch.distributed.fsdp import fully_shard
+    model = plain_model(widths)
+    for layer in list(model)[:-1]:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def tp_model(mesh):
+    """Tensor parallel: Shard(0) weight and bias, then Shard(1) weight with a Replicate bias,
+    then a layer whose parameters are all Replicate."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+    model = plain_model(TP_WIDTHS)
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    distribute_module(model[4], mesh,
+                      input_fn=lambda mod, inputs, m: tuple(DTensor.from_local(t, m, [Replicate()]) for t in inputs),
+                      output_fn=lambda mod, outputs, m: outputs.to_local())
+    return model
+
+
+def bits(tensor) -> bytes:
+    """A tensor's bytes (NaN equals NaN, -0 differs from 0)."""
+    from cblr_ext.distributed import local
+    return local(tensor).detach().contiguous().cpu().numpy().tobytes()
+
+
+def snapshot(model, opt) -> list:
+    """The bytes of every parameter shard and every state tensor of this rank."""
+    out = [bits(p) for p in model.parameters()]
+    for p in model.parameters():
+        for key, value in sorted(opt.state.get(p, {}).items()):
+            out.append((key, bits(value)))
+    return out
+
+
+@contextlib.contextmanager
+def counting_collectives(counts: list):
+    """Counts every torch.distributed collective (and the bytes of its first tensor) into
+    ``counts[-1]``, except inside ``paused()`` (the closure's forward and backward)."""
+    originals = {name: getattr(dist, name) for name in COLLECTIVES}
+
+    def wrap(name, fn):
+        def counted(*args, **kwargs):
+            if not getattr(counting_collectives, "paused", False):
+                tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                counts[-1].append((name, 0 if tensor is None else tensor.numel() * tensor.element_size()))
+            return fn(*args, **kwargs)
+        return counted
+    for name, fn in originals.items():
+        setattr(dist, name, wrap(name, fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+
+
+@contextlib.contextmanager
+def paused():
+    counting_collectives.paused = True
+    try:
+        yield
+    finally:
+        counting_collectives.paused = False
+
+
+# ----------------------------------------------------------------------- scenarios
+
+def scenario_fsdp_parity(mesh, out, configs=tuple(CONFIGS), backends=("reference", "cpp")):
+    """Every config × backend, 20 steps of the FSDP2 model: stats of every step, final params."""
+    result = {}
+    for backend in backends:
+        for config in configs:
+            model = fsdp_model(mesh)
+            opt = make_optimizer(model, config, backend)
+            stats = train(model, opt, STEPS)
+            result[config, backend] = dict(stats=stats, params=full_params(model))
+    return result
+
+
+def scenario_fsdp_parity_cpp(mesh, out):
+    return scenario_fsdp_parity(mesh, out, configs=("mclr", "cblr"), backends=("cpp",))
+
+
+def scenario_fsdp_parity_cuda(mesh, out):
+    return scenario_fsdp_parity(mesh, out, backends=("auto",))
+
+
+def scenario_tp(mesh, out):
+    result = {}
+    for config in ("lars", "mclr", "cblr"):
+        model = tp_model(mesh)
+        opt = make_optimizer(model, config, "cpp")
+        stats = train(model, opt, STEPS, TP_WIDTHS)
+        result[config] = dict(stats=stats, params=full_params(model),
+                              placements={n: str(tuple(p.placements)) for n, p in model.named_parameters()})
+    return result
+
+
+def scenario_nan_one_rank(mesh, out):
+    """A NaN in one rank's shard of g_t: every rank skips, nothing changes anywhere."""
+    result = {}
+    for config in ("mclr", "cblr"):
+        model = fsdp_model(mesh)
+        opt = make_optimizer(model, config, "cpp")
+        train(model, opt, 3)
+        x, y = batch()
+        calls = []
+
+        def poison():  # the closure's first call (g_t) on rank 1 only
+            calls.append(1)
+            if dist.get_rank() == 1 and len(calls) == 1:
+                p = next(q for q in model.parameters() if q.grad.to_local().numel())
+                p.grad.to_local().view(-1)[0] = float("nan")
+        before = snapshot(model, opt)
+        opt.step(make_closure(model, opt, x, y, poison))
+        result[config] = dict(unchanged=snapshot(model, opt) == before, skipped=opt.skipped_steps,
+                              closure_calls=len(calls))
+    return result
+
+
+def scenario_collective_count(mesh, out):
+    """Collectives (count, bytes) of each step outside the closure, for a short and a long model."""
+    configs = {"lars": {}, "mclr": dict(curvature_interval=1), "mclr_approx": {}, "cblr": {}}
+    result = {}
+    for config, overrides in configs.items():
+        for widths in (WIDTHS, LONG_WIDTHS):
+            model = fsdp_model(mesh, widths)
+            opt = make_optimizer(model, config, "cpp", **overrides)
+            x, y = batch(widths)
+            inner = make_closure(model, opt, x, y)
+
+            def closure():
+                with paused():
+                    return inner()
+            counts = []
+            with counting_collectives(counts):
+                for _ in range(3):
+                    counts.append([])
+                    opt.step(closure)
+            result[config, len(widths) - 1] = counts
+    return result
+
+
+def scenario_checkpoint(mesh, out):
+    """Save through torch.distributed.checkpoint after 4 steps, go on 4 steps; a fresh model
+    and optimizer loaded from the checkpoint go on the same 4 steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    result = {}
+    for config in ("mclr", "cblr"):
+        path = os.path.join(out, f"checkpoint-{config}")
+        model = fsdp_model(mesh)
+        opt = make_optimizer(model, config, "cpp")
+        train(model, opt, 4)
+        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+                 checkpoint_id=path)
+        went_on = dict(stats=train(model, opt, 4), params=full_params(model))
+        model = fsdp_model(mesh)
+        opt = make_optimizer(model, config, "cpp")
+        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+        dcp.load(state, checkpoint_id=path)
+        set_model_state_dict(model, state["model"])
+        set_optimizer_state_dict(model, opt, state["optim"])
+        resumed = dict(stats=train(model, opt, 4), params=full_params(model))
+        result[config] = dict(path=path, went_on=went_on, resumed=resumed)
+    return result
+
+
+def scenario_ddp(mesh, out):
+    """DDP: plain replicated parameters; the optimizer issues no collective."""
+    from torch.nn.parallel import DistributedDataParallel
+    result = {}
+    for config in ("lars", "mclr"):
+        model = DistributedDataParallel(plain_model())
+        opt = make_optimizer(model, config, "cpp")
+        x, y = batch()
+        inner = make_closure(model, opt, x, y)
+
+        def closure():
+            with paused():
+                return inner()
+        counts = []
+        with counting_collectives(counts):
+            for _ in range(STEPS):
+                counts.append([])
+                opt.step(closure)
+        result[config] = dict(collectives=sum(map(len, counts)),
+                              params={n.removeprefix("module."): full(p) for n, p in model.named_parameters()})
+    return result
+
+
+def scenario_errors(mesh, out):
+    """What cannot be reduced raises, naming the parameter, before anything changes."""
+    from torch.distributed.tensor import DTensor, Partial
+    result = {}
+    p = torch.nn.Parameter(DTensor.from_local(torch.ones(4, 3), mesh, [Partial()]))
+    p.grad = DTensor.from_local(torch.ones(4, 3), mesh, [Partial()])
+    opt = cblr_ext.LARS([("encoder.weight", p)], lr=0.1, momentum=0.9)
+    result["partial"] = _error_of(opt.step)
+    result["partial_untouched"] = (len(opt.state) == 0, bits(p) == bits(torch.ones(4, 3)))
+    model = fsdp_model(mesh)
+    opt = make_optimizer(model, "lars", "cpp", lag=1)
+    before = full_params(model)
+    result["lag"] = _error_of(lambda: opt.step(make_closure(model, opt, *batch())))
+    result["lag_untouched"] = (len(opt.state) == 0,
+                               all(torch.equal(before[n], full(q)) for n, q in model.named_parameters()))
+    return result
+
+
+def _error_of(fn):
+    try:
+        fn()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+# ------------------------------------------------------------------------ spawning
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, world, port, scenarios, out, device_type):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)  # the single-process runs use 1 thread too: same matmul bits
+    backend = "nccl" if device_type == "cuda" else "gloo"
+    if device_type == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    from torch.distributed.device_mesh import init_device_mesh
+    mesh = init_device_mesh(device_type, (world,))
+    try:
+        for name in scenarios:
+            try:
+                result = globals()[f"scenario_{name}"](mesh, out)
+            except Exception:
+                result = {"error": f"rank {rank}: {traceback.format_exc()}"}
+            torch.save(result, os.path.join(out, f"{name}.{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(world: int, scenarios: list, out: str, timeout: float, device_type="cpu") -> dict:
+    """Run ``scenarios`` on ``world`` spawned ranks; {scenario: [result of each rank]}.
+    Stops every rank past ``timeout`` seconds."""
+    context = mp.start_processes(_rank_main, args=(world, free_port(), list(scenarios), out, device_type),
+                                 nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    try:
+        while not context.join(timeout=1):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{world} ranks did not finish {scenarios} within {timeout} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    results = {}
+    for name in scenarios:
+        results[name] = [torch.load(os.path.join(out, f"{name}.{rank}.pt"), weights_only=False)
+                         for rank in range(world)]
+    return results
