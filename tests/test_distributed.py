@@ -8,6 +8,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import pathlib
+import re
 
 import pytest
 import torch
@@ -181,6 +183,16 @@ def test_unreducible_placement_raises_before_anything_changes(two_ranks):
         assert rank["partial_untouched"] == (True, True)
         assert "lag=1" in rank["lag"], rank["lag"]
         assert rank["lag_untouched"] == (True, True)
+
+
+def test_readme_fsdp2_example_runs_on_two_ranks(tmp_path):
+    """The README's example (fenced ``py``: the single-process README test leaves it here)."""
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Distributed training", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```py\n(.*?)```", section, re.S)
+    per_rank = W.run_script(2, code, str(tmp_path), timeout=120)
+    assert repr(per_rank[0]) == repr(per_rank[1])
+    assert per_rank[0]["2.weight"]["ratio"] > 0 and not per_rank[0]["2.weight"]["fallback"]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2 or not dist.is_nccl_available(),

@@ -334,22 +334,39 @@ def _rank_main(rank, world, port, scenarios, out, device_type):
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, scenarios: list, out: str, timeout: float, device_type="cpu") -> dict:
-    """Run ``scenarios`` on ``world`` spawned ranks; {scenario: [result of each rank]}.
-    Stops every rank past ``timeout`` seconds."""
-    context = mp.start_processes(_rank_main, args=(world, free_port(), list(scenarios), out, device_type),
-                                 nprocs=world, join=False, start_method="spawn")
+def _script_main(rank, world, port, code, out):
+    """Run ``code`` as torchrun would start it; keep its ``opt.layer_stats()``."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                      WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    torch.save(namespace["opt"].layer_stats(), os.path.join(out, f"script.{rank}.pt"))
+
+
+def _spawn(fn, args, world: int, timeout: float, what: str) -> None:
+    context = mp.start_processes(fn, args=(world, free_port()) + args, nprocs=world, join=False,
+                                 start_method="spawn")
     deadline = time.monotonic() + timeout
     try:
         while not context.join(timeout=1):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{world} ranks did not finish {scenarios} within {timeout} s")
+                raise TimeoutError(f"{world} ranks did not finish {what} within {timeout} s")
     finally:
         for process in context.processes:
             if process.is_alive():
                 process.kill()
-    results = {}
-    for name in scenarios:
-        results[name] = [torch.load(os.path.join(out, f"{name}.{rank}.pt"), weights_only=False)
-                         for rank in range(world)]
-    return results
+
+
+def run_ranks(world: int, scenarios: list, out: str, timeout: float, device_type="cpu") -> dict:
+    """Run ``scenarios`` on ``world`` spawned ranks; {scenario: [result of each rank]}.
+    Stops every rank past ``timeout`` seconds."""
+    _spawn(_rank_main, (list(scenarios), out, device_type), world, timeout, str(scenarios))
+    return {name: [torch.load(os.path.join(out, f"{name}.{rank}.pt"), weights_only=False) for rank in range(world)]
+            for name in scenarios}
+
+
+def run_script(world: int, code: str, out: str, timeout: float) -> list:
+    """``code`` on ``world`` ranks started as torchrun starts them; each rank's layer_stats()."""
+    _spawn(_script_main, (code, out), world, timeout, "the script")
+    return [torch.load(os.path.join(out, f"script.{rank}.pt")) for rank in range(world)]
