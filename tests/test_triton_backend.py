@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -528,7 +529,8 @@ def test_through_the_dispatcher_the_update_still_recognises_the_reduction(small_
     monkeypatch.setattr(tb, "_pass_one", lambda *a, **k: calls.append(1) or first_pass(*a, **k))
     hp = F.Hyperparams(lr=0.5, momentum=0.9, weight_decay=1e-2, median="approx")
     results = []
-    with torch.library._scoped_library("cblr_ext", "IMPL") as lib:
+    with torch.library._scoped_library("cblr_ext", "IMPL") as lib, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Warning only once", UserWarning)  # overriding cpp's kernels: meant
         for name in ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_"):
             lib.impl(name, getattr(tb, name), "CPU")
         for backend in ("auto", "triton"):
