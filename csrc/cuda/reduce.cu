@@ -1,0 +1,290 @@
+// Pass 1 (layerwise_reduce) on CUDA: per-layer Σw², Σg², the CBLR secant sums and the
+// non-finite flag as deterministic two-stage sums (per-chunk partials in fp64, summed per
+// layer in chunk order: no float atomics), and the exact lower median of the quotients
+// |d_i|/|w_i| by radix selection over their float bits (per-block histograms in shared
+// memory, exact integer counts added into per-layer histograms).  Torch-free.
+#include "common.cuh"
+#include "passes.cuh"
+
+namespace cblr {
+namespace cuda {
+namespace {
+
+// Decides on the device which layers measure (their age) and so what pass 1 reads
+// (csrc/cpu/step_passes.h, reduce_layers, is the same plan on the host).
+__global__ void plan_reduce_kernel(const __grid_constant__ LayerTable table, uint8_t* mode, int rule,
+                                   int64_t curvature_interval, bool lag, bool check_nonfinite) {
+  const int slot = int(threadIdx.x);
+  if (slot >= table.count) return;
+  const uint8_t bits = table.bits[slot];
+  const bool adapt = bits & BIT_ADAPT, stashed = bits & BIT_STASHED, probed = bits & BIT_PROBED;
+  const bool measured = adapt && (rule == CUDA_RULE_CBLR ? probed
+                                                        : measurement_due(*table.age[slot], curvature_interval));
+  // lag=1 stashes κ of every layer for the next step (as the reference does): MCLR
+  // selects the median of every layer under lag, of the measuring ones otherwise.
+  const bool select = rule == CUDA_RULE_MCLR && (lag || measured);
+  bool read_w = !stashed && measured && !probed;
+  // Where w would be read for Σw² alone, a known Σw² spares the read; a probed layer sits
+  // at w_t + s, so its Σw_t² must be the shift's.
+  const bool known = probed || (read_w && (bits & BIT_KNOWN_W2) && !select);
+  if (known) read_w = false;
+  const bool norms = read_w || known;
+  uint8_t m = 0;
+  if (read_w) m |= M_W2;
+  if (norms) m |= M_G2 | M_NORMS;
+  if (check_nonfinite) m |= M_CHECK;
+  if (probed) m |= M_SECANT;
+  if (select) m |= M_SELECT;
+  if (known) m |= M_KNOWN;
+  if (measured) m |= M_MEASURED;
+  mode[slot] = m;
+}
+
+struct Element {
+  float w, g, probe_g, step;
+};
+
+// One pass over a chunk: pass 0 takes the sums (and the first histogram); a later pass
+// (pass > 0) only histograms the quotients whose higher bits equal the selected prefix.
+template <typename P>
+__global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_constant__ LayerTable table,
+                                                              const Scratch scratch, int pass, int shift, int nbits,
+                                                              float weight_decay) {
+  __shared__ uint32_t hist[kRadixBins];
+  __shared__ BlockSums<kPartials> block_sums;
+  const int slot = find_slot(table, int(blockIdx.x));
+  const uint8_t mode = scratch.mode[slot];
+  const bool select = mode & M_SELECT;
+  double acc[kPartials] = {0, 0, 0, 0, 0, 0};
+  if (pass > 0 && !select) return;
+  if ((mode & kReads) == 0) {
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < kPartials; ++k) scratch.partials[int64_t(blockIdx.x) * kPartials + k] = 0.0;
+    }
+    return;
+  }
+  if (select) {
+    for (int b = int(threadIdx.x); b < kRadixBins; b += kThreads) hist[b] = 0;
+    __syncthreads();
+  }
+  const int64_t n = table.n[slot];
+  const int64_t begin = int64_t(int(blockIdx.x) - table.chunk_start[slot]) * kChunk;
+  const int64_t end = begin + kChunk < n ? begin + kChunk : n;
+  const P* w = static_cast<const P*>(table.ptr[ROLE_W_IN][slot]);
+  const P* g = static_cast<const P*>(table.ptr[ROLE_G][slot]);
+  const P* probe_g = static_cast<const P*>(table.ptr[ROLE_PROBE_G][slot]);
+  const float* step = static_cast<const float*>(table.ptr[ROLE_STEP][slot]);
+  const bool secant = pass == 0 && (mode & M_SECANT);
+  const bool read_w = (mode & (M_W2 | M_SELECT)) && !secant;
+  const bool read_g = true;  // every reading mode reads g
+  const bool sum_w = pass == 0 && (mode & M_W2);
+  const bool sum_g = pass == 0 && (mode & (M_G2 | M_SECANT));
+  const bool aligned = table.bits[slot] & BIT_ALIGNED;
+  const uint32_t prefix = pass > 0 ? scratch.select[slot * 3] : 0u;
+  const int high = shift + nbits;  // < 32 for pass > 0
+  const uint32_t mask = (1u << nbits) - 1u;
+
+  auto visit = [&](const Element& e) {
+    if (pass == 0) {
+      if (sum_w) acc[0] += square(e.w);
+      if (sum_g) acc[1] += square(e.g);
+      acc[4] += is_finite(e.g) ? 0.0 : 1.0;
+      if (secant) {
+        const float diff = secant_difference(e.g, e.probe_g, e.step, weight_decay);
+        acc[2] += square(diff);
+      }
+    }
+    if (select && e.w != 0.0f) {
+      const float q = curvature_quotient(decayed_grad(e.g, e.w, weight_decay), e.w);
+      if (q != q) {
+        acc[5] += 1.0;
+      } else {
+        const uint32_t b = float_bits(q);
+        if (pass == 0 || (b >> high) == (prefix >> high)) atomicAdd(&hist[(b >> shift) & mask], 1u);
+      }
+    }
+  };
+
+  for (int64_t base = begin + int64_t(threadIdx.x) * kVec; base < end; base += int64_t(kThreads) * kVec) {
+    float wv[kVec] = {0, 0, 0, 0}, gv[kVec] = {0, 0, 0, 0}, pv[kVec] = {0, 0, 0, 0}, sv[kVec] = {0, 0, 0, 0};
+    float s_raw[kVec] = {0, 0, 0, 0};
+    int m = kVec;
+    if (aligned && base + kVec <= end) {
+      if (read_w) load_vec(w + base, wv);
+      if (read_g) load_vec(g + base, gv);
+      if (secant) {
+        load_vec(probe_g + base, pv);
+        load_vec(step + base, s_raw);
+      }
+    } else {
+      m = int(end - base < kVec ? end - base : kVec);
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) {  // unrolled: the arrays stay in registers
+        if (k < m) {
+          if (read_w) wv[k] = load_value(w[base + k]);
+          if (read_g) gv[k] = load_value(g[base + k]);
+          if (secant) {
+            pv[k] = load_value(probe_g[base + k]);
+            s_raw[k] = step[base + k];
+          }
+        }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      if (k >= m) continue;
+      if (secant) {
+        // s as the shift added it (rounded to the storage type); Σs² of s itself.
+        sv[k] = load_value(store_value<P>(s_raw[k]));
+        acc[3] += square(s_raw[k]);
+      }
+      visit(Element{wv[k], gv[k], pv[k], sv[k]});
+    }
+  }
+
+  if (select) {
+    __syncthreads();
+    uint32_t* layer_hist = scratch.hist + int64_t(slot) * kRadixBins;
+    for (int b = int(threadIdx.x); b <= int(mask); b += kThreads) {
+      if (hist[b]) atomicAdd(layer_hist + b, hist[b]);  // integer counts: exact in any order
+    }
+  }
+  if (pass == 0) {
+    block_sums.sum(acc);
+    if (threadIdx.x == 0) {
+      for (int k = 0; k < kPartials; ++k) scratch.partials[int64_t(blockIdx.x) * kPartials + k] = acc[k];
+    }
+  }
+}
+
+// One radix digit of the lower median of each selecting layer: the bin holding the
+// rank-th smallest quotient among those matching the prefix (one block per layer).
+__global__ void __launch_bounds__(kThreads) select_kernel(const Scratch scratch, int count, int pass, int shift,
+                                                          int nbits) {
+  using Scan = cub::BlockScan<uint32_t, kThreads>;
+  __shared__ typename Scan::TempStorage scan;
+  const int slot = int(blockIdx.x);
+  if (slot >= count || !(scratch.mode[slot] & M_SELECT)) return;
+  const uint32_t* hist = scratch.hist + int64_t(slot) * kRadixBins;
+  uint32_t* state = scratch.select + slot * 3;  // prefix, rank, count
+  const int bins = 1 << nbits;
+  const int per = (bins + kThreads - 1) / kThreads;
+  const int first = int(threadIdx.x) * per;
+  const uint32_t carried_rank = pass == 0 ? 0u : state[1];  // read before any thread writes it
+  const uint32_t carried_prefix = pass == 0 ? 0u : state[0];
+  uint32_t local = 0;
+  for (int b = first; b < first + per && b < bins; ++b) local += hist[b];
+  uint32_t before = 0, total = 0;
+  Scan(scan).ExclusiveSum(local, before, total);
+  const uint32_t rank = pass == 0 ? (total ? uint32_t(lower_median_rank(int64_t(total))) : 0u) : carried_rank;
+  if (pass == 0 && threadIdx.x == 0) state[2] = total;  // quotients that are not NaN
+  if (total == 0 || rank < before || rank >= before + local) return;
+  uint32_t cum = before;
+  for (int b = first; b < first + per && b < bins; ++b) {
+    if (rank < cum + hist[b]) {
+      state[0] = carried_prefix | (uint32_t(b) << shift);
+      state[1] = rank - cum;
+      return;
+    }
+    cum += hist[b];
+  }
+}
+
+// Per-layer totals of the chunk partials (chunk order) and the median from the selection.
+__global__ void __launch_bounds__(kThreads) finish_kernel(const __grid_constant__ LayerTable table,
+                                                          const Scratch scratch, const MeasureArgs args) {
+  const int slot = int(blockIdx.x);
+  double acc[kPartials];
+  sum_layer_partials<kPartials>(scratch.partials, table.chunk_start[slot], table.chunk_start[slot + 1], acc);
+  if (threadIdx.x != 0) return;
+  const uint8_t mode = scratch.mode[slot];
+  float median = 0.0f;  // not taken
+  if (mode & M_SELECT) {
+    const uint32_t* state = scratch.select + slot * 3;
+    median = (state[2] == 0 || acc[5] > 0.0) ? quiet_nan() : bits_float(state[0]);
+    if (args.approx_median) median = approx_median(median);
+  }
+  if (!args.to_outputs) {
+    scratch.pre_sums[slot * 4 + 0] = acc[0];
+    scratch.pre_sums[slot * 4 + 1] = acc[1];
+    scratch.pre_median[slot] = median;
+    return;
+  }
+  const int row = table.row[slot];
+  const bool norms = mode & M_NORMS;
+  double* sums = args.sums + int64_t(row) * 4;
+  sums[0] = norms ? ((mode & M_KNOWN) ? args.w_sq[row] : acc[0]) : 0.0;
+  sums[1] = norms ? acc[1] : 0.0;
+  sums[2] = acc[2];
+  sums[3] = acc[3];
+  args.median[row] = median;
+  bool* flags = args.flags + int64_t(row) * 4;
+  flags[0] = mode & M_MEASURED;
+  flags[1] = norms;
+  flags[2] = mode & M_SELECT;
+  flags[3] = acc[4] > 0.0;
+}
+
+template <typename P>
+void launch_measure(const LayerTable& table, const Scratch& scratch, const MeasureArgs& args, cudaStream_t stream) {
+  if (table.chunks > 0) {
+    int shift[3], bits[3];
+    const int passes = args.mclr ? median_passes(args.approx_median, shift, bits) : 1;
+    if (args.mclr) {
+      cudaMemsetAsync(scratch.select, 0, sizeof(uint32_t) * 3 * kMaxLayers, stream);
+    }
+    for (int p = 0; p < passes; ++p) {
+      if (args.mclr) cudaMemsetAsync(scratch.hist, 0, sizeof(uint32_t) * kRadixBins * table.count, stream);
+      chunk_pass_kernel<P><<<table.chunks, kThreads, 0, stream>>>(table, scratch, p, args.mclr ? shift[p] : 0,
+                                                                 args.mclr ? bits[p] : 1, args.weight_decay);
+      if (args.mclr) select_kernel<<<table.count, kThreads, 0, stream>>>(scratch, table.count, p, shift[p], bits[p]);
+    }
+  } else if (args.mclr) {
+    cudaMemsetAsync(scratch.select, 0, sizeof(uint32_t) * 3 * kMaxLayers, stream);
+  }
+  finish_kernel<<<table.count, kThreads, 0, stream>>>(table, scratch, args);
+}
+
+}  // namespace
+
+int median_passes(bool approx, int* shift, int* bits) {
+  if (approx) {  // the top 16 bits: the bf16-truncated median
+    shift[0] = 21; bits[0] = 11;
+    shift[1] = 16; bits[1] = 5;
+    return 2;
+  }
+  shift[0] = 21; bits[0] = 11;
+  shift[1] = 10; bits[1] = 11;
+  shift[2] = 0; bits[2] = 10;
+  return 3;
+}
+
+cudaError_t measure_batch(DType dtype, const LayerTable& table, const Scratch& scratch, const MeasureArgs& args,
+                          cudaStream_t stream) {
+  switch (dtype) {
+    case DType::F16: launch_measure<__half>(table, scratch, args, stream); break;
+    case DType::BF16: launch_measure<__nv_bfloat16>(table, scratch, args, stream); break;
+    default: launch_measure<float>(table, scratch, args, stream); break;
+  }
+  return cudaGetLastError();
+}
+
+cudaError_t reduce_batch(DType dtype, const LayerTable& table, const Scratch& scratch, const ReduceArgs& args,
+                         cudaStream_t stream) {
+  if (table.count == 0) return cudaSuccess;
+  plan_reduce_kernel<<<1, kMaxLayers, 0, stream>>>(table, scratch.mode, args.rule, args.curvature_interval, args.lag,
+                                                   args.check_nonfinite);
+  MeasureArgs m;
+  m.mclr = args.rule == CUDA_RULE_MCLR;
+  m.approx_median = args.approx_median;
+  m.weight_decay = float(args.weight_decay);
+  m.to_outputs = true;
+  m.w_sq = args.w_sq;
+  m.sums = args.sums;
+  m.median = args.median;
+  m.flags = args.flags;
+  return measure_batch(dtype, table, scratch, m, stream);
+}
+
+}  // namespace cuda
+}  // namespace cblr
