@@ -25,7 +25,9 @@ TWO_RANK_SCENARIOS = ["fsdp_parity", "tp", "nan_one_rank", "collective_count", "
 STAT_COLUMNS = ("w_norm", "g_norm", "step_norm", "kappa", "ratio", "alpha")
 # Per step outside the closure: the sums' collective and the step norms'; MCLR adds the
 # radix rounds after the first (2 exact, 1 approx).
-EXPECTED_COLLECTIVES = {"lars": 2, "mclr": 4, "mclr_approx": 3, "cblr": 2}
+# Two param groups share them (packed step-wide).
+EXPECTED_COLLECTIVES = {"lars": 2, "mclr": 4, "mclr_approx": 3, "cblr": 2, "lars_two_groups": 2,
+                        "mclr_two_groups": 4}
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +37,7 @@ def two_ranks(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
-    return W.run_ranks(4, ["fsdp_parity_cpp"], str(tmp_path_factory.mktemp("ranks4")), timeout=300)
+    return W.run_ranks(4, ["fsdp_parity_cpp", "hsdp_parity"], str(tmp_path_factory.mktemp("ranks4")), timeout=300)
 
 
 def ranks(job: dict, scenario: str) -> list:
@@ -108,6 +110,13 @@ def test_fsdp2_two_ranks_match_one_process(two_ranks, config, backend):
 @pytest.mark.parametrize("config", ["mclr", "cblr"])
 def test_fsdp2_four_ranks_match_one_process(four_ranks, config):
     assert_matches_single_process(ranks(four_ranks, "fsdp_parity_cpp"), (config, "cpp"), config, "cpp")
+
+
+@pytest.mark.parametrize("config", ["mclr", "cblr"])
+def test_hsdp_2d_mesh_four_ranks_match_one_process(four_ranks, config):
+    per_rank = ranks(four_ranks, "hsdp_parity")
+    assert per_rank[0]["placements"] == "(Replicate(), Shard(dim=0))"
+    assert_matches_single_process(per_rank, (config, "cpp"), config, "cpp")
 
 
 @pytest.mark.parametrize("config", ["lars", "mclr", "cblr"])

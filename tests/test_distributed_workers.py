@@ -46,9 +46,14 @@ def batch(widths=WIDTHS):
     return torch.randn(32, widths[0], generator=generator), torch.randn(32, widths[-1], generator=generator)
 
 
-def make_optimizer(model, config: str, backend: str, **overrides):
+def make_optimizer(model, config: str, backend: str, two_groups=False, **overrides):
+    """``two_groups``: matrices, then vectors without weight decay (as training scripts split them)."""
     cls, kwargs = CONFIGS[config]
-    return getattr(cblr_ext, cls)(model.named_parameters(), backend=backend, **dict(kwargs, **overrides))
+    params = list(model.named_parameters())
+    if two_groups:
+        params = [{"params": [(n, p) for n, p in params if p.ndim > 1]},
+                  {"params": [(n, p) for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return getattr(cblr_ext, cls)(params, backend=backend, **dict(kwargs, **overrides))
 
 
 def make_closure(model, opt, x, y, after_backward=None):
@@ -171,6 +176,15 @@ def scenario_fsdp_parity_cpp(mesh, out):
     return scenario_fsdp_parity(mesh, out, configs=("mclr", "cblr"), backends=("cpp",))
 
 
+def scenario_hsdp_parity(mesh, out):
+    """HSDP: a 2-D mesh, (Replicate, Shard(0)) placements."""
+    from torch.distributed.device_mesh import init_device_mesh
+    hsdp = init_device_mesh("cpu", (2, mesh.size() // 2), mesh_dim_names=("replicate", "shard"))
+    result = scenario_fsdp_parity(hsdp, out, configs=("mclr", "cblr"), backends=("cpp",))
+    result["placements"] = str(tuple(fsdp_model(hsdp)[0].weight.placements))
+    return result
+
+
 def scenario_fsdp_parity_cuda(mesh, out):
     return scenario_fsdp_parity(mesh, out, backends=("auto",))
 
@@ -210,12 +224,13 @@ def scenario_nan_one_rank(mesh, out):
 
 def scenario_collective_count(mesh, out):
     """Collectives (count, bytes) of each step outside the closure, for a short and a long model."""
-    configs = {"lars": {}, "mclr": dict(curvature_interval=1), "mclr_approx": {}, "cblr": {}}
+    configs = {"lars": {}, "mclr": dict(curvature_interval=1), "mclr_approx": {}, "cblr": {},
+               "lars_two_groups": dict(two_groups=True), "mclr_two_groups": dict(two_groups=True, curvature_interval=1)}
     result = {}
     for config, overrides in configs.items():
         for widths in (WIDTHS, LONG_WIDTHS):
             model = fsdp_model(mesh, widths)
-            opt = make_optimizer(model, config, "cpp", **overrides)
+            opt = make_optimizer(model, config.removesuffix("_two_groups"), "cpp", **overrides)
             x, y = batch(widths)
             inner = make_closure(model, opt, x, y)
 
