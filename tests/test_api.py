@@ -12,26 +12,9 @@ import torch
 
 import cblr_ext
 from cblr_ext import CBLR, LARS, MCLR, BackendUnavailable, backends
+from helpers import mlp, train
 
 RULES = [LARS, MCLR, CBLR]
-
-
-def mlp(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
-
-
-def train(model, opt, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(model(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
 
 
 def snapshot(model, opt):

@@ -11,27 +11,10 @@ import torch
 
 import cblr_ext
 from cblr_ext import CBLR, LARS, MCLR
+from helpers import mlp as model, train
 
 RULES = [LARS, MCLR, CBLR]
 BACKENDS = cblr_ext.available_backends("cpu")
-
-
-def model(seed=0):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 2))
-
-
-def train(m, opt, steps, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
-        x, y = torch.randn(8, 5, generator=gen), torch.randn(8, 2, generator=gen)
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.mse_loss(m(x), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
 
 
 def same_parameters(a, b):

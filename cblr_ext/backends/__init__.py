@@ -3,20 +3,19 @@
 ``"auto"`` calls the ops through the torch dispatcher, which picks the kernel the
 parameters' device registered (``cblr_ext.ops``).  A named backend calls its own
 implementation of the same ops directly: ``reference`` on any device (for
-debugging), ``triton`` on CPU tensors in the Triton interpreter.  Everything here is
-resolved once per (name, device), when a param group is added, never per step.
+debugging), ``triton`` on CPU tensors in the Triton interpreter, or on CUDA tensors
+when the CUDA extension owns the CUDA key.  Everything here is resolved once per
+(name, device), when a param group is added, never per step.
 
 | backend | devices | kernels | updates a probe from the saved w_t |
 | --- | --- | --- | --- |
 | reference | any | ``backends/reference.py`` | no: restored before pass 1 |
 | cpp | cpu | csrc/ (``TORCH_LIBRARY_IMPL(cblr_ext, CPU)``) | yes |
 | triton | cuda (cpu: ``TRITON_INTERPRET=1``) | ``backends/triton.py`` + ``cblr_ext.kernels`` | no |
-| cuda | cuda | not built yet | |
+| cuda | cuda (fp32, fp16, bf16) | csrc/cuda/ (``cblr_ext._C_cuda``, ``TORCH_LIBRARY_IMPL(cblr_ext, CUDA)``) | yes |
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -57,17 +56,18 @@ def _reason(name: str, device: torch.device) -> Optional[str]:
             return "the C++ extension loaded but registers no CPU kernels (a stale build?)"
         return None
     if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return "triton is not installed (pip install triton)"
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu":
-            if os.environ.get("TRITON_INTERPRET") == "1":
-                return None
-            return "CPU tensors need the Triton interpreter: set TRITON_INTERPRET=1 before importing triton"
-        return f"no Triton support for {device.type} tensors"
+        from . import triton  # the module, not triton itself
+        reason = triton.available(device)
+        return None if reason is True else reason
     if name == "cuda":
-        return "the CUDA kernels are not built yet"
+        if device.type != "cuda":
+            return "the cuda backend runs on CUDA tensors only"
+        from .. import ops
+        if ops.CUDA_KERNELS != "cuda":
+            return f"the CUDA extension is not loaded: {ops.CUDA_LOAD_ERROR}"
+        if not ops.cuda_kernels_registered():
+            return "the CUDA extension loaded but registers no CUDA kernels (a stale build?)"
+        return None
     raise ValueError(f"unknown cblr_ext backend {name!r} (choose from auto, {', '.join(NAMES)})")
 
 
@@ -79,9 +79,13 @@ def _make(name: str, device: torch.device) -> Backend:
     if name == "cpp":
         from . import cpp
         return Backend(name, ops.OPS, updates_from_saved=True, module=cpp)
+    if name == "cuda":  # the dispatcher runs csrc/cuda/: pass 1 takes Σw_t² from the shift
+        return Backend(name, ops.OPS, updates_from_saved=True)
     from . import triton
-    # On CUDA the dispatcher runs the Triton kernels; the interpreter (CPU) is called directly.
-    return Backend(name, ops.OPS if device.type == "cuda" else triton, updates_from_saved=False)
+    # The dispatcher runs the Triton kernels on CUDA when they own the CUDA key; else (the
+    # CUDA extension owns it, or the interpreter on the CPU) they are called directly.
+    on_dispatcher = device.type == "cuda" and ops.CUDA_KERNELS == "triton"
+    return Backend(name, ops.OPS if on_dispatcher else triton, updates_from_saved=False)
 
 
 _resolved: dict = {}
@@ -132,6 +136,8 @@ def resolve_ops(backend):
     if backend == "triton":
         from . import triton
         return triton
+    if backend == "cuda":
+        return get(backend, "cuda").ops
     return get(backend, "cpu").ops
 
 
