@@ -71,7 +71,7 @@ def sharding(gi: int, group: dict, params: list, grads: list, positions: list, r
     parameter and its placements, where the whole-layer values cannot be formed from the
     shards; it reads and writes nothing."""
     dtensor = _dtensor_type()
-    if dtensor is None or not any(isinstance(p, dtensor) for p in params):
+    if dtensor is None or not any(issubclass(t, dtensor) for t in set(map(type, params))):
         return None
     names = group.get("param_names")
 

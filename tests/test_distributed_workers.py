@@ -225,7 +225,8 @@ def scenario_nan_one_rank(mesh, out):
 def scenario_collective_count(mesh, out):
     """Collectives (count, bytes) of each step outside the closure, for a short and a long model."""
     configs = {"lars": {}, "mclr": dict(curvature_interval=1), "mclr_approx": {}, "cblr": {},
-               "lars_two_groups": dict(two_groups=True), "mclr_two_groups": dict(two_groups=True, curvature_interval=1)}
+               "lars_two_groups": dict(two_groups=True),
+               "mclr_two_groups": dict(two_groups=True, curvature_interval=1)}
     result = {}
     for config, overrides in configs.items():
         for widths in (WIDTHS, LONG_WIDTHS):
