@@ -156,8 +156,10 @@ class _MedianSelect:
             else:
                 nans.append(torch.zeros((), dtype=torch.int64, device=device))
                 self.keys.append(torch.empty(0, dtype=torch.int32, device=device))
-        self.nan_counts = torch.stack(nans).double() if nans else torch.zeros(0, dtype=torch.float64)
+        # NaN quotients per layer: this rank's, all ranks' once merged (torch.median is NaN then).
+        self.nan_counts = torch.stack(nans).double() if nans else torch.zeros(0, dtype=torch.float64, device=device)
         self.prefix = torch.zeros(len(self.rows), dtype=torch.int64, device=device)
+        self.total = None  # the layer's number of quotients, all ranks
         self.rank = None  # the wanted element's 1-based rank inside the current bucket
 
     def histogram(self, r: int) -> torch.Tensor:
@@ -169,7 +171,8 @@ class _MedianSelect:
             self.keys = [k[(k >> above) == (prefix >> above)] for k, prefix in zip(self.keys, self.prefix)]
         mask = (1 << width) - 1
         counts = [torch.bincount((k >> shift) & mask, minlength=1 << width) for k in self.keys]
-        return torch.stack(counts).double().flatten() if counts else torch.zeros(0, dtype=torch.float64)
+        return torch.stack(counts).double().flatten() if counts else torch.zeros(0, dtype=torch.float64,
+                                                                                  device=self.prefix.device)
 
     def choose(self, r: int, merged: torch.Tensor) -> None:
         """Pick each layer's bucket of round ``r`` from the counts of all ranks."""
@@ -185,10 +188,10 @@ class _MedianSelect:
         self.rank = self.rank - before
         self.prefix = self.prefix | (bucket << shift)
 
-    def write(self, reduction, nan_counts: torch.Tensor) -> None:
+    def write(self, reduction) -> None:
         """The medians into the reduction: NaN where the layer has no quotient or a NaN one."""
         median = self.prefix.to(torch.int32).view(torch.float32)
-        undefined = (self.total == 0) | (nan_counts > 0)
+        undefined = (self.total == 0) | (self.nan_counts > 0)
         median = torch.where(undefined, torch.full_like(median, float("nan")), median)
         reduction.median[self.rows] = median
         reduction.flags[self.rows, FLAG_MEDIAN] = True
@@ -229,7 +232,7 @@ def merge_reductions(groups: list, reductions: list, found_inf: torch.Tensor) ->
             red.flags[:, FLAG_NONFINITE] = buffer[offset:offset + len(red.nonfinite)] > 0
             offset += len(red.nonfinite)
             if select is not None:
-                select.merged_nans = buffer[offset:offset + len(select.rows)]
+                select.nan_counts = buffer[offset:offset + len(select.rows)]
                 offset += len(select.rows)
                 size = len(select.rows) << select.schedule[0][1]
                 select.choose(0, buffer[offset:offset + size])
@@ -238,7 +241,7 @@ def merge_reductions(groups: list, reductions: list, found_inf: torch.Tensor) ->
         _select_rounds(mesh, [s for s in selects if s is not None and s.rows])
         for (g, red), select in zip(members, selects):
             if select is not None and select.rows:
-                select.write(red, select.merged_nans)
+                select.write(red)
     return result
 
 
