@@ -18,7 +18,9 @@ from .probe import CurvatureProbe, ProbeBuffers
 
 @dataclass
 class _Group:
-    """One param group's layers that have a gradient this step, as the ops take them."""
+    """One param group's layers that have a gradient this step: ``params``/``grads`` as the
+    optimizer holds them (DTensors under FSDP2; state is keyed and created by them),
+    ``local_params``/``local_grads`` as the ops take them."""
 
     index: int
     positions: list  # each layer's index in the group's params (names for layer_stats)
