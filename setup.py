@@ -1,6 +1,10 @@
 """Build script: the Python package, the Triton kernels (installed as
-``cblr_ext.kernels``) and the C++/CUDA extension ``cblr_ext._C``."""
+``cblr_ext.kernels``), the C++ extension ``cblr_ext._C`` (CPU kernels) and, when torch
+has CUDA and nvcc is found, the CUDA extension ``cblr_ext._C_cuda`` (csrc/cuda/; for
+sm_80, sm_90 and sm_100 unless TORCH_CUDA_ARCH_LIST says otherwise).  With the CPU
+wheel of torch (torch.version.cuda is None) only the CPU extension is built."""
 import importlib.util
+import sys
 
 from setuptools import setup
 from torch.utils.cpp_extension import BuildExtension, CppExtension
@@ -16,6 +20,21 @@ def _build_config():
 
 _build = _build_config()
 
+
+def _extensions():
+    ext = [CppExtension("cblr_ext._C", [f"csrc/{src}" for src in _build.SOURCES],
+                        extra_compile_args=_build.CXX_FLAGS, extra_link_args=_build.LINK_FLAGS)]
+    reason = _build.cuda_build_reason()  # sets CUDA_HOME from the nvcc on PATH when unset
+    if reason is not None:
+        print(f"cblr_ext: building the CPU extension only ({reason})", file=sys.stderr)
+        return ext
+    from torch.utils.cpp_extension import CUDAExtension
+    ext.append(CUDAExtension("cblr_ext._C_cuda", [f"csrc/{src}" for src in _build.CUDA_SOURCES],
+                             include_dirs=_build.cuda_include_dirs(),
+                             extra_compile_args={"cxx": _build.CUDA_CXX_FLAGS, "nvcc": _build.NVCC_FLAGS}))
+    return ext
+
+
 setup(
     name="cblr_ext",
     version="0.1.0",
@@ -27,8 +46,7 @@ setup(
     package_dir={"cblr_ext.kernels": "kernels"},
     # numpy: torch warns on import without it; matplotlib: the main job (python -m cblr_ext) plots
     install_requires=["torch>=2.6", "tqdm", "numpy", "matplotlib"],
-    ext_modules=[CppExtension("cblr_ext._C", [f"csrc/{src}" for src in _build.SOURCES],
-                              extra_compile_args=_build.CXX_FLAGS, extra_link_args=_build.LINK_FLAGS)],
+    ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension},
     extras_require={
         # The Triton backend's tests run its kernels on the CPU (TRITON_INTERPRET=1);

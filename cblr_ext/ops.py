@@ -10,10 +10,13 @@
 
 Kernels per device (the dispatcher picks): the reference backend is the
 ``CompositeExplicitAutograd`` kernel (any device); the C++ extension registers the
-CPU kernels (``TORCH_LIBRARY_IMPL(cblr_ext, CPU, m)`` in csrc/binding.cpp); the
-Triton backend the CUDA kernels (without importing triton here).  Importing this
-module loads the extension (``_build.load``: compiled, or JIT-built); when that
-fails the CPU runs the reference kernels and ``cpp`` reports why it is unavailable.
+CPU kernels (``TORCH_LIBRARY_IMPL(cblr_ext, CPU, m)`` in csrc/binding.cpp); the CUDA
+extension ``cblr_ext._C_cuda`` the CUDA kernels (csrc/cuda/binding.cpp) when it is
+built, else the Triton backend does, when a GPU and triton are present (without
+importing triton here).  Importing this module loads the extensions
+(``_build.load``: compiled, or JIT-built; ``_build.load_cuda``, only where torch has
+CUDA); when that fails the reference kernels run and ``cpp`` / ``cuda`` report why
+they are unavailable (``LOAD_ERROR`` / ``CUDA_LOAD_ERROR``).
 """
 from __future__ import annotations
 
@@ -84,20 +87,43 @@ def _register(module, dispatch_key):
         LIBRARY.impl(name, getattr(module, name), dispatch_key)
 
 
-def _register_default_and_cuda_kernels():
+def _register_default_kernels():
     from .backends import reference
     _register(reference, "CompositeExplicitAutograd")
+
+
+def cuda_kernels_registered() -> bool:
+    """Whether a kernel of every op is registered for the CUDA dispatch key."""
+    return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"cblr_ext::{name}", "CUDA")
+               for name in ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_"))
+
+
+def _load_cuda_kernels():
+    """The CUDA extension owns the CUDA key when it loads; else the Triton backend takes
+    it where a GPU and triton are present.  Returns (who, why the extension did not load)."""
+    if torch.version.cuda is None:  # the CPU wheel: nothing to load, nothing to register
+        return None, ImportError(f"torch {torch.__version__} has no CUDA")
+    try:
+        _build.load_cuda()
+        return "cuda", None
+    except Exception as exc:  # a reason (backend "cuda" reports it), not a crash
+        error = exc
     if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
         from .backends import triton  # imports triton itself only when a kernel runs
         _register(triton, "CUDA")
+        return "triton", error
+    return None, error
 
 
-_register_default_and_cuda_kernels()
+_register_default_kernels()
 
 try:
     _build.load()
     LOAD_ERROR = None
 except Exception as exc:  # a failed JIT build is a reason (backend "cpp" reports it), not a crash
     LOAD_ERROR = exc
+
+# Who registered the CUDA kernels: "cuda" (cblr_ext._C_cuda), "triton", or None.
+CUDA_KERNELS, CUDA_LOAD_ERROR = _load_cuda_kernels()
 
 OPS = torch.ops.cblr_ext
