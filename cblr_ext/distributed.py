@@ -146,13 +146,15 @@ class _MedianSelect:
             if g.sharding.owns[i]:
                 p, grad = g.local_params[i], g.local_grads[i]
                 dtype = state_dtype(p)
-                w = p.to(dtype)
-                # fp32 rounding is monotonic: the median of the rounded fp64 quotients is the
-                # rounded median (what the backends report).
-                q = lm.curvature_quotients(lm.decayed_grad(grad.to(dtype), w, g.hp.weight_decay), w).float()
-                nan = torch.isnan(q)
+                w = p.to(dtype).flatten()
+                # h_i as lm.curvature_quotients forms it, over every element (no gather): the
+                # excluded ones (w_i = 0) and NaNs get key -1, which no bucket of a
+                # non-negative float holds.  fp32 rounding is monotonic: the median of the
+                # rounded fp64 quotients is the rounded median (what the backends report).
+                q = (lm.decayed_grad(grad.to(dtype).flatten(), w, g.hp.weight_decay).abs() / w.abs()).float()
+                nan = torch.isnan(q) & (w != 0)
                 nans.append(nan.sum())
-                self.keys.append(q[~nan].view(torch.int32))
+                self.keys.append(torch.where((w == 0) | nan, -1, q.view(torch.int32)))
             else:
                 nans.append(torch.zeros((), dtype=torch.int64, device=device))
                 self.keys.append(torch.empty(0, dtype=torch.int32, device=device))
@@ -171,6 +173,9 @@ class _MedianSelect:
             self.keys = [k[(k >> above) == (prefix >> above)] for k, prefix in zip(self.keys, self.prefix)]
         mask = (1 << width) - 1
         counts = [torch.bincount((k >> shift) & mask, minlength=1 << width) for k in self.keys]
+        if r == 0:  # key -1 fell into the top bucket, above +inf's (0x7F800000 >> 20 = 2040)
+            for c in counts:
+                c[mask] = 0
         return torch.stack(counts).double().flatten() if counts else torch.zeros(0, dtype=torch.float64,
                                                                                   device=self.prefix.device)
 
