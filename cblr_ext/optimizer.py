@@ -215,11 +215,13 @@ class LayerwiseOptimizer(Optimizer):
     @staticmethod
     def _group_backend(name: str, device, params: list) -> backends.Backend:
         """The group's backend; "auto" takes the reference for a group with a parameter the
-        fused kernels cannot address as flat memory (a strided view)."""
+        fused kernels cannot address as flat memory (a strided view), or an fp64 one on a GPU."""
         backend = backends.get(name, device)
         if name == "auto" and backend.name != "reference" and not all(
                 p.is_contiguous() or is_non_overlapping_and_dense(p) for p in params):
             backend = backends.get("reference", device)
+        elif name == "auto" and backend.name in ("cuda", "triton") and any(p.dtype == torch.float64 for p in params):
+            backend = backends.get("reference", device)  # the GPU kernels run fp32/fp16/bf16 only
         return backend
 
     @staticmethod
