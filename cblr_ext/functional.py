@@ -125,12 +125,14 @@ def _ops(backend):
 
 def layerwise_reduce(rule: str, params: list, grads: list, ages: list, adapt: list, hp: Hyperparams, *,
                      lagged_valid=None, probe_grads=None, probe_steps=None, w_sq=None, w_sq_known=None,
-                     workspace=None, backend="auto") -> Reduction:
+                     grad_scale=None, workspace=None, backend="auto") -> Reduction:
     """Pass 1 over one group's layers (docs/architecture.md, ``layerwise_reduce``).
 
     ``probe_grads``/``probe_steps``: CBLR, per layer the gradient at w_t + s and s (None
     where the layer does not measure); ``w_sq``/``w_sq_known``: Σw_t² where already known
-    (the probe's shift, or the last update), which a backend may use instead of reading w.
+    (the probe's shift, or the last update), which a backend may use instead of reading w;
+    ``grad_scale``: GradScaler's scale S (a one-element fp32 tensor): the kernels read every
+    gradient, the probe's too, as g·fl32(1/S), as ``GradScaler.unscale_`` would write it.
     """
     n = len(params)
     device = params[0].device
@@ -138,25 +140,25 @@ def layerwise_reduce(rule: str, params: list, grads: list, ages: list, adapt: li
         rule, params, grads, ages, [bool(a) for a in adapt],
         [False] * n if lagged_valid is None else list(lagged_valid),
         [] if probe_grads is None else list(probe_grads), [] if probe_steps is None else list(probe_steps),
-        w_sq, [False] * n if w_sq_known is None else list(w_sq_known),
+        w_sq, [False] * n if w_sq_known is None else list(w_sq_known), grad_scale,
         float(hp.weight_decay), int(hp.curvature_interval), hp.lag, hp.approx_median, hp.check_nonfinite,
         empty_workspace(device) if workspace is None else workspace))
 
 
 def layerwise_update_(rule: str, params: list, grads: list, state: LayerState, adapt: list,
                       reduction: Reduction, found_inf: Tensor, hp: Hyperparams, *, saved=None,
-                      workspace=None, next_w_sq=None, backend="auto") -> Tensor:
+                      grad_scale=None, workspace=None, next_w_sq=None, backend="auto") -> Tensor:
     """Pass 2: ratio and update of every layer, nothing written when ``found_inf``;
     returns the [L, 7] statistics of ``STAT_NAMES``.  ``saved``: CBLR, w_t of the layers
     that sit at the probe point w_t + s (None elsewhere): they are updated from it (and
-    restored to it when the step is skipped)."""
+    restored to it when the step is skipped); ``grad_scale`` as for ``layerwise_reduce``."""
     n = len(params)
     device = params[0].device
     return _ops(backend).layerwise_update_(
         rule, params, grads, state.momentum_buffers, state.prev_steps, state.kappas, state.ages, state.lagged,
         list(state.lagged_valid) if state.lagged_valid else [False] * n,
         [] if saved is None else list(saved), [bool(a) for a in adapt], *reduction.tensors(),
-        found_inf.reshape(()), lr_value(hp.lr, device), float(hp.momentum), bool(hp.nesterov),
+        found_inf.reshape(()), grad_scale, lr_value(hp.lr, device), float(hp.momentum), bool(hp.nesterov),
         float(hp.weight_decay), float(hp.eps), float(hp.trust_coefficient), float(hp.curvature_ema),
         None if hp.max_ratio is None else float(hp.max_ratio), float(hp.fallback_trust),
         int(hp.curvature_interval), hp.lag, hp.approx_median,

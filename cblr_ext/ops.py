@@ -2,8 +2,8 @@
 
 | op | reads | writes | returns |
 | --- | --- | --- | --- |
-| ``layerwise_reduce`` | w, g (probe: g at w + s, s) | the workspace | ``Reduction`` tensors (sums, median, flags) |
-| ``layerwise_update_`` | w (or the probe's saved w_t), g, a reduction | w, v, s_{t−1}, κ̄, age, lag stash | [L, 7] statistics |
+| ``layerwise_reduce`` | w, g ÷ grad scale (probe: g at w + s, s) | the workspace | ``Reduction`` tensors (sums, median, flags) |
+| ``layerwise_update_`` | w (or the probe's saved w_t), g ÷ grad scale, a reduction | w, v, s_{t−1}, κ̄, age, lag stash | [L, 7] statistics |
 | ``probe_shift_`` | w, s_{t−1} | saved ← w, w ← w + s | Σw_t² per layer (fp64) |
 | ``probe_restore_`` | saved | w ← saved | |
 | ``cpu_isa`` | | | the C++ kernels' instruction set |
@@ -33,13 +33,13 @@ SCHEMAS = {
     "layerwise_reduce": (
         "layerwise_reduce(str rule, Tensor[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, "
         "bool[] lagged_valid, Tensor?[] probe_grads, Tensor?[] probe_steps, Tensor? w_sq, bool[] w_sq_known, "
-        "float weight_decay, int curvature_interval, bool lag, bool approx_median, bool check_nonfinite, "
+        "Tensor? grad_scale, float weight_decay, int curvature_interval, bool lag, bool approx_median, bool check_nonfinite, "
         "Tensor(a!) workspace) -> (Tensor sums, Tensor median, Tensor flags)"),
     "layerwise_update_": (
         "layerwise_update_(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
         "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, "
         "bool[] lagged_valid, Tensor?[] saved, bool[] adapt, Tensor sums, Tensor median, Tensor flags, "
-        "Tensor found_inf, Tensor lr, float momentum, bool nesterov, float weight_decay, float eps, "
+        "Tensor found_inf, Tensor? grad_scale, Tensor lr, float momentum, bool nesterov, float weight_decay, float eps, "
         "float trust_coefficient, float curvature_ema, float? max_ratio, float fallback_trust, "
         "int curvature_interval, bool lag, bool approx_median, Tensor(g!) workspace, "
         "Tensor(h!)? next_w_sq) -> Tensor"),
@@ -57,7 +57,7 @@ def _layers_device(params):
 
 @torch.library.register_fake("cblr_ext::layerwise_reduce")
 def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, w_sq, w_sq_known,
-                 weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
+                 grad_scale, weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
     n, device = len(params), _layers_device(params)
     return (torch.empty((n, SUM_COLUMNS), dtype=torch.float64, device=device),
             torch.empty((n,), dtype=torch.float32, device=device),
@@ -66,7 +66,7 @@ def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, probe_grads, pr
 
 @torch.library.register_fake("cblr_ext::layerwise_update_")
 def _update_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
-                 adapt, sums, median, flags, found_inf, lr, momentum, nesterov, weight_decay, eps,
+                 adapt, sums, median, flags, found_inf, grad_scale, lr, momentum, nesterov, weight_decay, eps,
                  trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
                  approx_median, workspace, next_w_sq):
     return torch.empty((len(params), STAT_COLUMNS), dtype=torch.float32, device=_layers_device(params))

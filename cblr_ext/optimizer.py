@@ -76,6 +76,9 @@ class LayerwiseOptimizer(Optimizer):
     """
 
     rule = None
+    # GradScaler.step hands the step its ``grad_scale`` and ``found_inf`` (as attributes):
+    # the kernels unscale, the step skips on found_inf (cblr_ext.amp).
+    _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=None,
                  eps=1e-8, nesterov=False, exclude_1d=True, curvature_ema=None, max_ratio=None,
@@ -93,6 +96,7 @@ class LayerwiseOptimizer(Optimizer):
         self.reuse_weight_norm = bool(reuse_weight_norm)
         self._skipped_steps = 0
         self._stats = []
+        self._found_inf = None  # the last step's skip decision (a device bool)
         self._probe_buffers = ProbeBuffers()  # CBLR: reused by every probe
         self._scratch = {}  # backends' scratch kept between steps (cpp: workspace, carried Σw²)
         super().__init__(params, defaults)
@@ -124,6 +128,7 @@ class LayerwiseOptimizer(Optimizer):
             self.__dict__.setdefault(key, value)
         # Caches of the last step, not kept: rebuilt on the next step.
         self.__dict__.setdefault("_stats", [])
+        self.__dict__.setdefault("_found_inf", None)
         self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
         self.__dict__.setdefault("_scratch", {})
         for group in self.param_groups:  # groups of older versions get the keys added since
@@ -153,7 +158,7 @@ class LayerwiseOptimizer(Optimizer):
                 # A non-finite g_t is found by pass 1 (no extra pass here); the step is then
                 # skipped, probe or not.
                 probe.measure(groups, closure)
-            self._run(groups, probe)
+            self._run(groups, probe, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
         return loss
 
     def _init_groups(self) -> list:
@@ -269,8 +274,9 @@ class LayerwiseOptimizer(Optimizer):
                             prev_steps=lists.get("prev_step", []), lagged=lists.get("lagged", []),
                             lagged_valid=g.lagged_valid)
 
-    def _reduce(self, g: _Group, probe: CurvatureProbe) -> F.Reduction:
+    def _reduce(self, g: _Group, probe: CurvatureProbe, grad_scale) -> F.Reduction:
         kwargs = probe.reduce_inputs(g)
+        kwargs["grad_scale"] = grad_scale
         # Sharded MCLR: the median of a shard is not the layer's; distributed.merge_reductions
         # takes it across ranks, so pass 1 takes the LARS sums alone (same flags, no median).
         rule = "lars" if g.sharding is not None and g.rule == "mclr" else g.rule
@@ -287,7 +293,7 @@ class LayerwiseOptimizer(Optimizer):
         return reduction
 
     def _update(self, g: _Group, reduction: F.Reduction, found_inf: torch.Tensor,
-                probe: CurvatureProbe) -> torch.Tensor:
+                probe: CurvatureProbe, grad_scale) -> torch.Tensor:
         state = self._update_state(g, found_inf)
         if g.sharding is not None:
             state = distributed.local_state(state)
@@ -298,33 +304,41 @@ class LayerwiseOptimizer(Optimizer):
             if cpp.carries_w_sq(g.rule, g.hp.lag, self.reuse_weight_norm) and not bool(found_inf):
                 kwargs["next_w_sq"], tracked = cpp.next_w_sq(g.local_params)
         stats = F.layerwise_update_(g.rule, g.local_params, g.local_grads, state, g.adapt, reduction, found_inf,
-                                    g.hp, saved=probe.saved_for_update(g), backend=g.backend, **kwargs)
+                                    g.hp, saved=probe.saved_for_update(g), grad_scale=grad_scale,
+                                    backend=g.backend, **kwargs)
         probe.updated(g)
         if tracked is not None:
             cpp.record_w_sq(g.local_params, kwargs["next_w_sq"], tracked, self._scratch)
         return stats
 
-    def _run(self, groups: list, probe: CurvatureProbe) -> None:
+    def _run(self, groups: list, probe: CurvatureProbe, grad_scale, amp_found_inf) -> None:
         """Pass 1 over every group, one step-wide skip decision, pass 2 over every group;
-        sharded groups make their reductions and statistics whole-layer across ranks."""
+        sharded groups make their reductions and statistics whole-layer across ranks.
+        ``grad_scale``/``amp_found_inf``: GradScaler's, or None."""
         if not groups:
             self._stats = []  # no layer stepped: layer_stats() says so (empty)
+            self._found_inf = None
             return
-        reductions = [self._reduce(g, probe) for g in groups]
         device = groups[0].params[0].device
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+        reductions = [self._reduce(g, probe, grad_scale) for g in groups]
         found_inf = torch.zeros((), dtype=torch.bool, device=device)
+        if amp_found_inf is not None:  # GradScaler's check of g_t: skips whatever skip_nonfinite says
+            found_inf = torch.as_tensor(amp_found_inf, device=device).reshape(()) != 0
         if self.skip_nonfinite:
             for red in reductions:
                 found_inf = found_inf | red.nonfinite.any().to(device)
         sharded = any(g.sharding is not None for g in groups)
         if sharded:
             found_inf = distributed.merge_reductions(groups, reductions, found_inf)
-        stats = [self._update(g, red, found_inf, probe) for g, red in zip(groups, reductions)]
+        stats = [self._update(g, red, found_inf, probe, grad_scale) for g, red in zip(groups, reductions)]
         if sharded:
             distributed.merge_step_norms(groups, stats)
         self._stats = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
         # A device tensor (int64: bool + int): counting skipped steps must not sync the host.
         self._skipped_steps = found_inf + self._skipped_steps
+        self._found_inf = found_inf  # cblr_ext.amp.update tells GradScaler of a probe overflow
 
     # ---------------------------------------------------------- inspection
 

@@ -134,6 +134,15 @@ void check_table(const Tensor& t, at::ScalarType dtype, at::IntArrayRef shape, c
               " (got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device(), ")");
 }
 
+// GradScaler's fl32(1/S) (as GradScaler.unscale_ forms it), 1 without a scale.
+float grad_unscale(const std::optional<Tensor>& grad_scale) {
+  if (!grad_scale.has_value()) return 1.0f;
+  TORCH_CHECK(grad_scale->device().is_cpu() && grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat,
+              "cblr_ext cpp backend: grad_scale must be a one-element fp32 CPU tensor (got ",
+              grad_scale->scalar_type(), " of shape ", grad_scale->sizes(), " on ", grad_scale->device(), ")");
+  return float(1.0 / double(grad_scale->item<float>()));
+}
+
 // A per-layer fp64 column ([layers]), or null.
 double* layer_sums(const std::optional<Tensor>& sums, size_t layers, const char* what) {
   if (!sums.has_value()) return nullptr;
@@ -153,9 +162,10 @@ bool optional_companion(const OptionalTensors& list, size_t i, const Tensor& par
   return true;
 }
 
-// Layer i's parameter, gradient, age and flags, checked: what both passes read.
-LayerRef layer_inputs(at::TensorList params, at::TensorList grads, at::TensorList ages, const c10::List<bool>& adapt,
-                      const c10::List<bool>& lagged_valid, size_t i) {
+// Layer i's parameter, gradient (read as g·g_unscale), age and flags, checked: what both
+// passes read.
+LayerRef layer_inputs(at::TensorList params, at::TensorList grads, float g_unscale, at::TensorList ages,
+                      const c10::List<bool>& adapt, const c10::List<bool>& lagged_valid, size_t i) {
   check_param(params[i], i);
   check_companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
   check_scalar_state(ages[i], 1, "age", i);
@@ -164,6 +174,7 @@ LayerRef layer_inputs(at::TensorList params, at::TensorList grads, at::TensorLis
   l.n = params[i].numel();
   l.w = params[i].data_ptr();
   l.g = grads[i].data_ptr();
+  l.g_unscale = g_unscale;
   l.age = ages[i].data_ptr<float>();
   l.adapt = adapt.get(i);
   l.lagged_valid = lagged_valid.get(i);
@@ -173,8 +184,9 @@ LayerRef layer_inputs(at::TensorList params, at::TensorList grads, at::TensorLis
 std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
     const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages, c10::List<bool> adapt,
     c10::List<bool> lagged_valid, const OptionalTensors& probe_grads, const OptionalTensors& probe_steps,
-    const std::optional<Tensor>& w_sq, c10::List<bool> w_sq_known, double weight_decay, int64_t curvature_interval,
-    bool lag, bool approx_median, bool check_nonfinite, const Tensor& workspace) {
+    const std::optional<Tensor>& w_sq, c10::List<bool> w_sq_known, const std::optional<Tensor>& grad_scale,
+    double weight_decay, int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite,
+    const Tensor& workspace) {
   const size_t count = params.size();
   check_count(grads.size(), count, "gradients", false);
   check_count(ages.size(), count, "ages", false);
@@ -187,9 +199,10 @@ std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
   cfg.check_nonfinite = check_nonfinite;
   use_workspace(workspace, cfg);
   const double* known_w2 = layer_sums(w_sq, count, "w_sq");
+  const float g_unscale = grad_unscale(grad_scale);
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
-    LayerRef& l = layers[i] = layer_inputs(params, grads, ages, adapt, lagged_valid, i);
+    LayerRef& l = layers[i] = layer_inputs(params, grads, g_unscale, ages, adapt, lagged_valid, i);
     l.has_known_w2 = !w_sq_known.empty() && w_sq_known.get(i);
     TORCH_CHECK(!l.has_known_w2 || known_w2, "cblr_ext cpp backend: w_sq_known[", i, "] is set but w_sq is None");
     if (l.has_known_w2) l.known_w2 = known_w2[i];
@@ -212,7 +225,8 @@ Tensor layerwise_update_(
     const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
     at::TensorList prev_steps, at::TensorList kappas, at::TensorList ages, at::TensorList lagged,
     c10::List<bool> lagged_valid, const OptionalTensors& saved, c10::List<bool> adapt, const Tensor& sums,
-    const Tensor& median, const Tensor& flags, const Tensor& found_inf, const Tensor& lr, double momentum,
+    const Tensor& median, const Tensor& flags, const Tensor& found_inf, const std::optional<Tensor>& grad_scale,
+    const Tensor& lr, double momentum,
     bool nesterov, double weight_decay, double eps, double trust_coefficient, double curvature_ema,
     std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag, bool approx_median,
     const Tensor& workspace, const std::optional<Tensor>& next_w_sq) {
@@ -239,9 +253,10 @@ Tensor layerwise_update_(
   cfg.ratio = cblr::make_ratio_params(trust_coefficient, curvature_ema, max_ratio.has_value(),
                                       max_ratio.value_or(0.0), weight_decay, eps, fallback_trust);
   const cblr::cpu::ReductionIn reduction{sums.data_ptr<double>(), median.data_ptr<float>(), flags.data_ptr<bool>()};
+  const float g_unscale = grad_unscale(grad_scale);
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
-    LayerRef& l = layers[i] = layer_inputs(params, grads, ages, adapt, lagged_valid, i);
+    LayerRef& l = layers[i] = layer_inputs(params, grads, g_unscale, ages, adapt, lagged_valid, i);
     check_scalar_state(kappas[i], 1, "kappa", i);
     l.kappa = kappas[i].data_ptr<float>();
     if (!momentum_buffers.empty()) {

@@ -1,4 +1,5 @@
-"""Pass 1: per-chunk partial sums of Σw², Σg², the non-finite flag of g, CBLR's secant
+"""Pass 1: per-chunk partial sums of Σw², Σg², the non-finite flag of g (and of the probe
+gradient), CBLR's secant
 sums Σ(d(w_t) − d(w_t + s))² and Σs², and the radix-select histograms of the MCLR
 curvature quotients h = |d| / |w|."""
 from __future__ import annotations
@@ -43,7 +44,7 @@ def count_bins(hist, row, key, selected, prefix, SHIFT: tl.constexpr, BITS: tl.c
 
 
 @triton.jit
-def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, measure, weight_decay,
+def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, measure, weight_decay, unscale,
                        DTYPE: tl.constexpr, STATS: tl.constexpr, SECANT: tl.constexpr, HIST: tl.constexpr,
                        FILTER: tl.constexpr, SHIFT: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
     """One pass over a chunk.  STATS: write the partial row as the layer's mode byte
@@ -51,7 +52,8 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, me
     read (MODE_CHECK or MODE_G2), with SECANT the secant sums (MODE_SECANT), and the NaN
     quotient flag.  HIST: add the quotients to the layer's histogram if ``measure[row]``.
     Only what is needed is read: a layer whose mode is 0 and that does not measure costs
-    the load of two bytes."""
+    the load of two bytes.  Gradients are read as g·unscale (GradScaler's fl32(1/S), or 1);
+    a non-finite probe gradient counts as a non-finite g."""
     c, row, offs, mask = chunk_span(chunks, BLOCK)
     if STATS:
         mode = tl.load(modes + row).to(tl.int32)
@@ -67,7 +69,8 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, me
         else:
             g_mask = hist_mask
             w_mask = hist_mask
-    g = tl.load(tensor_ptr(ptrs, ROLE_G, n_layers, row, DTYPE) + offs, mask=g_mask, other=0.0).to(tl.float32)
+    inv = tl.load(unscale)
+    g = tl.load(tensor_ptr(ptrs, ROLE_G, n_layers, row, DTYPE) + offs, mask=g_mask, other=0.0).to(tl.float32) * inv
     w = tl.load(tensor_ptr(ptrs, ROLE_W, n_layers, row, DTYPE) + offs, mask=w_mask, other=0.0).to(tl.float32)
     if HIST:
         key = quotient_keys(w, g, weight_decay)
@@ -75,8 +78,7 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, me
         count_bins(hist, row, key, selected, prefix, SHIFT, BITS, FILTER)
     if STATS:
         out = partials + c * STAT_PARTIALS
-        finite = tl.abs(g) < float("inf")
-        tl.store(out + P_NONFINITE, tl.max(tl.where(g_mask & ~finite, 1.0, 0.0), axis=0))
+        nonfinite = g_mask & ~(tl.abs(g) < float("inf"))
         tl.store(out + P_W2, tl.sum(tl.where(w2_mask, w * w, 0.0), axis=0))
         tl.store(out + P_G2, tl.sum(tl.where(g2_mask, g * g, 0.0), axis=0))
         if HIST:
@@ -86,7 +88,8 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, me
         if SECANT:
             s_mask = lanes_if((mode & MODE_SECANT) != 0, mask, BLOCK)
             g_p = tl.load(tensor_ptr(ptrs, ROLE_GP, n_layers, row, DTYPE) + offs, mask=s_mask,
-                          other=0.0).to(tl.float32)
+                          other=0.0).to(tl.float32) * inv
+            nonfinite = nonfinite | (s_mask & ~(tl.abs(g_p) < float("inf")))
             s = tl.load(tensor_ptr(ptrs, ROLE_STEP, n_layers, row, tl.float32) + offs, mask=s_mask, other=0.0)
             diff = secant_difference(g, g_p, s, weight_decay, DTYPE)
             tl.store(out + P_DIFF2, tl.sum(tl.where(s_mask, diff * diff, 0.0), axis=0))
@@ -94,3 +97,4 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, me
         else:
             tl.store(out + P_DIFF2, 0.0)
             tl.store(out + P_STEP2, 0.0)
+        tl.store(out + P_NONFINITE, tl.max(tl.where(nonfinite, 1.0, 0.0), axis=0))

@@ -24,7 +24,7 @@ UPDATE_PARTIALS = tl.constexpr(5)
 
 
 @triton.jit
-def momentum_update_kernel(chunks, ptrs, n_layers, partials, alpha, skip, hist, weight_decay, momentum,
+def momentum_update_kernel(chunks, ptrs, n_layers, partials, alpha, skip, hist, weight_decay, momentum, unscale,
                            DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
                            STORE_STEP: tl.constexpr, FROM_SAVED: tl.constexpr, INPUT_NORMS: tl.constexpr,
                            INPUT_HIST: tl.constexpr, NEXT_W2: tl.constexpr, SHIFT: tl.constexpr,
@@ -41,6 +41,7 @@ def momentum_update_kernel(chunks, ptrs, n_layers, partials, alpha, skip, hist, 
     mask = lanes_if(~skipped, mask, BLOCK)
     w = tl.load(w_t_ptr, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(tensor_ptr(ptrs, ROLE_G, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    g = g * tl.load(unscale)  # GradScaler's fl32(1/S), or 1
     scaled = (g + w * weight_decay) * tl.load(alpha + row)
     if MOMENTUM:
         v_ptr = tensor_ptr(ptrs, ROLE_V, n_layers, row, tl.float32) + offs

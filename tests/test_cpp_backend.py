@@ -605,19 +605,20 @@ def test_fake_implementations_trace_shapes():
         ages = [torch.empty(()), torch.empty(())]
         workspace = torch.empty(0, dtype=torch.uint8)
         sums, median, flags = ops.layerwise_reduce("lars", ws, gs, ages, [True, False], [False, False], [], [], None,
-                                                   [False, False], 0.0, 1, False, False, True, workspace)
+                                                   [False, False], None, 0.0, 1, False, False, True, workspace)
         assert sums.shape == (2, 4) and sums.dtype == torch.float64
         assert median.shape == (2,) and median.dtype == torch.float32
         assert flags.shape == (2, 4) and flags.dtype == torch.bool
         stats = ops.layerwise_update_("lars", ws, gs, [], [], [torch.empty(()), torch.empty(())], ages, [],
                                       [False, False], [], [True, False], sums, median, flags,
-                                      torch.empty((), dtype=torch.bool), torch.empty(()), 0.0, False, 0.0, 1e-8,
+                                      torch.empty((), dtype=torch.bool), None, torch.empty(()), 0.0, False, 0.0,
+                                      1e-8,
                                       1e-3, 0.0, None, 1e-3, 1, False, False, workspace, None)
         assert stats.shape == (2, 7)
         w_sq = ops.probe_shift_(ws, gs, [torch.empty_like(w) for w in ws])
         assert w_sq.shape == (2,) and w_sq.dtype == torch.float64
         sums, median, flags = ops.layerwise_reduce("cblr", ws, gs, ages, [True, False], [False, False],
-                                                   [gs[0], None], [ws[0], None], w_sq, [True, True], 0.0, 1,
+                                                   [gs[0], None], [ws[0], None], w_sq, [True, True], None, 0.0, 1,
                                                    False, False, True, workspace)
         assert sums.shape == (2, 4) and flags.shape == (2, 4)
 
@@ -638,18 +639,19 @@ def test_opcheck_shift_and_probe_reduce():
     ages = [torch.tensor(math.inf), torch.tensor(math.inf)]
     no_scratch = torch.empty(0, dtype=torch.uint8)
     torch.library.opcheck(ops.layerwise_reduce, ("cblr", ws, gs, ages, [True, True], [False, False], probe, steps,
-                                                 torch.tensor([1.0, 2.0], dtype=torch.float64), [True, True], 0.1, 1,
+                                                 torch.tensor([1.0, 2.0], dtype=torch.float64), [True, True],
+                                                 torch.tensor(2.0), 0.1, 1,
                                                  False, False, True, no_scratch))
     workspace = cpp.workspace("mclr", ws, False, {})
-    mclr = ("mclr", ws, gs, ages, [True, True], [False, False], [], [], None, [False, False], 0.1, 1, False, False,
-            True, workspace)
+    mclr = ("mclr", ws, gs, ages, [True, True], [False, False], [], [], None, [False, False], torch.tensor(0.5), 0.1,
+            1, False, False, True, workspace)
     torch.library.opcheck(ops.layerwise_reduce, mclr)
     # The update from a complete reduction: every layer measured, κ defined (no NaN statistic).
     reduction = ops.layerwise_reduce(*mclr)
     buffers = [torch.zeros_like(w) for w in ws]
     torch.library.opcheck(ops.layerwise_update_, (
         "mclr", ws, gs, buffers, [], [torch.tensor(2.0), torch.tensor(3.0)], ages, [], [False, False], [],
-        [True, True], *reduction, torch.tensor(False), torch.tensor(0.1), 0.9, False, 0.1, 1e-8, 1e-3, 0.0, None,
+        [True, True], *reduction, torch.tensor(False), torch.tensor(0.5), torch.tensor(0.1), 0.9, False, 0.1, 1e-8, 1e-3, 0.0, None,
         1e-3, 1, False, False, workspace, None))
 
 
@@ -704,7 +706,8 @@ def test_torch_compile_traces_the_ops():
         probe = [ws[0] * 2, None]  # the second layer does not measure
         no_scratch = torch.empty(0, dtype=torch.uint8)  # as the backend passes (cpp.workspace)
         return ops.layerwise_reduce("cblr", ws, steps, ages, [True] * len(ws), [False] * len(ws), probe,
-                                    [steps[0], None], w_sq, [True] * len(ws), 0.1, 1, False, False, True, no_scratch)
+                                    [steps[0], None], w_sq, [True] * len(ws), None, 0.1, 1, False, False, True,
+                                    no_scratch)
 
     gen = torch.Generator().manual_seed(4)
     steps = [torch.randn(5, 3, generator=gen), torch.randn(4, generator=gen)]

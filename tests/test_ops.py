@@ -35,6 +35,7 @@ def tensors(gen, *shapes, dtype=torch.float32):
 
 
 SHAPES = [(5, 3), (40,)]
+GRAD_SCALE = torch.tensor(4.0)  # GradScaler's scale: the kernels unscale g by it
 
 
 def reduce_args(rule, gen, probe=False, lag=False):
@@ -45,7 +46,7 @@ def reduce_args(rule, gen, probe=False, lag=False):
     # A probed layer sits at w_t + s: Σw_t² comes from the shift.
     w_sq = torch.stack([w.double().square().sum() for w in ws]) if probe else None
     return (rule, ws, gs, ages, [True, True], [lag, False], probe_grads, steps, w_sq, [probe, probe],
-            1e-3, 1, lag, False, True, F.empty_workspace("cpu"))
+            GRAD_SCALE, 1e-3, 1, lag, False, True, F.empty_workspace("cpu"))
 
 
 def update_args(rule, gen, lag=False, momentum=0.9):
@@ -58,7 +59,7 @@ def update_args(rule, gen, lag=False, momentum=0.9):
     buffers = [torch.zeros_like(w) for w in ws] if momentum else []
     lagged = [torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)] if lag else []
     return (rule, ws, gs, buffers, [], [torch.tensor(0.5), torch.tensor(0.25)], ages, lagged, [lag, False],
-            [], [True, True], sums, median, flags, torch.tensor(False), torch.tensor(0.1), momentum, False,
+            [], [True, True], sums, median, flags, torch.tensor(False), GRAD_SCALE, torch.tensor(0.1), momentum, False,
             1e-3, 1e-8, 1e-3, 0.0, None, 1e-3, 1, lag, False, F.empty_workspace("cpu"), None)
 
 

@@ -676,7 +676,8 @@ def op_cases():
     red = F.layerwise_reduce("lars", params, grads, state["ages"], adapt, hp, lagged_valid=state["lagged_valid"],
                              backend="reference")
     common = dict(params=params, grads=grads, ages=state["ages"], adapt=adapt, weight_decay=1e-2,
-                  curvature_interval=1, approx_median=False, workspace=torch.empty(0, dtype=torch.uint8))
+                  curvature_interval=1, approx_median=False, workspace=torch.empty(0, dtype=torch.uint8),
+                  grad_scale=torch.tensor(8.0))
     yield "layerwise_reduce", dict(common, rule="mclr", lagged_valid=state["lagged_valid"], probe_grads=[],
                                    probe_steps=[], w_sq=None, w_sq_known=[False] * 4, lag=True,
                                    check_nonfinite=True)
@@ -807,10 +808,10 @@ COMPILE_SCRIPT = textwrap.dedent("""
     head = dict(chunks=P, ptrs=P, n_layers="i32")
     for dt in (tl.float32, tl.bfloat16):
         build(reduce.chunk_stats_kernel, dict(head, partials="*fp32", hist="*i32", prefix="*i32", modes="*u8",
-              measure="*u8", weight_decay="fp32"), dict(DTYPE=dt, STATS=True, SECANT=True, HIST=True,
+              measure="*u8", weight_decay="fp32", unscale="*fp32"), dict(DTYPE=dt, STATS=True, SECANT=True, HIST=True,
               FILTER=True, SHIFT=10, BITS=10, BLOCK=4096))
         build(update.momentum_update_kernel, dict(head, partials="*fp32", alpha="*fp32", skip="*u8",
-              hist="*i32", weight_decay="fp32", momentum="fp32"), dict(DTYPE=dt, MOMENTUM=True,
+              hist="*i32", weight_decay="fp32", momentum="fp32", unscale="*fp32"), dict(DTYPE=dt, MOMENTUM=True,
               NESTEROV=True, STORE_STEP=True, FROM_SAVED=True, INPUT_NORMS=True, INPUT_HIST=True,
               NEXT_W2=True, SHIFT=16, BITS=15, BLOCK=4096))
         build(closure.copy_kernel, head, dict(DTYPE=dt, BLOCK=4096))

@@ -19,15 +19,23 @@ def _squares(x: Tensor) -> Tensor:
     return x.double().square().sum()
 
 
+def _unscaler(grad_scale, dtype):
+    """g ↦ g·fl32(1/S) in ``dtype`` (GradScaler.unscale_'s factor), or g itself."""
+    if grad_scale is None:
+        return lambda g: g
+    inv = grad_scale.double().reciprocal().float().reshape(()).to(dtype)
+    return lambda g: g * inv
+
+
 def _median(w: Tensor, g: Tensor, weight_decay: float, approx: bool) -> Tensor:
     q = lm.curvature_quotients(lm.decayed_grad(g, w, weight_decay), w)
     return lm.lower_median(q, approx=approx)
 
 
 def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, w_sq, w_sq_known,
-                     weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
+                     grad_scale, weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
     """Pass 1: every layer's Σw², Σg² (and median, MCLR), the secant sums where a probe
-    gradient is given (CBLR), the measured and non-finite flags.  Reads w, so a probe's
+    gradient is given (CBLR), the measured and non-finite flags (of g and the probe gradient).  Reads w, so a probe's
     parameters must be back at w_t (this backend's shift is always restored first)."""
     n = len(params)
     device = params[0].device
@@ -35,8 +43,10 @@ def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads
     median = torch.zeros((n,), dtype=torch.float32, device=device)
     flags = torch.zeros((n, FLAG_COLUMNS), dtype=torch.bool, device=device)
     for i, (p, grad) in enumerate(zip(params, grads)):
-        w, g = p.to(state_dtype(p)), grad.to(state_dtype(p))
+        unscale = _unscaler(grad_scale, state_dtype(p))
+        w, g = p.to(state_dtype(p)), unscale(grad.to(state_dtype(p)))
         sums[i, SUM_W2], sums[i, SUM_G2] = _squares(w), _squares(g)
+        nonfinite = not bool(torch.isfinite(g).all())
         flags[i, FLAG_NORMS] = True
         if rule == "mclr":
             median[i] = _median(w, g, weight_decay, approx_median)
@@ -44,13 +54,14 @@ def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads
         if rule == "cblr":
             measures = bool(probe_grads) and probe_grads[i] is not None
             if measures:
-                s = probe_steps[i]
-                diff = lm.secant_difference(g, probe_grads[i].to(w.dtype), s.to(p.dtype).to(w.dtype), weight_decay)
+                s, g_s = probe_steps[i], unscale(probe_grads[i].to(w.dtype))
+                diff = lm.secant_difference(g, g_s, s.to(p.dtype).to(w.dtype), weight_decay)
                 sums[i, SUM_DIFF2], sums[i, SUM_STEP2] = _squares(diff), _squares(s)
+                nonfinite = nonfinite or not bool(torch.isfinite(g_s).all())  # an overflow at w_t + s
         else:
             measures = bool(lm.measurement_due(ages[i], curvature_interval))
         flags[i, FLAG_MEASURED] = adapt[i] and measures
-        flags[i, FLAG_NONFINITE] = not bool(torch.isfinite(g).all())
+        flags[i, FLAG_NONFINITE] = nonfinite
     return sums, median, flags
 
 
@@ -69,7 +80,7 @@ def _current_inputs(rule, sums, median, flags, i, w, g, weight_decay, eps, appro
 
 
 def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
-                      adapt, sums, median, flags, found_inf, lr, momentum, nesterov, weight_decay, eps,
+                      adapt, sums, median, flags, found_inf, grad_scale, lr, momentum, nesterov, weight_decay, eps,
                       trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
                       approx_median, workspace, next_w_sq):
     """Pass 2: ratio and update of every layer; when ``found_inf`` nothing changes but the
@@ -79,7 +90,7 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
     for i, (p, grad) in enumerate(zip(params, grads)):
         w_t = saved[i] if saved and saved[i] is not None else p
         dtype = state_dtype(p)
-        w, g = w_t.to(dtype, copy=True), grad.to(dtype)
+        w, g = w_t.to(dtype, copy=True), _unscaler(grad_scale, dtype)(grad.to(dtype))
         current = _current_inputs(rule, sums, median, flags, i, w, g, weight_decay, eps, approx_median)
         # lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
         w_norm, g_norm, kappa = lagged[i].clone() if lag and lagged_valid[i] else current  # written below

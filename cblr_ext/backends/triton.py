@@ -189,6 +189,16 @@ def _made_here_for(flags: Tensor, config: tuple) -> bool:
     return entry is not None and entry[0]() is flags and entry[1:] == (flags._version, config)
 
 
+def _unscale(grad_scale, device) -> Tensor:
+    """GradScaler's fl32(1/S) as the kernels read it (1 without a scale), on the device."""
+    if grad_scale is None:
+        return torch.ones((), dtype=torch.float32, device=device)
+    if grad_scale.numel() != 1 or grad_scale.dtype != torch.float32 or grad_scale.device != device:
+        raise ValueError(f"triton backend: grad_scale must be a one-element fp32 tensor on {device}, got "
+                         f"{grad_scale.dtype} of shape {tuple(grad_scale.shape)} on {grad_scale.device}")
+    return grad_scale.double().reciprocal().float().reshape(())
+
+
 # ------------------------------------------------------------ median helpers
 
 def _schedule(approx_median: bool, params: list, grads: list) -> tuple:
@@ -220,7 +230,7 @@ def _selection_state(n: int, device) -> tuple:
 
 
 def _pass_one(ptrs: Tensor, plans: list, n: int, device, modes: Tensor, measure, schedule, weight_decay: float,
-              secant: bool) -> tuple:
+              secant: bool, unscale: Tensor) -> tuple:
     """Pass 1 over w (role 0) and g (role 1): the [n, STAT_PARTIALS] fp32 sums that the
     layers' mode bytes ask for and, when ``measure`` (uint8 [n]) is given, the lower
     median of the quotients of the measuring layers by radix selection (0 elsewhere:
@@ -231,7 +241,7 @@ def _pass_one(ptrs: Tensor, plans: list, n: int, device, modes: Tensor, measure,
 
     def stats_pass(hist, prefix, shift, bits):
         return _layer_sums(kr.chunk_stats_kernel, plans, n, columns, device, ptrs, hist, prefix, modes, measure,
-                           float(weight_decay), STATS=True, SECANT=secant, HIST=hist is not None, FILTER=False,
+                           float(weight_decay), unscale, STATS=True, SECANT=secant, HIST=hist is not None, FILTER=False,
                            SHIFT=shift, BITS=bits)
 
     if measure is None:
@@ -244,7 +254,7 @@ def _pass_one(ptrs: Tensor, plans: list, n: int, device, modes: Tensor, measure,
         else:
             for plan in plans:
                 _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, None, measure,
-                        float(weight_decay), STATS=False, SECANT=False, HIST=True, FILTER=True, SHIFT=shift,
+                        float(weight_decay), unscale, STATS=False, SECANT=False, HIST=True, FILTER=True, SHIFT=shift,
                         BITS=bits)
         _select(hist, prefix, rank, count, shift, bits, first=i == 0)
     return sums, _median_value(prefix, count, sums[:, kr.P_H_NAN.value], measure)
@@ -253,7 +263,7 @@ def _pass_one(ptrs: Tensor, plans: list, n: int, device, modes: Tensor, measure,
 # ------------------------------------------------------------------ pass 1
 
 def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, w_sq, w_sq_known,
-                     weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
+                     grad_scale, weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
     """Pass 1 (``reference.layerwise_reduce``): Σw², Σg², the median, the secant sums
     where a probe gradient is given (CBLR), the flags; what it leaves out is in the flags
     (module docstring).  ``w_sq`` where ``w_sq_known``: Σw_t² taken instead of reading w."""
@@ -279,12 +289,12 @@ def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads
         _check_small(ages, "age", 1, device)
     with _on_device(params):
         return _reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, probed, w_sq,
-                       w_sq_known, weight_decay, curvature_interval, bool(lag), bool(approx_median),
+                       w_sq_known, _unscale(grad_scale, device), weight_decay, curvature_interval, bool(lag), bool(approx_median),
                        bool(check_nonfinite))
 
 
 def _reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, probed, w_sq, w_sq_known,
-            weight_decay, curvature_interval, lag, approx_median, check_nonfinite) -> tuple:
+            unscale, weight_decay, curvature_interval, lag, approx_median, check_nonfinite) -> tuple:
     from ..kernels import reduce as kr
     from ..kernels.chunks import chunk_plans, pointer_table
     n, device = len(params), params[0].device
@@ -323,7 +333,8 @@ def _reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_s
             roles += [[g if pr else None for g, pr in zip(probe_grads, probed)],
                       [s if pr else None for s, pr in zip(probe_steps, probed)]]
         part, median = _pass_one(pointer_table(roles), chunk_plans(params, CHUNK), n, device,
-                                 _vector(modes_host, device, torch.uint8), measure, schedule, weight_decay, secant)
+                                 _vector(modes_host, device, torch.uint8), measure, schedule, weight_decay, secant,
+                                 unscale)
     else:  # lag=1, every layer stashed, no non-finite check: pass 1 reads nothing
         part = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
         median = None
@@ -347,7 +358,7 @@ def _reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_s
 # ------------------------------------------------------------------ pass 2
 
 def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
-                      adapt, sums, median, flags, found_inf, lr, momentum, nesterov, weight_decay, eps,
+                      adapt, sums, median, flags, found_inf, grad_scale, lr, momentum, nesterov, weight_decay, eps,
                       trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
                       approx_median, workspace, next_w_sq):
     """Pass 2 (``reference.layerwise_update_``): κ from the reduction
@@ -380,13 +391,13 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
         _check_shape(next_w_sq, "next_w_sq", (n,), torch.float64, device)
     with _on_device(params):
         return _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
-                       adapt, sums, median, flags, found_inf, lr, float(momentum), bool(nesterov),
+                       adapt, sums, median, flags, found_inf, _unscale(grad_scale, device), lr, float(momentum), bool(nesterov),
                        float(weight_decay), float(eps), float(trust_coefficient), float(curvature_ema),
                        max_ratio, float(fallback_trust), bool(lag), bool(approx_median), next_w_sq)
 
 
 def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved, adapt,
-            sums, median, flags, found_inf, lr, momentum, nesterov, weight_decay, eps, trust_coefficient,
+            sums, median, flags, found_inf, unscale, lr, momentum, nesterov, weight_decay, eps, trust_coefficient,
             curvature_ema, max_ratio, fallback_trust, lag, approx_median, next_w_sq) -> Tensor:
     from ..kernels import reduce as kr
     from ..kernels import update as ku
@@ -415,7 +426,7 @@ def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lag
             measure = need_median.to(torch.uint8)
         modes = need_norms.to(torch.uint8) * (kr.MODE_W2.value | kr.MODE_G2.value)
         part, pre_median = _pass_one(pointer_table([w_t, grads]), plans, n, device, modes, measure, schedule,
-                                     weight_decay, secant=False)
+                                     weight_decay, secant=False, unscale=unscale)
         w2 = torch.where(norms_known, w2, part[:, kr.P_W2.value].double())
         g2 = torch.where(norms_known, g2, part[:, kr.P_G2.value].double())
         norms_known = norms_known | need_norms
@@ -453,7 +464,7 @@ def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lag
     torch.autograd.graph.increment_version(written)
     ptrs = pointer_table([params, w_t, grads, momentum_buffers or [None] * n, prev_steps or [None] * n])
     part = _layer_sums(ku.momentum_update_kernel, plans, n, ku.UPDATE_PARTIALS.value, device, ptrs, alpha,
-                       skip.to(torch.uint8), hist, weight_decay, momentum, MOMENTUM=momentum_on, NESTEROV=nesterov,
+                       skip.to(torch.uint8), hist, weight_decay, momentum, unscale, MOMENTUM=momentum_on, NESTEROV=nesterov,
                        STORE_STEP=store_step, FROM_SAVED=any(w is not p for w, p in zip(w_t, params)),
                        INPUT_NORMS=any(stashed), INPUT_HIST=median_in_update, NEXT_W2=next_w_sq is not None,
                        SHIFT=shift, BITS=bits)

@@ -68,6 +68,7 @@ struct LayerRef {
   int64_t n = 0;
   void* w = nullptr;
   const void* g = nullptr;
+  float g_unscale = 1.0f;  // g is read as g·g_unscale (GradScaler's fl32(1/S); 1: not scaled)
   void* v = nullptr;     // momentum buffer
   void* prev = nullptr;  // s_{t−1} kept for CBLR (μ = 0 or Nesterov)
   float* kappa = nullptr;   // κ̄ (0-d state)

@@ -38,10 +38,10 @@ struct MedianCounts {
 using Slices = std::vector<std::pair<int64_t, int64_t>>;
 
 template <typename P>
-inline math_t<P> quotient_at(const P* w, const P* g, int64_t i, math_t<P> weight_decay) {
+inline math_t<P> quotient_at(const P* w, const P* g, math_t<P> gs, int64_t i, math_t<P> weight_decay) {
   using T = math_t<P>;
   T wv = load(w[i]);
-  return curvature_quotient(decayed_grad(T(load(g[i])), wv, weight_decay), wv);
+  return curvature_quotient(decayed_grad(T(load(g[i])) * gs, wv, weight_decay), wv);
 }
 
 // Unsigned keys in the order of the quotients (≥ +0: curvature_quotient clears the sign):
@@ -127,14 +127,14 @@ inline T select_lower_median(T* values, int64_t n) {
 }
 
 template <typename P>
-Bracket<math_t<P>> make_bracket(const P* w, const P* g, int64_t n, math_t<P> weight_decay) {
+Bracket<math_t<P>> make_bracket(const P* w, const P* g, math_t<P> gs, int64_t n, math_t<P> weight_decay) {
   using T = math_t<P>;
   Bracket<T> b;
   std::vector<T> q;
   if (n <= kDirectLimit) {
     q.reserve(n);
     for (int64_t i = 0; i < n; ++i) {
-      if (load(w[i]) != 0) q.push_back(quotient_at(w, g, i, weight_decay));
+      if (load(w[i]) != 0) q.push_back(quotient_at(w, g, gs, i, weight_decay));
     }
     b.known = true;
     b.value = select_lower_median(q.data(), int64_t(q.size()));
@@ -155,7 +155,7 @@ Bracket<math_t<P>> make_bracket(const P* w, const P* g, int64_t n, math_t<P> wei
   for (const int64_t start : starts) {
     for (int64_t i = start; i < start + kRunLength; ++i) {
       if (load(w[i]) == 0) continue;
-      T h = quotient_at(w, g, i, weight_decay);
+      T h = quotient_at(w, g, gs, i, weight_decay);
       if (h == h) q.push_back(h);
     }
   }
@@ -241,13 +241,13 @@ inline void collect_block(const float* h, int64_t m, const Bracket<float>& b, fl
 // block's Σw² and Σg² (in the same loop: the pass is bound by this loop's arithmetic
 // and a separate norm loop would stall on memory without overlapping it).
 template <typename P>
-inline void block_quotients(const P* w, const P* g, int64_t m, math_t<P> weight_decay, math_t<P>* h,
-                            double& w2, double& g2) {
+inline void block_quotients(const P* w, const P* g, math_t<P> gs, int64_t m, math_t<P> weight_decay,
+                            math_t<P>* h, double& w2, double& g2) {
   using T = math_t<P>;
   T bw = 0, bg = 0;
 #pragma omp simd reduction(+ : bw, bg)
   for (int64_t j = 0; j < m; ++j) {
-    const T wv = load(w[j]), gv = load(g[j]);
+    const T wv = load(w[j]), gv = load(g[j]) * gs;
     bw += wv * wv;
     bg += gv * gv;
     const T q = curvature_quotient(decayed_grad(gv, wv, weight_decay), wv);
@@ -259,11 +259,11 @@ inline void block_quotients(const P* w, const P* g, int64_t m, math_t<P> weight_
 
 // Counts and collects the quotients of one block against the bracket; adds its Σw², Σg².
 template <typename P>
-inline void collect_quotients(const P* w, const P* g, int64_t m, math_t<P> weight_decay,
+inline void collect_quotients(const P* w, const P* g, math_t<P> gs, int64_t m, math_t<P> weight_decay,
                               const Bracket<math_t<P>>& b, math_t<P>* cand, MedianCounts& counts,
                               double& w2, double& g2) {
   alignas(64) math_t<P> h[kSumBlock];
-  block_quotients(w, g, m, weight_decay, h, w2, g2);
+  block_quotients(w, g, gs, m, weight_decay, h, w2, g2);
   collect_block(h, m, b, cand, counts);
 }
 

@@ -41,7 +41,8 @@ class MedianPlan {
       dispatch(l.dtype, [&](auto tag) {
         using P = decltype(tag);
         bracket<math_t<P>>(selecting[k]) = make_bracket(static_cast<const P*>(l.w), static_cast<const P*>(l.g),
-                                                        l.n, math_t<P>(cfg.weight_decay));
+                                                        math_t<P>(l.g_unscale), l.n,
+                                                        math_t<P>(cfg.weight_decay));
       });
     });
   }
@@ -97,18 +98,23 @@ std::vector<LayerSums> sum_chunks(size_t layers, const std::vector<Chunk>& chunk
 }
 
 template <typename P>
-bool any_nonfinite(const P* g, int64_t n) {
+bool any_nonfinite(const P* g, math_t<P> gs, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(load(g[i]))) return true;
+    if (!std::isfinite(load(g[i]) * gs)) return true;
   }
   return false;
 }
 
 // ‖g‖² is finite when every element is; when it is not, a scan tells a non-finite
-// element from squares that overflowed.
-bool layer_nonfinite(const LayerRef& l, double g2) {
-  if (std::isfinite(g2)) return false;
-  return dispatch(l.dtype, [&](auto tag) { return any_nonfinite(static_cast<const decltype(tag)*>(l.g), l.n); });
+// element from squares that overflowed.  A CBLR probe gradient counts as g does (an
+// overflow at w_t + s skips the step), by its secant sum.
+bool layer_nonfinite(const LayerRef& l, double g2, double d2) {
+  return dispatch(l.dtype, [&](auto tag) {
+    using P = decltype(tag);
+    const math_t<P> gs(l.g_unscale);
+    return (!std::isfinite(g2) && any_nonfinite(static_cast<const P*>(l.g), gs, l.n)) ||
+           (l.measures && !std::isfinite(d2) && any_nonfinite(static_cast<const P*>(l.probe_g), gs, l.n));
+  });
 }
 
 // The median of each selecting layer, as fp32 and approx-truncated (0 elsewhere: not taken;
@@ -139,7 +145,7 @@ std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPla
           const P* w = static_cast<const P*>(l.w);
           const P* g = static_cast<const P*>(l.g);
           for (int64_t j = 0; j < l.n; ++j) {
-            if (load(w[j]) != 0) out[m++] = quotient_at(w, g, j, T(weight_decay));
+            if (load(w[j]) != 0) out[m++] = quotient_at(w, g, T(l.g_unscale), j, T(weight_decay));
           }
         }
         return m;
@@ -177,28 +183,41 @@ __attribute__((noinline)) math_t<P> block_squares(const P* x, int64_t m) {
   return sum;
 }
 
-// ‖w‖² and ‖g‖² of a chunk as block_squares sums them.
+// Σ(x·scale)² of one block, summed as block_squares sums.
 template <typename P>
-void carried_squares(const P* w, const P* g, int64_t n, double& w2, double& g2) {
+math_t<P> scaled_block_squares(const P* x, math_t<P> scale, int64_t m) {
+  using T = math_t<P>;
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = 0; i < m; ++i) {
+    const T v = load(x[i]) * scale;
+    sum += v * v;
+  }
+  return sum;
+}
+
+// ‖w‖² of a chunk as block_squares sums it, and ‖g·gs‖².
+template <typename P>
+void carried_squares(const P* w, const P* g, math_t<P> gs, int64_t n, double& w2, double& g2) {
   for (int64_t s = 0; s < n; s += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - s);
     w2 += double(block_squares(w + s, m));
-    g2 += double(block_squares(g + s, m));
+    g2 += double(scaled_block_squares(g + s, gs, m));
   }
 }
 
-// Adds Σx² and Σy² (x, y the math values of a and b) to sx and sy: partial sums in the
+// Adds Σx² and Σy² (x, y the math values of a and b·bs) to sx and sy: partial sums in the
 // math type over short blocks (full-width vectors, two independent chains of adds),
 // accumulated in double.  When a == b only sy is meaningful.
 template <typename P>
-void sum_squares(const P* a, const P* b, int64_t n, double& sx, double& sy) {
+void sum_squares(const P* a, const P* b, math_t<P> bs, int64_t n, double& sx, double& sy) {
   using T = math_t<P>;
   for (int64_t s = 0; s < n; s += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - s);
     T bx = 0, by = 0;
 #pragma omp simd reduction(+ : bx, by)
     for (int64_t i = 0; i < m; ++i) {
-      T x = load(a[s + i]), y = load(b[s + i]);
+      T x = load(a[s + i]), y = load(b[s + i]) * bs;
       bx += x * x;
       by += y * y;
     }
@@ -213,16 +232,17 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool read_w, bool read_g, c
   const P* w = static_cast<const P*>(l.w) + c.begin;
   const P* g = static_cast<const P*>(l.g) + c.begin;
   const int64_t n = c.end - c.begin;
+  const math_t<P> gs(l.g_unscale);
   double w2 = 0, g2 = 0;
   if (!read_w) {  // ‖g‖ and the non-finite check only (when wanted)
     double unused = 0;
-    if (read_g) sum_squares(g, g, n, unused, g2);
+    if (read_g) sum_squares(g, g, gs, n, unused, g2);
   } else if (!bracket) {
-    carried_squares(w, g, n, w2, g2);  // Σw² as the update pass sums it (LayerRef::next_w2)
+    carried_squares(w, g, gs, n, w2, g2);  // Σw² as the update pass sums it (LayerRef::next_w2)
   } else {
     for (int64_t b = 0; b < n; b += kSumBlock) {
       const int64_t m = std::min(kSumBlock, n - b);
-      collect_quotients(w + b, g + b, m, weight_decay, *bracket, candidates + c.begin, r.counts, w2, g2);
+      collect_quotients(w + b, g + b, gs, m, weight_decay, *bracket, candidates + c.begin, r.counts, w2, g2);
     }
   }
   r.w2 = w2;
@@ -238,14 +258,15 @@ void secant_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, Chu
   const P* g = static_cast<const P*>(l.g) + c.begin;
   const P* g_p = static_cast<const P*>(l.probe_g) + c.begin;
   const T* s = static_cast<const T*>(l.step) + c.begin;
+  const T gs(l.g_unscale);
   const int64_t n = c.end - c.begin;
   for (int64_t b = 0; b < n; b += kSumBlock) {  // block sums as in sum_squares
     const int64_t m = std::min(kSumBlock, n - b);
     T bg = 0, bd = 0, bs = 0;
 #pragma omp simd reduction(+ : bg, bd, bs)
     for (int64_t j = b; j < b + m; ++j) {
-      const T gv = load(g[j]);
-      const T diff = secant_difference(gv, T(load(g_p[j])), T(load(store<P>(s[j]))), weight_decay);
+      const T gv = load(g[j]) * gs;
+      const T diff = secant_difference(gv, T(load(g_p[j])) * gs, T(load(store<P>(s[j]))), weight_decay);
       bg += gv * gv;
       bd += diff * diff;
       bs += s[j] * s[j];
@@ -261,13 +282,13 @@ void secant_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, Chu
 // Lag: 0 = no stash, 1 = measure the inputs' norms, 2 = norms and median quotients.
 // w_in: w_t (w itself, or the copy a CBLR probe saved).
 template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
-void apply_range(P* w, const P* w_in, const P* g, math_t<P>* v, math_t<P>* prev, math_t<P>* h, int64_t n,
-                 math_t<P> alpha, math_t<P> momentum, math_t<P> weight_decay, ChunkResult& r) {
+void apply_range(P* w, const P* w_in, const P* g, math_t<P> gs, math_t<P>* v, math_t<P>* prev, math_t<P>* h,
+                 int64_t n, math_t<P> alpha, math_t<P> momentum, math_t<P> weight_decay, ChunkResult& r) {
   using T = math_t<P>;
   T w2 = 0, g2 = 0, s2 = 0;  // block sums (n ≤ kSumBlock), as in sum_squares
 #pragma omp simd reduction(+ : w2, g2, s2)
   for (int64_t i = 0; i < n; ++i) {
-    T wv = load(w_in[i]), gv = load(g[i]);
+    T wv = load(w_in[i]), gv = load(g[i]) * gs;
     if (Lag) {
       w2 += wv * wv;
       g2 += gv * gv;
@@ -307,7 +328,8 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
   alignas(64) T h[Lag == 2 ? kSumBlock : 1];
   for (int64_t b = 0; b < n; b += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - b);
-    apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w + b, w_in + b, g + b, Momentum ? v + b : nullptr,
+    apply_range<P, Momentum, Nesterov, KeepPrev, Lag>(w + b, w_in + b, g + b, T(l.g_unscale),
+                                                      Momentum ? v + b : nullptr,
                                                       KeepPrev ? prev + b : nullptr, h, m, alpha,
                                                       momentum, weight_decay, r);
     if (Lag == 2) {
@@ -401,7 +423,7 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, c
     flags[FLAG_MEASURED] = measured[i];
     flags[FLAG_NORMS] = norms;
     flags[FLAG_MEDIAN] = selects[i];
-    flags[FLAG_NONFINITE] = layer_nonfinite(l, sums[i].g2);
+    flags[FLAG_NONFINITE] = layer_nonfinite(l, sums[i].g2, sums[i].d2);
   }
 }
 
@@ -420,7 +442,7 @@ std::vector<LayerSums> input_norms(const StepConfig& cfg, const std::vector<Laye
     dispatch(l.dtype, [&](auto tag) {
       using P = decltype(tag);
       sum_squares(static_cast<const P*>(l.value()) + c.begin, static_cast<const P*>(l.g) + c.begin,
-                  c.end - c.begin, results[k].w2, results[k].g2);
+                  math_t<P>(l.g_unscale), c.end - c.begin, results[k].w2, results[k].g2);
     });
   });
   return sum_chunks(layers.size(), chunks, results);

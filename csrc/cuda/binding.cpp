@@ -204,11 +204,23 @@ at::TensorOptions on(const Tensor& like, at::ScalarType dtype) {
   return at::TensorOptions().dtype(dtype).device(like.device());
 }
 
+// GradScaler's fl32(1/S) on the device (as GradScaler.unscale_ forms it), 1 without a
+// scale: the kernels read it, the host never does.
+Tensor grad_unscale(const std::optional<Tensor>& grad_scale, const Tensor& like) {
+  if (!grad_scale.has_value()) return at::ones({}, on(like, at::kFloat));
+  TORCH_CHECK(grad_scale->device() == like.device() && grad_scale->numel() == 1 &&
+                  grad_scale->scalar_type() == at::kFloat,
+              kWho, "grad_scale must be a one-element fp32 tensor on ", like.device(), " (got ",
+              grad_scale->scalar_type(), " of shape ", grad_scale->sizes(), " on ", grad_scale->device(), ")");
+  return grad_scale->to(at::kDouble).reciprocal().to(at::kFloat).reshape({});
+}
+
 std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
     const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList ages, c10::List<bool> adapt,
     c10::List<bool> lagged_valid, const OptionalTensors& probe_grads, const OptionalTensors& probe_steps,
-    const std::optional<Tensor>& w_sq, c10::List<bool> w_sq_known, double weight_decay, int64_t curvature_interval,
-    bool lag, bool approx_median, bool check_nonfinite, const Tensor& workspace) {
+    const std::optional<Tensor>& w_sq, c10::List<bool> w_sq_known, const std::optional<Tensor>& grad_scale,
+    double weight_decay, int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite,
+    const Tensor& workspace) {
   const size_t count = params.size();
   const int rule_id = rule_of(rule);
   check_count(grads.size(), count, "gradients", false);
@@ -268,6 +280,8 @@ std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
   args.lag = lag;
   args.approx_median = approx_median;
   args.check_nonfinite = check_nonfinite;
+  const Tensor unscale = grad_unscale(grad_scale, first);
+  args.unscale = unscale.data_ptr<float>();
   args.w_sq = w_sq.has_value() ? w_sq->data_ptr<double>() : nullptr;
   args.sums = sums.data_ptr<double>();
   args.median = median.data_ptr<float>();
@@ -284,8 +298,8 @@ Tensor layerwise_update_(
     const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
     at::TensorList prev_steps, at::TensorList kappas, at::TensorList ages, at::TensorList lagged,
     c10::List<bool> lagged_valid, const OptionalTensors& saved, c10::List<bool> adapt, const Tensor& sums,
-    const Tensor& median, const Tensor& flags, const Tensor& found_inf, const Tensor& lr, double momentum,
-    bool nesterov, double weight_decay, double eps, double trust_coefficient, double curvature_ema,
+    const Tensor& median, const Tensor& flags, const Tensor& found_inf, const std::optional<Tensor>& grad_scale,
+    const Tensor& lr, double momentum, bool nesterov, double weight_decay, double eps, double trust_coefficient, double curvature_ema,
     std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag, bool approx_median,
     const Tensor& workspace, const std::optional<Tensor>& next_w_sq) {
   const size_t count = params.size();
@@ -374,6 +388,8 @@ Tensor layerwise_update_(
   args.median = median.data_ptr<float>();
   args.flags = flags.data_ptr<bool>();
   args.found_inf = skip.data_ptr<float>();
+  const Tensor unscale = grad_unscale(grad_scale, first);
+  args.unscale = unscale.data_ptr<float>();
   args.lr = lr.is_cpu() ? nullptr : lr_device.data_ptr<float>();
   args.lr_value = lr.is_cpu() ? lr.to(at::kFloat).item<float>() : 0.0f;  // a CPU value: no device sync
   args.stats = stats.data_ptr<float>();

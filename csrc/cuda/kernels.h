@@ -86,6 +86,7 @@ struct ReduceArgs {
   double weight_decay;
   int64_t curvature_interval;
   bool lag, approx_median, check_nonfinite;
+  const float* unscale;  // device scalar: gradients are read as g·unscale (GradScaler's fl32(1/S), or 1)
   const double* w_sq;  // [L] or null (indexed by row)
   // outputs, indexed by row
   double* sums;   // [L][4]
@@ -105,6 +106,7 @@ struct UpdateArgs {
   const float* median;
   const bool* flags;
   const float* found_inf;  // device scalar (fp32): nonzero skips the step
+  const float* unscale;    // device scalar, as ReduceArgs::unscale
   const float* lr;         // device scalar, or null: lr_value
   float lr_value;
   float* stats;       // [L][7]

@@ -24,6 +24,7 @@ constexpr uint8_t kReads = M_W2 | M_G2 | M_CHECK | M_SECANT | M_SELECT;
 struct MeasureArgs {
   bool mclr, approx_median;
   float weight_decay;
+  const float* unscale;  // device scalar: g is read as g·unscale
   // Where the totals go: the op's outputs by row (reduce), or scratch.pre_sums /
   // scratch.pre_median by slot (the update's own pass before the ratio).
   bool to_outputs;

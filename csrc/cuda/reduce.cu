@@ -49,7 +49,7 @@ struct Element {
 template <typename P>
 __global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_constant__ LayerTable table,
                                                               const Scratch scratch, int pass, int shift, int nbits,
-                                                              float weight_decay) {
+                                                              float weight_decay, const float* unscale) {
   __shared__ uint32_t hist[kRadixBins];
   __shared__ BlockSums<kPartials> block_sums;
   const int slot = find_slot(table, int(blockIdx.x));
@@ -83,6 +83,7 @@ __global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_const
   const uint32_t prefix = pass > 0 ? scratch.select[slot * 3] : 0u;
   const int high = shift + nbits;  // < 32 for pass > 0
   const uint32_t mask = (1u << nbits) - 1u;
+  const float inv = *unscale;
 
   auto visit = [&](const Element& e) {
     if (pass == 0) {
@@ -90,6 +91,7 @@ __global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_const
       if (sum_g) acc[1] += square(e.g);
       acc[4] += is_finite(e.g) ? 0.0 : 1.0;
       if (secant) {
+        acc[4] += is_finite(e.probe_g) ? 0.0 : 1.0;  // an overflow at w_t + s skips the step too
         const float diff = secant_difference(e.g, e.probe_g, e.step, weight_decay);
         acc[2] += square(diff);
       }
@@ -133,6 +135,8 @@ __global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_const
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       if (k >= m) continue;
+      gv[k] *= inv;
+      pv[k] *= inv;
       if (secant) {
         // s as the shift added it (rounded to the storage type); Σs² of s itself.
         sv[k] = load_value(store_value<P>(s_raw[k]));
@@ -236,7 +240,8 @@ void launch_measure(const LayerTable& table, const Scratch& scratch, const Measu
     for (int p = 0; p < passes; ++p) {
       if (args.mclr) cudaMemsetAsync(scratch.hist, 0, sizeof(uint32_t) * kRadixBins * table.count, stream);
       chunk_pass_kernel<P><<<table.chunks, kThreads, 0, stream>>>(table, scratch, p, args.mclr ? shift[p] : 0,
-                                                                 args.mclr ? bits[p] : 1, args.weight_decay);
+                                                                 args.mclr ? bits[p] : 1, args.weight_decay,
+                                                                 args.unscale);
       if (args.mclr) select_kernel<<<table.count, kThreads, 0, stream>>>(scratch, table.count, p, shift[p], bits[p]);
     }
   } else if (args.mclr) {
@@ -278,6 +283,7 @@ cudaError_t reduce_batch(DType dtype, const LayerTable& table, const Scratch& sc
   m.mclr = args.rule == CUDA_RULE_MCLR;
   m.approx_median = args.approx_median;
   m.weight_decay = float(args.weight_decay);
+  m.unscale = args.unscale;
   m.to_outputs = true;
   m.w_sq = args.w_sq;
   m.sums = args.sums;

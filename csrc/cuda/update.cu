@@ -149,6 +149,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
   const bool next_w2 = args.next_w_sq != nullptr;
   const float alpha = scratch.alpha[slot];
   const float momentum = float(args.momentum), weight_decay = float(args.weight_decay);
+  const float inv = *args.unscale;
 
   for (int64_t base = begin + int64_t(threadIdx.x) * kVec; base < end; base += int64_t(kThreads) * kVec) {
     float wv[kVec] = {0, 0, 0, 0}, gv[kVec] = {0, 0, 0, 0}, vv[kVec] = {0, 0, 0, 0}, sv[kVec] = {0, 0, 0, 0};
@@ -171,6 +172,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
       if (k >= m) continue;
+      gv[k] *= inv;
       if (inputs) {
         acc[0] += square(wv[k]);
         acc[1] += square(gv[k]);
@@ -239,6 +241,7 @@ void launch_update(const LayerTable& table, const Scratch& scratch, const Update
   m.mclr = args.rule == CUDA_RULE_MCLR;
   m.approx_median = args.approx_median;
   m.weight_decay = float(args.weight_decay);
+  m.unscale = args.unscale;
   m.to_outputs = false;
   measure_batch(std::is_same<P, float>::value ? DType::F32 : std::is_same<P, __half>::value ? DType::F16 : DType::BF16,
                 table, scratch, m, stream);
