@@ -3,6 +3,7 @@
 ``LARS``, ``MCLR`` and ``CBLR`` are ``torch.optim`` optimizers sharing one
 implementation (docs/algorithm.md), with interchangeable backends.
 """
+from . import amp
 from .backends import BackendUnavailable, available_backends
 from .optimizer import CBLR, LARS, MCLR, LayerwiseOptimizer
 
