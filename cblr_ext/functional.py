@@ -165,9 +165,11 @@ def layerwise_update_(rule: str, params: list, grads: list, state: LayerState, a
         empty_workspace(device) if workspace is None else workspace, next_w_sq)
 
 
-def probe_shift_(params: list, steps: list, saved: list, *, backend="auto") -> Tensor:
-    """saved ← w, w ← w + s (s rounded to w's dtype); returns Σw_t² per layer (fp64)."""
-    return _ops(backend).probe_shift_(params, steps, saved)
+def probe_shift_(params: list, steps: list, saved: list, displacements: list, *, backend="auto") -> Tensor:
+    """saved ← w, w ← w + s (s rounded to w's dtype, the sum to w's), displacements ← the
+    realised displacement fl(w + s) − w (state dtype: what CBLR's secant divides by);
+    returns Σw_t² per layer (fp64)."""
+    return _ops(backend).probe_shift_(params, steps, saved, displacements)
 
 
 def probe_restore_(params: list, saved: list, *, backend="auto") -> None:

@@ -53,9 +53,15 @@ def decayed_grad(g: Tensor, w: Tensor, weight_decay: float) -> Tensor:
     return g + w * weight_decay
 
 
+def realised_displacement(shifted: Tensor, w: Tensor) -> Tensor:
+    """Δ = fl(w + s) − w, what the probe really moved w by (in the state dtype: exact where
+    the two points are within a factor 2, always for 16-bit parameters)."""
+    return shifted - w
+
+
 def secant_difference(g: Tensor, g_s: Tensor, s: Tensor, weight_decay: float) -> Tensor:
-    """d(w) − d(w + s) = (g − g_s) − β·s, g_s the gradient at w + s: the weight-decay part
-    exact (s as the shift added it), not the difference of two rounded points."""
+    """d(w) − d(w + s) = (g − g_s) − β·s, g_s the gradient at w + s and s the realised
+    displacement Δ: the weight-decay part exact, not the difference of two rounded points."""
     return (g - g_s) - s * weight_decay
 
 

@@ -4,7 +4,7 @@
 | --- | --- | --- | --- |
 | ``layerwise_reduce`` | w, g ÷ grad scale (probe: g at w + s, s) | the workspace | ``Reduction`` tensors (sums, median, flags) |
 | ``layerwise_update_`` | w (or the probe's saved w_t), g ÷ grad scale, a reduction | w, v, s_{t−1}, κ̄, age, lag stash | [L, 7] statistics |
-| ``probe_shift_`` | w, s_{t−1} | saved ← w, w ← w + s | Σw_t² per layer (fp64) |
+| ``probe_shift_`` | w, s_{t−1} | saved ← w, w ← w + s, Δ ← (w + s) − w as stored | Σw_t² per layer (fp64) |
 | ``probe_restore_`` | saved | w ← saved | |
 | ``cpu_isa`` | | | the C++ kernels' instruction set |
 
@@ -43,7 +43,8 @@ SCHEMAS = {
         "float trust_coefficient, float curvature_ema, float? max_ratio, float fallback_trust, "
         "int curvature_interval, bool lag, bool approx_median, Tensor(g!) workspace, "
         "Tensor(h!)? next_w_sq) -> Tensor"),
-    "probe_shift_": "probe_shift_(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved) -> Tensor",
+    "probe_shift_": ("probe_shift_(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved, "
+                     "Tensor(c!)[] displacements) -> Tensor"),
     "probe_restore_": "probe_restore_(Tensor(a!)[] params, Tensor[] saved) -> ()",
     "cpu_isa": "cpu_isa() -> str",
 }
@@ -73,7 +74,7 @@ def _update_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages
 
 
 @torch.library.register_fake("cblr_ext::probe_shift_")
-def _shift_fake(params, steps, saved):
+def _shift_fake(params, steps, saved, displacements):
     return torch.empty((len(params),), dtype=torch.float64, device=_layers_device(params))
 
 

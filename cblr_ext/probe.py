@@ -21,11 +21,13 @@ from . import functional as F
 @dataclass
 class GroupProbe:
     """One group's probe: per layer the copy of w_t (None: not shifted), the gradient at
-    w_t + s (None: not measured), s itself, and Σw_t² as the shift measured it."""
+    w_t + s (None: not measured), the displacement the shift realised (fl(w_t + s) − w_t,
+    what the secant divides by), and Σw_t² as the shift measured it."""
 
     saved: list
     grads: list
-    steps: list
+    steps: list  # the displacements of the measuring layers (None elsewhere)
+    displacements: list
     w_sq: torch.Tensor = None
     pending: bool = False  # shifted layers not yet back at w_t (nor updated from the copy)
 
@@ -33,10 +35,12 @@ class GroupProbe:
 @dataclass
 class ProbeBuffers:
     """Buffers reused by every probe (fixed addresses, no fresh pages each time), owned by
-    the optimizer: the closure's ``.grad`` stand-ins and the copies of w_t."""
+    the optimizer: the closure's ``.grad`` stand-ins, the copies of w_t and the realised
+    displacements."""
 
     grads: dict = field(default_factory=dict)
     saved: dict = field(default_factory=dict)
+    displacements: dict = field(default_factory=dict)
 
     @staticmethod
     def reused(buffers: dict, p, like, make):
@@ -77,12 +81,14 @@ class CurvatureProbe:
         and give ``.grad`` back its g_t."""
         for g in groups:
             shifted = [i for i, s in enumerate(g.prev_steps) if s is not None]
-            saved = [None] * len(g.params)
+            saved, moved = [None] * len(g.params), [None] * len(g.params)
             for i in shifted:
                 saved[i] = self.buffers.reused(self.buffers.saved, g.params[i], g.local_params[i], torch.empty_like)
+                moved[i] = self.buffers.reused(self.buffers.displacements, g.params[i], g.prev_steps[i],
+                                               torch.empty_like)
             self.groups[id(g)] = (g, GroupProbe(saved=saved, grads=[None] * len(g.params),
-                                                steps=[g.prev_steps[i] if g.measures[i] else None
-                                                       for i in range(len(g.params))]))
+                                                steps=[moved[i] if g.measures[i] else None
+                                                       for i in range(len(g.params))], displacements=moved))
         try:
             for g in groups:
                 probe = self.groups[id(g)][1]
@@ -93,7 +99,8 @@ class CurvatureProbe:
                     continue
                 # The shift checks its inputs before it writes: pending once it has returned.
                 w_sq = F.probe_shift_([g.local_params[i] for i in shifted], [g.prev_steps[i] for i in shifted],
-                                      [probe.saved[i] for i in shifted], backend=g.backend)
+                                      [probe.saved[i] for i in shifted], [probe.displacements[i] for i in shifted],
+                                      backend=g.backend)
                 probe.pending = True
                 probe.w_sq = torch.zeros(len(g.params), dtype=torch.float64, device=g.local_params[0].device)
                 probe.w_sq[shifted] = w_sq

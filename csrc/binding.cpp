@@ -299,20 +299,25 @@ Tensor layerwise_update_(
   return stats;
 }
 
-// saved ← w, w ← w + s; returns Σw_t² per layer (fp64: layerwise_reduce's w_sq).
-Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList saved) {
+// saved ← w, w ← w + s, displacements ← the realised w + s − w; returns Σw_t² per layer
+// (fp64: layerwise_reduce's w_sq).
+Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList saved,
+                    at::TensorList displacements) {
   check_count(steps.size(), params.size(), "steps", false);
   check_count(saved.size(), params.size(), "save buffers", false);
+  check_count(displacements.size(), params.size(), "displacements", false);
   std::vector<cblr::cpu::ShiftLayer> layers;
   for (size_t i = 0; i < params.size(); ++i) {
     check_param(params[i], i);
     check_companion(params[i], steps[i], state_dtype(params[i]), "step", i);
     check_companion(params[i], saved[i], params[i].scalar_type(), "save buffer", i);
+    check_companion(params[i], displacements[i], state_dtype(params[i]), "displacement", i);
     layers.push_back({dtype_of(params[i]), params[i].numel(), params[i].data_ptr(), steps[i].data_ptr(),
-                      saved[i].data_ptr()});
+                      saved[i].data_ptr(), displacements[i].data_ptr()});
   }
   bump_versions(params);
   bump_versions(saved);
+  bump_versions(displacements);
   Tensor w_sq = at::empty({int64_t(params.size())}, at::kDouble);
   cblr::cpu::shift_layers(layers, at::get_num_threads(), w_sq.data_ptr<double>());
   return w_sq;

@@ -61,9 +61,15 @@ CBLR_HD T decayed_grad(T g, T w, T weight_decay) {
   return g + product;
 }
 
+// Δ = fl(w + s) − w: what the probe really moved w by, in the math type.
+template <typename T>
+CBLR_HD T realised_displacement(T shifted, T w) {
+  return shifted - w;
+}
+
 // d(w) − d(w + s) = (g − g_s) − β·s: the secant's difference of decayed gradients, with
-// the weight-decay part exact (s as the shift added it, in the math type).  g_s is the
-// gradient at w + s.
+// the weight-decay part exact (s the realised displacement Δ, in the math type).  g_s is
+// the gradient at w + s.
 template <typename T>
 CBLR_HD T secant_difference(T g, T g_s, T s, T weight_decay) {
   T product = s * weight_decay;

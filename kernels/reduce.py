@@ -91,7 +91,7 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, me
                           other=0.0).to(tl.float32) * inv
             nonfinite = nonfinite | (s_mask & ~(tl.abs(g_p) < float("inf")))
             s = tl.load(tensor_ptr(ptrs, ROLE_STEP, n_layers, row, tl.float32) + offs, mask=s_mask, other=0.0)
-            diff = secant_difference(g, g_p, s, weight_decay, DTYPE)
+            diff = secant_difference(g, g_p, s, weight_decay)
             tl.store(out + P_DIFF2, tl.sum(tl.where(s_mask, diff * diff, 0.0), axis=0))
             tl.store(out + P_STEP2, tl.sum(s * s, axis=0))
         else:

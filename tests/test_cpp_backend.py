@@ -407,10 +407,12 @@ def test_cblr_shift_secant_and_update_from_the_copy(dtype):
     saved = [torch.full_like(w, 5.0) for w in ws]
     shifted, expected = [w.clone() for w in ws], [w.clone() for w in ws]
     expected_saved = [torch.empty_like(w) for w in ws]
-    w_sq = F.probe_shift_(shifted, steps, saved, backend="cpp")
-    F.probe_shift_(expected, steps, expected_saved, backend="reference")
+    moved, expected_moved = [torch.empty_like(s) for s in steps], [torch.empty_like(s) for s in steps]
+    w_sq = F.probe_shift_(shifted, steps, saved, moved, backend="cpp")
+    F.probe_shift_(expected, steps, expected_saved, expected_moved, backend="reference")
     assert all(torch.equal(a, b) for a, b in zip(saved, ws))
     assert all(torch.equal(a, b) for a, b in zip(shifted, expected))
+    assert all(torch.equal(a, b) for a, b in zip(moved, expected_moved))
     norms = torch.stack([torch.stack([torch.linalg.vector_norm(w.to(state)), torch.linalg.vector_norm(g.to(state))])
                          for w, g in zip(ws, gs)]).float()
     assert w_sq.dtype == torch.float64 and w_sq.shape == (len(ws),)
@@ -503,7 +505,8 @@ def cross_step(rule, reduce_backend, update_backend, lag=False, nesterov=False, 
             saved = [torch.empty_like(p) if i in shifted else None for i, p in enumerate(params)]
             w_sq = torch.zeros(n, dtype=torch.float64)
             w_sq[shifted] = F.probe_shift_([params[i] for i in shifted], [probe[i][1] for i in shifted],
-                                           [saved[i] for i in shifted], backend="cpp")
+                                           [saved[i] for i in shifted],
+                                           [torch.empty_like(probe[i][1]) for i in shifted], backend="cpp")
             kwargs.update(w_sq=w_sq, w_sq_known=[i in shifted for i in range(n)])
     workspace = lambda backend: cpp.workspace(rule, params, lag, {}) if backend == "cpp" else None
     ages = state.ages
@@ -615,7 +618,7 @@ def test_fake_implementations_trace_shapes():
                                       1e-8,
                                       1e-3, 0.0, None, 1e-3, 1, False, False, workspace, None)
         assert stats.shape == (2, 7)
-        w_sq = ops.probe_shift_(ws, gs, [torch.empty_like(w) for w in ws])
+        w_sq = ops.probe_shift_(ws, gs, [torch.empty_like(w) for w in ws], [torch.empty_like(w) for w in ws])
         assert w_sq.shape == (2,) and w_sq.dtype == torch.float64
         sums, median, flags = ops.layerwise_reduce("cblr", ws, gs, ages, [True, False], [False, False],
                                                    [gs[0], None], [ws[0], None], w_sq, [True, True], None, 0.0, 1,
@@ -634,7 +637,8 @@ def test_opcheck_shift_and_probe_reduce():
 
     ws, gs, probe, steps = tensors(), tensors(), tensors(), tensors()
     ops = cpp_ops()
-    torch.library.opcheck(ops.probe_shift_, (ws, steps, [torch.empty_like(t) for t in ws]))
+    torch.library.opcheck(ops.probe_shift_, (ws, steps, [torch.empty_like(t) for t in ws],
+                                             [torch.empty_like(t) for t in steps]))
     torch.library.opcheck(ops.probe_restore_, (ws, [t + 1 for t in ws]))
     ages = [torch.tensor(math.inf), torch.tensor(math.inf)]
     no_scratch = torch.empty(0, dtype=torch.uint8)
@@ -701,7 +705,7 @@ def test_torch_compile_traces_the_ops():
     ops = cpp_ops()
 
     def shift_and_measure(ws, steps, saved):
-        w_sq = ops.probe_shift_(ws, steps, saved)
+        w_sq = ops.probe_shift_(ws, steps, saved, [torch.empty_like(s) for s in steps])
         ages = [torch.full((), math.inf) for _ in ws]
         probe = [ws[0] * 2, None]  # the second layer does not measure
         no_scratch = torch.empty(0, dtype=torch.uint8)  # as the backend passes (cpp.workspace)

@@ -214,7 +214,7 @@ def test_a_warm_step_makes_no_host_sync(rule):
         if rule == "cblr":  # the optimizer reads one flag per group; the ops must not sync
             steps = [opt.state[p]["momentum_buffer"] for p in params]
             saved = [torch.empty_like(p) for p in params]
-            F.probe_shift_(params, steps, saved, backend="cuda")
+            F.probe_shift_(params, steps, saved, [torch.empty_like(s) for s in steps], backend="cuda")
             F.probe_restore_(params, saved, backend="cuda")
         else:
             opt.step()

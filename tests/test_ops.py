@@ -80,7 +80,8 @@ def test_opcheck_probe_shift_and_restore(backend):
     gen = torch.Generator().manual_seed(1)
     ws, steps = tensors(gen, *SHAPES), tensors(gen, *SHAPES)
     with cpu_kernels(backend):
-        torch.library.opcheck(ops.OPS.probe_shift_.default, (ws, steps, [torch.empty_like(w) for w in ws]))
+        torch.library.opcheck(ops.OPS.probe_shift_.default, (ws, steps, [torch.empty_like(w) for w in ws],
+                                                             [torch.empty_like(s) for s in steps]))
         torch.library.opcheck(ops.OPS.probe_restore_.default, (ws, tensors(gen, *SHAPES)))
 
 
@@ -89,12 +90,13 @@ def test_shift_returns_the_squares_of_w_t(backend):
     gen = torch.Generator().manual_seed(2)
     ws, steps = tensors(gen, *SHAPES), tensors(gen, *SHAPES)
     w_t = [w.clone() for w in ws]
-    saved = [torch.empty_like(w) for w in ws]
-    w_sq = F.probe_shift_(ws, steps, saved, backend=backend)
+    saved, moved = [torch.empty_like(w) for w in ws], [torch.empty_like(s) for s in steps]
+    w_sq = F.probe_shift_(ws, steps, saved, moved, backend=backend)
     assert w_sq.dtype == torch.float64
     torch.testing.assert_close(w_sq, torch.stack([w.double().square().sum() for w in w_t]), rtol=1e-6, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(saved, w_t))
     assert all(torch.equal(w, a + s) for w, a, s in zip(ws, w_t, steps))
+    assert all(torch.equal(d, w - a) for d, w, a in zip(moved, ws, w_t))  # what the shift really moved
     F.probe_restore_(ws, saved, backend=backend)
     assert all(torch.equal(a, b) for a, b in zip(ws, w_t))
 

@@ -373,8 +373,10 @@ def test_probe_ops_match_reference_bit_exactly(small_chunks, dtype):
     w_t = [t.clone() for t in w]
     saved = [torch.full_like(t, 7.0) for t in w]
     shifted_ref, saved_ref = [t.clone() for t in w], [torch.empty_like(t) for t in w]
-    w_sq_ref = F.probe_shift_(shifted_ref, s, saved_ref, backend="reference")
-    w_sq = F.probe_shift_(w, s, saved, backend="triton")
+    moved_ref, moved = [torch.empty_like(t) for t in s], [torch.empty_like(t) for t in s]
+    w_sq_ref = F.probe_shift_(shifted_ref, s, saved_ref, moved_ref, backend="reference")
+    w_sq = F.probe_shift_(w, s, saved, moved, backend="triton")
+    assert all(torch.equal(a, b) for a, b in zip(moved, moved_ref))
     assert all(torch.equal(a, b) for a, b in zip(saved, w_t))
     assert all(torch.equal(a, b) for a, b in zip(w, shifted_ref))
     assert w_sq.dtype == torch.float64 and w_sq.shape == (3,)
@@ -601,7 +603,8 @@ def test_the_ops_read_nothing_on_the_host(small_chunks, rule, kwargs):
         with contextlib.nullcontext() if warm else no_host_reads():
             if rule == "cblr":
                 saved = [torch.empty_like(p) for p in params]
-                F.probe_shift_(params, state["momentum_buffers"], saved, backend="triton")
+                F.probe_shift_(params, state["momentum_buffers"], saved,
+                               [torch.empty_like(s) for s in state["momentum_buffers"]], backend="triton")
                 F.probe_restore_(params, saved, backend="triton")
             red = F.layerwise_reduce(rule, params, grads, state["ages"], adapt, hp,
                                      lagged_valid=state["lagged_valid"], backend="triton", **probe)
@@ -625,7 +628,8 @@ def test_update_from_the_saved_copy_equals_restore_then_update(small_chunks, ski
         shifted = [0, 2, 3]
         saved = [torch.empty_like(p) for p in w]
         F.probe_shift_([w[i] for i in shifted], [s["momentum_buffers"][i] for i in shifted],
-                       [saved[i] for i in shifted], backend="triton")
+                       [saved[i] for i in shifted], [torch.empty_like(s["momentum_buffers"][i]) for i in shifted],
+                       backend="triton")
         if not from_copy:
             F.probe_restore_([w[i] for i in shifted], [saved[i] for i in shifted], backend="triton")
         next_w_sq = torch.full((4,), -1.0, dtype=torch.float64)
@@ -693,7 +697,8 @@ def op_cases():
         trust_coefficient=1e-3, curvature_ema=0.0, max_ratio=None, fallback_trust=1e-3, lag=True,
         next_w_sq=torch.zeros(4, dtype=torch.float64))
     yield "probe_shift_", dict(params=params, steps=state["momentum_buffers"],
-                               saved=[torch.empty_like(p) for p in params])
+                               saved=[torch.empty_like(p) for p in params],
+                               displacements=[torch.empty_like(s) for s in state["momentum_buffers"]])
     yield "probe_restore_", dict(params=params, saved=[p + 1 for p in params])
 
 
@@ -951,7 +956,7 @@ def test_cblr_protocol_ops_make_no_host_sync():
     probe = [g * 1.01 for g in grads]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        w_sq = F.probe_shift_(params, steps, saved_w, backend="triton")
+        w_sq = F.probe_shift_(params, steps, saved_w, [torch.empty_like(s) for s in steps], backend="triton")
         red = F.layerwise_reduce("cblr", params, grads, [s["age"] for s in map(opt.state.get, params)],
                                  [True] * len(params), F.Hyperparams(weight_decay=1e-4), probe_grads=probe,
                                  probe_steps=steps, backend="triton")

@@ -55,7 +55,7 @@ def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads
             measures = bool(probe_grads) and probe_grads[i] is not None
             if measures:
                 s, g_s = probe_steps[i], unscale(probe_grads[i].to(w.dtype))
-                diff = lm.secant_difference(g, g_s, s.to(p.dtype).to(w.dtype), weight_decay)
+                diff = lm.secant_difference(g, g_s, s.to(w.dtype), weight_decay)
                 sums[i, SUM_DIFF2], sums[i, SUM_STEP2] = _squares(diff), _squares(s)
                 nonfinite = nonfinite or not bool(torch.isfinite(g_s).all())  # an overflow at w_t + s
         else:
@@ -120,13 +120,15 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
     return stats
 
 
-def probe_shift_(params, steps, saved):
-    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first); Σw_t² per layer."""
+def probe_shift_(params, steps, saved, displacements):
+    """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first), Δ ← the new w − w_t
+    in the state dtype; Σw_t² per layer."""
     w_sq = torch.zeros((len(params),), dtype=torch.float64, device=params[0].device if params else "cpu")
-    for i, (p, s, w) in enumerate(zip(params, steps, saved)):
+    for i, (p, s, w, delta) in enumerate(zip(params, steps, saved, displacements)):
         w.copy_(p)
         w_sq[i] = _squares(w.to(state_dtype(p)))
         p.add_(s.to(p.dtype))
+        delta.copy_(lm.realised_displacement(p.to(delta.dtype), w.to(delta.dtype)))
     return w_sq
 
 

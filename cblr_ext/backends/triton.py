@@ -503,25 +503,29 @@ def _copy(dst: list, src: list) -> None:
         _launch(kc.copy_kernel, plan, ptrs, len(src))
 
 
-def probe_shift_(params, steps, saved):
+def probe_shift_(params, steps, saved, displacements):
     """saved ← w, then w ← w + s_{t−1} (s rounded to w's dtype first, like the reference),
-    in one pass that also sums Σw_t² per layer: returned as [L] fp64."""
+    displacements ← the realised (w + s) − w, in one pass that also sums Σw_t² per layer:
+    returned as [L] fp64."""
     from ..kernels import closure as kc
     from ..kernels.chunks import chunk_plans, pointer_table
     n = len(params)
     device = params[0].device if params else torch.device("cpu")
-    _check_lengths(n, {}, dict(steps=steps, saved=saved))
+    _check_lengths(n, {}, dict(steps=steps, saved=saved, displacements=displacements))
     if n == 0:
         return torch.zeros((0,), dtype=torch.float64, device=device)
     _check(params, "parameter")
     _check_fp32_like(steps, params, "step")
-    if any(s is None for s in list(steps) + list(saved)):
-        raise ValueError("triton backend: the shift needs a step and a save buffer for every parameter")
+    _check_fp32_like(displacements, params, "displacement")
+    if any(s is None for s in list(steps) + list(saved) + list(displacements)):
+        raise ValueError("triton backend: the shift needs a step, a save buffer and a displacement buffer for "
+                         "every parameter")
     _check(saved, "save buffer", like=params)
     with _on_device(params):
-        torch.autograd.graph.increment_version(list(saved) + list(params))  # written through raw pointers
+        # written through raw pointers
+        torch.autograd.graph.increment_version(list(saved) + list(params) + list(displacements))
         w_sq = _layer_sums(kc.shift_kernel, chunk_plans(params, CHUNK), n, 1, device,
-                           pointer_table([params, steps, saved]))
+                           pointer_table([params, steps, saved, displacements]))
         return w_sq[:, 0].double()
 
 

@@ -76,20 +76,21 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
                   bool skip, float lr, float* stats);
 
 // CBLR closure protocol.  Pointers are to n dense elements; parameters in the storage
-// type, steps s_{t−1} in the math type.
+// type, steps s_{t−1} and displacements in the math type.
 struct ShiftLayer {
   DType dtype;
   int64_t n;
   void* param;
   const void* step;
   void* saved;
+  void* displacement;
 };
 
 // dst[i] = src[i], bytes[i] bytes each.
 void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& dst,
                  const std::vector<int64_t>& bytes, int threads);
-// saved = param; param += step rounded to the parameter's storage type; w_sq[i] =
-// Σsaved² (one pass).
+// saved = param; param += step rounded to the parameter's storage type; displacement =
+// param − saved (realised_displacement); w_sq[i] = Σsaved² (one pass).
 void shift_layers(const std::vector<ShiftLayer>& layers, int threads, double* w_sq);
 
 }  // namespace cpu

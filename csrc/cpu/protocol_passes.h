@@ -42,6 +42,7 @@ void shift_layers(const std::vector<ShiftLayer>& layers, int threads, double* w_
       P* w = static_cast<P*>(l.param);
       P* saved = static_cast<P*>(l.saved);
       const T* s = static_cast<const T*>(l.step);
+      T* delta = static_cast<T*>(l.displacement);
       // Per block: copy w_t out (it stays in cache for the shift and Σw_t² that follow).
       for (int64_t b = c.begin; b < c.end; b += kStreamBlock) {
         const int64_t e = std::min(b + kStreamBlock, c.end);
@@ -54,6 +55,7 @@ void shift_layers(const std::vector<ShiftLayer>& layers, int threads, double* w_
             const T wv = load(w[i]);
             sum += wv * wv;
             w[i] = shifted(w[i], s[i]);
+            delta[i] = realised_displacement(T(load(w[i])), wv);
           }
           results[k].w2 += double(sum);
         }

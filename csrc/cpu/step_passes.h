@@ -250,7 +250,7 @@ void reduce_chunk(const LayerRef& l, const Chunk& c, bool read_w, bool read_g, c
 }
 
 // CBLR secant of one chunk: ‖g_t‖², ‖d(w_t) − d(w_t + s)‖² and ‖s‖² from g_t, the probe
-// gradient and s (rounded to the storage type as the shift added it).  w is not read: it
+// gradient and s (the shift's realised displacement).  w is not read: it
 // sits at the probe point, and ‖w_t‖ is the shift's.
 template <typename P>
 void secant_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, ChunkResult& r) {
@@ -266,7 +266,7 @@ void secant_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, Chu
 #pragma omp simd reduction(+ : bg, bd, bs)
     for (int64_t j = b; j < b + m; ++j) {
       const T gv = load(g[j]) * gs;
-      const T diff = secant_difference(gv, T(load(g_p[j])) * gs, T(load(store<P>(s[j]))), weight_decay);
+      const T diff = secant_difference(gv, T(load(g_p[j])) * gs, s[j], weight_decay);
       bg += gv * gv;
       bd += diff * diff;
       bs += s[j] * s[j];

@@ -404,9 +404,11 @@ Tensor layerwise_update_(
 }
 
 // saved ← w, w ← w + s; returns Σw_t² per layer (fp64: layerwise_reduce's w_sq).
-Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList saved) {
+Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList saved,
+                    at::TensorList displacements) {
   check_count(steps.size(), params.size(), "steps", false);
   check_count(saved.size(), params.size(), "save buffers", false);
+  check_count(displacements.size(), params.size(), "displacements", false);
   if (params.empty()) return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
   const Tensor& first = params[0];
   c10::cuda::CUDAGuard guard(first.device());
@@ -416,6 +418,7 @@ Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList 
     check_param(p, first, i);
     check_companion(p, steps[i], at::kFloat, "step", i);
     check_companion(p, saved[i], p.scalar_type(), "save buffer", i);
+    check_companion(p, displacements[i], at::kFloat, "displacement", i);
     Layer& l = layers[i];
     l.row = int(i);
     l.dtype = dtype_of(p, i);
@@ -423,9 +426,11 @@ Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList 
     l.ptr[cblr::cuda::ROLE_W] = p.data_ptr();
     l.ptr[cblr::cuda::ROLE_W_IN] = saved[i].data_ptr();
     l.ptr[cblr::cuda::ROLE_STEP] = steps[i].data_ptr();
+    l.ptr[cblr::cuda::ROLE_PREV] = displacements[i].data_ptr();
   }
   bump_versions(params);
   bump_versions(saved);
+  bump_versions(displacements);
   Tensor w_sq = at::empty({int64_t(params.size())}, on(first, at::kDouble));
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();
   for (const Batch& b : make_batches(layers)) {

@@ -34,7 +34,7 @@ enum Role : int {
   ROLE_W_IN,       // w_t: the saved copy where the parameter sits at the probe point, else w
   ROLE_G,          // the gradient
   ROLE_V,          // momentum buffer (fp32) or null
-  ROLE_PREV,       // s_{t−1} kept (fp32) or null
+  ROLE_PREV,       // s_{t−1} kept (fp32) or null; shift: the realised displacement it writes
   ROLE_PROBE_G,    // pass 1, CBLR: the gradient at w_t + s
   ROLE_STEP,       // pass 1 / shift: s (fp32)
   ROLE_COUNT
@@ -121,7 +121,8 @@ cudaError_t reduce_batch(DType dtype, const LayerTable& table, const Scratch& sc
                          cudaStream_t stream);
 cudaError_t update_batch(DType dtype, const LayerTable& table, const Scratch& scratch, const UpdateArgs& args,
                          cudaStream_t stream);
-// saved ← w, w ← w + s (s rounded to the storage type); w_sq[row] = Σsaved² (fp64).
+// saved ← w, w ← w + s (s rounded to the storage type), ROLE_PREV ← the realised
+// displacement (w + s as stored) − w; w_sq[row] = Σsaved² (fp64).
 cudaError_t shift_batch(DType dtype, const LayerTable& table, double* partials, double* w_sq,
                         cudaStream_t stream);
 // w ← saved (ROLE_W ← ROLE_W_IN), bit-exactly.

@@ -17,6 +17,7 @@ __global__ void __launch_bounds__(kThreads) shift_kernel(const __grid_constant__
   P* w = static_cast<P*>(table.ptr[ROLE_W][slot]);
   P* saved = static_cast<P*>(table.ptr[ROLE_W_IN][slot]);
   const float* step = static_cast<const float*>(table.ptr[ROLE_STEP][slot]);
+  float* delta = static_cast<float*>(table.ptr[ROLE_PREV][slot]);
   const bool aligned = table.bits[slot] & BIT_ALIGNED;
   double acc[1] = {0.0};
   for (int64_t base = begin + int64_t(threadIdx.x) * kVec; base < end; base += int64_t(kThreads) * kVec) {
@@ -25,14 +26,16 @@ __global__ void __launch_bounds__(kThreads) shift_kernel(const __grid_constant__
       *reinterpret_cast<Vec<P>*>(saved + base) = x;
       const float4 s = *reinterpret_cast<const float4*>(step + base);
       const float sv[kVec] = {s.x, s.y, s.z, s.w};
-      float out[kVec];
+      float out[kVec], moved[kVec];
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const float wv = load_value(x.v[k]);
         acc[0] += square(wv);
-        out[k] = wv + load_value(store_value<P>(sv[k]));
+        out[k] = load_value(store_value<P>(wv + load_value(store_value<P>(sv[k]))));
+        moved[k] = realised_displacement(out[k], wv);
       }
       store_vec(w + base, out);
+      *reinterpret_cast<float4*>(delta + base) = make_float4(moved[0], moved[1], moved[2], moved[3]);
     } else {
       for (int64_t i = base; i < end && i < base + kVec; ++i) {
         const P x = w[i];
@@ -40,6 +43,7 @@ __global__ void __launch_bounds__(kThreads) shift_kernel(const __grid_constant__
         const float wv = load_value(x);
         acc[0] += square(wv);
         w[i] = store_value<P>(wv + load_value(store_value<P>(step[i])));
+        delta[i] = realised_displacement(load_value(w[i]), wv);
       }
     }
   }

@@ -138,8 +138,8 @@ __global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_const
       gv[k] *= inv;
       pv[k] *= inv;
       if (secant) {
-        // s as the shift added it (rounded to the storage type); Σs² of s itself.
-        sv[k] = load_value(store_value<P>(s_raw[k]));
+        // s: the shift's realised displacement.
+        sv[k] = s_raw[k];
         acc[3] += square(s_raw[k]);
       }
       visit(Element{wv[k], gv[k], pv[k], sv[k]});
