@@ -51,8 +51,15 @@ TRAFFIC = {
     ("MCLR", "approx,lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (histogram on the fly)"),
     ("CBLR", "reuse"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms on the fly; closure's grad "
                                 "write not counted)"),
-    ("CBLR", "re-measure"): Traffic(8, 4, "shift: read w, s, write the copy of w and w + s (‖w_t‖ on the way); "
-                                    "pass 1: read g, g(w+s), s (secant); update: read the copy, g, v; write w, v "
+    ("LARS", "lag=0,GradScaler"): Traffic(5, 2, "GradScaler's Inf check: read g; pass 1: read g; " + UPDATE
+                                          + " (g unscaled as read)"),
+    ("LARS", "lag=0,unscale_"): Traffic(6, 2, "scaler.unscale_: read g, write g/S; pass 1: read g; " + UPDATE),
+    ("MCLR", "exact,GradScaler"): Traffic(6, 4, "GradScaler's Inf check: read g; median pass: read w, g, write + "
+                                          "read quotients; " + UPDATE + " (g unscaled as read)"),
+    ("MCLR", "exact,unscale_"): Traffic(7, 4, "scaler.unscale_: read g, write g/S; median pass: read w, g, write + "
+                                        "read quotients; " + UPDATE),
+    ("CBLR", "re-measure"): Traffic(8, 5, "shift: read w, s, write the copy of w, w + s and the realised "
+                                    "displacement Δ (‖w_t‖ on the way); pass 1: read g, g(w+s), Δ (secant); update: read the copy, g, v; write w, v "
                                     "(g is set aside, not copied; closures' grad writes not counted)"),
 }
 
@@ -67,7 +74,15 @@ VARIANTS = {
     ("MCLR", "approx,lag=1"): dict(median="approx", lag=1),
     ("CBLR", "re-measure"): dict(curvature_interval=1),
     ("CBLR", "reuse"): dict(curvature_interval=CBLR_NEVER),
+    ("LARS", "lag=0,GradScaler"): dict(lag=0),
+    ("LARS", "lag=0,unscale_"): dict(lag=0),
+    ("MCLR", "exact,GradScaler"): dict(median="exact"),
+    ("MCLR", "exact,unscale_"): dict(median="exact"),
 }
+# Steps driven by torch.amp.GradScaler (scale 1, so the same gradients serve every step):
+# variant -> whether scaler.unscale_ runs first (torch's way for an optimizer that cannot
+# unscale) or the kernels unscale as they read.
+AMP = {"lag=0,GradScaler": False, "exact,GradScaler": False, "lag=0,unscale_": True, "exact,unscale_": True}
 # torch.compile of the reference step: the rules without a closure protocol.
 COMPILED_VARIANTS = (("LARS", "lag=0"), ("MCLR", "exact"))
 COMPILED = "torch.compile(reference)"
@@ -113,6 +128,8 @@ def _cblr_ext_step(optimizer, backend, variant, compiled=False):
 
     def build(params, grad_sets):
         opt = cls(params, **kwargs)
+        if variant in AMP:
+            return Step(_scaled_step(opt, params[0].device, unscale_first=AMP[variant]))
         if optimizer != "CBLR":
             return Step(torch.compile(opt.step) if compiled else opt.step)
         calls = itertools.count()
@@ -125,6 +142,18 @@ def _cblr_ext_step(optimizer, backend, variant, compiled=False):
         return Step(lambda: opt.step(closure), closure, opt.step)
 
     return build
+
+
+def _scaled_step(opt, device, unscale_first):
+    scaler = torch.amp.GradScaler(device.type, init_scale=1.0, growth_interval=2**30)
+    scaler.scale(torch.ones((), device=device))  # creates its scale (the gradients stand for scaled ones)
+
+    def run():
+        if unscale_first:
+            scaler.unscale_(opt)
+        scaler.step(opt)
+        scaler.update()
+    return run
 
 
 def _torch_sgd(flag):

@@ -207,7 +207,7 @@ at::TensorOptions on(const Tensor& like, at::ScalarType dtype) {
 // GradScaler's fl32(1/S) on the device (as GradScaler.unscale_ forms it), 1 without a
 // scale: the kernels read it, the host never does.
 Tensor grad_unscale(const std::optional<Tensor>& grad_scale, const Tensor& like) {
-  if (!grad_scale.has_value()) return at::ones({}, on(like, at::kFloat));
+  if (!grad_scale.has_value()) return at::empty({}, on(like, at::kFloat)).fill_(1.0);
   TORCH_CHECK(grad_scale->device() == like.device() && grad_scale->numel() == 1 &&
                   grad_scale->scalar_type() == at::kFloat,
               kWho, "grad_scale must be a one-element fp32 tensor on ", like.device(), " (got ",
