@@ -83,18 +83,19 @@ def check_fakes():
         steps = [torch.empty_like(p, dtype=torch.float32) for p in params]
         ws = torch.empty(0, dtype=torch.uint8, device=dev)
         sums, median, flags = ops.layerwise_reduce("mclr", params, grads, scalars, [True] * n, [False] * n, [], [],
-                                                   None, [], 0.0, 1, False, False, True, ws)
+                                                   None, [], torch.empty((), device=dev), 0.0, 1, False, False,
+                                                   True, ws)
         assert (sums.shape, sums.dtype, sums.device) == ((n, SUM_COLUMNS), torch.float64, dev), sums
         assert (median.shape, median.dtype, median.device) == ((n,), torch.float32, dev), median
         assert (flags.shape, flags.dtype, flags.device) == ((n, FLAG_COLUMNS), torch.bool, dev), flags
         stats = ops.layerwise_update_("lars", params, grads, steps, [], scalars, scalars,
                                       [torch.empty(3, device=dev) for _ in params], [False] * n, [], [True] * n,
-                                      sums, median, flags, torch.empty((), dtype=torch.bool, device=dev),
+                                      sums, median, flags, torch.empty((), dtype=torch.bool, device=dev), None,
                                       torch.empty((), device=dev), 0.9, False, 0.0, 1e-8, 1e-3, 0.0, None, 1e-3, 1,
                                       False, False, ws, None)
         assert (stats.shape, stats.dtype, stats.device) == ((n, STAT_COLUMNS), torch.float32, dev), stats
         saved = [torch.empty_like(p) for p in params]
-        w_sq = ops.probe_shift_(params, steps, saved)
+        w_sq = ops.probe_shift_(params, steps, saved, [torch.empty_like(s) for s in steps])
         assert (w_sq.shape, w_sq.dtype, w_sq.device) == ((n,), torch.float64, dev), w_sq
         ops.probe_restore_(params, saved)
 
@@ -184,10 +185,10 @@ def check_triton_cubins():
 
         for dt in (tl.float32, tl.bfloat16, tl.float16):
             build(reduce.chunk_stats_kernel, dict(head, partials="*fp32", hist="*i32", prefix="*i32", modes="*u8",
-                  measure="*u8", weight_decay="fp32"), dict(DTYPE=dt, STATS=True, SECANT=True, HIST=True,
+                  measure="*u8", weight_decay="fp32", unscale="*fp32"), dict(DTYPE=dt, STATS=True, SECANT=True, HIST=True,
                   FILTER=True, SHIFT=10, BITS=10, BLOCK=4096))
             build(update.momentum_update_kernel, dict(head, partials="*fp32", alpha="*fp32", skip="*u8",
-                  hist="*i32", weight_decay="fp32", momentum="fp32"), dict(DTYPE=dt, MOMENTUM=True,
+                  hist="*i32", weight_decay="fp32", momentum="fp32", unscale="*fp32"), dict(DTYPE=dt, MOMENTUM=True,
                   NESTEROV=True, STORE_STEP=True, FROM_SAVED=True, INPUT_NORMS=True, INPUT_HIST=True,
                   NEXT_W2=True, SHIFT=16, BITS=15, BLOCK=4096))
             build(closure.copy_kernel, head, dict(DTYPE=dt, BLOCK=4096))

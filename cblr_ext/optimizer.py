@@ -34,6 +34,7 @@ class _Group:
     lagged_valid: list
     keeps_prev_step: bool
     prev_steps: list = None  # CBLR: s_{t−1} per layer (local shards), None before its first step
+    written_back: tuple = ()  # master_weights: (16-bit parameters, their fp32 masters) after the update
     measures: list = None    # CBLR: the layer measures this step (host bools)
     # What the kernels read and write: the local shards of DTensor parameters (they share
     # storage); ``params``/``grads`` themselves where no parameter is a DTensor.
@@ -67,6 +68,9 @@ class LayerwiseOptimizer(Optimizer):
         lag: 1 = LARS/MCLR measure on the previous step's inputs (one-pass variant).
         median: "exact" or "approx" (MCLR; see ``layer_math.lower_median``).
         skip_nonfinite: skip the whole step when any gradient holds NaN/Inf.
+        master_weights: fp16/bf16 parameters get fp32 copies (state "master") that the step
+            updates from fp32 gradients, and then the parameters are set to them, rounded
+            (LARS and MCLR; not for DTensor parameters).
         reuse_weight_norm: LARS on the cpp backend takes ‖w_t‖ from the previous step's
             update pass (which measures its result) where the parameter has not changed
             since, as its version counter tells: pass 1 then reads g alone.  Writes through
@@ -83,7 +87,7 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=None,
                  eps=1e-8, nesterov=False, exclude_1d=True, curvature_ema=None, max_ratio=None,
                  fallback_trust=1e-3, skip_nonfinite=True, backend="auto", curvature_interval=1,
-                 lag=0, median="exact", adapt=True, reuse_weight_norm=True):
+                 lag=0, median="exact", adapt=True, reuse_weight_norm=True, master_weights=False):
         rule_defaults = RULE_DEFAULTS[self.rule]
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -94,6 +98,10 @@ class LayerwiseOptimizer(Optimizer):
             curvature_interval=curvature_interval, lag=lag, median=median, adapt=adapt)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.reuse_weight_norm = bool(reuse_weight_norm)
+        if master_weights and self.rule == "cblr":
+            raise ValueError("master_weights is not supported by CBLR: its probe moves the parameters the closure "
+                             "evaluates, not fp32 copies")
+        self.master_weights = bool(master_weights)
         self._skipped_steps = 0
         self._stats = []
         self._found_inf = None  # the last step's skip decision (a device bool)
@@ -115,7 +123,7 @@ class LayerwiseOptimizer(Optimizer):
 
     # Attributes a copy or pickle keeps besides torch's (defaults, state, param_groups), with
     # the value an older pickle without them gets.
-    _PICKLED = {"skip_nonfinite": True, "reuse_weight_norm": True, "_skipped_steps": 0}
+    _PICKLED = {"skip_nonfinite": True, "reuse_weight_norm": True, "master_weights": False, "_skipped_steps": 0}
 
     def __getstate__(self):
         state = super().__getstate__()
@@ -190,6 +198,8 @@ class LayerwiseOptimizer(Optimizer):
                 positions.append(pi)
             if params:
                 sharding = distributed.sharding(gi, group, params, grads, positions, self.rule)
+                if sharding is not None and self.master_weights:
+                    raise ValueError(f"param group {gi}: master_weights is not supported for DTensor parameters")
                 collected.append((gi, group, params, grads, positions, device, sharding))
         groups = []
         state = self.state
@@ -208,6 +218,8 @@ class LayerwiseOptimizer(Optimizer):
                 g.sharding = sharding
                 g.local_params = [distributed.local(p) for p in params]
                 g.local_grads = [distributed.local(grad) for grad in grads]
+            if self.master_weights:
+                self._use_masters(g)
             if self.rule == "cblr":
                 g.prev_steps = [g.local(s.get("prev_step" if keeps_prev_step else "momentum_buffer"))
                                 for s in states]
@@ -216,6 +228,22 @@ class LayerwiseOptimizer(Optimizer):
                 g.measures = [a and d and s is not None for a, d, s in zip(adapt, due, g.prev_steps)]
             groups.append(g)
         return groups
+
+    @staticmethod
+    def _use_masters(g: _Group) -> None:
+        """The kernels take the fp32 masters of 16-bit parameters (made from them when
+        missing) and fp32 copies of their gradients; the update writes the masters back."""
+        half = [i for i, p in enumerate(g.params) if p.dtype in (torch.float16, torch.bfloat16)]
+        if not half:
+            return
+        for i in half:
+            if "master" not in g.states[i]:
+                g.states[i]["master"] = g.params[i].detach().float()
+        g.local_params, g.local_grads = list(g.params), list(g.grads)
+        for i in half:
+            g.local_params[i] = g.states[i]["master"]
+            g.local_grads[i] = g.grads[i].float()
+        g.written_back = ([g.params[i] for i in half], [g.local_params[i] for i in half])
 
     @staticmethod
     def _group_backend(name: str, device, params: list) -> backends.Backend:
@@ -307,6 +335,8 @@ class LayerwiseOptimizer(Optimizer):
                                     g.hp, saved=probe.saved_for_update(g), grad_scale=grad_scale,
                                     backend=g.backend, **kwargs)
         probe.updated(g)
+        if g.written_back:  # also on a skipped step: the masters are then unchanged
+            torch._foreach_copy_(*g.written_back)
         if tracked is not None:
             cpp.record_w_sq(g.local_params, kwargs["next_w_sq"], tracked, self._scratch)
         return stats
