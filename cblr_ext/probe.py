@@ -102,8 +102,7 @@ class CurvatureProbe:
                                       [probe.saved[i] for i in shifted], [probe.displacements[i] for i in shifted],
                                       backend=g.backend)
                 probe.pending = True
-                probe.w_sq = torch.zeros(len(g.params), dtype=torch.float64, device=g.local_params[0].device)
-                probe.w_sq[shifted] = w_sq
+                probe.w_sq = w_sq if len(shifted) == len(g.params) else self._spread(w_sq, shifted, len(g.params))
             with torch.enable_grad():
                 closure()
             for g in groups:
@@ -120,6 +119,14 @@ class CurvatureProbe:
         for g in groups:
             if not g.backend.updates_from_saved:
                 self._restore(g, self.groups[id(g)][1])
+
+    @staticmethod
+    def _spread(values, positions: list, n: int):
+        """[n] with ``values`` at ``positions``, 0 elsewhere, on the device (indexing by a
+        host list would copy it to the device every step)."""
+        at = dict(zip(positions, values.unbind()))
+        zero = values.new_zeros(())
+        return torch.stack([at.get(i, zero) for i in range(n)])
 
     def reduce_inputs(self, group) -> dict:
         """The keywords of ``layerwise_reduce`` for ``group``: the probe gradients and steps,
