@@ -114,3 +114,42 @@ def test_an_overflow_at_the_cblr_probe_point_skips_the_step_and_backs_the_scale_
     scaled_step(model, opt, scaler, *data[2])
     assert opt.skipped_steps == 1
     assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("rule", ["lars", "mclr"])
+def test_a_scaled_step_replays_in_a_cuda_graph(rule):
+    """GradScaler's tensors as graph inputs: a captured step replays like eager steps, and
+    setting found_inf between replays skips the replayed step."""
+    cls, kwargs = RULES[rule]
+    kwargs = dict(kwargs, lr=torch.tensor(kwargs["lr"], device="cuda"), momentum=0.9, weight_decay=5e-3)
+    graphed, eager = mlp().cuda(), mlp().cuda()
+    opt_graphed, opt_eager = cls(graphed.parameters(), **kwargs), cls(eager.parameters(), **kwargs)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        p.grad = torch.randn(p.shape, generator=gen, device="cuda") * SCALE
+        q.grad = p.grad.clone()
+    for opt in (opt_graphed, opt_eager):
+        opt.grad_scale = torch.full((), SCALE, device="cuda")
+        opt.found_inf = torch.zeros((), device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: the state exists before the capture
+        for _ in range(3):
+            opt_graphed.step()
+            opt_eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt_graphed.step()
+    for _ in range(2):
+        graph.replay()
+        opt_eager.step()
+    torch.cuda.synchronize()
+    for p, q in zip(graphed.parameters(), eager.parameters()):
+        assert max_rel_diff(q, p) <= 1e-6
+    before = [p.detach().clone() for p in graphed.parameters()]
+    opt_graphed.found_inf.fill_(1.0)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert all(torch.equal(a, p.detach()) for a, p in zip(before, graphed.parameters()))
