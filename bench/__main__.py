@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
@@ -67,6 +68,10 @@ def parse_args(argv=None):
     ap.add_argument("--compare", nargs=2, type=Path, metavar=("A.json", "B.json"),
                     help="print, case by case, run B's times over run A's with 95%% intervals, and exit")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--distributed", action="store_true",
+                    help="instead: each rule on ResNet-50's shapes sharded over 2 gloo ranks on this CPU against one "
+                         "process (step time, collectives and their bytes per step; bench/distributed.py); with "
+                         "--small at widths / 4")
     args = ap.parse_args(argv)
     try:
         args.device = torch.device(args.device)
@@ -119,11 +124,26 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def _distributed(args) -> int:
+    from . import distributed
+    result = distributed.run(small=args.small)
+    result.update(device=device_name(torch.device("cpu")), torch=torch.__version__,
+                  date=datetime.date.today().isoformat(), load_average_before=machine.load_average())
+    distributed.print_table(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / "distributed-cpu.json"
+    path.write_text(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.compare:
         print(compare.compare(*args.compare))
         return 0
+    if args.distributed:
+        return _distributed(args)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device
