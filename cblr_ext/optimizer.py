@@ -35,6 +35,7 @@ class _Group:
     keeps_prev_step: bool
     prev_steps: list = None  # CBLR: s_{t−1} per layer (local shards), None before its first step
     written_back: tuple = ()  # master_weights: (16-bit parameters, their fp32 masters) after the update
+    probe_params: list = None  # CBLR: what the probe shifts (the local parameters, 16-bit ones under masters)
     measures: list = None    # CBLR: the layer measures this step (host bools)
     # What the kernels read and write: the local shards of DTensor parameters (they share
     # storage); ``params``/``grads`` themselves where no parameter is a DTensor.
@@ -45,6 +46,17 @@ class _Group:
     def __post_init__(self):
         if self.local_params is None:
             self.local_params, self.local_grads = self.params, self.grads
+
+    @property
+    def probe_restores(self) -> bool:
+        """The probe puts w_t back itself: the backend cannot update from the saved copy,
+        or the update writes masters, not the parameters the probe shifted."""
+        return not self.backend.updates_from_saved or bool(self.written_back)
+
+    def probe_grad(self, i: int, grad):
+        """The gradient at the probe point as the reduction takes it (fp32 for a master)."""
+        grad = self.local(grad)
+        return grad.float() if self.local_params[i].dtype != grad.dtype else grad
 
     def local(self, tensor):
         """A held tensor (parameter, gradient, state) as the kernels take it."""
@@ -70,7 +82,8 @@ class LayerwiseOptimizer(Optimizer):
         skip_nonfinite: skip the whole step when any gradient holds NaN/Inf.
         master_weights: fp16/bf16 parameters get fp32 copies (state "master") that the step
             updates from fp32 gradients, and then the parameters are set to them, rounded
-            (LARS and MCLR; not for DTensor parameters).
+            (not for DTensor parameters; CBLR probes the 16-bit parameters the closure
+            evaluates, from where they are).
         reuse_weight_norm: LARS on the cpp backend takes ‖w_t‖ from the previous step's
             update pass (which measures its result) where the parameter has not changed
             since, as its version counter tells: pass 1 then reads g alone.  Writes through
@@ -98,9 +111,6 @@ class LayerwiseOptimizer(Optimizer):
             curvature_interval=curvature_interval, lag=lag, median=median, adapt=adapt)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.reuse_weight_norm = bool(reuse_weight_norm)
-        if master_weights and self.rule == "cblr":
-            raise ValueError("master_weights is not supported by CBLR: its probe moves the parameters the closure "
-                             "evaluates, not fp32 copies")
         self.master_weights = bool(master_weights)
         self._skipped_steps = 0
         self._stats = []
@@ -221,6 +231,7 @@ class LayerwiseOptimizer(Optimizer):
             if self.master_weights:
                 self._use_masters(g)
             if self.rule == "cblr":
+                g.probe_params = [g.local(p) for p in params]
                 g.prev_steps = [g.local(s.get("prev_step" if keeps_prev_step else "momentum_buffer"))
                                 for s in states]
                 # One host read per group: the closure must know whether to run again.
@@ -305,6 +316,9 @@ class LayerwiseOptimizer(Optimizer):
     def _reduce(self, g: _Group, probe: CurvatureProbe, grad_scale) -> F.Reduction:
         kwargs = probe.reduce_inputs(g)
         kwargs["grad_scale"] = grad_scale
+        if g.written_back and kwargs.get("probe_grads"):  # masters: the shift measured the 16-bit w, not them
+            kwargs["w_sq"] = torch.stack([w.double().square().sum() for w in g.local_params])
+            kwargs["w_sq_known"] = [True] * len(g.local_params)
         # Sharded MCLR: the median of a shard is not the layer's; distributed.merge_reductions
         # takes it across ranks, so pass 1 takes the LARS sums alone (same flags, no median).
         rule = "lars" if g.sharding is not None and g.rule == "mclr" else g.rule

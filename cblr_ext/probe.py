@@ -56,7 +56,10 @@ class CurvatureProbe:
     """``with CurvatureProbe(buffers) as probe: probe.measure(groups, closure); ...``.
 
     ``groups``: objects with ``params``, ``grads`` (as the optimizer holds them: ``.grad`` is
-    swapped on these), ``local_params`` and ``local(tensor)`` (what the kernels take: the
+    swapped on these), ``probe_params`` (what the closure evaluates, as the kernels take it:
+    the 16-bit parameters where the kernels update fp32 masters), ``probe_grad(i, grad)``
+    (a probe gradient as the reduction takes it), ``probe_restores`` (the parameters go back
+    to w_t right after the closure), ``local_params`` and ``local(tensor)`` (what the kernels take: the
     local shards of DTensor parameters, else the same tensors), ``prev_steps`` (s_{t−1} per
     layer as the kernels take it, None before the first step), ``measures`` (host bools) and
     ``backend`` (a ``backends.Backend``).
@@ -83,7 +86,7 @@ class CurvatureProbe:
             shifted = [i for i, s in enumerate(g.prev_steps) if s is not None]
             saved, moved = [None] * len(g.params), [None] * len(g.params)
             for i in shifted:
-                saved[i] = self.buffers.reused(self.buffers.saved, g.params[i], g.local_params[i], torch.empty_like)
+                saved[i] = self.buffers.reused(self.buffers.saved, g.params[i], g.probe_params[i], torch.empty_like)
                 moved[i] = self.buffers.reused(self.buffers.displacements, g.params[i], g.prev_steps[i],
                                                torch.empty_like)
             self.groups[id(g)] = (g, GroupProbe(saved=saved, grads=[None] * len(g.params),
@@ -98,7 +101,7 @@ class CurvatureProbe:
                 if not shifted:
                     continue
                 # The shift checks its inputs before it writes: pending once it has returned.
-                w_sq = F.probe_shift_([g.local_params[i] for i in shifted], [g.prev_steps[i] for i in shifted],
+                w_sq = F.probe_shift_([g.probe_params[i] for i in shifted], [g.prev_steps[i] for i in shifted],
                                       [probe.saved[i] for i in shifted], [probe.displacements[i] for i in shifted],
                                       backend=g.backend)
                 probe.pending = True
@@ -107,7 +110,7 @@ class CurvatureProbe:
                 closure()
             for g in groups:
                 probe = self.groups[id(g)][1]
-                probe.grads = [g.local(p.grad) if g.measures[i] else None for i, p in enumerate(g.params)]
+                probe.grads = [g.probe_grad(i, p.grad) if g.measures[i] else None for i, p in enumerate(g.params)]
                 if any(g.measures[i] and grad is None for i, grad in enumerate(probe.grads)):
                     raise RuntimeError("CBLR: the closure left a measured parameter without .grad")
         finally:
@@ -117,7 +120,7 @@ class CurvatureProbe:
                         self.buffers.grads[p] = p.grad
                     p.grad = grad
         for g in groups:
-            if not g.backend.updates_from_saved:
+            if g.probe_restores:
                 self._restore(g, self.groups[id(g)][1])
 
     @staticmethod
@@ -160,6 +163,6 @@ class CurvatureProbe:
     def _restore(group, probe: GroupProbe) -> None:
         if probe.pending:
             shifted = [i for i, w in enumerate(probe.saved) if w is not None]
-            F.probe_restore_([group.local_params[i] for i in shifted], [probe.saved[i] for i in shifted],
+            F.probe_restore_([group.probe_params[i] for i in shifted], [probe.saved[i] for i in shifted],
                              backend=group.backend)
             probe.pending = False
