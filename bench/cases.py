@@ -40,8 +40,9 @@ class Traffic:
 UPDATE = "update: read w, g, v; write w, v"
 TRAFFIC = {
     ("SGD", ""): Traffic(3, 2, UPDATE),
-    ("LARS", "lag=0"): Traffic(4, 2, "pass 1: read g (‖w‖ from the last update); " + UPDATE
-                               + " (‖w‖ of the result on the fly)"),
+    ("LARS", "lag=0"): Traffic(5, 2, "pass 1: read w, g; " + UPDATE),
+    ("LARS", "lag=0,reuse-w-norm"): Traffic(4, 2, "pass 1: read g (‖w‖ from the last update); " + UPDATE
+                                            + " (‖w‖ of the result on the fly)"),
     ("LARS", "lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms for the next step on the fly)"),
     ("LARS", "lag=1,no-skip"): Traffic(3, 2, UPDATE + " (norms for the next step on the fly; skip_nonfinite=False: "
                                        "no pass 1)"),
@@ -51,9 +52,9 @@ TRAFFIC = {
     ("MCLR", "approx,lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (histogram on the fly)"),
     ("CBLR", "reuse"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms on the fly; closure's grad "
                                 "write not counted)"),
-    ("LARS", "lag=0,GradScaler"): Traffic(5, 2, "GradScaler's Inf check: read g; pass 1: read g; " + UPDATE
+    ("LARS", "lag=0,GradScaler"): Traffic(6, 2, "GradScaler's Inf check: read g; pass 1: read w, g; " + UPDATE
                                           + " (g unscaled as read)"),
-    ("LARS", "lag=0,unscale_"): Traffic(6, 2, "scaler.unscale_: read g, write g/S; pass 1: read g; " + UPDATE),
+    ("LARS", "lag=0,unscale_"): Traffic(7, 2, "scaler.unscale_: read g, write g/S; pass 1: read w, g; " + UPDATE),
     ("MCLR", "exact,GradScaler"): Traffic(6, 4, "GradScaler's Inf check: read g; median pass: read w, g, write + "
                                           "read quotients; " + UPDATE + " (g unscaled as read)"),
     ("MCLR", "exact,unscale_"): Traffic(7, 4, "scaler.unscale_: read g, write g/S; median pass: read w, g, write + "
@@ -66,6 +67,7 @@ TRAFFIC = {
 # The cblr_ext variants: (optimizer, variant) -> constructor keywords.
 VARIANTS = {
     ("LARS", "lag=0"): dict(lag=0),
+    ("LARS", "lag=0,reuse-w-norm"): dict(lag=0, reuse_weight_norm=True),
     ("LARS", "lag=1"): dict(lag=1),
     ("LARS", "lag=1,no-skip"): dict(lag=1, skip_nonfinite=False),
     ("MCLR", "exact"): dict(median="exact"),

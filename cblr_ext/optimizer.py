@@ -84,11 +84,12 @@ class LayerwiseOptimizer(Optimizer):
             updates from fp32 gradients, and then the parameters are set to them, rounded
             (not for DTensor parameters; CBLR probes the 16-bit parameters the closure
             evaluates, from where they are).
-        reuse_weight_norm: LARS on the cpp backend takes ‖w_t‖ from the previous step's
-            update pass (which measures its result) where the parameter has not changed
-            since, as its version counter tells: pass 1 then reads g alone.  Writes through
-            ``.data`` (or memory shared outside torch) bypass the counter, as they bypass
-            autograd's checks: pass False if the training loop changes parameters that way.
+        reuse_weight_norm: opt-in (False by default): LARS on the cpp backend takes ‖w_t‖
+            from the previous step's update pass (which measures its result) where the
+            parameter has not changed since, as its version counter tells: pass 1 then reads
+            g alone.  Writes through ``.data`` (or memory shared outside torch) bypass the
+            counter, as they bypass autograd's checks, and the step then uses a stale ‖w‖
+            without a signal: only for training loops that never change parameters that way.
         backend: "auto", "reference", "cpp", "triton" or "cuda".
     """
 
@@ -100,7 +101,7 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=None,
                  eps=1e-8, nesterov=False, exclude_1d=True, curvature_ema=None, max_ratio=None,
                  fallback_trust=1e-3, skip_nonfinite=True, backend="auto", curvature_interval=1,
-                 lag=0, median="exact", adapt=True, reuse_weight_norm=True, master_weights=False):
+                 lag=0, median="exact", adapt=True, reuse_weight_norm=False, master_weights=False):
         rule_defaults = RULE_DEFAULTS[self.rule]
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -133,7 +134,7 @@ class LayerwiseOptimizer(Optimizer):
 
     # Attributes a copy or pickle keeps besides torch's (defaults, state, param_groups), with
     # the value an older pickle without them gets.
-    _PICKLED = {"skip_nonfinite": True, "reuse_weight_norm": True, "master_weights": False, "_skipped_steps": 0}
+    _PICKLED = {"skip_nonfinite": True, "reuse_weight_norm": False, "master_weights": False, "_skipped_steps": 0}
 
     def __getstate__(self):
         state = super().__getstate__()

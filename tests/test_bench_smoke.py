@@ -16,15 +16,16 @@ pytest.importorskip("matplotlib", reason="the bench extra is not installed: pip 
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_NUMEL = 64 * 32 + 64 + 64 + 10 * 64 + 10  # bench.suites "tiny", by hand: 2826
-CBLR_EXT_VARIANTS = {("LARS", "lag=0"), ("LARS", "lag=1"), ("LARS", "lag=1,no-skip"), ("MCLR", "exact"),
+CBLR_EXT_VARIANTS = {("LARS", "lag=0"), ("LARS", "lag=0,reuse-w-norm"), ("LARS", "lag=1"), ("LARS", "lag=1,no-skip"), ("MCLR", "exact"),
                      ("MCLR", "approx"), ("MCLR", "exact,lag=1"), ("MCLR", "approx,lag=1"), ("CBLR", "re-measure"),
                      ("CBLR", "reuse"), ("LARS", "lag=0,GradScaler"), ("LARS", "lag=0,unscale_"),
                      ("MCLR", "exact,GradScaler"), ("MCLR", "exact,unscale_")}
 # Bytes per parameter element in fp32 (bench/README.md, "What a step moves"); GradScaler's
 # Inf check reads g once more, unscale_ also writes it.
-BYTES_PER_ELEMENT = {("SGD", "fused"): 20, ("LARS", "lag=0"): 24, ("LARS", "lag=1"): 24,
+BYTES_PER_ELEMENT = {("SGD", "fused"): 20, ("LARS", "lag=0"): 28, ("LARS", "lag=0,reuse-w-norm"): 24,
+                     ("LARS", "lag=1"): 24,
                      ("MCLR", "exact"): 36, ("MCLR", "approx,lag=1"): 24, ("CBLR", "re-measure"): 52,
-                     ("LARS", "lag=0,GradScaler"): 28, ("LARS", "lag=0,unscale_"): 32,
+                     ("LARS", "lag=0,GradScaler"): 32, ("LARS", "lag=0,unscale_"): 36,
                      ("MCLR", "exact,GradScaler"): 40, ("MCLR", "exact,unscale_"): 44}
 
 

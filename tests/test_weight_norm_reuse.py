@@ -118,3 +118,19 @@ def test_a_step_that_carries_no_norm_makes_the_carried_one_stale(toggle):
             opt.step()
         runs[reuse] = [p.detach().clone() for p in params]
     assert all(torch.equal(a, b) for a, b in zip(runs[True], runs[False]))
+
+
+def test_by_default_a_data_write_between_steps_is_seen():
+    """The fast path is opt-in: by default pass 1 reads w, so ‖w‖ after a ``.data`` write is
+    the true one (with reuse_weight_norm=True it would be the carried, stale one)."""
+    params = make_params(torch.float32)
+    opt = LARS(params, lr=0.5, momentum=0.9, backend="cpp")
+    set_grads(params, 0)
+    opt.step()
+    for p in params:
+        p.data.mul_(2)
+    set_grads(params, 1)
+    expected = [fresh_norm(p) for p in params]
+    opt.step()
+    got = [row["w_norm"] for row in opt.layer_stats().values()]
+    assert got == pytest.approx(expected, rel=1e-6)
