@@ -108,7 +108,8 @@ def layer_ratio(kappa: Tensor, measured: Tensor, kappa_bar: Tensor, w_norm: Tens
     valid = measured & torch.isfinite(kappa) & (kappa > 0) & adapt
     ema_value = kappa_bar * curvature_ema + kappa * (1.0 - curvature_ema)
     new_bar = torch.where(valid, torch.where(torch.isnan(kappa_bar), kappa, ema_value), kappa_bar)
-    rule_ratio = trust_coefficient / new_bar
+    # number / tensor is reciprocal(tensor)·number in torch (two roundings): divide once, as C++ does.
+    rule_ratio = torch.full_like(new_bar, trust_coefficient) / new_bar
     # On a measuring step the fresh measurement decides; in between, κ̄ is reused.
     use_rule = torch.where(measured, valid, torch.isfinite(kappa_bar)) & adapt
     use_rule = use_rule & torch.isfinite(rule_ratio) & (rule_ratio > 0)

@@ -1,0 +1,189 @@
+"""Property-based steps (hypothesis): random shapes, dtypes, hyperparameters and gradient
+contents, a few steps each.  Every step either succeeds with finite parameters or is
+skipped with parameters and state bit-identical; every fused backend follows the reference
+within the parity table's tolerance; LARS's reported ratio is the formula in fp64.
+
+The example budget is CI's (~a minute); CBLR_EXT_FUZZ_EXAMPLES raises it.  Gradient
+magnitudes stay within [1e-15, 1e15] (and 0), where the per-layer scalars are
+representable in every backend: beyond, the fused backends' fp32 block sums overflow or
+underflow where the reference's fp64 sums do not (issue 20, items 1-2, open): the
+counterexamples found there are kept below as strict xfails.
+"""
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import cblr_ext
+from cblr_ext import CBLR, LARS, MCLR
+
+from optim_db import BACKEND_DTYPES, TOLERANCE
+
+EXAMPLES = int(os.environ.get("CBLR_EXT_FUZZ_EXAMPLES", "25"))
+FUSED = [b for b in cblr_ext.available_backends("cpu") if b != "reference"]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+RULES = {"lars": LARS, "mclr": MCLR, "cblr": CBLR}
+fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+                derandomize=True, database=None)
+
+shapes = st.lists(st.sampled_from([(), (0,), (1,), (1, 1), (7,), (3, 5), (2, 3, 4), (2, 3, 2, 2), (33, 17)]),
+                  min_size=1, max_size=4)
+magnitudes = st.sampled_from([0.0, 1e-15, 1e-6, 1e-3, 1.0, 1e3, 1e15])
+specials = st.sampled_from([None, None, None, "nan", "inf", "ties", "zeros"])
+
+
+@st.composite
+def configurations(draw):
+    rule = draw(st.sampled_from(list(RULES)))
+    hp = dict(lr=draw(st.sampled_from([0.0, 1e-3, 0.1, 1.0])),
+              momentum=draw(st.sampled_from([0.0, 0.5, 0.9])),
+              weight_decay=draw(st.sampled_from([0.0, 1e-4, 0.1])),
+              eps=draw(st.sampled_from([0.0, 1e-8])),
+              nesterov=draw(st.booleans()),
+              exclude_1d=draw(st.booleans()),
+              curvature_interval=draw(st.sampled_from([1, 2])))
+    if rule != "cblr":
+        hp["lag"] = draw(st.sampled_from([0, 1]))
+    if rule == "mclr":
+        hp["median"] = draw(st.sampled_from(["exact", "approx"]))
+    if hp["nesterov"] and hp["momentum"] == 0:
+        hp["nesterov"] = False
+    return rule, hp, draw(st.sampled_from(DTYPES)), draw(shapes), draw(st.integers(0, 2**16))
+
+
+def gradients(shapes, dtype, seed, steps, magnitude_draws, special_draws):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for t in range(steps):
+        grads = []
+        for i, shape in enumerate(shapes):
+            g = torch.randn(shape, generator=gen, dtype=torch.float64) * magnitude_draws[(t + i) % len(magnitude_draws)]
+            special = special_draws[(t + i) % len(special_draws)]
+            if g.numel() and special == "nan":
+                g.view(-1)[0] = math.nan
+            elif g.numel() and special == "inf":
+                g.view(-1)[-1] = -math.inf
+            elif special == "ties":
+                g = g.sign()
+            elif special == "zeros":
+                g = torch.zeros_like(g)
+            grads.append(g.to(dtype))
+        out.append(grads)
+    return out
+
+
+def run(rule, hp, dtype, shapes, seed, grads, backend):
+    gen = torch.Generator().manual_seed(seed + 1)
+    params = [torch.nn.Parameter((torch.randn(s, generator=gen, dtype=torch.float64) + 0.1).to(dtype)) for s in shapes]
+    opt = RULES[rule](params, backend=backend, **hp)
+    history = []
+    for step_grads in grads:
+        before = ([p.detach().clone() for p in params],
+                  {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)})
+
+        def closure():
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+        closure()
+        skipped = opt.skipped_steps
+        opt.step(closure)
+        history.append((before, opt.skipped_steps > skipped, [p.detach().clone() for p in params],
+                        opt.layer_stats()))
+    return history
+
+
+def check_steps(history, finite_inputs):
+    for (params_before, state_before), skipped, params_after, _ in history:
+        if skipped:
+            for a, b in zip(params_before, params_after):
+                assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+        elif finite_inputs:
+            assert all(torch.isfinite(p).all() for p in params_after)
+
+
+@fuzz
+@given(config=configurations(), magnitude_draws=st.lists(magnitudes, min_size=1, max_size=3),
+       special_draws=st.lists(specials, min_size=1, max_size=3))
+def test_steps_are_finite_or_skipped_and_every_backend_follows_the_reference(config, magnitude_draws, special_draws):
+    rule, hp, dtype, shapes, seed = config
+    grads = gradients(shapes, dtype, seed, 3, magnitude_draws, special_draws)
+    finite_inputs = all(torch.isfinite(g).all() for step in grads for g in step)
+    reference = run(rule, hp, dtype, shapes, seed, grads, "reference")
+    check_steps(reference, finite_inputs)
+    for backend in FUSED:
+        if dtype not in BACKEND_DTYPES.get(backend, ()):
+            continue
+        other = run(rule, hp, dtype, shapes, seed, grads, backend)
+        check_steps(other, finite_inputs)
+        for (_, skip_ref, params_ref, _), (_, skip, params, _) in zip(reference, other):
+            assert skip == skip_ref
+            for a, b in zip(params_ref, params):
+                if a.numel() == 0:
+                    continue
+                a, b = a.double(), b.double()
+                assert torch.equal(a.isnan(), b.isnan())
+                scale = a.nan_to_num().abs().max().clamp_min(1e-30)
+                assert ((a - b).nan_to_num().abs().max() / scale).item() <= TOLERANCE[dtype], backend
+
+
+@fuzz
+@given(config=configurations(), magnitude=magnitudes)
+def test_the_lars_ratio_is_the_formula_in_fp64(config, magnitude):
+    _, hp, dtype, shapes, seed = config
+    hp = {k: v for k, v in hp.items() if k in ("lr", "weight_decay", "eps", "exclude_1d")}
+    gen = torch.Generator().manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen, dtype=torch.float64).to(dtype) + 0.5) for s in shapes]
+    for p in params:
+        p.grad = (torch.randn(p.shape, generator=gen, dtype=torch.float64) * magnitude).to(dtype)
+    expected = []
+    for p in params:
+        w, g = p.detach().double(), p.grad.double()
+        w_norm, g_norm = w.norm().item(), g.norm().item()
+        defined = w_norm > 0 and g_norm > 0 and not (hp["exclude_1d"] and p.ndim <= 1)
+        expected.append(1e-3 * w_norm / (g_norm + hp["weight_decay"] * w_norm + hp["eps"]) if defined else None)
+    opt = LARS(params, backend="reference", **hp)
+    opt.step()
+    for row, r in zip(opt.layer_stats().values(), expected):
+        if r is not None and 1e-38 < r < 3e38:
+            assert row["ratio"] == pytest.approx(r, rel=1e-3)
+
+
+def _follows_the_reference(rule, shape, grad, backend, **hp):
+    runs = []
+    for name in ("reference", backend):
+        w = torch.nn.Parameter(torch.full(shape, 0.5))
+        opt = RULES[rule]([w], lr=10.0, backend=name, exclude_1d=False, **hp)
+
+        def closure():
+            w.grad = torch.full(shape, grad)
+        for _ in range(2):
+            closure()
+            opt.step(closure)
+        runs.append(w.detach().clone())
+    return torch.allclose(runs[0], runs[1], rtol=TOLERANCE[torch.float32], atol=0)
+
+
+@pytest.mark.skipif("cpp" not in FUSED, reason="the cpp backend did not build")
+@pytest.mark.xfail(strict=True, reason="issue 20 items 1-2 (open): cpp squares in fp32, the reference in fp64")
+@pytest.mark.parametrize("rule,shape,grad", [
+    ("cblr", (), 1e-30),       # found by the fuzz suite: the squares underflow to 0 in fp32
+    ("lars", (1, 1), 1e20),    # the issue's: the square overflows in fp32
+])
+def test_fused_sums_at_the_edges_of_fp32(rule, shape, grad):
+    assert _follows_the_reference(rule, shape, grad, "cpp", momentum=0.0, weight_decay=1e-4)
+
+
+@pytest.mark.skipif("cpp" not in FUSED, reason="the cpp backend did not build")
+def test_the_rule_ratio_is_one_division_in_every_backend():
+    """Found by the fuzz suite: η/κ̄ as ``number / tensor`` is reciprocal·η in torch, one ulp
+    off C++'s division (r = 10.0 against 10.000001 for κ̄ = fl32(1e-4))."""
+    ratios = []
+    for backend in ("reference", "cpp"):
+        w = torch.nn.Parameter(torch.tensor(0.7613514102182267, dtype=torch.float64))
+        opt = MCLR([w], lr=1e-3, weight_decay=1e-4, eps=0.0, exclude_1d=False, backend=backend)
+        w.grad = torch.zeros((), dtype=torch.float64)
+        opt.step()
+        ratios.append(opt.layer_stats()["0.0"]["ratio"])
+    assert ratios[0] == ratios[1]
