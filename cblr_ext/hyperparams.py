@@ -36,13 +36,14 @@ def _number(name, value):
 
 def _learning_rate(lr):
     """γ as a float where it can be read without a device sync: a number, or a CPU tensor
-    (an accelerator tensor's value is never read on the host; None)."""
+    outside torch.compile (an accelerator tensor's value is never read on the host, nor is
+    a tensor's while compiling, where the read would break the graph: None)."""
     if not isinstance(lr, torch.Tensor):
         return _number("lr", lr)
     if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
         raise ValueError(f"lr must be a number or a one-element real floating tensor, got {lr.dtype} "
                          f"of shape {tuple(lr.shape)}")
-    return float(lr) if lr.device.type == "cpu" else None
+    return float(lr) if lr.device.type == "cpu" and not torch.compiler.is_compiling() else None
 
 
 def validate_group(group: dict, rule: str) -> None:

@@ -108,6 +108,11 @@ class LayerwiseOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        if group["params"]:
+            # Resolved now: a step, traced by torch.compile too, then finds it cached.
+            device = group["params"][0].device
+            backends.prepare(group["backend"], device)
+            backends.prepare("reference", device)  # what "auto" may take instead (_group_backend)
 
     # Attributes a copy or pickle keeps besides torch's (defaults, state, param_groups), with
     # the value an older pickle without them gets.
@@ -206,8 +211,10 @@ class LayerwiseOptimizer(Optimizer):
             if self.rule == "cblr":
                 g.prev_steps = [g.local(s.get("prev_step" if keeps_prev_step else "momentum_buffer"))
                                 for s in states]
-                # One host read per group: the closure must know whether to run again.
-                due = lm.measurement_due(torch.stack([s["age"] for s in states]), hp.curvature_interval).tolist()
+                # The closure must know whether to run again: one host read per group, but for
+                # curvature_interval=1, where every layer is due (an age is never below 1).
+                due = ([True] * len(states) if hp.curvature_interval == 1 else
+                       lm.measurement_due(torch.stack([s["age"] for s in states]), hp.curvature_interval).tolist())
                 g.measures = [a and d and s is not None for a, d, s in zip(adapt, due, g.prev_steps)]
             groups.append(g)
         return groups
