@@ -101,7 +101,7 @@ class LayerwiseOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            validate_group(group, self.rule)
+            validate_group(group, self.rule, read_tensor_lr=True)
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError(f"{type(self).__name__} does not support complex parameters")
