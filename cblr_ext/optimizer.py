@@ -16,6 +16,11 @@ from .hyperparams import RULE_DEFAULTS, validate_group
 from .probe import CurvatureProbe, ProbeBuffers
 
 
+@torch.compiler.disable  # a host read: under torch.compile a quiet graph break, on a layer's first step only
+def _step_applies(found_inf: torch.Tensor) -> bool:
+    return not bool(found_inf)
+
+
 @dataclass
 class _Group:
     """One param group's layers that have a gradient this step: ``params``/``grads`` as the
@@ -265,7 +270,7 @@ class LayerwiseOptimizer(Optimizer):
                 tensor = s.get(key)
                 if tensor is None:
                     if keep is None:
-                        keep = not bool(found_inf)
+                        keep = _step_applies(found_inf)
                     tensor = make(p)
                     if keep:
                         s[key] = tensor
