@@ -16,9 +16,20 @@ from .hyperparams import RULE_DEFAULTS, validate_group
 from .probe import CurvatureProbe, ProbeBuffers
 
 
-@torch.compiler.disable  # a host read: under torch.compile a quiet graph break, on a layer's first step only
-def _step_applies(found_inf: torch.Tensor) -> bool:
+def _read_step_applies(found_inf: torch.Tensor) -> bool:
     return not bool(found_inf)
+
+
+# _read_step_applies as torch.compile runs it: a quiet graph break (no item() warning), on
+# a layer's first step only.  Made when a group is added, not on import: importing
+# torch._dynamo imports triton, which must follow TRITON_INTERPRET (backends/triton.py).
+_step_applies = None
+
+
+def _prepare_step_applies() -> None:
+    global _step_applies
+    if _step_applies is None:
+        _step_applies = torch.compiler.disable(_read_step_applies)
 
 
 @dataclass
@@ -96,8 +107,7 @@ class LayerwiseOptimizer(Optimizer):
             curvature_interval=curvature_interval, lag=lag, median=median, adapt=adapt)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.reuse_weight_norm = bool(reuse_weight_norm)
-        self._skipped_steps = 0
-        self._stats = []
+        self._results = {"skipped_steps": 0, "stats": []}
         self._probe_buffers = ProbeBuffers()  # CBLR: reused by every probe
         self._scratch = {}  # backends' scratch kept between steps (cpp: workspace, carried Σw²)
         super().__init__(params, defaults)
@@ -113,6 +123,7 @@ class LayerwiseOptimizer(Optimizer):
         except ValueError:
             self.param_groups.pop()
             raise
+        _prepare_step_applies()
         if group["params"]:
             # Resolved now: a step, traced by torch.compile too, then finds it cached.
             device = group["params"][0].device
@@ -125,17 +136,21 @@ class LayerwiseOptimizer(Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.update({key: self.__dict__[key] for key in self._PICKLED})
+        state.update({key: getattr(self, key) for key in self._PICKLED})
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        # The last step's statistics are a cache, not kept: rebuilt on the next step.
+        results = {"skipped_steps": state.pop("_skipped_steps", self._PICKLED["_skipped_steps"]), "stats": []}
         super().__setstate__(state)
+        self.__dict__["_results"] = results
         for key, value in self._PICKLED.items():
-            self.__dict__.setdefault(key, value)
-        # Caches of the last step, not kept: rebuilt on the next step.
-        self.__dict__.setdefault("_stats", [])
+            if key != "_skipped_steps":
+                self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
         self.__dict__.setdefault("_scratch", {})
+        _prepare_step_applies()
         for group in self.param_groups:  # groups of older versions get the keys added since
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -337,6 +352,25 @@ class LayerwiseOptimizer(Optimizer):
         self._stats = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
         # A device tensor (int64: bool + int): counting skipped steps must not sync the host.
         self._skipped_steps = found_inf + self._skipped_steps
+
+    # The last step's results live in a dict behind these two attributes: torch.compile
+    # (torch 2.13) drops attribute assignments to an Optimizer made inside a compiled step,
+    # not writes into a dict it holds.
+    @property
+    def _stats(self) -> list:
+        return self._results["stats"]
+
+    @_stats.setter
+    def _stats(self, value) -> None:
+        self._results["stats"] = value
+
+    @property
+    def _skipped_steps(self):
+        return self._results["skipped_steps"]
+
+    @_skipped_steps.setter
+    def _skipped_steps(self, value) -> None:
+        self._results["skipped_steps"] = value
 
     # ---------------------------------------------------------- inspection
 

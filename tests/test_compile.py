@@ -122,6 +122,35 @@ def test_compiled_training_matches_eager_and_compiles_once(rule, backend, capfd)
     assert "cblr_ext" not in capfd.readouterr().err
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_compiled_step_counts_skipped_steps_and_keeps_its_statistics(backend):
+    """What the step records on the optimizer survives compilation (torch 2.13 drops
+    attribute assignments to an Optimizer in a compiled step): the skipped-step count of
+    a NaN gradient, and layer_stats() equal to the eager twin's."""
+    backend = cpu_backend(backend)
+    eager, compiled = Training("lars", backend), Training("lars", backend)
+    poisoned = []
+
+    def poisoned_step(run):
+        run.opt.zero_grad()
+        torch.nn.functional.mse_loss(run.model(run.x), run.y).backward()
+        if poisoned:
+            run.model[0].weight.grad[0, 0] = float("nan")
+        run.opt.step()
+    step = torch.compile(lambda: poisoned_step(compiled), backend="aot_eager")
+    eager.step(), compiled.step()
+    for i in range(4):
+        if i == 2:
+            poisoned.append(True)
+        poisoned_step(eager)
+        step()
+    assert compiled.opt.skipped_steps == eager.opt.skipped_steps == 2
+    got, want = compiled.opt.layer_stats(), eager.opt.layer_stats()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-5, nan_ok=True)
+
+
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_inductor_compiled_steps_match_eager(backend):
     """The real lowering: inductor kernels for the reference's foreach passes, the C++
