@@ -7,7 +7,6 @@ so a compilation that fails or hangs becomes a record, not a crash.
 """
 from __future__ import annotations
 
-import logging
 import multiprocessing
 import statistics
 import time
@@ -82,8 +81,6 @@ def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch
 def _child(conn, case_key, baseline_key, suite, dtype, device, budget, torch_threads, cold):
     from .cases import all_cases, find  # imported here: the child is a fresh interpreter
     torch.set_num_threads(torch_threads)
-    # Graph breaks in the reference backend (host reads) are expected: no warnings per break.
-    torch._logging.set_logs(dynamo=logging.ERROR)
     try:
         cases = all_cases(device, compile_reference=True)[0]
         params, grad_sets = make_tensors(suite, dtype, device)

@@ -76,14 +76,18 @@ class Hyperparams:
 
     @classmethod
     def from_group(cls, group: dict, check_nonfinite: bool = True) -> "Hyperparams":
-        names = {f.name for f in fields(cls)} - {"check_nonfinite"}
-        values = {k: group[k] for k in names}
+        values = {k: group[k] for k in _GROUP_KEYS}
         values["lag"] = bool(values["lag"])
         return cls(check_nonfinite=check_nonfinite, **values)
 
     @property
     def approx_median(self) -> bool:
         return self.median == "approx"
+
+
+# The param group keys of Hyperparams, listed once: torch.compile does not trace
+# ``dataclasses.fields`` of a class (a graph break in every step).
+_GROUP_KEYS = tuple(f.name for f in fields(Hyperparams) if f.name != "check_nonfinite")
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Validation runs when a group is added and again before every step (a user may
 edit ``param_groups`` directly, as LR schedulers do), so a bad value is
-reported before any tensor is modified.
+reported before any tensor is modified; a tensor lr's value only when the group
+is added (a step reads nothing on the host).
 """
 from __future__ import annotations
 
@@ -34,20 +35,23 @@ def _number(name, value):
     return value
 
 
-def _learning_rate(lr):
-    """γ as a float where it can be read without a device sync: a number, or a CPU tensor
-    (an accelerator tensor's value is never read on the host; None)."""
+def _learning_rate(lr, read_tensor: bool):
+    """γ as a float where it is read: a number, or a CPU tensor when ``read_tensor`` (an
+    accelerator tensor's value is never read on the host: None)."""
     if not isinstance(lr, torch.Tensor):
         return _number("lr", lr)
     if lr.numel() != 1 or lr.is_complex() or not lr.is_floating_point():
         raise ValueError(f"lr must be a number or a one-element real floating tensor, got {lr.dtype} "
                          f"of shape {tuple(lr.shape)}")
-    return float(lr) if lr.device.type == "cpu" else None
+    return float(lr) if read_tensor and lr.device.type == "cpu" else None
 
 
-def validate_group(group: dict, rule: str) -> None:
-    """Raise ``ValueError`` naming the first bad hyperparameter of ``group``."""
-    lr = _learning_rate(group["lr"])
+def validate_group(group: dict, rule: str, read_tensor_lr: bool = False) -> None:
+    """Raise ``ValueError`` naming the first bad hyperparameter of ``group``.  A tensor lr's
+    value is read only with ``read_tensor_lr`` (when the group is added): a step reads
+    nothing on the host, so that it neither syncs nor breaks a torch.compile graph; the
+    tensor is then the caller's (an LR scheduler's) to keep valid."""
+    lr = _learning_rate(group["lr"], read_tensor_lr)
     if lr is not None and not lr >= 0:
         raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
     momentum = _number("momentum", group["momentum"])

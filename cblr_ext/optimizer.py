@@ -16,6 +16,22 @@ from .hyperparams import RULE_DEFAULTS, validate_group
 from .probe import CurvatureProbe, ProbeBuffers
 
 
+def _read_step_applies(found_inf: torch.Tensor) -> bool:
+    return not bool(found_inf)
+
+
+# _read_step_applies as torch.compile runs it: a quiet graph break (no item() warning), on
+# a layer's first step only.  Made when a group is added, not on import: importing
+# torch._dynamo imports triton, which must follow TRITON_INTERPRET (backends/triton.py).
+_step_applies = None
+
+
+def _prepare_step_applies() -> None:
+    global _step_applies
+    if _step_applies is None:
+        _step_applies = torch.compiler.disable(_read_step_applies)
+
+
 @dataclass
 class _Group:
     """One param group's layers that have a gradient this step: ``params``/``grads`` as the
@@ -113,9 +129,8 @@ class LayerwiseOptimizer(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.reuse_weight_norm = bool(reuse_weight_norm)
         self.master_weights = bool(master_weights)
-        self._skipped_steps = 0
-        self._stats = []
-        self._found_inf = None  # the last step's skip decision (a device bool)
+        # found_inf: the last step's skip decision (a device bool, for cblr_ext.amp.update)
+        self._results = {"skipped_steps": 0, "stats": [], "found_inf": None}
         self._probe_buffers = ProbeBuffers()  # CBLR: reused by every probe
         self._scratch = {}  # backends' scratch kept between steps (cpp: workspace, carried Σw²)
         super().__init__(params, defaults)
@@ -124,13 +139,19 @@ class LayerwiseOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            validate_group(group, self.rule)
+            validate_group(group, self.rule, read_tensor_lr=True)
             for p in group["params"]:
                 if p.is_complex():
                     raise ValueError(f"{type(self).__name__} does not support complex parameters")
         except ValueError:
             self.param_groups.pop()
             raise
+        _prepare_step_applies()
+        if group["params"]:
+            # Resolved now: a step, traced by torch.compile too, then finds it cached.
+            device = group["params"][0].device
+            backends.prepare(group["backend"], device)
+            backends.prepare("reference", device)  # what "auto" may take instead (_group_backend)
 
     # Attributes a copy or pickle keeps besides torch's (defaults, state, param_groups), with
     # the value an older pickle without them gets.
@@ -138,18 +159,22 @@ class LayerwiseOptimizer(Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        state.update({key: self.__dict__[key] for key in self._PICKLED})
+        state.update({key: getattr(self, key) for key in self._PICKLED})
         return state
 
     def __setstate__(self, state):
+        state = dict(state)
+        # The last step's statistics are a cache, not kept: rebuilt on the next step.
+        results = {"skipped_steps": state.pop("_skipped_steps", self._PICKLED["_skipped_steps"]), "stats": [],
+                   "found_inf": None}
         super().__setstate__(state)
+        self.__dict__["_results"] = results
         for key, value in self._PICKLED.items():
-            self.__dict__.setdefault(key, value)
-        # Caches of the last step, not kept: rebuilt on the next step.
-        self.__dict__.setdefault("_stats", [])
-        self.__dict__.setdefault("_found_inf", None)
+            if key != "_skipped_steps":
+                self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
         self.__dict__.setdefault("_scratch", {})
+        _prepare_step_applies()
         for group in self.param_groups:  # groups of older versions get the keys added since
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -235,8 +260,10 @@ class LayerwiseOptimizer(Optimizer):
                 g.probe_params = [g.local(p) for p in params]
                 g.prev_steps = [g.local(s.get("prev_step" if keeps_prev_step else "momentum_buffer"))
                                 for s in states]
-                # One host read per group: the closure must know whether to run again.
-                due = lm.measurement_due(torch.stack([s["age"] for s in states]), hp.curvature_interval).tolist()
+                # The closure must know whether to run again: one host read per group, but for
+                # curvature_interval=1, where every layer is due (an age is never below 1).
+                due = ([True] * len(states) if hp.curvature_interval == 1 else
+                       lm.measurement_due(torch.stack([s["age"] for s in states]), hp.curvature_interval).tolist())
                 g.measures = [a and d and s is not None for a, d, s in zip(adapt, due, g.prev_steps)]
             groups.append(g)
         return groups
@@ -303,7 +330,7 @@ class LayerwiseOptimizer(Optimizer):
                 tensor = s.get(key)
                 if tensor is None:
                     if keep is None:
-                        keep = not bool(found_inf)
+                        keep = _step_applies(found_inf)
                     tensor = make(p)
                     if keep:
                         s[key] = tensor
@@ -384,6 +411,33 @@ class LayerwiseOptimizer(Optimizer):
         # A device tensor (int64: bool + int): counting skipped steps must not sync the host.
         self._skipped_steps = found_inf + self._skipped_steps
         self._found_inf = found_inf  # cblr_ext.amp.update tells GradScaler of a probe overflow
+
+    # The last step's results live in a dict behind these two attributes: torch.compile
+    # (torch 2.13) drops attribute assignments to an Optimizer made inside a compiled step,
+    # not writes into a dict it holds.
+    @property
+    def _stats(self) -> list:
+        return self._results["stats"]
+
+    @_stats.setter
+    def _stats(self, value) -> None:
+        self._results["stats"] = value
+
+    @property
+    def _skipped_steps(self):
+        return self._results["skipped_steps"]
+
+    @_skipped_steps.setter
+    def _skipped_steps(self, value) -> None:
+        self._results["skipped_steps"] = value
+
+    @property
+    def _found_inf(self):
+        return self._results["found_inf"]
+
+    @_found_inf.setter
+    def _found_inf(self, value) -> None:
+        self._results["found_inf"] = value
 
     # ---------------------------------------------------------- inspection
 

@@ -5,7 +5,7 @@ parameters' device registered (``cblr_ext.ops``).  A named backend calls its own
 implementation of the same ops directly: ``reference`` on any device (for
 debugging), ``triton`` on CPU tensors in the Triton interpreter, or on CUDA tensors
 when the CUDA extension owns the CUDA key.  Everything here is resolved once per
-(name, device), when a param group is added, never per step.
+(name, device type), when a param group is added (``prepare``), never per step.
 
 | backend | devices | kernels | updates a probe from the saved w_t |
 | --- | --- | --- | --- |
@@ -88,38 +88,56 @@ def _make(name: str, device: torch.device) -> Backend:
     return Backend(name, ops.OPS if on_dispatcher else triton, updates_from_saved=False)
 
 
-_resolved: dict = {}
+_resolved: dict = {}  # (name, device type) -> (Backend, why "auto" fell back to the reference, or None)
 _warned: set = set()
 
 
 def get(name: str, device) -> Backend:
-    """The backend ``name`` runs on ``device``; ``BackendUnavailable`` when it cannot."""
+    """The backend ``name`` runs on ``device``; ``BackendUnavailable`` when it cannot.
+    A cached resolution is a dict lookup, which torch.compile traces; resolving is not
+    (dispatcher queries, imports): ``prepare`` does it when a param group is added."""
     device = torch.device(device)
     key = (name, device.type)
     if key not in _resolved:
-        if name == "auto":
-            _resolved[key] = _auto(device)
-        else:
-            reason = _reason(name, device)
-            if reason is not None:
-                raise BackendUnavailable(f"cblr_ext backend {name!r} cannot run on {device}: {reason}")
-            _resolved[key] = _make(name, device)
-    return _resolved[key]
+        _resolved[key] = _resolve(name, device)
+    backend, fallback = _resolved[key]
+    if fallback is not None and device.type not in _warned:
+        _warned.add(device.type)
+        warnings.warn(f"cblr_ext: no fused backend available on {device.type}, using 'reference' ({fallback})",
+                      RuntimeWarning, stacklevel=5)
+    return backend
 
 
-def _auto(device: torch.device) -> Backend:
+def prepare(name: str, device) -> None:
+    """Resolve ``name`` on ``device`` into the cache ahead of the first step (which then
+    reports an unavailable backend, or warns of the "auto" fallback, as before)."""
+    device = torch.device(device)
+    key = (name, device.type)
+    if key not in _resolved:
+        try:
+            _resolved[key] = _resolve(name, device)
+        except BackendUnavailable:
+            pass
+
+
+def _resolve(name: str, device: torch.device) -> tuple:
+    if name == "auto":
+        return _auto(device)
+    reason = _reason(name, device)
+    if reason is not None:
+        raise BackendUnavailable(f"cblr_ext backend {name!r} cannot run on {device}: {reason}")
+    return _make(name, device), None
+
+
+def _auto(device: torch.device) -> tuple:
     reasons = []
     for name in _AUTO_ORDER.get(device.type, ()):
         reason = _reason(name, device)
         if reason is None:
-            return _make(name, device)
+            return _make(name, device), None
         reasons.append(f"{name}: {reason}")
-    if device.type not in _warned and reasons:
-        _warned.add(device.type)
-        warnings.warn(f"cblr_ext: no fused backend available on {device.type}, using 'reference' "
-                      f"({'; '.join(reasons)})", RuntimeWarning, stacklevel=5)
     from .. import ops
-    return Backend("reference", ops.OPS, updates_from_saved=False)
+    return Backend("reference", ops.OPS, updates_from_saved=False), "; ".join(reasons) or None
 
 
 def resolve_ops(backend):

@@ -37,8 +37,10 @@ def workspace(rule: str, params: list, lag: bool, scratch: dict) -> torch.Tensor
 
 
 def carries_w_sq(rule: str, lag: bool, reuse_weight_norm: bool) -> bool:
-    """LARS reads w in pass 1 for ‖w‖ alone: the update pass measures it for the next step."""
-    return rule == "lars" and not lag and reuse_weight_norm
+    """LARS reads w in pass 1 for ‖w‖ alone: the update pass measures it for the next step.
+    Not under torch.compile: the carried values are kept on the host, keyed by version
+    counters and data pointers, which a traced step cannot read without breaking the graph."""
+    return rule == "lars" and not lag and reuse_weight_norm and not torch.compiler.is_compiling()
 
 
 def _tracked(p: torch.Tensor) -> bool:

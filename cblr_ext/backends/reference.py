@@ -1,8 +1,14 @@
-"""The reference backend: the ops of ``cblr_ext.ops`` as readable single-tensor loops.
+"""The reference backend: the ops of ``cblr_ext.ops`` in plain torch.
 
 It is the ground truth every fused backend is tested against and the default kernel
-of every op on any device, so it favours clarity over speed and may read values on
-the host.  The signatures are the op schemas (``ops.SCHEMAS``).
+of every op on any device, so it favours clarity over speed; the signatures are the
+op schemas (``ops.SCHEMAS``).  Nothing in a step is read on the host and nothing is
+copied to the device from host data: the per-layer quantities are [L] tensors (the
+rules of ``layer_math`` are elementwise over them), the elementwise parts are
+``torch._foreach_*`` over the layers, and a skipped step is a ``torch.where``, so that
+``torch.compile`` traces a step into one graph with a handful of nodes per op rather
+than dozens per layer (docs/architecture.md, "torch.compile"), and a CUDA graph can
+capture it.
 """
 from __future__ import annotations
 
@@ -10,8 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import (FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NONFINITE, FLAG_NORMS, STAT_COLUMNS,
-                          SUM_COLUMNS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2, state_dtype)
+from ..functional import FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2, state_dtype
 
 
 def _squares(x: Tensor) -> Tensor:
@@ -19,17 +24,61 @@ def _squares(x: Tensor) -> Tensor:
     return x.double().square().sum()
 
 
-def _unscaler(grad_scale, dtype):
-    """g ↦ g·fl32(1/S) in ``dtype`` (GradScaler.unscale_'s factor), or g itself."""
+def _sums(xs: list) -> Tensor:
+    """Σx² of every layer, [L] fp64."""
+    return torch.stack([_squares(x) for x in xs])
+
+
+def _host_flags(values: list, device) -> Tensor:
+    """Host bools as an [L] bool tensor made by fills, not copied from host memory (no
+    host-to-device copy: a CUDA graph can capture it)."""
+    return torch.stack([torch.full((), bool(v), dtype=torch.bool, device=device) for v in values])
+
+
+def _in_state_dtype(tensors: list, params: list) -> list:
+    return [t.to(state_dtype(p)) for t, p in zip(tensors, params)]
+
+
+def _decayed(gs: list, ws: list, weight_decay: float) -> list:
+    """``lm.decayed_grad`` of every layer: g + β·w, the product rounded before the sum
+    (no fused multiply-add, as the fused backends form it)."""
+    return torch._foreach_add(gs, torch._foreach_mul(ws, weight_decay))
+
+
+def _median(w: Tensor, d: Tensor, approx: bool) -> Tensor:
+    """``lm.lower_median`` of ``lm.curvature_quotients(d, w)`` without its data-dependent
+    shape (which would make torch.compile break the graph, and sync a GPU): the quotients
+    of the elements with w_i = 0 are replaced by −inf (the first ``low`` of them) and +inf
+    (the others), ``low`` chosen so that the lower median of all N elements is the lower
+    median of the n quotients: torch.median takes the ((N − 1) // 2)-th smallest, that is
+    the ((n − 1) // 2)-th quotient when low = (z + 1 − n mod 2) // 2, z = N − n.  NaN when
+    n = 0; the value itself is torch.median's, bit for bit."""
+    if w.numel() == 0:
+        return torch.full((), float("nan"), dtype=torch.float32, device=w.device)
+    w, d = w.flatten(), d.flatten()
+    kept = w != 0
+    excluded = ~kept
+    n = kept.sum()
+    low = (excluded.sum() + 1 - n % 2) // 2
+    pad = torch.where(excluded.cumsum(0) <= low, float("-inf"), float("inf")).to(w.dtype)
+    m = lm.lower_median(torch.where(kept, d.abs() / w.abs(), pad), approx=approx)
+    return torch.where(n > 0, m, float("nan"))
+
+
+def _medians(ws: list, ds: list, approx: bool) -> Tensor:
+    return torch.stack([_median(w, d, approx) for w, d in zip(ws, ds)])
+
+
+def _nonfinite(gs: list) -> Tensor:
+    return torch.stack([~torch.isfinite(g).all() for g in gs])
+
+
+def _unscaled(gs: list, grad_scale) -> list:
+    """g·fl32(1/S) (GradScaler.unscale_'s factor) of every layer, or the gradients as given."""
     if grad_scale is None:
-        return lambda g: g
-    inv = grad_scale.double().reciprocal().float().reshape(()).to(dtype)
-    return lambda g: g * inv
-
-
-def _median(w: Tensor, g: Tensor, weight_decay: float, approx: bool) -> Tensor:
-    q = lm.curvature_quotients(lm.decayed_grad(g, w, weight_decay), w)
-    return lm.lower_median(q, approx=approx)
+        return gs
+    inv = grad_scale.double().reciprocal().float().reshape(())
+    return [g * inv.to(g.dtype) for g in gs]
 
 
 def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, w_sq, w_sq_known,
@@ -39,44 +88,65 @@ def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads
     parameters must be back at w_t (this backend's shift is always restored first)."""
     n = len(params)
     device = params[0].device
-    sums = torch.zeros((n, SUM_COLUMNS), dtype=torch.float64, device=device)
+    ws, gs = _in_state_dtype(params, params), _unscaled(_in_state_dtype(grads, params), grad_scale)
+    nonfinite = _nonfinite(gs)
+    zeros = torch.zeros((n,), dtype=torch.float64, device=device)
+    diff2, step2 = zeros, zeros
     median = torch.zeros((n,), dtype=torch.float32, device=device)
-    flags = torch.zeros((n, FLAG_COLUMNS), dtype=torch.bool, device=device)
-    for i, (p, grad) in enumerate(zip(params, grads)):
-        unscale = _unscaler(grad_scale, state_dtype(p))
-        w, g = p.to(state_dtype(p)), unscale(grad.to(state_dtype(p)))
-        sums[i, SUM_W2], sums[i, SUM_G2] = _squares(w), _squares(g)
-        nonfinite = not bool(torch.isfinite(g).all())
-        flags[i, FLAG_NORMS] = True
-        if rule == "mclr":
-            median[i] = _median(w, g, weight_decay, approx_median)
-            flags[i, FLAG_MEDIAN] = True
-        if rule == "cblr":
-            measures = bool(probe_grads) and probe_grads[i] is not None
-            if measures:
-                s, g_s = probe_steps[i], unscale(probe_grads[i].to(w.dtype))
-                diff = lm.secant_difference(g, g_s, s.to(w.dtype), weight_decay)
-                sums[i, SUM_DIFF2], sums[i, SUM_STEP2] = _squares(diff), _squares(s)
-                nonfinite = nonfinite or not bool(torch.isfinite(g_s).all())  # an overflow at w_t + s
-        else:
-            measures = bool(lm.measurement_due(ages[i], curvature_interval))
-        flags[i, FLAG_MEASURED] = adapt[i] and measures
-        flags[i, FLAG_NONFINITE] = nonfinite
+    if rule == "mclr":
+        median = _medians(ws, _decayed(gs, ws, weight_decay), approx_median)
+    if rule == "cblr":
+        probes = [i for i in range(n) if probe_grads and probe_grads[i] is not None]
+        zero = zeros[0]
+        diff2, step2 = [zero] * n, [zero] * n
+        probe_nonfinite = [nonfinite[i] for i in range(n)]
+        for i in probes:
+            w, s = ws[i], probe_steps[i]
+            (g_s,) = _unscaled([probe_grads[i].to(w.dtype)], grad_scale)
+            diff = lm.secant_difference(gs[i], g_s, s.to(w.dtype), weight_decay)  # s: the realised displacement
+            diff2[i], step2[i] = _squares(diff), _squares(s)
+            probe_nonfinite[i] = nonfinite[i] | ~torch.isfinite(g_s).all()  # an overflow at w_t + s
+        diff2, step2, nonfinite = torch.stack(diff2), torch.stack(step2), torch.stack(probe_nonfinite)
+        measured = _host_flags([adapt[i] and i in probes for i in range(n)], device)
+    else:
+        measured = _host_flags(adapt, device) & lm.measurement_due(torch.stack(ages), curvature_interval)
+    sums = torch.stack([_sums(ws), _sums(gs), diff2, step2], dim=1)
+    every = torch.ones((n,), dtype=torch.bool, device=device)
+    flags = torch.stack([measured, every, every if rule == "mclr" else ~every, nonfinite], dim=1)
     return sums, median, flags
 
 
-def _current_inputs(rule, sums, median, flags, i, w, g, weight_decay, eps, approx_median):
-    """(‖w‖, ‖g‖, κ) of layer i's current inputs: from the reduction, completed from w and
-    g where it left something out (a fused backend's pass 1 reads only what it needs)."""
-    if flags[i, FLAG_NORMS]:
-        w_norm, g_norm = lm.norm_from_sum(sums[i, SUM_W2]), lm.norm_from_sum(sums[i, SUM_G2])
+def _current_inputs(rule, sums, median, flags, ws, gs, weight_decay, eps, approx_median) -> Tensor:
+    """(‖w‖, ‖g‖, κ) [L, 3] of the current inputs: from the reduction, completed from w and
+    g where it left something out (a fused backend's pass 1 reads only what it needs;
+    which it left out is on the device, so both are formed and the flags select)."""
+    w2 = torch.where(flags[:, FLAG_NORMS], sums[:, SUM_W2], _sums(ws))
+    g2 = torch.where(flags[:, FLAG_NORMS], sums[:, SUM_G2], _sums(gs))
+    if rule == "mclr":
+        median = torch.where(flags[:, FLAG_MEDIAN], median, _medians(ws, _decayed(gs, ws, weight_decay), approx_median))
+    w_norm, g_norm = lm.norm_from_sum(w2), lm.norm_from_sum(g2)
+    kappa = lm.reduction_kappa(rule, w_norm, g_norm, sums[:, SUM_DIFF2], sums[:, SUM_STEP2], median, weight_decay,
+                               eps)
+    return torch.stack([w_norm, g_norm, kappa.float()], dim=1)
+
+
+def _momentum_update(ws: list, ds: list, vs: list, alphas: list, momentum: float, nesterov: bool):
+    """``lm.momentum_update`` of every layer, out of place: (w − s, the new v, s)."""
+    scaled = torch._foreach_mul(ds, alphas)
+    new_vs = torch._foreach_add(torch._foreach_mul(vs, momentum), scaled) if vs else []
+    if not vs:
+        steps = scaled
+    elif nesterov:
+        steps = torch._foreach_add(torch._foreach_mul(new_vs, momentum), scaled)
     else:
-        w_norm, g_norm = lm.norm_from_sum(_squares(w)), lm.norm_from_sum(_squares(g))
-    m = median[i]
-    if rule == "mclr" and not flags[i, FLAG_MEDIAN]:
-        m = _median(w, g, weight_decay, approx_median)
-    kappa = lm.reduction_kappa(rule, w_norm, g_norm, sums[i, SUM_DIFF2], sums[i, SUM_STEP2], m, weight_decay, eps)
-    return torch.stack([w_norm, g_norm, kappa.float()])
+        steps = new_vs
+    return torch._foreach_sub(ws, steps), new_vs, steps
+
+
+def _write(targets: list, skip: Tensor, old: list, new: list) -> None:
+    """targets ← old where the step is skipped, else new (decided on the device)."""
+    if targets:
+        torch._foreach_copy_(targets, [torch.where(skip, a, b) for a, b in zip(old, new)])
 
 
 def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
@@ -85,39 +155,33 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
                       approx_median, workspace, next_w_sq):
     """Pass 2: ratio and update of every layer; when ``found_inf`` nothing changes but the
     restore of parameters that sit at a probe point (``saved``)."""
-    skip = bool(found_inf)
-    stats = torch.zeros((len(params), STAT_COLUMNS), dtype=torch.float32, device=params[0].device)
-    for i, (p, grad) in enumerate(zip(params, grads)):
-        w_t = saved[i] if saved and saved[i] is not None else p
-        dtype = state_dtype(p)
-        w, g = w_t.to(dtype, copy=True), _unscaler(grad_scale, dtype)(grad.to(dtype))
-        current = _current_inputs(rule, sums, median, flags, i, w, g, weight_decay, eps, approx_median)
-        # lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
-        w_norm, g_norm, kappa = lagged[i].clone() if lag and lagged_valid[i] else current  # written below
-        measured = flags[i, FLAG_MEASURED]
-        ratio, new_bar, used, fallback = lm.layer_ratio(
-            kappa, measured, kappas[i], w_norm, g_norm, torch.tensor(adapt[i], device=p.device),
-            trust_coefficient=trust_coefficient, curvature_ema=curvature_ema, max_ratio=max_ratio,
-            weight_decay=weight_decay, eps=eps, fallback_trust=fallback_trust)
-        alpha = ratio * lr
-        step_norm = torch.zeros((), device=p.device)
-        if skip:
-            if w_t is not p:
-                p.copy_(w_t)
-        else:
-            d = lm.decayed_grad(g, w, weight_decay)
-            v = momentum_buffers[i] if momentum_buffers else None
-            s = lm.momentum_update(w, d, v, alpha, momentum, nesterov)
-            p.copy_(w)
-            if prev_steps:
-                prev_steps[i].copy_(s)
-            kappas[i].copy_(new_bar)
-            ages[i].copy_(lm.next_age(ages[i], measured))
-            if lag:
-                lagged[i].copy_(current)
-            step_norm = lm.norm_from_sum(_squares(s))
-        stats[i] = torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()])
-    return stats
+    n = len(params)
+    device = params[0].device
+    w_t = [saved[i] if saved and saved[i] is not None else p for i, p in enumerate(params)]
+    ws, gs = _in_state_dtype(w_t, params), _unscaled(_in_state_dtype(grads, params), grad_scale)
+    current = _current_inputs(rule, sums, median, flags, ws, gs, weight_decay, eps, approx_median)
+    # lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
+    inputs = torch.stack([lagged[i] if lag and lagged_valid[i] else current[i] for i in range(n)])
+    w_norm, g_norm, kappa = inputs.unbind(1)
+    kappa_bar, age = torch.stack(kappas), torch.stack(ages)
+    measured = flags[:, FLAG_MEASURED]
+    ratio, new_bar, used, fallback = lm.layer_ratio(
+        kappa, measured, kappa_bar, w_norm, g_norm, _host_flags(adapt, device),
+        trust_coefficient=trust_coefficient, curvature_ema=curvature_ema, max_ratio=max_ratio,
+        weight_decay=weight_decay, eps=eps, fallback_trust=fallback_trust)
+    alpha = ratio * lr
+    skip = found_inf.to(torch.bool).reshape(())
+    new_ws, new_vs, steps = _momentum_update(ws, _decayed(gs, ws, weight_decay), momentum_buffers,
+                                             list(alpha.unbind()), momentum, nesterov)
+    _write(params, skip, ws, new_ws)  # a skipped step restores a probe's w_t, writes w_t itself elsewhere
+    _write(momentum_buffers, skip, momentum_buffers, new_vs)
+    _write(prev_steps, skip, prev_steps, steps)
+    _write(kappas, skip, kappas, list(new_bar.unbind()))
+    _write(ages, skip, ages, list(lm.next_age(age, measured).unbind()))
+    if lag:
+        _write(lagged, skip, lagged, list(current.unbind()))
+    step_norm = torch.where(skip, 0.0, lm.norm_from_sum(_sums(steps)))
+    return torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()], dim=1)
 
 
 def probe_shift_(params, steps, saved, displacements):

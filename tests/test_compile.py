@@ -1,0 +1,245 @@
+"""torch.compile of whole training steps (forward, backward, ``opt.step()``).
+
+LARS and MCLR on every CPU backend that torch.compile traces: ``reference`` (plain torch
+ops, traced into the graph), ``cpp`` and ``auto`` (the ``torch.ops.cblr_ext`` ops, traced
+through their fakes).  ``triton`` on the CPU is not among them: the named backend calls
+its Python wrappers directly and the interpreter runs each kernel as NumPy on the host,
+which dynamo would trace into (triton/runtime/interpreter.py) and break at every launch;
+on a GPU the Triton kernels sit behind the ops (test_gpu_* below).
+
+A step breaks the graph nowhere inside cblr_ext once the state exists (the first step,
+which creates it, reads the skip flag on the host: a skipped step creates no state), does
+not recompile when an LR scheduler moves a tensor lr, and leaves no warning; CBLR breaks
+only at its closure (forward and backward, user code).
+"""
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.testing import CompileCounterWithBackend
+
+import cblr_ext
+from cblr_ext import CBLR, LARS, MCLR, backends
+from helpers import max_rel_diff, mlp
+
+PACKAGE = str(Path(cblr_ext.__file__).parent)
+RULES = {"lars": LARS, "mclr": MCLR}
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def cpu_backend(name):
+    reason = backends.why_unavailable(name, "cpu")
+    if reason is not None:
+        pytest.skip(reason)
+    return name
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class Training:
+    """A seeded MLP, its optimizer over a tensor lr driven by an LR scheduler, and one
+    training step on a fixed batch."""
+
+    def __init__(self, rule, backend, device="cpu", **kwargs):
+        self.model = mlp().to(device)
+        gen = torch.Generator().manual_seed(1)
+        self.x = torch.randn(16, 4, generator=gen).to(device)
+        self.y = torch.randn(16, 2, generator=gen).to(device)
+        self.opt = RULES[rule](self.model.parameters(), lr=torch.tensor(0.5, device=device), momentum=0.9,
+                               weight_decay=1e-4, backend=backend, **kwargs)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.opt, step_size=7, gamma=0.5)
+
+    def step(self):
+        self.opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(self.model(self.x), self.y)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def params(self):
+        return [p.detach() for p in self.model.parameters()]
+
+
+def package_breaks(explanation) -> list:
+    """(file, line, function) of every graph break at a line of cblr_ext."""
+    breaks = []
+    for reason in explanation.break_reasons:
+        frame = reason.user_stack[-1] if reason.user_stack else None
+        if frame is not None and frame.filename.startswith(PACKAGE):
+            breaks.append((Path(frame.filename).name, frame.lineno, frame.name))
+    return breaks
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp", "auto"])
+@pytest.mark.parametrize("rule", RULES)
+@pytest.mark.parametrize("lag", [0, 1])
+def test_a_training_step_has_no_graph_break_in_the_package(rule, backend, lag):
+    run = Training(rule, cpu_backend(backend), lag=lag)
+    run.step()  # creates the state
+    assert package_breaks(torch._dynamo.explain(run.step)()) == []
+
+
+def test_the_first_step_breaks_only_where_it_creates_state():
+    """The state-creating step reads the skip flag on the host, once (a skipped step must
+    create no buffer); dynamo resumes after it only outside the ``with CurvatureProbe``
+    block of ``step`` around it (a user-defined context manager), so that breaks too."""
+    run = Training("lars", cpu_backend("auto"))
+    breaks = package_breaks(torch._dynamo.explain(run.step)())
+    assert {name for _, _, name in breaks} == {"_update_state", "step"}
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("rule", RULES)
+def test_compiled_training_matches_eager_and_compiles_once(rule, backend, capfd):
+    """30 steps with the lr halved every 7 (StepLR on a tensor lr): the compiled run (AOT
+    autograd, through the ops' fakes) gives the eager run's parameters and never
+    recompiles after its first call; nothing of the package is printed or warned."""
+    backend = cpu_backend(backend)
+    eager, compiled = Training(rule, backend), Training(rule, backend)
+    counter = CompileCounterWithBackend("aot_eager")
+    step = torch.compile(compiled.step, backend=counter)
+    eager.step(), compiled.step()  # the state exists before the first compiled call
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i in range(30):
+            eager.step()
+            step()
+            if i == 0:
+                frames = counter.frame_count
+            eager.scheduler.step(), compiled.scheduler.step()
+    assert counter.frame_count == frames
+    assert float(compiled.opt.param_groups[0]["lr"]) == 0.5 * 0.5 ** 4  # the scheduler did move it
+    for a, b in zip(eager.params(), compiled.params()):
+        assert max_rel_diff(a, b) < 1e-5
+    assert [w for w in caught if w.filename.startswith(PACKAGE)] == []
+    assert "cblr_ext" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_compiled_step_counts_skipped_steps_and_keeps_its_statistics(backend):
+    """What the step records on the optimizer survives compilation (torch 2.13 drops
+    attribute assignments to an Optimizer in a compiled step): the skipped-step count of
+    a NaN gradient, and layer_stats() equal to the eager twin's."""
+    backend = cpu_backend(backend)
+    eager, compiled = Training("lars", backend), Training("lars", backend)
+    poisoned = []
+
+    def poisoned_step(run):
+        run.opt.zero_grad()
+        torch.nn.functional.mse_loss(run.model(run.x), run.y).backward()
+        if poisoned:
+            run.model[0].weight.grad[0, 0] = float("nan")
+        run.opt.step()
+    step = torch.compile(lambda: poisoned_step(compiled), backend="aot_eager")
+    eager.step(), compiled.step()
+    for i in range(4):
+        if i == 2:
+            poisoned.append(True)
+        poisoned_step(eager)
+        step()
+    assert compiled.opt.skipped_steps == eager.opt.skipped_steps == 2
+    got, want = compiled.opt.layer_stats(), eager.opt.layer_stats()
+    assert got.keys() == want.keys()
+    for name in want:
+        assert got[name] == pytest.approx(want[name], rel=1e-5, nan_ok=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_inductor_compiled_steps_match_eager(backend):
+    """The real lowering: inductor kernels for the reference's foreach passes, the C++
+    kernels called from inductor's graph (auto)."""
+    backend = cpu_backend(backend)
+    eager, compiled = Training("mclr", backend), Training("mclr", backend)
+    step = torch.compile(compiled.step)
+    for _ in range(4):
+        eager.step()
+        step()
+    for a, b in zip(eager.params(), compiled.params()):
+        assert max_rel_diff(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_cblr_breaks_the_graph_only_at_its_closure(backend):
+    """CBLR re-evaluates the loss at w + s: the closure's forward and backward are user
+    code, and the only breaks are in them."""
+    model = mlp()
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)
+    opt = CBLR(model.parameters(), lr=torch.tensor(0.1), momentum=0.9, backend=cpu_backend(backend))
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    opt.step(closure)  # the probe's buffers exist
+    explanation = torch._dynamo.explain(opt.step)(closure)
+    assert explanation.graph_break_count > 0  # at the closure's backward
+    assert package_breaks(explanation) == []
+
+
+# ------------------------------------------------------------------- GPU
+
+@needs_gpu
+@pytest.mark.parametrize("rule", RULES)
+def test_gpu_compiled_step_matches_eager(rule):
+    """auto on a GPU: the CUDA or Triton kernels behind the ops, inductor around them."""
+    eager, compiled = Training(rule, "auto", device="cuda"), Training(rule, "auto", device="cuda")
+    counter = CompileCounterWithBackend("inductor")
+    step = torch.compile(compiled.step, backend=counter)
+    eager.step(), compiled.step()
+    for i in range(30):
+        eager.step()
+        step()
+        if i == 0:
+            frames = counter.frame_count
+        eager.scheduler.step(), compiled.scheduler.step()
+    assert counter.frame_count == frames
+    for a, b in zip(eager.params(), compiled.params()):
+        assert max_rel_diff(a, b) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("rule", RULES)
+def test_gpu_reference_step_replays_in_a_cuda_graph(rule):
+    """The reference reads nothing on the host: its step is capturable as it stands."""
+    def setup():
+        gen = torch.Generator().manual_seed(0)
+        params = [torch.randn(s, generator=gen).cuda().requires_grad_() for s in [(64, 32), (32,), (8, 4, 3, 3)]]
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        return params, RULES[rule](params, lr=torch.tensor(0.1, device="cuda"), momentum=0.9, backend="reference")
+
+    def set_grads(params, step):
+        for i, p in enumerate(params):
+            p.grad.copy_(torch.sin(p.detach() * (step + 1) + i))
+
+    eager, eager_opt = setup()
+    for step in range(6):
+        set_grads(eager, step)
+        eager_opt.step()
+    params, opt = setup()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(3):
+            set_grads(params, step)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(3, 6):
+        set_grads(params, step)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, params):
+        assert torch.equal(a, b)
