@@ -23,9 +23,13 @@ class OptimizerSpec:
     base_batch: int = SGD_BASE_BATCH
 
 
+def _layerwise(cls, **options):
+    """``cls`` with the study's momentum and weight decay; ``options`` override its defaults."""
+    return lambda params, lr: cls(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **options)
+
+
 def _cblr(interval):
-    return lambda params, lr: CBLR(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                                   curvature_interval=interval)
+    return _layerwise(CBLR, curvature_interval=interval)
 
 
 # Five points a factor 2 apart around the rules' usual scales (docs/algorithm.md: LARS/MCLR
@@ -45,3 +49,19 @@ OPTIMIZERS = {
     "CBLR-k4": OptimizerSpec("CBLR-k4", _cblr(4), (0.05, 0.1, 0.2, 0.4, 0.8), None),
     "CBLR-k16": OptimizerSpec("CBLR-k16", _cblr(16), (0.05, 0.1, 0.2, 0.4, 0.8), None),
 }
+
+# Candidates for the defaults (docs/experiments.md, "Defaults"): each names every option it
+# sets, so its meaning does not change when the package's defaults do.
+_CANDIDATES = {
+    "LARS-x1d": (LARS, dict(exclude_1d=True), (2.0, 4.0, 8.0, 16.0, 32.0)),
+    "LARS-all": (LARS, dict(exclude_1d=False), (8.0, 16.0, 32.0, 64.0, 128.0)),
+    "MCLR-x1d": (MCLR, dict(exclude_1d=True, max_ratio=None), (1.0, 2.0, 4.0, 8.0, 16.0)),
+    "MCLR-all": (MCLR, dict(exclude_1d=False, max_ratio=None), (4.0, 8.0, 16.0, 32.0, 64.0)),
+    "MCLR-all-cap1": (MCLR, dict(exclude_1d=False, max_ratio=1.0), (4.0, 8.0, 16.0, 32.0, 64.0)),
+    "MCLR-all-ema0.9": (MCLR, dict(exclude_1d=False, curvature_ema=0.9), (4.0, 8.0, 16.0, 32.0, 64.0)),
+    "CBLR-x1d": (CBLR, dict(exclude_1d=True), (0.1, 0.2, 0.4, 0.8, 1.6)),
+    "CBLR-all": (CBLR, dict(exclude_1d=False), (0.1, 0.2, 0.4, 0.8, 1.6)),
+    "CBLR-all-ema0.9": (CBLR, dict(exclude_1d=False, curvature_ema=0.9), (0.1, 0.2, 0.4, 0.8, 1.6)),
+}
+OPTIMIZERS.update({name: OptimizerSpec(name, _layerwise(cls, **options), grid, None)
+                   for name, (cls, options, grid) in _CANDIDATES.items()})
