@@ -88,7 +88,7 @@ def accuracy_vs_wall(results, path):
 
 
 def _weight_layers(layers):
-    # biases and BatchNorm scales are not adapted (exclude_1d: r = 1, no κ)
+    # the weights: biases and BatchNorm scales are not adapted under exclude_1d (r = 1, no κ)
     return [name for name, entry in layers.items() if entry["ndim"] > 1]
 
 
