@@ -1,6 +1,5 @@
 """The torch.optim contract: param groups, named params, schedulers, state_dict
 resume in a fresh process, bad input, non-finite skipping, layer_stats, backends."""
-import math
 import os
 import subprocess
 import sys
