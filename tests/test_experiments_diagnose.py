@@ -34,8 +34,8 @@ def test_command_writes_figures_and_json(tmp_path, capsys):
     pytest.importorskip("sklearn")
     assert diagnose.main(["--out", str(tmp_path), "--task", "digits/mlp", "--batch-size", "512", "--epochs", "1",
                           "--runs", "LARS-x1d=4", "MCLR-all=4", "CBLR-all=0.2"]) == 0
-    for name in ("diagnosis_step_sizes.png", "diagnosis_quotients.png", "diagnosis_kappa_mclr.png",
-                 "diagnosis_kappa_cblr.png"):
+    for name in ("diagnosis_step_sizes.png", "diagnosis_quotients.png", "diagnosis_kappa_mclr-all.png",
+                 "diagnosis_kappa_cblr-all.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
     document = json.loads((tmp_path / "diagnosis.json").read_text())
     assert set(document) == {"LARS-x1d", "MCLR-all", "CBLR-all"}

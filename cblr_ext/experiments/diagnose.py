@@ -93,8 +93,8 @@ def record(spec: RunSpec) -> dict:
             "val_acc": accuracy(model, data.x_val, data.y_val), "test_acc": accuracy(model, data.x_test, data.y_test)}
 
 
-# The runs of docs/experiments.md: each rule at the best lr of the batch-4096 screen.
-RUNS = (("LARS-x1d", 16.0), ("LARS-all", 64.0), ("MCLR-all", 16.0), ("CBLR-all", 0.8))
+# The runs of docs/experiments.md: each candidate at the best lr of the batch-4096 screen.
+RUNS = (("LARS-x1d", 16.0), ("LARS-all", 64.0), ("MCLR-all", 16.0), ("CBLR-x1d", 1.6), ("CBLR-all", 0.8))
 
 
 def main(argv=None) -> int:

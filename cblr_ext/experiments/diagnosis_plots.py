@@ -87,6 +87,6 @@ def write_all(recorded, folder) -> list:
             written.append(os.path.join(folder, "diagnosis_quotients.png"))
             quotients(recorded, written[-1], name)
         if name.startswith(("MCLR", "CBLR")):
-            written.append(os.path.join(folder, f"diagnosis_kappa_{name.split('-')[0].lower()}.png"))
+            written.append(os.path.join(folder, f"diagnosis_kappa_{name.lower()}.png"))
             kappa_against_lars(recorded, written[-1], name)
     return written
