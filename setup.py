@@ -55,8 +55,8 @@ setup(
         "test": ["pytest", "numpy", "scipy", "triton", "matplotlib", "pytest-benchmark", "pytorch-optimizer",
                  "scikit-learn", "hypothesis"],
         "triton": ["triton"],
-        # the full study (python -m cblr_ext.experiments): its digits task needs scikit-learn
-        "study": ["scikit-learn"],
+        # the full study (python -m cblr_ext.experiments): digits needs scikit-learn, mnist1d generates MNIST-1D
+        "study": ["scikit-learn", "mnist1d"],
         "bench": ["numpy", "scipy", "pytest-benchmark", "matplotlib", "pytorch-optimizer"],
     },
 )

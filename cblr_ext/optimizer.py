@@ -12,7 +12,7 @@ from . import backends, distributed
 from . import functional as F
 from . import layer_math as lm
 from .backends import cpp
-from .hyperparams import RULE_DEFAULTS, validate_group
+from .hyperparams import RULE_DEFAULT, RULE_DEFAULTS, validate_group
 from .probe import CurvatureProbe, ProbeBuffers
 
 
@@ -88,9 +88,11 @@ class LayerwiseOptimizer(Optimizer):
         momentum, weight_decay, nesterov: as in ``torch.optim.SGD`` (dampening 0).
         trust_coefficient: η of r = η / κ̄.
         eps: ε of the curvature rules.
-        exclude_1d: 0-d and 1-D tensors (biases, norms) are not adapted (r = 1).
+        exclude_1d: 0-d and 1-D tensors (biases, norms) are not adapted (r = 1); by default
+            False for LARS and MCLR, True for CBLR (docs/algorithm.md, "Defaults").
         curvature_ema: ρ of κ̄ = ρ·κ̄ + (1−ρ)·κ.
-        max_ratio: upper bound on r, or None.
+        max_ratio: upper bound on r, or None (no bound); by default 1 for MCLR, None for
+            LARS and CBLR (docs/algorithm.md, "Defaults").
         fallback_trust: η_F of the LARS fallback ratio.
         curvature_interval: re-measure κ every k-th step, reuse κ̄ in between.
         lag: 1 = LARS/MCLR measure on the previous step's inputs (one-pass variant).
@@ -115,16 +117,18 @@ class LayerwiseOptimizer(Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=None,
-                 eps=1e-8, nesterov=False, exclude_1d=True, curvature_ema=None, max_ratio=None,
+                 eps=1e-8, nesterov=False, exclude_1d=RULE_DEFAULT, curvature_ema=None, max_ratio=RULE_DEFAULT,
                  fallback_trust=1e-3, skip_nonfinite=True, backend="auto", curvature_interval=1,
                  lag=0, median="exact", adapt=True, reuse_weight_norm=False, master_weights=False):
         rule_defaults = RULE_DEFAULTS[self.rule]
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay,
             trust_coefficient=rule_defaults["trust_coefficient"] if trust_coefficient is None else trust_coefficient,
-            eps=eps, nesterov=nesterov, exclude_1d=exclude_1d,
+            eps=eps, nesterov=nesterov,
+            exclude_1d=rule_defaults["exclude_1d"] if exclude_1d is RULE_DEFAULT else exclude_1d,
             curvature_ema=rule_defaults["curvature_ema"] if curvature_ema is None else curvature_ema,
-            max_ratio=max_ratio, fallback_trust=fallback_trust, backend=backend,
+            max_ratio=rule_defaults["max_ratio"] if max_ratio is RULE_DEFAULT else max_ratio,
+            fallback_trust=fallback_trust, backend=backend,
             curvature_interval=curvature_interval, lag=lag, median=median, adapt=adapt)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.reuse_weight_norm = bool(reuse_weight_norm)

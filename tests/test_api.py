@@ -1,6 +1,5 @@
 """The torch.optim contract: param groups, named params, schedulers, state_dict
 resume in a fresh process, bad input, non-finite skipping, layer_stats, backends."""
-import math
 import os
 import subprocess
 import sys
@@ -281,12 +280,10 @@ def test_layer_stats_contents():
         assert s["g_norm"] == pytest.approx(float(g.norm()), rel=1e-6)
         assert s["step_norm"] == pytest.approx(float((w - p.detach()).norm()), rel=1e-4)
         assert s["alpha"] == pytest.approx(2.0 * s["ratio"], rel=1e-6)
-        if p.ndim == 1:
-            assert s["ratio"] == 1.0 and math.isnan(s["kappa"])
-        else:
-            kappa = (float(g.norm()) + 1e-3 * float(w.norm())) / float(w.norm())
-            assert s["kappa"] == pytest.approx(kappa, rel=1e-5)
-            assert s["ratio"] == pytest.approx(1e-3 / kappa, rel=1e-5)
+        # every layer adapted, the biases too (LARS's default since issue 21)
+        kappa = (float(g.norm()) + 1e-3 * float(w.norm())) / float(w.norm())
+        assert s["kappa"] == pytest.approx(kappa, rel=1e-5)
+        assert s["ratio"] == pytest.approx(1e-3 / kappa, rel=1e-5)
         assert s["fallback"] is False
 
 

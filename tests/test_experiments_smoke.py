@@ -68,7 +68,7 @@ def test_lr_points_take_the_grid_centre():
     config.lr_points = 3
     assert config.lr_grid("SGD") == (0.025, 0.05, 0.1)
     config.lr_points = 1
-    assert config.lr_grid("LARS") == (8.0,)
+    assert config.lr_grid("LARS") == (32.0,)   # of 8, 16, 32, 64, 128
     config.lr_points = 6
     with pytest.raises(ValueError, match="lr_points"):
         config.lr_grid("MCLR")

@@ -128,7 +128,8 @@ def test_fallback_undefined_gives_ratio_one():
 def test_max_ratio_and_exclude_1d():
     w, g = [3.0, 4.0], [0.003, 0.004]
     p, b = layer(w), torch.nn.Parameter(torch.tensor([1.0, 2.0]))
-    opt = LARS([p, b], lr=1.0, trust_coefficient=1.0, eps=0.0, max_ratio=10.0, backend="reference")
+    opt = LARS([p, b], lr=1.0, trust_coefficient=1.0, eps=0.0, max_ratio=10.0, exclude_1d=True,
+               backend="reference")
     set_grad(p, g)
     b.grad = torch.tensor([0.5, 0.5])
     opt.step()

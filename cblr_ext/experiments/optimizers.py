@@ -23,25 +23,49 @@ class OptimizerSpec:
     base_batch: int = SGD_BASE_BATCH
 
 
+def _layerwise(cls, **options):
+    """``cls`` with the study's momentum and weight decay; ``options`` override its defaults."""
+    return lambda params, lr: cls(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, **options)
+
+
 def _cblr(interval):
-    return lambda params, lr: CBLR(params, lr=lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY,
-                                   curvature_interval=interval)
+    return _layerwise(CBLR, curvature_interval=interval)
 
 
 # Five points a factor 2 apart around the rules' usual scales (docs/algorithm.md: LARS/MCLR
-# γ around 1-10 with η = 1e-3, CBLR γ the fraction of the secant-Newton step, around 0.1);
-# a first sweep with three points picked the grid's edge in many large-batch cells.
+# γ around 1-100 with η = 1e-3, CBLR γ the fraction of the secant-Newton step, around 1);
+# a first sweep with three points picked the grid's edge in many large-batch cells, and
+# adapting 1-D tensors (the LARS and MCLR defaults since issue 21) moved LARS's best γ on
+# MNIST-1D from 16 to 64 (docs/experiments.md).
+CBLR_GRID = (0.2, 0.4, 0.8, 1.6, 3.2)
 OPTIMIZERS = {
     "SGD": OptimizerSpec("SGD", lambda params, lr: torch.optim.SGD(params, lr=lr, momentum=MOMENTUM,
                                                                  weight_decay=WEIGHT_DECAY),
                          (0.0125, 0.025, 0.05, 0.1, 0.2), "linear"),
     "LARS": OptimizerSpec("LARS", lambda params, lr: LARS(params, lr=lr, momentum=MOMENTUM,
                                                           weight_decay=WEIGHT_DECAY),
-                          (2.0, 4.0, 8.0, 16.0, 32.0), None),
+                          (8.0, 16.0, 32.0, 64.0, 128.0), None),
     "MCLR": OptimizerSpec("MCLR", lambda params, lr: MCLR(params, lr=lr, momentum=MOMENTUM,
                                                           weight_decay=WEIGHT_DECAY),
-                          (1.0, 2.0, 4.0, 8.0, 16.0), None),
-    "CBLR-k1": OptimizerSpec("CBLR-k1", _cblr(1), (0.05, 0.1, 0.2, 0.4, 0.8), None),
-    "CBLR-k4": OptimizerSpec("CBLR-k4", _cblr(4), (0.05, 0.1, 0.2, 0.4, 0.8), None),
-    "CBLR-k16": OptimizerSpec("CBLR-k16", _cblr(16), (0.05, 0.1, 0.2, 0.4, 0.8), None),
+                          (2.0, 4.0, 8.0, 16.0, 32.0), None),
+    "CBLR-k1": OptimizerSpec("CBLR-k1", _cblr(1), CBLR_GRID, None),
+    "CBLR-k4": OptimizerSpec("CBLR-k4", _cblr(4), CBLR_GRID, None),
+    "CBLR-k16": OptimizerSpec("CBLR-k16", _cblr(16), CBLR_GRID, None),
 }
+
+# Candidates for the defaults (docs/experiments.md, "Defaults"): each names every option it
+# sets, so its meaning does not change when the package's defaults do.
+_CANDIDATES = {
+    "LARS-x1d": (LARS, dict(exclude_1d=True), (2.0, 4.0, 8.0, 16.0, 32.0)),
+    "LARS-all": (LARS, dict(exclude_1d=False), (8.0, 16.0, 32.0, 64.0, 128.0)),
+    "MCLR-x1d": (MCLR, dict(exclude_1d=True, max_ratio=None), (1.0, 2.0, 4.0, 8.0, 16.0)),
+    "MCLR-x1d-cap1": (MCLR, dict(exclude_1d=True, max_ratio=1.0), (1.0, 2.0, 4.0, 8.0, 16.0)),
+    "MCLR-all": (MCLR, dict(exclude_1d=False, max_ratio=None), (4.0, 8.0, 16.0, 32.0, 64.0)),
+    "MCLR-all-cap1": (MCLR, dict(exclude_1d=False, max_ratio=1.0), (4.0, 8.0, 16.0, 32.0, 64.0)),
+    "MCLR-all-ema0.9": (MCLR, dict(exclude_1d=False, curvature_ema=0.9, max_ratio=None), (4.0, 8.0, 16.0, 32.0, 64.0)),
+    "CBLR-x1d": (CBLR, dict(exclude_1d=True), (0.1, 0.2, 0.4, 0.8, 1.6)),
+    "CBLR-all": (CBLR, dict(exclude_1d=False), (0.1, 0.2, 0.4, 0.8, 1.6)),
+    "CBLR-all-ema0.9": (CBLR, dict(exclude_1d=False, curvature_ema=0.9), (0.1, 0.2, 0.4, 0.8, 1.6)),
+}
+OPTIMIZERS.update({name: OptimizerSpec(name, _layerwise(cls, **options), grid, None)
+                   for name, (cls, options, grid) in _CANDIDATES.items()})

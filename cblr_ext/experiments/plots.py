@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")   # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
+from .report import machine  # noqa: E402
+
 
 def _tasks(results):
     return list(dict.fromkeys((r["dataset"], r["model"]) for r in results))
@@ -86,7 +88,7 @@ def accuracy_vs_wall(results, path):
 
 
 def _weight_layers(layers):
-    # biases and BatchNorm scales are not adapted (exclude_1d: r = 1, no κ)
+    # the weights: biases and BatchNorm scales are not adapted under exclude_1d (r = 1, no κ)
     return [name for name, entry in layers.items() if entry["ndim"] > 1]
 
 
@@ -145,8 +147,15 @@ def _mean_layers(telemetry, key):
     return sum(values) / len(values) if values else math.nan
 
 
+def machine_label() -> str:
+    """The machine every figure names (its numbers are this machine's)."""
+    m = machine()
+    return f"{m['cores']}-core {m['cpu']}, torch {m['torch']}"
+
+
 def _save(fig, path):
-    fig.tight_layout()
+    fig.text(0.995, 0.005, machine_label(), ha="right", va="bottom", fontsize=7, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, dpi=90)
     plt.close(fig)
 

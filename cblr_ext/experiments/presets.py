@@ -1,5 +1,5 @@
-"""The sweeps ``--preset`` names: "quick" (the package's main job, a few minutes on 2 cores)
-and "full" (the study in docs/experiments.md)."""
+"""The sweeps ``--preset`` names: "quick" (the package's main job, a few minutes on 2 cores),
+"full" (the study in docs/experiments.md) and "mnist1d" (the sweep behind the defaults)."""
 from .optimizers import OPTIMIZERS
 from .run import VARIANTS
 from .sweep import SweepConfig
@@ -12,6 +12,10 @@ PRESETS = {
                  epochs={"teacher": 20, "digits": 20}, optimizers=list(OPTIMIZERS), variants=list(VARIANTS),
                  variant_batch_sizes={"teacher": [8192], "digits": [1024]},
                  variant_optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], seeds=3, train_size=16384),
+    # the sweep behind the defaults (docs/experiments.md, "MNIST-1D")
+    "mnist1d": dict(tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [256, 1024, 4096, 8192]},
+                    epochs={"mnist1d": 30}, optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], variants=["plain"],
+                    seeds=3),
 }
 
 
