@@ -80,17 +80,21 @@ def assert_unchanged(before, after):
             assert torch.equal(value.nan_to_num(), state1[key][name].nan_to_num()), name
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("rule", list(RULES))
-def test_an_overflow_in_g_skips_the_step_and_backs_the_scale_off(rule, backend):
+def two_scaled_steps(rule, backend):
+    """Two GradScaler steps; then (model, opt, scaler, the 3 batches, the snapshot, a weight)."""
     model = mlp()
     opt = optimizer(rule, model, backend)
     scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
     data = batches(3)
     for x, y in data[:2]:
         scaled_step(model, opt, scaler, x, y)
-    before = snapshot(model, opt)
-    weight = next(model.parameters())
+    return model, opt, scaler, data, snapshot(model, opt), next(model.parameters())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rule", list(RULES))
+def test_an_overflow_in_g_skips_the_step_and_backs_the_scale_off(rule, backend):
+    model, opt, scaler, data, before, weight = two_scaled_steps(rule, backend)
     scaled_step(model, opt, scaler, *data[2], poison=lambda call: weight)  # g_t holds an Inf at every call
     assert_unchanged(before, snapshot(model, opt))
     assert opt.skipped_steps == 1 and scaler.get_scale() == SCALE / 2
@@ -98,14 +102,7 @@ def test_an_overflow_in_g_skips_the_step_and_backs_the_scale_off(rule, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_an_overflow_at_the_cblr_probe_point_skips_the_step_and_backs_the_scale_off(backend):
-    model = mlp()
-    opt = optimizer("cblr", model, backend)
-    scaler = torch.amp.GradScaler("cpu", init_scale=SCALE, growth_interval=1000)
-    data = batches(3)
-    for x, y in data[:2]:
-        scaled_step(model, opt, scaler, x, y)
-    before = snapshot(model, opt)
-    weight = next(model.parameters())
+    model, opt, scaler, data, before, weight = two_scaled_steps("cblr", backend)
     # Calls: 0 = the loop's g_t, 1 = step's own at w_t, 2 = the probe at w_t + s.
     scaled_step(model, opt, scaler, *data[2], poison=lambda call: weight if call == 2 else None)
     assert_unchanged(before, snapshot(model, opt))
