@@ -28,7 +28,8 @@ RULES = {  # name -> (optimizer class name, keywords)
     "MCLR approx": ("MCLR", dict(median="approx", curvature_interval=1)),
     "CBLR": ("CBLR", dict(curvature_interval=1)),
 }
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast")
+COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+               "reduce", "gather", "scatter", "all_to_all_single", "barrier", "all_gather_object")
 WORLD = 2
 
 
@@ -39,14 +40,16 @@ def _free_port() -> int:
 
 
 @contextlib.contextmanager
-def _counting(counts: list):
-    """Appends (collective, bytes of its first tensor) of every call to ``counts``."""
+def counting_collectives(counts: list):
+    """Counts every torch.distributed collective (and the bytes of its first tensor) into
+    ``counts[-1]``, except inside ``paused()`` (e.g. a closure's forward and backward)."""
     originals = {name: getattr(dist, name) for name in COLLECTIVES if hasattr(dist, name)}
 
     def wrap(name, fn):
         def counted(*args, **kwargs):
-            tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-            counts.append((name, 0 if tensor is None else tensor.numel() * tensor.element_size()))
+            if not getattr(counting_collectives, "paused", False):
+                tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                counts[-1].append((name, 0 if tensor is None else tensor.numel() * tensor.element_size()))
             return fn(*args, **kwargs)
         return counted
     for name, fn in originals.items():
@@ -56,6 +59,15 @@ def _counting(counts: list):
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
+
+
+@contextlib.contextmanager
+def paused():
+    counting_collectives.paused = True
+    try:
+        yield
+    finally:
+        counting_collectives.paused = False
 
 
 def _model(shapes, mesh=None, seed=0):
@@ -90,12 +102,11 @@ def _measure(rule: str, shapes, steps: int, mesh=None) -> dict:
     for _ in range(steps):
         if mesh is not None:
             dist.barrier()
-        calls = []
+        counts.append([])
         start = time.perf_counter()
-        with _counting(calls) if mesh is not None else contextlib.nullcontext():
+        with counting_collectives(counts) if mesh is not None else contextlib.nullcontext():
             opt.step(closure)
         times.append((time.perf_counter() - start) * 1e3)
-        counts.append(calls)
     per_step = counts[-1]
     return dict(ms=statistics.median(times), collectives=len(per_step), bytes=sum(b for _, b in per_step))
 

@@ -4,7 +4,6 @@ trains on the same full batch, so FSDP2's averaged gradients equal the single-pr
 ones bit for bit and any difference comes from the optimizer."""
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import socket
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import cblr_ext
+from bench.distributed import counting_collectives, paused
 
 CONFIGS = {  # name: (optimizer, keywords); MCLR re-measures every 2nd step (norms it lacks in between)
     "lars": ("LARS", dict(lr=1.0, momentum=0.9, weight_decay=1e-3)),
@@ -28,8 +28,6 @@ WIDTHS = (7, 13, 1, 5)  # odd sizes; 13 → 1 has fewer rows than ranks
 LONG_WIDTHS = (7, 13, 1, 5, 9, 3, 6, 11, 4, 5)
 TP_WIDTHS = (6, 10, 4, 3)  # tensor parallelism's Shard(-1) activations need even widths
 STEPS = 20
-COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
-               "reduce", "gather", "scatter", "all_to_all_single", "barrier", "all_gather_object")
 
 
 # ------------------------------------------------------------------ models and training
@@ -126,37 +124,6 @@ def snapshot(model, opt) -> list:
         for key, value in sorted(opt.state.get(p, {}).items()):
             out.append((key, bits(value)))
     return out
-
-
-@contextlib.contextmanager
-def counting_collectives(counts: list):
-    """Counts every torch.distributed collective (and the bytes of its first tensor) into
-    ``counts[-1]``, except inside ``paused()`` (the closure's forward and backward)."""
-    originals = {name: getattr(dist, name) for name in COLLECTIVES}
-
-    def wrap(name, fn):
-        def counted(*args, **kwargs):
-            if not getattr(counting_collectives, "paused", False):
-                tensor = next((a for a in args if isinstance(a, torch.Tensor)), None)
-                counts[-1].append((name, 0 if tensor is None else tensor.numel() * tensor.element_size()))
-            return fn(*args, **kwargs)
-        return counted
-    for name, fn in originals.items():
-        setattr(dist, name, wrap(name, fn))
-    try:
-        yield
-    finally:
-        for name, fn in originals.items():
-            setattr(dist, name, fn)
-
-
-@contextlib.contextmanager
-def paused():
-    counting_collectives.paused = True
-    try:
-        yield
-    finally:
-        counting_collectives.paused = False
 
 
 # ----------------------------------------------------------------------- scenarios
