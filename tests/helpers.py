@@ -28,3 +28,35 @@ def train(model, opt, steps, seed=1):
             loss.backward()
             return loss
         opt.step(closure)
+
+
+def sin_grads(params, step):
+    """Deterministic gradients of a step, written in place (fixed addresses, as graph replay needs)."""
+    for i, p in enumerate(params):
+        p.grad.copy_(torch.sin(p.detach() * (step + 1) + i))
+
+
+def assert_graph_replay_equals_eager(setup, warm=3, steps=6):
+    """``setup()`` -> (params, optimizer), twice: ``steps`` eager steps against ``warm`` eager
+    steps on a side stream, one captured step, and replays of it; parameters bit-equal."""
+    eager, eager_opt = setup()
+    for step in range(steps):
+        sin_grads(eager, step)
+        eager_opt.step()
+    params, opt = setup()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up: kernels, state and tables exist before the capture
+        for step in range(warm):
+            sin_grads(params, step)
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for step in range(warm, steps):
+        sin_grads(params, step)
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager, params):
+        assert torch.equal(a, b)

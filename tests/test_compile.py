@@ -22,7 +22,7 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 import cblr_ext
 from cblr_ext import CBLR, LARS, MCLR, backends
-from helpers import max_rel_diff, mlp
+from helpers import assert_graph_replay_equals_eager, max_rel_diff, mlp
 
 PACKAGE = str(Path(cblr_ext.__file__).parent)
 RULES = {"lars": LARS, "mclr": MCLR}
@@ -218,28 +218,4 @@ def test_gpu_reference_step_replays_in_a_cuda_graph(rule):
             p.grad = torch.zeros_like(p)
         return params, RULES[rule](params, lr=torch.tensor(0.1, device="cuda"), momentum=0.9, backend="reference")
 
-    def set_grads(params, step):
-        for i, p in enumerate(params):
-            p.grad.copy_(torch.sin(p.detach() * (step + 1) + i))
-
-    eager, eager_opt = setup()
-    for step in range(6):
-        set_grads(eager, step)
-        eager_opt.step()
-    params, opt = setup()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for step in range(3):
-            set_grads(params, step)
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    for step in range(3, 6):
-        set_grads(params, step)
-        graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(eager, params):
-        assert torch.equal(a, b)
+    assert_graph_replay_equals_eager(setup)

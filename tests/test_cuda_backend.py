@@ -15,7 +15,7 @@ import torch
 import cblr_ext
 from cblr_ext import CBLR, LARS, MCLR, backends, functional as F, ops
 from cblr_ext.backends import reference
-from helpers import max_rel_diff
+from helpers import assert_graph_replay_equals_eager, max_rel_diff
 from optim_db import BACKEND_DTYPES, TOLERANCE, cases
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
@@ -167,31 +167,7 @@ def test_cuda_graph_capture_and_replay_matches_eager(rule):
             p.grad = torch.zeros_like(p)
         return params, RULES[rule](params, lr=0.1, momentum=0.9, weight_decay=1e-4, backend="cuda")
 
-    def set_grads(params, step):
-        for i, p in enumerate(params):
-            p.grad.copy_(torch.sin(p.detach() * (step + 1) + i))
-
-    eager, eager_opt = setup()
-    for step in range(6):
-        set_grads(eager, step)
-        eager_opt.step()
-    params, opt = setup()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for step in range(3):
-            set_grads(params, step)
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    for step in range(3, 6):
-        set_grads(params, step)
-        graph.replay()
-    torch.cuda.synchronize()
-    for p, q in zip(eager, params):
-        assert torch.equal(p, q)
+    assert_graph_replay_equals_eager(setup)
 
 
 @needs_cuda

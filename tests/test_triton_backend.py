@@ -27,6 +27,7 @@ pytest.importorskip("triton")
 
 from cblr_ext import CBLR, LARS, MCLR, functional as F, layer_math as lm, ops  # noqa: E402
 from cblr_ext.backends import reference, triton as tb  # noqa: E402
+from helpers import assert_graph_replay_equals_eager, sin_grads  # noqa: E402
 
 RULES = {"lars": LARS, "mclr": MCLR, "cblr": CBLR}
 VARIANTS = {
@@ -868,46 +869,20 @@ def gpu_setup(rule, shapes, backend="triton"):
     return params, opt
 
 
-def set_grads(params, step):
-    for i, p in enumerate(params):
-        p.grad.copy_(torch.sin(p.detach() * (step + 1) + i))
-
-
 @needs_gpu
 @pytest.mark.parametrize("rule", ["lars", "mclr"])
 def test_cuda_graph_capture_and_replay_matches_eager(rule):
     shapes = [(512, 256), (256,), (64, 32, 3, 3), (0,)]
-    eager, eager_opt = gpu_setup(rule, shapes)
-    for step in range(6):
-        set_grads(eager, step)
-        eager_opt.step()
-
-    params, opt = gpu_setup(rule, shapes)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up: compile kernels, create state and tables
-        for step in range(3):
-            set_grads(params, step)
-            opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    for step in range(3, 6):
-        set_grads(params, step)
-        graph.replay()
-    torch.cuda.synchronize()
-    for p, q in zip(eager, params):
-        assert torch.equal(p, q)
+    assert_graph_replay_equals_eager(lambda: gpu_setup(rule, shapes))
 
 
 @needs_gpu
 @pytest.mark.parametrize("rule", ["lars", "mclr"])
 def test_a_warm_step_makes_no_host_sync(rule):
     params, opt = gpu_setup(rule, [(512, 256), (256,), (64, 32, 3, 3)])
-    set_grads(params, 0)
+    sin_grads(params, 0)
     opt.step()
-    set_grads(params, 1)
+    sin_grads(params, 1)
     lr = torch.tensor(0.05, device="cuda")
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -924,8 +899,8 @@ def test_cblr_protocol_ops_make_no_host_sync():
     """The optimizer decides on the host whether to probe; the backend's kernels
     between the closure's calls must not sync."""
     params, opt = gpu_setup("cblr", [(512, 256), (64, 32, 3, 3)])
-    set_grads(params, 0)
-    opt.step(lambda: set_grads(params, 0))
+    sin_grads(params, 0)
+    opt.step(lambda: sin_grads(params, 0))
     torch.cuda.synchronize()
     steps = [opt.state[p]["momentum_buffer"] for p in params]
     grads = [p.grad for p in params]
