@@ -95,6 +95,21 @@ def test_the_first_step_breaks_only_where_it_creates_state():
     assert {name for _, _, name in breaks} == {"_update_state", "step"}
 
 
+def assert_compiles_once(eager, compiled, compiler: str, steps=30):
+    """``steps`` eager and compiled steps side by side, each followed by the schedulers'
+    step; the compiled step compiles on its first call only."""
+    counter = CompileCounterWithBackend(compiler)
+    step = torch.compile(compiled.step, backend=counter)
+    eager.step(), compiled.step()  # the state exists before the first compiled call
+    for i in range(steps):
+        eager.step()
+        step()
+        if i == 0:
+            frames = counter.frame_count
+        eager.scheduler.step(), compiled.scheduler.step()
+    assert counter.frame_count == frames
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
 @pytest.mark.parametrize("rule", RULES)
 def test_compiled_training_matches_eager_and_compiles_once(rule, backend, capfd):
@@ -103,18 +118,9 @@ def test_compiled_training_matches_eager_and_compiles_once(rule, backend, capfd)
     recompiles after its first call; nothing of the package is printed or warned."""
     backend = cpu_backend(backend)
     eager, compiled = Training(rule, backend), Training(rule, backend)
-    counter = CompileCounterWithBackend("aot_eager")
-    step = torch.compile(compiled.step, backend=counter)
-    eager.step(), compiled.step()  # the state exists before the first compiled call
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        for i in range(30):
-            eager.step()
-            step()
-            if i == 0:
-                frames = counter.frame_count
-            eager.scheduler.step(), compiled.scheduler.step()
-    assert counter.frame_count == frames
+        assert_compiles_once(eager, compiled, "aot_eager")
     assert float(compiled.opt.param_groups[0]["lr"]) == 0.5 * 0.5 ** 4  # the scheduler did move it
     for a, b in zip(eager.params(), compiled.params()):
         assert max_rel_diff(a, b) < 1e-5
@@ -193,16 +199,7 @@ def test_cblr_breaks_the_graph_only_at_its_closure(backend):
 def test_gpu_compiled_step_matches_eager(rule):
     """auto on a GPU: the CUDA or Triton kernels behind the ops, inductor around them."""
     eager, compiled = Training(rule, "auto", device="cuda"), Training(rule, "auto", device="cuda")
-    counter = CompileCounterWithBackend("inductor")
-    step = torch.compile(compiled.step, backend=counter)
-    eager.step(), compiled.step()
-    for i in range(30):
-        eager.step()
-        step()
-        if i == 0:
-            frames = counter.frame_count
-        eager.scheduler.step(), compiled.scheduler.step()
-    assert counter.frame_count == frames
+    assert_compiles_once(eager, compiled, "inductor")
     for a, b in zip(eager.params(), compiled.params()):
         assert max_rel_diff(a, b) < 1e-5
 
