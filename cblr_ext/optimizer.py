@@ -79,6 +79,11 @@ class _Group:
         return tensor if self.sharding is None else distributed.local(tensor)
 
 
+def _step_result(key: str) -> property:
+    """An attribute kept in the optimizer's ``_results`` dict."""
+    return property(lambda self: self._results[key], lambda self, value: self._results.__setitem__(key, value))
+
+
 class LayerwiseOptimizer(Optimizer):
     """Shared implementation; subclasses set ``rule``.
 
@@ -416,32 +421,12 @@ class LayerwiseOptimizer(Optimizer):
         self._skipped_steps = found_inf + self._skipped_steps
         self._found_inf = found_inf  # cblr_ext.amp.update tells GradScaler of a probe overflow
 
-    # The last step's results live in a dict behind these two attributes: torch.compile
-    # (torch 2.13) drops attribute assignments to an Optimizer made inside a compiled step,
-    # not writes into a dict it holds.
-    @property
-    def _stats(self) -> list:
-        return self._results["stats"]
-
-    @_stats.setter
-    def _stats(self, value) -> None:
-        self._results["stats"] = value
-
-    @property
-    def _skipped_steps(self):
-        return self._results["skipped_steps"]
-
-    @_skipped_steps.setter
-    def _skipped_steps(self, value) -> None:
-        self._results["skipped_steps"] = value
-
-    @property
-    def _found_inf(self):
-        return self._results["found_inf"]
-
-    @_found_inf.setter
-    def _found_inf(self, value) -> None:
-        self._results["found_inf"] = value
+    # The last step's results live in a dict behind these attributes: torch.compile (torch
+    # 2.13) drops attribute assignments to an Optimizer made inside a compiled step, not
+    # writes into a dict it holds.
+    _stats = _step_result("stats")
+    _skipped_steps = _step_result("skipped_steps")
+    _found_inf = _step_result("found_inf")
 
     # ---------------------------------------------------------- inspection
 
