@@ -71,7 +71,7 @@ def check_fakes():
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     import cblr_ext.ops  # noqa: F401 (defines the ops)
-    from cblr_ext.functional import FLAG_COLUMNS, STAT_COLUMNS, SUM_COLUMNS
+    from cblr_ext.functional import FLAG_COLUMNS, SCALAR_DTYPE, STAT_COLUMNS, SUM_COLUMNS
     ops = torch.ops.cblr_ext
     with FakeTensorMode():
         dev = torch.device("cuda", 0)
@@ -93,7 +93,7 @@ def check_fakes():
                                       sums, median, flags, torch.empty((), dtype=torch.bool, device=dev), None,
                                       torch.empty((), device=dev), 0.9, False, 0.0, 1e-8, 1e-3, 0.0, None, 1e-3, 1,
                                       False, False, ws, None)
-        assert (stats.shape, stats.dtype, stats.device) == ((n, STAT_COLUMNS), torch.float32, dev), stats
+        assert (stats.shape, stats.dtype, stats.device) == ((n, STAT_COLUMNS), SCALAR_DTYPE, dev), stats
         saved = [torch.empty_like(p) for p in params]
         w_sq = ops.probe_shift_(params, steps, saved, [torch.empty_like(s) for s in steps])
         assert (w_sq.shape, w_sq.dtype, w_sq.device) == ((n,), torch.float64, dev), w_sq
@@ -184,18 +184,18 @@ def check_triton_cubins():
             built += 1
 
         for dt in (tl.float32, tl.bfloat16, tl.float16):
-            build(reduce.chunk_stats_kernel, dict(head, partials="*fp32", hist="*i32", prefix="*i32", modes="*u8",
+            build(reduce.chunk_stats_kernel, dict(head, partials="*fp64", hist="*i32", prefix="*i32", modes="*u8",
                   measure="*u8", weight_decay="fp32", unscale="*fp32"), dict(DTYPE=dt, STATS=True, SECANT=True, HIST=True,
                   FILTER=True, SHIFT=10, BITS=10, BLOCK=4096))
-            build(update.momentum_update_kernel, dict(head, partials="*fp32", alpha="*fp32", skip="*u8",
+            build(update.momentum_update_kernel, dict(head, partials="*fp64", alpha="*fp32", skip="*u8",
                   hist="*i32", weight_decay="fp32", momentum="fp32", unscale="*fp32"), dict(DTYPE=dt, MOMENTUM=True,
                   NESTEROV=True, STORE_STEP=True, FROM_SAVED=True, INPUT_NORMS=True, INPUT_HIST=True,
                   NEXT_W2=True, SHIFT=16, BITS=15, BLOCK=4096))
             build(closure.copy_kernel, head, dict(DTYPE=dt, BLOCK=4096))
-            build(closure.shift_kernel, dict(head, partials="*fp32"), dict(DTYPE=dt, BLOCK=4096))
+            build(closure.shift_kernel, dict(head, partials="*fp64"), dict(DTYPE=dt, BLOCK=4096))
         build(median.radix_select_kernel, dict(hist="*i32", prefix="*i32", rank="*i32", count="*i32"),
               dict(SHIFT=20, BITS=11, FIRST=True))
-        build(chunks.sum_partials_kernel, dict(partials="*fp32", chunk_begin=P, rows=P, out="*fp32"),
+        build(chunks.sum_partials_kernel, dict(partials="*fp64", chunk_begin=P, rows=P, out="*fp64"),
               dict(N_COLS=3, COLS=4, BLOCK_C=64))
         print(f"   sm_{arch}: {built} cubins")
 

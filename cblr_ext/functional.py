@@ -29,7 +29,10 @@ SUM_COLUMNS = 4
 FLAG_MEASURED, FLAG_NORMS, FLAG_MEDIAN, FLAG_NONFINITE = range(4)
 FLAG_COLUMNS = 4
 
-# Columns of the per-layer statistics returned by ``layerwise_update_``.
+# The per-layer scalars' dtype: κ̄ and the lag stash in the state, the statistics
+# (layer_math: fp64 so that no norm or curvature of finite fp32 input overflows).
+SCALAR_DTYPE = torch.float64
+# Columns of the per-layer statistics ([L, 7], SCALAR_DTYPE) returned by ``layerwise_update_``.
 STAT_NAMES = ("w_norm", "g_norm", "step_norm", "kappa", "ratio", "alpha", "fallback")
 STAT_COLUMNS = len(STAT_NAMES)
 
@@ -92,7 +95,8 @@ _GROUP_KEYS = tuple(f.name for f in fields(Hyperparams) if f.name != "check_nonf
 
 @dataclass
 class LayerState:
-    """The per-layer state the update writes, as tensor lists (the optimizer owns it).
+    """The per-layer state the update writes, as tensor lists (the optimizer owns it):
+    ``kappas`` (κ̄, 0-d SCALAR_DTYPE), ``ages`` (0-d fp32), ``lagged`` ([3] SCALAR_DTYPE).
     ``momentum_buffers`` / ``prev_steps`` / ``lagged``: empty lists when not kept;
     ``lagged_valid[i]``: ``lagged[i]`` holds an earlier step's (‖w‖, ‖g‖, κ)."""
 

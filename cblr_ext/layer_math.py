@@ -1,8 +1,11 @@
 """The layer math of docs/algorithm.md, once, in Python.
 
 Every function is elementwise over tensors of per-layer scalars, so the same
-code serves the reference backend (0-d tensors, one layer at a time) and the
-Python side of the device backends (1-D tensors, one entry per layer).  No
+code serves the reference backend and the Python side of the device backends
+([L] tensors, one entry per layer).  The per-layer scalars (norms, κ, κ̄, r, α)
+are fp64, formed from fp64 sums of squares: on finite fp32 input no square
+overflows or underflows and no norm or curvature overflows, so r is the formula's
+value rounded once wherever it is representable (docs/algorithm.md, "Precision").  No
 function reads a value on the host: everything is ``torch.where`` so that a
 step never synchronises with the device.  The C++/CUDA twin of this file is
 ``csrc/layer_math.h``; keep the two in step.
@@ -21,8 +24,9 @@ def lars_kappa(w_norm: Tensor, g_norm: Tensor, weight_decay: float, eps: float) 
 
 
 def median_kappa(median: Tensor, eps: float) -> Tensor:
-    """MCLR curvature m + ε; undefined (NaN) when the median is 0 or missing."""
-    return torch.where(median > 0, median + eps, torch.full_like(median, float("nan")))
+    """MCLR curvature m + ε (fp64); undefined (NaN) when the median is 0 or missing."""
+    m = median.double()
+    return torch.where(m > 0, m + eps, torch.full_like(m, float("nan")))
 
 
 def secant_kappa(diff_norm: Tensor, step_norm: Tensor, eps: float) -> Tensor:
@@ -32,8 +36,8 @@ def secant_kappa(diff_norm: Tensor, step_norm: Tensor, eps: float) -> Tensor:
 
 
 def norm_from_sum(sum_sq: Tensor) -> Tensor:
-    """‖x‖ as fp32 from Σx² (fp64): the square root in fp64, rounded once."""
-    return sum_sq.sqrt().float()
+    """‖x‖ from Σx², both fp64 (a fp32 norm would overflow above 3.4e38)."""
+    return sum_sq.sqrt()
 
 
 def reduction_kappa(rule: str, w_norm: Tensor, g_norm: Tensor, diff_sq: Tensor, step_sq: Tensor,
@@ -120,6 +124,12 @@ def layer_ratio(kappa: Tensor, measured: Tensor, kappa_bar: Tensor, w_norm: Tens
     ratio = torch.where(adapt, ratio, torch.ones_like(ratio))
     used = torch.where(use_rule, new_bar, torch.full_like(new_bar, float("nan")))
     return ratio, new_bar, used, adapt & ~use_rule
+
+
+def layer_alpha(ratio: Tensor, lr: Tensor) -> Tensor:
+    """α = r·γ (fp64, γ the fp32 learning rate), rounded once; each layer's update rounds
+    it to its math type."""
+    return ratio * lr.double()
 
 
 def measurement_due(age: Tensor, curvature_interval: int) -> Tensor:

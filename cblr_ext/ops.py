@@ -25,7 +25,7 @@ import importlib.util
 import torch
 
 from . import _build
-from .functional import FLAG_COLUMNS, STAT_COLUMNS, SUM_COLUMNS
+from .functional import FLAG_COLUMNS, SCALAR_DTYPE, STAT_COLUMNS, SUM_COLUMNS
 
 LIBRARY = torch.library.Library("cblr_ext", "DEF")  # noqa: the namespace's one definition
 
@@ -70,7 +70,7 @@ def _update_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages
                  adapt, sums, median, flags, found_inf, grad_scale, lr, momentum, nesterov, weight_decay, eps,
                  trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
                  approx_median, workspace, next_w_sq):
-    return torch.empty((len(params), STAT_COLUMNS), dtype=torch.float32, device=_layers_device(params))
+    return torch.empty((len(params), STAT_COLUMNS), dtype=SCALAR_DTYPE, device=_layers_device(params))
 
 
 @torch.library.register_fake("cblr_ext::probe_shift_")

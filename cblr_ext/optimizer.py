@@ -312,7 +312,7 @@ class LayerwiseOptimizer(Optimizer):
         contiguous model now channels_last) are copied into the parameter's: the kernels
         read both as flat memory."""
         if "kappa" not in state:
-            state["kappa"] = torch.full((), float("nan"), dtype=torch.float32, device=p.device)
+            state["kappa"] = torch.full((), float("nan"), dtype=F.SCALAR_DTYPE, device=p.device)
             state["age"] = torch.full((), float("inf"), dtype=torch.float32, device=p.device)
         for key in ("momentum_buffer", "prev_step"):
             buffer = state.get(key)
@@ -330,7 +330,7 @@ class LayerwiseOptimizer(Optimizer):
         if g.keeps_prev_step:
             wanted.append(("prev_step", lambda p: torch.zeros_like(p, dtype=F.state_dtype(p))))
         if g.hp.lag:
-            wanted.append(("lagged", lambda p: torch.zeros(3, dtype=torch.float32, device=p.device)))
+            wanted.append(("lagged", lambda p: torch.zeros(3, dtype=F.SCALAR_DTYPE, device=p.device)))
         lists = {}
         keep = None
         for key, make in wanted:
@@ -461,8 +461,8 @@ class LayerwiseOptimizer(Optimizer):
 
     def load_state_dict(self, state_dict):
         """torch's, with load-state-dict hooks honoured; loaded state keeps its own dtype
-        (fp32 state of 16-bit parameters, fp32 κ̄), where torch casts floating state to the
-        parameter's; every group keeps the backend it has (a checkpoint from any backend
+        (fp32 state of 16-bit parameters), where torch casts floating state to the
+        parameter's, but κ̄ and the lag stash become SCALAR_DTYPE (older checkpoints hold fp32); every group keeps the backend it has (a checkpoint from any backend
         loads under any other) and gets the keys an older checkpoint lacks from the defaults."""
         chosen = [group["backend"] for group in self.param_groups]
         hooked = {}
@@ -481,7 +481,8 @@ class LayerwiseOptimizer(Optimizer):
             for pid, p in zip(saved_group["params"], group["params"]):
                 for key, value in loaded["state"].get(pid, {}).items():
                     if isinstance(value, torch.Tensor):
-                        self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
+                        dtype = F.SCALAR_DTYPE if key in self._SCALAR_STATE else value.dtype
+                        self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
         for group, backend in zip(self.param_groups, chosen):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -489,6 +490,7 @@ class LayerwiseOptimizer(Optimizer):
         self._skipped_steps = loaded.get("skipped_steps", 0)
 
     _STATE_SHAPES = {"kappa": (), "age": (), "lagged": (3,)}  # the others: the parameter's
+    _SCALAR_STATE = ("kappa", "lagged")  # fp32 in checkpoints before the fp64 scalars
 
     def _check_loaded_shapes(self, state_dict) -> None:
         """A clear error, before anything is loaded, for state of another model."""

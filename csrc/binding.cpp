@@ -70,10 +70,11 @@ void check_param(const Tensor& param, size_t i) {
               " is not dense (a view with gaps or overlaps); pass a dense parameter");
 }
 
-void check_scalar_state(const Tensor& t, int64_t numel, const char* what, size_t i) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.numel() == numel && t.is_contiguous(),
-              "cblr_ext cpp backend: ", what, " of layer ", i, " must be a contiguous CPU fp32 tensor of ",
-              numel, " element(s)");
+// Per-layer state: the age fp32, κ̄ and the lag stash fp64 (functional.SCALAR_DTYPE).
+void check_scalar_state(const Tensor& t, at::ScalarType dtype, int64_t numel, const char* what, size_t i) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.numel() == numel && t.is_contiguous(),
+              "cblr_ext cpp backend: ", what, " of layer ", i, " must be a contiguous CPU ", c10::toString(dtype),
+              " tensor of ", numel, " element(s)");
 }
 
 void check_count(size_t got, size_t layers, const char* what, bool optional) {
@@ -168,7 +169,7 @@ LayerRef layer_inputs(at::TensorList params, at::TensorList grads, float g_unsca
                       const c10::List<bool>& adapt, const c10::List<bool>& lagged_valid, size_t i) {
   check_param(params[i], i);
   check_companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
-  check_scalar_state(ages[i], 1, "age", i);
+  check_scalar_state(ages[i], at::kFloat, 1, "age", i);
   LayerRef l;
   l.dtype = dtype_of(params[i]);
   l.n = params[i].numel();
@@ -257,8 +258,8 @@ Tensor layerwise_update_(
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
     LayerRef& l = layers[i] = layer_inputs(params, grads, g_unscale, ages, adapt, lagged_valid, i);
-    check_scalar_state(kappas[i], 1, "kappa", i);
-    l.kappa = kappas[i].data_ptr<float>();
+    check_scalar_state(kappas[i], at::kDouble, 1, "kappa", i);
+    l.kappa = kappas[i].data_ptr<double>();
     if (!momentum_buffers.empty()) {
       check_companion(params[i], momentum_buffers[i], state_dtype(params[i]), "momentum buffer", i);
       l.v = momentum_buffers[i].data_ptr();
@@ -268,8 +269,8 @@ Tensor layerwise_update_(
       l.prev = prev_steps[i].data_ptr();
     }
     if (lag) {
-      check_scalar_state(lagged[i], 3, "lag stash", i);
-      l.lagged = lagged[i].data_ptr<float>();
+      check_scalar_state(lagged[i], at::kDouble, 3, "lag stash", i);
+      l.lagged = lagged[i].data_ptr<double>();
     }
     if (next_w2) l.next_w2 = next_w2 + i;
     l.shifted = optional_companion(saved, i, params[i], params[i].scalar_type(), "saved parameter", l.saved);
@@ -293,8 +294,8 @@ Tensor layerwise_update_(
       restores.add(params[i], layers[i].saved);
     }
   }
-  Tensor stats = at::empty({rows, cblr::cpu::STAT_COLUMNS}, at::kFloat);
-  cblr::cpu::apply_layers(cfg, layers, reduction, skip, lr.item<float>(), stats.data_ptr<float>());
+  Tensor stats = at::empty({rows, cblr::cpu::STAT_COLUMNS}, at::kDouble);
+  cblr::cpu::apply_layers(cfg, layers, reduction, skip, lr.item<float>(), stats.data_ptr<double>());
   restores.run();
   return stats;
 }

@@ -2,8 +2,9 @@
 // function by function, shared by the CPU kernels (csrc/cpu) and the CUDA kernels.
 //
 // Torch-free and header-only.  Every function is CBLR_HD (host and device under
-// nvcc).  Scalar rules run in fp32 with the hyperparameters rounded to fp32, as the
-// Python twin does when it combines fp32 tensors with Python floats.  Build with
+// nvcc).  The per-layer scalars (norms, κ, κ̄, r, α) are double, formed from double sums
+// of squares, with the hyperparameters as given (the Python twin's fp64 tensors combined
+// with Python floats): no norm or curvature of finite fp32 input overflows.  Build with
 // -ffp-contract=off (nvcc: --fmad=false) so that no multiply-add is fused: the MCLR
 // quotients must be bit-identical across backends.
 #pragma once
@@ -25,30 +26,41 @@ enum Rule : int { RULE_LARS = 0, RULE_MCLR = 1, RULE_CBLR = 2 };
 
 CBLR_HD float quiet_nan() { return __builtin_nanf(""); }
 
+CBLR_HD double quiet_nan_double() { return __builtin_nan(""); }
+
 CBLR_HD bool is_finite(float x) { return x - x == 0.0f; }  // false for ±inf and NaN
+CBLR_HD bool is_finite(double x) { return x - x == 0.0; }
 
 // LARS curvature (‖g‖ + β‖w‖ + ε) / ‖w‖.
-CBLR_HD float lars_kappa(float w_norm, float g_norm, float weight_decay, float eps) {
+CBLR_HD double lars_kappa(double w_norm, double g_norm, double weight_decay, double eps) {
   return (g_norm + w_norm * weight_decay + eps) / w_norm;
 }
 
 // MCLR curvature m + ε; NaN when the median is 0 or missing (NaN compares false).
-CBLR_HD float median_kappa(float median, float eps) {
-  return median > 0.0f ? median + eps : quiet_nan();
+CBLR_HD double median_kappa(float median, double eps) {
+  return median > 0.0f ? double(median) + eps : quiet_nan_double();
 }
 
 // CBLR curvature (‖d(w) − d(w+s)‖ + ε) / ‖s‖; NaN when either norm is 0.
-CBLR_HD float secant_kappa(float diff_norm, float step_norm, float eps) {
-  return (diff_norm > 0.0f && step_norm > 0.0f) ? (diff_norm + eps) / step_norm : quiet_nan();
+CBLR_HD double secant_kappa(double diff_norm, double step_norm, double eps) {
+  return (diff_norm > 0.0 && step_norm > 0.0) ? (diff_norm + eps) / step_norm : quiet_nan_double();
 }
 
-// ‖x‖ as fp32 from Σx² (double): the square root in double, rounded once.
-CBLR_HD float norm_from_sum(double sum_sq) { return float(sqrt(sum_sq)); }
+// x² as a term of Σx², in double: for a float x exact, and neither overflowing (|x| > 1.8e19
+// squares to inf in float) nor underflowing (|x| < 1e-19 to a subnormal or 0).
+CBLR_HD double square_in_double(float x) {
+  double v = x;
+  return v * v;
+}
+CBLR_HD double square_in_double(double x) { return x * x; }
+
+// ‖x‖ from Σx², both double (a float norm would overflow above 3.4e38).
+CBLR_HD double norm_from_sum(double sum_sq) { return sqrt(sum_sq); }
 
 // This step's κ by rule from a reduction's quantities: the norms (LARS), the median
 // (MCLR), the secant's Σ(Δd)² and Σs² (CBLR).
-CBLR_HD float reduction_kappa(Rule rule, float w_norm, float g_norm, double diff_sq, double step_sq,
-                              float median, float weight_decay, float eps) {
+CBLR_HD double reduction_kappa(Rule rule, double w_norm, double g_norm, double diff_sq, double step_sq,
+                               float median, double weight_decay, double eps) {
   if (rule == RULE_LARS) return lars_kappa(w_norm, g_norm, weight_decay, eps);
   if (rule == RULE_MCLR) return median_kappa(median, eps);
   return secant_kappa(norm_from_sum(diff_sq), norm_from_sum(step_sq), eps);
@@ -113,67 +125,62 @@ CBLR_HD float approx_median(float median) {
 CBLR_HD int64_t lower_median_rank(int64_t n) { return (n - 1) / 2; }
 
 // η_F·‖w‖ / (‖g‖ + β‖w‖ + ε), or 1 where that is undefined.
-CBLR_HD float fallback_ratio(float w_norm, float g_norm, float weight_decay, float eps,
-                             float fallback_trust) {
-  float r = fallback_trust * w_norm / (g_norm + w_norm * weight_decay + eps);
-  bool defined = w_norm > 0.0f && g_norm > 0.0f && is_finite(r) && r > 0.0f;
-  return defined ? r : 1.0f;
+CBLR_HD double fallback_ratio(double w_norm, double g_norm, double weight_decay, double eps,
+                              double fallback_trust) {
+  double r = fallback_trust * w_norm / (g_norm + w_norm * weight_decay + eps);
+  bool defined = w_norm > 0.0 && g_norm > 0.0 && is_finite(r) && r > 0.0;
+  return defined ? r : 1.0;
 }
 
-// Group hyperparameters of the ratio rule, rounded to fp32 once.
+// Group hyperparameters of the ratio rule.
 struct RatioParams {
-  float trust_coefficient;
-  float curvature_ema;
-  float one_minus_ema;  // 1 − ρ computed in double, then rounded (as Python does)
+  double trust_coefficient;
+  double curvature_ema;
+  double one_minus_ema;  // 1 − ρ (as Python forms it)
   bool has_max_ratio;
-  float max_ratio;
-  float weight_decay;
-  float eps;
-  float fallback_trust;
+  double max_ratio;
+  double weight_decay;
+  double eps;
+  double fallback_trust;
 };
 
 CBLR_HD RatioParams make_ratio_params(double trust_coefficient, double curvature_ema,
                                       bool has_max_ratio, double max_ratio, double weight_decay,
                                       double eps, double fallback_trust) {
-  RatioParams p;
-  p.trust_coefficient = float(trust_coefficient);
-  p.curvature_ema = float(curvature_ema);
-  p.one_minus_ema = float(1.0 - curvature_ema);
-  p.has_max_ratio = has_max_ratio;
-  p.max_ratio = float(max_ratio);
-  p.weight_decay = float(weight_decay);
-  p.eps = float(eps);
-  p.fallback_trust = float(fallback_trust);
-  return p;
+  return RatioParams{trust_coefficient, curvature_ema, 1.0 - curvature_ema, has_max_ratio,
+                     max_ratio, weight_decay, eps, fallback_trust};
 }
 
 struct LayerRatio {
-  float ratio;     // r (1 for layers not adapted)
-  float new_bar;   // κ̄ after this step
-  float used;      // κ̄ the rule used, NaN for the fallback and not-adapted layers
+  double ratio;    // r (1 for layers not adapted)
+  double new_bar;  // κ̄ after this step
+  double used;     // κ̄ the rule used, NaN for the fallback and not-adapted layers
   bool fallback;   // adapted, but the rule was undefined
 };
 
 // Ratio of one step from a (possibly missing) measurement κ and the running κ̄.
-CBLR_HD LayerRatio layer_ratio(float kappa, bool measured, float kappa_bar, float w_norm,
-                               float g_norm, bool adapt, const RatioParams& p) {
-  bool valid = measured && is_finite(kappa) && kappa > 0.0f && adapt;
-  float ema_value = kappa_bar * p.curvature_ema + kappa * p.one_minus_ema;
-  float new_bar = valid ? (kappa_bar != kappa_bar ? kappa : ema_value) : kappa_bar;
-  float rule_ratio = p.trust_coefficient / new_bar;
+CBLR_HD LayerRatio layer_ratio(double kappa, bool measured, double kappa_bar, double w_norm,
+                               double g_norm, bool adapt, const RatioParams& p) {
+  bool valid = measured && is_finite(kappa) && kappa > 0.0 && adapt;
+  double ema_value = kappa_bar * p.curvature_ema + kappa * p.one_minus_ema;
+  double new_bar = valid ? (kappa_bar != kappa_bar ? kappa : ema_value) : kappa_bar;
+  double rule_ratio = p.trust_coefficient / new_bar;
   // On a measuring step the fresh measurement decides; in between, κ̄ is reused.
   bool use_rule = (measured ? valid : is_finite(kappa_bar)) && adapt;
-  use_rule = use_rule && is_finite(rule_ratio) && rule_ratio > 0.0f;
-  float ratio = use_rule ? rule_ratio
-                         : fallback_ratio(w_norm, g_norm, p.weight_decay, p.eps, p.fallback_trust);
+  use_rule = use_rule && is_finite(rule_ratio) && rule_ratio > 0.0;
+  double ratio = use_rule ? rule_ratio
+                          : fallback_ratio(w_norm, g_norm, p.weight_decay, p.eps, p.fallback_trust);
   if (p.has_max_ratio && ratio > p.max_ratio) ratio = p.max_ratio;
   LayerRatio out;
-  out.ratio = adapt ? ratio : 1.0f;
+  out.ratio = adapt ? ratio : 1.0;
   out.new_bar = new_bar;
-  out.used = use_rule ? new_bar : quiet_nan();
+  out.used = use_rule ? new_bar : quiet_nan_double();
   out.fallback = adapt && !use_rule;
   return out;
 }
+
+// α = r·γ, rounded once (γ the fp32 learning rate), then to each layer's math type.
+CBLR_HD double layer_alpha(double ratio, float lr) { return ratio * double(lr); }
 
 // A layer re-measures when curvature_interval steps have passed since its last attempt.
 CBLR_HD bool measurement_due(float age, int64_t curvature_interval) {

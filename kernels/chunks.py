@@ -61,6 +61,14 @@ def round_to(x, DTYPE: tl.constexpr):
 
 
 @triton.jit
+def sum_of_squares(x, mask):
+    """Σx² over the lanes in ``mask``, the squares and their sum in fp64 (as
+    ``layer_math``: no square of an fp32 value overflows or underflows)."""
+    d = tl.where(mask, x.to(tl.float64), 0.0)
+    return tl.sum(d * d, axis=0)
+
+
+@triton.jit
 def sum_partials_kernel(partials, chunk_begin, rows, out, N_COLS: tl.constexpr,
                         COLS: tl.constexpr, BLOCK_C: tl.constexpr):
     """Stage two of a reduction: out[row] = Σ partials[c] over the layer's chunks,
@@ -71,7 +79,7 @@ def sum_partials_kernel(partials, chunk_begin, rows, out, N_COLS: tl.constexpr,
     row = tl.load(rows + j)
     lane = tl.arange(0, BLOCK_C)
     col = tl.arange(0, COLS)
-    acc = tl.zeros((BLOCK_C, COLS), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_C, COLS), dtype=tl.float64)
     for c0 in range(begin, end, BLOCK_C):
         c = c0 + lane
         mask = (c < end)[:, None] & (col < N_COLS)[None, :]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunks import chunk_span, lanes_if, tensor_ptr
+from .chunks import chunk_span, lanes_if, sum_of_squares, tensor_ptr
 from .closure import secant_difference
 
 # Partial columns written by ``chunk_stats_kernel`` (``.value`` on the host).
@@ -79,8 +79,8 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, me
     if STATS:
         out = partials + c * STAT_PARTIALS
         nonfinite = g_mask & ~(tl.abs(g) < float("inf"))
-        tl.store(out + P_W2, tl.sum(tl.where(w2_mask, w * w, 0.0), axis=0))
-        tl.store(out + P_G2, tl.sum(tl.where(g2_mask, g * g, 0.0), axis=0))
+        tl.store(out + P_W2, sum_of_squares(w, w2_mask))
+        tl.store(out + P_G2, sum_of_squares(g, g2_mask))
         if HIST:
             tl.store(out + P_H_NAN, tl.max(tl.where(selected & (key == NAN_KEY), 1.0, 0.0), axis=0))
         else:
@@ -92,8 +92,8 @@ def chunk_stats_kernel(chunks, ptrs, n_layers, partials, hist, prefix, modes, me
             nonfinite = nonfinite | (s_mask & ~(tl.abs(g_p) < float("inf")))
             s = tl.load(tensor_ptr(ptrs, ROLE_STEP, n_layers, row, tl.float32) + offs, mask=s_mask, other=0.0)
             diff = secant_difference(g, g_p, s, weight_decay)
-            tl.store(out + P_DIFF2, tl.sum(tl.where(s_mask, diff * diff, 0.0), axis=0))
-            tl.store(out + P_STEP2, tl.sum(s * s, axis=0))
+            tl.store(out + P_DIFF2, sum_of_squares(diff, s_mask))
+            tl.store(out + P_STEP2, sum_of_squares(s, s_mask))
         else:
             tl.store(out + P_DIFF2, 0.0)
             tl.store(out + P_STEP2, 0.0)

@@ -1,7 +1,7 @@
 """Pass 2: the per-element momentum update of every layer in one launch.
 
 d = g + β·w_t;  v ← μ·v + α·d;  s = v (μ·v + α·d with Nesterov, α·d without
-momentum);  w ← w_t − s.  fp32 math, w stored back rounded to its dtype.  w_t is
+momentum);  w ← w_t − s.  fp32 math, w stored back rounded to its dtype; sums of squares in fp64.  w_t is
 read from the W_T role (the probe's saved copy of a layer at w_t + s, else the
 parameter itself).  The step-wide skip flag is read on the device: a skipped step
 loads and stores nothing, but a layer at its probe point is put back to w_t (with
@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .chunks import chunk_span, lanes_if, round_to, tensor_ptr
+from .chunks import chunk_span, lanes_if, round_to, sum_of_squares, tensor_ptr
 from .reduce import NAN_KEY, count_bins, quotient_keys
 
 ROLE_W, ROLE_W_T, ROLE_G, ROLE_V, ROLE_S = (tl.constexpr(i) for i in range(5))
@@ -58,10 +58,10 @@ def momentum_update_kernel(chunks, ptrs, n_layers, partials, alpha, skip, hist, 
     if STORE_STEP:
         tl.store(tensor_ptr(ptrs, ROLE_S, n_layers, row, tl.float32) + offs, s, mask=mask)
     out = partials + c * UPDATE_PARTIALS
-    tl.store(out + U_S2, tl.sum(tl.where(mask, s * s, 0.0), axis=0))  # lanes not read: 0 even if α is not finite
+    tl.store(out + U_S2, sum_of_squares(s, mask))  # lanes not read: 0 even if α is not finite
     if INPUT_NORMS:
-        tl.store(out + U_W2, tl.sum(w * w, axis=0))
-        tl.store(out + U_G2, tl.sum(g * g, axis=0))
+        tl.store(out + U_W2, sum_of_squares(w, mask))
+        tl.store(out + U_G2, sum_of_squares(g, mask))
     else:
         tl.store(out + U_W2, 0.0)
         tl.store(out + U_G2, 0.0)
@@ -73,7 +73,6 @@ def momentum_update_kernel(chunks, ptrs, n_layers, partials, alpha, skip, hist, 
     else:
         tl.store(out + U_H_NAN, 0.0)
     if NEXT_W2:
-        stored = tl.where(mask, w_new.to(tl.float32), 0.0)
-        tl.store(out + U_NEXT_W2, tl.sum(stored * stored, axis=0))
+        tl.store(out + U_NEXT_W2, sum_of_squares(w_new.to(tl.float32), mask))
     else:
         tl.store(out + U_NEXT_W2, 0.0)

@@ -11,6 +11,7 @@ import torch
 
 import cblr_ext
 from cblr_ext import CBLR, LARS, MCLR, BackendUnavailable, backends
+from cblr_ext.functional import SCALAR_DTYPE
 from helpers import mlp, train
 
 RULES = [LARS, MCLR, CBLR]
@@ -156,7 +157,24 @@ def test_low_precision_state_stays_fp32_across_load():
     opt2.load_state_dict(sd)
     assert opt2.state[q]["momentum_buffer"].dtype == torch.float32
     assert torch.equal(opt2.state[q]["momentum_buffer"], opt.state[p]["momentum_buffer"])
-    assert opt2.state[q]["kappa"].dtype == torch.float32
+    assert opt2.state[q]["kappa"].dtype == SCALAR_DTYPE
+
+
+def test_an_fp32_kappa_of_an_older_checkpoint_loads_as_the_scalar_dtype():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    opt = LARS([p], lr=1.0, lag=1)
+    p.grad = torch.randn(4, 4)
+    opt.step()
+    sd = opt.state_dict()
+    for key in ("kappa", "lagged"):  # as checkpoints before the fp64 scalars held them
+        sd["state"][0][key] = sd["state"][0][key].float()
+    q = torch.nn.Parameter(p.detach().clone())
+    opt2 = LARS([q], lr=1.0, lag=1)
+    opt2.load_state_dict(sd)
+    assert opt2.state[q]["kappa"].dtype == opt2.state[q]["lagged"].dtype == SCALAR_DTYPE
+    q.grad = p.grad.clone()
+    opt2.step()  # the fused backends would reject fp32 scalars
+    assert torch.isfinite(q).all()
 
 
 # ---------------------------------------------------------------- bad input

@@ -387,7 +387,7 @@ def cblr_apply(params, grads, buffers, saved, skip):
     # Nothing measured (κ̄ is reused), no norms taken (the update takes them).
     reduction = F.Reduction(torch.zeros((n, F.SUM_COLUMNS), dtype=torch.float64), torch.zeros(n),
                             torch.zeros((n, F.FLAG_COLUMNS), dtype=torch.bool))
-    state = F.LayerState(kappas=[torch.tensor(2.0) for _ in params], ages=[torch.tensor(1.0) for _ in params],
+    state = F.LayerState(kappas=[torch.tensor(2.0, dtype=F.SCALAR_DTYPE) for _ in params], ages=[torch.tensor(1.0) for _ in params],
                          momentum_buffers=buffers)
     return F.layerwise_update_("cblr", params, grads, state, [True] * n, reduction, torch.tensor(skip), CBLR_HP,
                                saved=saved or None, backend="cpp")
@@ -414,7 +414,7 @@ def test_cblr_shift_secant_and_update_from_the_copy(dtype):
     assert all(torch.equal(a, b) for a, b in zip(shifted, expected))
     assert all(torch.equal(a, b) for a, b in zip(moved, expected_moved))
     norms = torch.stack([torch.stack([torch.linalg.vector_norm(w.to(state)), torch.linalg.vector_norm(g.to(state))])
-                         for w, g in zip(ws, gs)]).float()
+                         for w, g in zip(ws, gs)]).double()
     assert w_sq.dtype == torch.float64 and w_sq.shape == (len(ws),)
     torch.testing.assert_close(lm.norm_from_sum(w_sq), norms[:, 0], rtol=1e-5, atol=0)
 
@@ -470,10 +470,10 @@ def group_one_step_in(rule, lag, nesterov):
     grads[ZERO_GRAD].zero_()
     adapt = [w.ndim > 1 for w in weights]
     ages = [torch.tensor(math.inf if i % 2 == 0 else 1.0) for i in range(n)]
-    state = F.LayerState(kappas=[torch.tensor(math.nan if i % 3 == 0 else 1.5 + i) for i in range(n)], ages=ages,
+    state = F.LayerState(kappas=[torch.tensor(math.nan if i % 3 == 0 else 1.5 + i, dtype=F.SCALAR_DTYPE) for i in range(n)], ages=ages,
                          momentum_buffers=[torch.randn(w.shape, generator=gen) * 1e-2 for w in weights])
     if lag:
-        state.lagged = [torch.tensor([1.0 + i, 0.5, 2.0 + i]) for i in range(n)]
+        state.lagged = [torch.tensor([1.0 + i, 0.5, 2.0 + i], dtype=F.SCALAR_DTYPE) for i in range(n)]
         state.lagged_valid = [i % 2 == 1 for i in range(n)]
     probe = None
     if rule == "cblr":
@@ -550,7 +550,7 @@ def test_update_takes_missing_norms_and_rejects_a_missing_median():
 
     def step(rule, reduction):
         params = [w.clone()]
-        state = F.LayerState(kappas=[torch.tensor(0.5)], ages=[torch.tensor(math.inf)],
+        state = F.LayerState(kappas=[torch.tensor(0.5, dtype=F.SCALAR_DTYPE)], ages=[torch.tensor(math.inf)],
                              momentum_buffers=[torch.zeros_like(w)])
         try:
             stats = F.layerwise_update_(rule, params, [g], state, [True], reduction, torch.tensor(False), hp,
@@ -654,7 +654,7 @@ def test_opcheck_shift_and_probe_reduce():
     reduction = ops.layerwise_reduce(*mclr)
     buffers = [torch.zeros_like(w) for w in ws]
     torch.library.opcheck(ops.layerwise_update_, (
-        "mclr", ws, gs, buffers, [], [torch.tensor(2.0), torch.tensor(3.0)], ages, [], [False, False], [],
+        "mclr", ws, gs, buffers, [], [torch.tensor(2.0, dtype=F.SCALAR_DTYPE), torch.tensor(3.0, dtype=F.SCALAR_DTYPE)], ages, [], [False, False], [],
         [True, True], *reduction, torch.tensor(False), torch.tensor(0.5), torch.tensor(0.1), 0.9, False, 0.1, 1e-8, 1e-3, 0.0, None,
         1e-3, 1, False, False, workspace, None))
 

@@ -36,16 +36,15 @@ int main() {
       a[n++] = std::strtod(tok, nullptr);
     }
     if (!std::strcmp(fn, "lars_kappa")) {
-      std::printf("%a\n", lars_kappa(float(a[0]), float(a[1]), float(a[2]), float(a[3])));
+      std::printf("%a\n", lars_kappa(a[0], a[1], a[2], a[3]));
     } else if (!std::strcmp(fn, "median_kappa")) {
-      std::printf("%a\n", median_kappa(float(a[0]), float(a[1])));
+      std::printf("%a\n", median_kappa(float(a[0]), a[1]));
     } else if (!std::strcmp(fn, "secant_kappa")) {
-      std::printf("%a\n", secant_kappa(float(a[0]), float(a[1]), float(a[2])));
+      std::printf("%a\n", secant_kappa(a[0], a[1], a[2]));
     } else if (!std::strcmp(fn, "norm_from_sum")) {
       std::printf("%a\n", norm_from_sum(a[0]));
     } else if (!std::strcmp(fn, "reduction_kappa")) {
-      std::printf("%a\n", reduction_kappa(Rule(int(a[0])), float(a[1]), float(a[2]), a[3], a[4], float(a[5]),
-                                          float(a[6]), float(a[7])));
+      std::printf("%a\n", reduction_kappa(Rule(int(a[0])), a[1], a[2], a[3], a[4], float(a[5]), a[6], a[7]));
     } else if (!std::strcmp(fn, "decayed_grad_f32")) {
       std::printf("%a\n", decayed_grad(float(a[0]), float(a[1]), float(a[2])));
     } else if (!std::strcmp(fn, "decayed_grad_f64")) {
@@ -55,11 +54,15 @@ int main() {
     } else if (!std::strcmp(fn, "approx_median")) {
       std::printf("%a\n", approx_median(float(a[0])));
     } else if (!std::strcmp(fn, "fallback_ratio")) {
-      std::printf("%a\n", fallback_ratio(float(a[0]), float(a[1]), float(a[2]), float(a[3]), float(a[4])));
+      std::printf("%a\n", fallback_ratio(a[0], a[1], a[2], a[3], a[4]));
     } else if (!std::strcmp(fn, "layer_ratio")) {
       RatioParams p = make_ratio_params(a[6], a[7], a[8] != 0, a[9], a[10], a[11], a[12]);
-      LayerRatio r = layer_ratio(float(a[0]), a[1] != 0, float(a[2]), float(a[3]), float(a[4]), a[5] != 0, p);
+      LayerRatio r = layer_ratio(a[0], a[1] != 0, a[2], a[3], a[4], a[5] != 0, p);
       std::printf("%a %a %a %d\n", r.ratio, r.new_bar, r.used, int(r.fallback));
+    } else if (!std::strcmp(fn, "layer_alpha")) {
+      std::printf("%a\n", layer_alpha(a[0], float(a[1])));
+    } else if (!std::strcmp(fn, "square_in_double_f32")) {
+      std::printf("%a\n", square_in_double(float(a[0])));
     } else if (!std::strcmp(fn, "measurement_due")) {
       std::printf("%d\n", int(measurement_due(float(a[0]), (long long)a[1])));
     } else if (!std::strcmp(fn, "next_age")) {
@@ -98,12 +101,17 @@ def f32(x):
     return torch.tensor(x, dtype=torch.float32)
 
 
+def f64(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
 def same(a, b):
-    """Bit-level equality of two floats as fp32 values (any NaN equals any NaN)."""
+    """Bit-level equality of two values as doubles (any NaN equals any NaN): fp32 results
+    print exactly as doubles, so this is bit equality for them too."""
     a, b = float(a), float(b)
     if math.isnan(a) or math.isnan(b):
         return math.isnan(a) and math.isnan(b)
-    return f32(a).view(torch.int32).item() == f32(b).view(torch.int32).item()
+    return f64(a).view(torch.int64).item() == f64(b).view(torch.int64).item()
 
 
 def check(probe, fn, cases, expected):
@@ -115,25 +123,28 @@ def check(probe, fn, cases, expected):
 
 def test_scalar_rules(probe):
     lars = [(2.0, 3.0, 1e-4, 1e-8), (0.0, 1.0, 0.0, 0.0), (1e-30, 1e30, 0.1, 1e-8), (3.5, 0.0, 5e-4, 1e-8)]
-    check(probe, "lars_kappa", lars, [lm.lars_kappa(f32(w), f32(g), wd, e) for w, g, wd, e in lars])
+    check(probe, "lars_kappa", lars, [lm.lars_kappa(f64(w), f64(g), wd, e) for w, g, wd, e in lars])
     med = [(0.5, 1e-8), (0.0, 1e-8), (NAN, 1e-8), (INF, 1e-8), (1e-40, 0.0)]
     check(probe, "median_kappa", med, [lm.median_kappa(f32(m), e) for m, e in med])
-    sec = [(0.3, 0.7, 1e-8), (0.0, 0.7, 1e-8), (0.3, 0.0, 1e-8), (NAN, NAN, 1e-8), (1e-20, 1e20, 0.0)]
-    check(probe, "secant_kappa", sec, [lm.secant_kappa(f32(d), f32(s), e) for d, s, e in sec])
+    sec = [(0.3, 0.7, 1e-8), (0.0, 0.7, 1e-8), (0.3, 0.0, 1e-8), (NAN, NAN, 1e-8), (1e-20, 1e20, 0.0),
+           (1e200, 1e-200, 0.0)]
+    check(probe, "secant_kappa", sec, [lm.secant_kappa(f64(d), f64(s), e) for d, s, e in sec])
     fb = [(2.0, 3.0, 1e-4, 1e-8, 1e-3), (0.0, 3.0, 0.0, 1e-8, 1e-3), (2.0, 0.0, 0.0, 0.0, 1e-3),
-          (INF, 1.0, 0.0, 1e-8, 1e-3), (1e-30, 1e30, 0.0, 0.0, 1e-3), (2.0, NAN, 0.0, 1e-8, 1e-3)]
-    check(probe, "fallback_ratio", fb, [lm.fallback_ratio(f32(w), f32(g), wd, e, t) for w, g, wd, e, t in fb])
-
-
-def f64(x):
-    return torch.tensor(x, dtype=torch.float64)
+          (INF, 1.0, 0.0, 1e-8, 1e-3), (1e-30, 1e30, 0.0, 0.0, 1e-3), (2.0, NAN, 0.0, 1e-8, 1e-3),
+          (8.0, 8e38, 0.0, 1e-8, 1e-3)]  # ‖g‖ beyond fp32: r = 1e-41, not the undefined case
+    check(probe, "fallback_ratio", fb, [lm.fallback_ratio(f64(w), f64(g), wd, e, t) for w, g, wd, e, t in fb])
+    alpha = [(1e-41, 10.0), (0.37, 0.1), (1.0, 3.0e38), (NAN, 1.0)]
+    check(probe, "layer_alpha", alpha, [lm.layer_alpha(f64(r), f32(lr)) for r, lr in alpha])
+    squares = [3.0, 1e20, 1e-30, 3.4e38, 1e-45, 0.0, INF]  # exact in fp64; fp32 would overflow or underflow
+    check(probe, "square_in_double_f32", [(x,) for x in squares],
+          [f32(x).double().square() for x in squares])
 
 
 RULE_IDS = {"lars": 0, "mclr": 1, "cblr": 2}  # cblr::Rule
 
 
 def test_reduction_to_kappa(probe):
-    """Σx² (fp64) to fp32 norms, and κ by rule from a reduction's quantities."""
+    """Σx² (fp64) to norms (fp64), and κ by rule from a reduction's quantities."""
     # Sums whose square root rounds differently via fp32, huge, subnormal and non-finite ones.
     sums = [4.0, 2.0, 1e-300, 1e300, 3.4e38**2 * 4, 5e-324, 0.0, INF, NAN, 0.1 + 2**-50]
     check(probe, "norm_from_sum", [(x,) for x in sums], [lm.norm_from_sum(f64(x)) for x in sums])
@@ -146,7 +157,7 @@ def test_reduction_to_kappa(probe):
         (1e-30, 1e30, 2.0, 3.0, 1e-40, 0.1, 1e-8),
     ]
     for rule, rule_id in RULE_IDS.items():
-        expected = [lm.reduction_kappa(rule, f32(w), f32(g), f64(d2), f64(s2), f32(m), wd, e)
+        expected = [lm.reduction_kappa(rule, f64(w), f64(g), f64(d2), f64(s2), f32(m), wd, e)
                     for w, g, d2, s2, m, wd, e in cases]
         check(probe, "reduction_kappa", [(rule_id,) + c for c in cases], expected)
 
@@ -188,7 +199,7 @@ def test_layer_ratio(probe):
     expected = []
     for kappa, measured, bar, w, g, adapt, tc, ema, has_max, mx, wd, eps, ft in LAYER_RATIO_CASES:
         r, new_bar, used, fallback = lm.layer_ratio(
-            f32(kappa), torch.tensor(bool(measured)), f32(bar), f32(w), f32(g), torch.tensor(bool(adapt)),
+            f64(kappa), torch.tensor(bool(measured)), f64(bar), f64(w), f64(g), torch.tensor(bool(adapt)),
             trust_coefficient=tc, curvature_ema=ema, max_ratio=mx if has_max else None, weight_decay=wd,
             eps=eps, fallback_trust=ft)
         expected.append([r, new_bar, used, float(fallback)])
@@ -209,7 +220,7 @@ def test_momentum_update(probe, has_momentum, nesterov):
     for w, d, v, alpha, mu in cases:
         wt, vt = f32([w]), f32([v]) if has_momentum else None
         s = lm.momentum_update(wt, f32([d]), vt, f32(alpha), mu, nesterov)
-        expected.append([wt[0], vt[0] if has_momentum else v, s[0]])
+        expected.append([wt[0], vt[0] if has_momentum else f32(v), s[0]])
     check(probe, "momentum_update", [c + (float(has_momentum), float(nesterov)) for c in cases], expected)
 
 
@@ -223,12 +234,13 @@ def test_header_compiles_as_cuda(tmp_path):
         "__global__ void use_every_function(float* out, const float* in) {\n"
         "  float x = in[threadIdx.x], w = x, v = 0.f;\n"
         "  cblr::RatioParams p = cblr::make_ratio_params(1.0, 0.5, true, 10.0, 1e-4, 1e-8, 1e-3);\n"
-        "  cblr::LayerRatio r = cblr::layer_ratio(x, true, cblr::quiet_nan(), 1.f, 2.f, true, p);\n"
+        "  cblr::LayerRatio r = cblr::layer_ratio(x, true, cblr::quiet_nan_double(), 1.0, 2.0, true, p);\n"
         "  float s = cblr::momentum_update(w, cblr::decayed_grad(x, w, 1e-4f), v, 0.1f, 0.9f, true, true);\n"
         "  out[threadIdx.x] = r.ratio + r.used + cblr::approx_median(x) + cblr::median_kappa(x, 1e-8f)\n"
         "      + cblr::lars_kappa(1.f, x, 0.f, 0.f) + cblr::secant_kappa(x, 2.f, 0.f)\n"
         "      + cblr::fallback_ratio(x, 1.f, 0.f, 0.f, 1e-3f) + cblr::curvature_quotient(x, 2.f) + s\n"
-        "      + cblr::next_age(x, cblr::measurement_due(x, 2)) + cblr::norm_from_sum(double(x))\n"
+        "      + cblr::next_age(x, cblr::measurement_due(x, 2)) + cblr::norm_from_sum(cblr::square_in_double(x))\n"
+        "      + cblr::layer_alpha(r.ratio, x)\n"
         "      + cblr::reduction_kappa(cblr::RULE_CBLR, 1.f, x, 2.0, double(x), x, 0.f, 1e-8f);\n"
         "}\n")
     subprocess.run([nvcc, "-x", "cu", "-c", "--fmad=false", f"-I{CSRC}", str(src), "-o", str(tmp_path / "k.o")],

@@ -57,8 +57,8 @@ def update_args(rule, gen, lag=False, momentum=0.9):
     sums, median, flags = ops.OPS.layerwise_reduce(*reduce_args(rule, torch.Generator().manual_seed(9),
                                                                 probe=rule == "cblr"))
     buffers = [torch.zeros_like(w) for w in ws] if momentum else []
-    lagged = [torch.tensor([1.0, 2.0, 3.0]), torch.zeros(3)] if lag else []
-    return (rule, ws, gs, buffers, [], [torch.tensor(0.5), torch.tensor(0.25)], ages, lagged, [lag, False],
+    lagged = [torch.tensor([1.0, 2.0, 3.0], dtype=F.SCALAR_DTYPE), torch.zeros(3, dtype=F.SCALAR_DTYPE)] if lag else []
+    return (rule, ws, gs, buffers, [], [torch.tensor(0.5, dtype=F.SCALAR_DTYPE), torch.tensor(0.25, dtype=F.SCALAR_DTYPE)], ages, lagged, [lag, False],
             [], [True, True], sums, median, flags, torch.tensor(False), GRAD_SCALE, torch.tensor(0.1), momentum, False,
             1e-3, 1e-8, 1e-3, 0.0, None, 1e-3, 1, lag, False, F.empty_workspace("cpu"), None)
 

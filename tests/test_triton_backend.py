@@ -321,7 +321,7 @@ def test_a_layer_over_many_chunks_reduces_deterministically(small_chunks):
 @interpreted
 @pytest.mark.parametrize("rule", RULES)
 def test_reduction_matches_the_reference_where_taken(small_chunks, rule):
-    """Sums (fp64, from fp32 partials) to 1e-6, flags equal; the median where the triton
+    """Sums (fp64) to 1e-6, flags equal; the median where the triton
     pass took it (the layers that measure), 0 elsewhere (not taken)."""
     params = [p.detach() for p in make_params(layer_shapes())]
     grads = [g.detach() for g in make_params(layer_shapes(), seed=1)]
@@ -435,10 +435,10 @@ def layer_inputs(rule, lag, seed=0):
     params = [torch.randn(s, generator=gen) for s in shapes]
     grads = [torch.randn(s, generator=gen) for s in shapes]
     state = dict(
-        kappas=[torch.tensor(v) for v in (0.8, float("nan"), 1.5, float("nan"))],
+        kappas=[torch.tensor(v, dtype=F.SCALAR_DTYPE) for v in (0.8, float("nan"), 1.5, float("nan"))],
         ages=[torch.tensor(v) for v in (float("inf"), 1.0, 2.0, 3.0)],
         momentum_buffers=[torch.randn(s, generator=gen) * 0.1 for s in shapes],
-        lagged=[torch.tensor([4.0, 5.0, 1.2]) + i for i in range(4)] if lag else [],
+        lagged=[torch.tensor([4.0, 5.0, 1.2], dtype=F.SCALAR_DTYPE) + i for i in range(4)] if lag else [],
         lagged_valid=[lag, lag, False, lag])
     probe = {}
     if rule == "cblr":
@@ -813,18 +813,18 @@ COMPILE_SCRIPT = textwrap.dedent("""
                        target=GPUTarget("cuda", 90, 32), options=dict(enable_fp_fusion=False))
     head = dict(chunks=P, ptrs=P, n_layers="i32")
     for dt in (tl.float32, tl.bfloat16):
-        build(reduce.chunk_stats_kernel, dict(head, partials="*fp32", hist="*i32", prefix="*i32", modes="*u8",
+        build(reduce.chunk_stats_kernel, dict(head, partials="*fp64", hist="*i32", prefix="*i32", modes="*u8",
               measure="*u8", weight_decay="fp32", unscale="*fp32"), dict(DTYPE=dt, STATS=True, SECANT=True, HIST=True,
               FILTER=True, SHIFT=10, BITS=10, BLOCK=4096))
-        build(update.momentum_update_kernel, dict(head, partials="*fp32", alpha="*fp32", skip="*u8",
+        build(update.momentum_update_kernel, dict(head, partials="*fp64", alpha="*fp32", skip="*u8",
               hist="*i32", weight_decay="fp32", momentum="fp32", unscale="*fp32"), dict(DTYPE=dt, MOMENTUM=True,
               NESTEROV=True, STORE_STEP=True, FROM_SAVED=True, INPUT_NORMS=True, INPUT_HIST=True,
               NEXT_W2=True, SHIFT=16, BITS=15, BLOCK=4096))
         build(closure.copy_kernel, head, dict(DTYPE=dt, BLOCK=4096))
-        build(closure.shift_kernel, dict(head, partials="*fp32"), dict(DTYPE=dt, BLOCK=4096))
+        build(closure.shift_kernel, dict(head, partials="*fp64"), dict(DTYPE=dt, BLOCK=4096))
     build(median.radix_select_kernel, dict(hist="*i32", prefix="*i32", rank="*i32", count="*i32"),
           dict(SHIFT=20, BITS=11, FIRST=True))
-    build(chunks.sum_partials_kernel, dict(partials="*fp32", chunk_begin=P, rows=P, out="*fp32"),
+    build(chunks.sum_partials_kernel, dict(partials="*fp64", chunk_begin=P, rows=P, out="*fp64"),
           dict(N_COLS=3, COLS=4, BLOCK_C=64))
 """)
 

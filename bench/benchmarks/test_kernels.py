@@ -52,7 +52,7 @@ def test_update_pass(benchmark, backend, tensors):
     g = _group("lars", backend, tensors)
     red = _reduce(g)
     device = g["params"][0].device
-    state = F.LayerState(kappas=[torch.full((), math.nan, device=device) for _ in g["params"]], ages=g["ages"],
+    state = F.LayerState(kappas=[torch.full((), math.nan, dtype=F.SCALAR_DTYPE, device=device) for _ in g["params"]], ages=g["ages"],
                          momentum_buffers=[torch.zeros_like(p) for p in g["params"]])
     found_inf = torch.zeros((), dtype=torch.bool, device=device)
     stats = benchmark(F.layerwise_update_, g["rule"], g["params"], g["grads"], state, g["adapt"], red, found_inf,

@@ -117,7 +117,7 @@ def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads
 
 
 def _current_inputs(rule, sums, median, flags, ws, gs, weight_decay, eps, approx_median) -> Tensor:
-    """(‖w‖, ‖g‖, κ) [L, 3] of the current inputs: from the reduction, completed from w and
+    """(‖w‖, ‖g‖, κ) [L, 3] fp64 of the current inputs: from the reduction, completed from w and
     g where it left something out (a fused backend's pass 1 reads only what it needs;
     which it left out is on the device, so both are formed and the flags select)."""
     w2 = torch.where(flags[:, FLAG_NORMS], sums[:, SUM_W2], _sums(ws))
@@ -127,7 +127,7 @@ def _current_inputs(rule, sums, median, flags, ws, gs, weight_decay, eps, approx
     w_norm, g_norm = lm.norm_from_sum(w2), lm.norm_from_sum(g2)
     kappa = lm.reduction_kappa(rule, w_norm, g_norm, sums[:, SUM_DIFF2], sums[:, SUM_STEP2], median, weight_decay,
                                eps)
-    return torch.stack([w_norm, g_norm, kappa.float()], dim=1)
+    return torch.stack([w_norm, g_norm, kappa], dim=1)
 
 
 def _momentum_update(ws: list, ds: list, vs: list, alphas: list, momentum: float, nesterov: bool):
@@ -169,10 +169,11 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
         kappa, measured, kappa_bar, w_norm, g_norm, _host_flags(adapt, device),
         trust_coefficient=trust_coefficient, curvature_ema=curvature_ema, max_ratio=max_ratio,
         weight_decay=weight_decay, eps=eps, fallback_trust=fallback_trust)
-    alpha = ratio * lr
+    alpha = lm.layer_alpha(ratio, lr)
     skip = found_inf.to(torch.bool).reshape(())
     new_ws, new_vs, steps = _momentum_update(ws, _decayed(gs, ws, weight_decay), momentum_buffers,
-                                             list(alpha.unbind()), momentum, nesterov)
+                                             [a.to(w.dtype) for a, w in zip(alpha.unbind(), ws)], momentum,
+                                             nesterov)
     _write(params, skip, ws, new_ws)  # a skipped step restores a probe's w_t, writes w_t itself elsewhere
     _write(momentum_buffers, skip, momentum_buffers, new_vs)
     _write(prev_steps, skip, prev_steps, steps)
@@ -181,7 +182,7 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
     if lag:
         _write(lagged, skip, lagged, list(current.unbind()))
     step_norm = torch.where(skip, 0.0, lm.norm_from_sum(_sums(steps)))
-    return torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()], dim=1)
+    return torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.double()], dim=1)
 
 
 def probe_shift_(params, steps, saved, displacements):

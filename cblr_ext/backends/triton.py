@@ -31,8 +31,8 @@ import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import (FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, STAT_COLUMNS, SUM_COLUMNS,
-                          SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2)
+from ..functional import (FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SCALAR_DTYPE, STAT_COLUMNS,
+                          SUM_COLUMNS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2)
 
 name = "triton"
 
@@ -105,11 +105,11 @@ def _check_lengths(n: int, optional: dict, required: dict) -> None:
                              "parameter, or none)")
 
 
-def _check_small(tensors: list, what: str, numel: int, device) -> None:
-    """Per-layer fp32 state (κ̄, age: one element; the lag stash: three)."""
+def _check_small(tensors: list, what: str, numel: int, device, dtype: torch.dtype) -> None:
+    """Per-layer state (κ̄: one SCALAR_DTYPE element; age: one fp32; the lag stash: three SCALAR_DTYPE)."""
     for i, t in enumerate(tensors):
-        if t.dtype != torch.float32 or t.numel() != numel or t.device != device:
-            raise ValueError(f"triton backend: {what} {i} must be a float32 tensor of {numel} element(s) on "
+        if t.dtype != dtype or t.numel() != numel or t.device != device:
+            raise ValueError(f"triton backend: {what} {i} must be a {dtype} tensor of {numel} element(s) on "
                              f"{device}, got {t.dtype} {tuple(t.shape)} on {t.device}")
 
 
@@ -158,12 +158,12 @@ def _launch(kernel, plan, *args, **constexprs):
 
 
 def _layer_sums(kernel, plans: list, n: int, columns: int, device, *args, **constexprs) -> Tensor:
-    """[n, columns] fp32: the per-chunk partials of ``kernel`` summed per layer in a fixed
+    """[n, columns] fp64: the per-chunk partials of ``kernel`` summed per layer in a fixed
     order (rows of layers without elements stay 0)."""
     from ..kernels.chunks import sum_per_layer
-    sums = torch.zeros((n, columns), dtype=torch.float32, device=device)
+    sums = torch.zeros((n, columns), dtype=torch.float64, device=device)
     for plan in plans:
-        partials = torch.empty((plan.n_chunks, columns), dtype=torch.float32, device=device)
+        partials = torch.empty((plan.n_chunks, columns), dtype=torch.float64, device=device)
         _launch(kernel, plan, args[0], n, partials, *args[1:], **constexprs)
         sum_per_layer(plan, partials, sums)
     return sums
@@ -220,7 +220,8 @@ def _median_value(prefix: Tensor, count: Tensor, h_nan: Tensor, measure: Tensor)
     """The selected bits as fp32; NaN for no quotient or a NaN one (as ``torch.median``),
     0 for a layer not ``measure``d (not taken)."""
     missing = (count == 0) | (h_nan > 0)
-    value = torch.where(missing, torch.full_like(h_nan, float("nan")), prefix.view(torch.float32))
+    value = prefix.view(torch.float32)
+    value = torch.where(missing, torch.full_like(value, float("nan")), value)
     return torch.where(measure != 0, value, torch.zeros_like(value))
 
 
@@ -286,7 +287,7 @@ def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads
     if w_sq is not None:
         _check_shape(w_sq.reshape(-1), "w_sq", (n,), torch.float64, device)
     if rule != "cblr":
-        _check_small(ages, "age", 1, device)
+        _check_small(ages, "age", 1, device, torch.float32)
     with _on_device(params):
         return _reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, probed, w_sq,
                        w_sq_known, _unscale(grad_scale, device), weight_decay, curvature_interval, bool(lag), bool(approx_median),
@@ -336,17 +337,16 @@ def _reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_s
                                  _vector(modes_host, device, torch.uint8), measure, schedule, weight_decay, secant,
                                  unscale)
     else:  # lag=1, every layer stashed, no non-finite check: pass 1 reads nothing
-        part = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float32, device=device)
+        part = torch.zeros((n, kr.STAT_PARTIALS.value), dtype=torch.float64, device=device)
         median = None
     if median is None:  # not taken: 0
         median = torch.zeros((n,), dtype=torch.float32, device=device)
 
-    part64 = part.double()
-    w2 = part64[:, kr.P_W2.value]
+    w2 = part[:, kr.P_W2.value]
     if any(known):
         w2 = torch.where(_vector(known, device, torch.bool), w_sq.reshape(n).to(torch.float64), w2)
-    columns = {SUM_W2: w2, SUM_G2: part64[:, kr.P_G2.value], SUM_DIFF2: part64[:, kr.P_DIFF2.value],
-               SUM_STEP2: part64[:, kr.P_STEP2.value]}
+    columns = {SUM_W2: w2, SUM_G2: part[:, kr.P_G2.value], SUM_DIFF2: part[:, kr.P_DIFF2.value],
+               SUM_STEP2: part[:, kr.P_STEP2.value]}
     sums = torch.stack([columns[c] for c in range(SUM_COLUMNS)], dim=1)
     norms_flag = _vector([not s for s in stashed], device, torch.bool)
     nonfinite = part[:, kr.P_NONFINITE.value] > 0
@@ -370,7 +370,7 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
     n = len(params)
     device = params[0].device if params else torch.device("cpu")
     if n == 0:
-        return torch.zeros((0, STAT_COLUMNS), dtype=torch.float32, device=device)
+        return torch.zeros((0, STAT_COLUMNS), dtype=SCALAR_DTYPE, device=device)
     _check(params, "parameter")
     _check_lengths(n, dict(momentum_buffers=momentum_buffers, prev_steps=prev_steps, lagged=lagged, saved=saved),
                    dict(gradients=grads, kappas=kappas, ages=ages, lagged_valid=lagged_valid, adapt=adapt))
@@ -380,10 +380,10 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
     _check_fp32_like(momentum_buffers, params, "momentum buffer")
     _check_fp32_like(prev_steps, params, "previous step")
     _check(saved, "saved parameter", like=params)
-    _check_small(kappas, "kappa", 1, device)
-    _check_small(ages, "age", 1, device)
+    _check_small(kappas, "kappa", 1, device, SCALAR_DTYPE)
+    _check_small(ages, "age", 1, device, torch.float32)
     if lag:
-        _check_small(lagged, "lag stash", 3, device)
+        _check_small(lagged, "lag stash", 3, device, SCALAR_DTYPE)
     _check_shape(sums, "the reduction's sums", (n, SUM_COLUMNS), torch.float64, device)
     _check_shape(median, "the reduction's median", (n,), torch.float32, device)
     _check_shape(flags, "the reduction's flags", (n, FLAG_COLUMNS), torch.bool, device)
@@ -427,8 +427,8 @@ def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lag
         modes = need_norms.to(torch.uint8) * (kr.MODE_W2.value | kr.MODE_G2.value)
         part, pre_median = _pass_one(pointer_table([w_t, grads]), plans, n, device, modes, measure, schedule,
                                      weight_decay, secant=False, unscale=unscale)
-        w2 = torch.where(norms_known, w2, part[:, kr.P_W2.value].double())
-        g2 = torch.where(norms_known, g2, part[:, kr.P_G2.value].double())
+        w2 = torch.where(norms_known, w2, part[:, kr.P_W2.value])
+        g2 = torch.where(norms_known, g2, part[:, kr.P_G2.value])
         norms_known = norms_known | need_norms
         if rule == "mclr":
             m = torch.where(median_known, m, pre_median)
@@ -439,7 +439,7 @@ def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lag
         w_norm, g_norm = lm.norm_from_sum(w2), lm.norm_from_sum(g2)
         kappa = lm.reduction_kappa(rule, w_norm, g_norm, sums[:, SUM_DIFF2], sums[:, SUM_STEP2], m, weight_decay,
                                    eps)
-        return torch.stack([w_norm, g_norm, kappa.float()], dim=1)
+        return torch.stack([w_norm, g_norm, kappa], dim=1)
 
     current = inputs(w2, g2, m)
     # lag=1: the ratio uses ‖w‖, ‖g‖ and κ of the previous step's inputs.
@@ -451,7 +451,7 @@ def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lag
         kappa, measured, kappa_bar, w_norm, g_norm, _vector(adapt, device, torch.bool),
         trust_coefficient=trust_coefficient, curvature_ema=curvature_ema, max_ratio=max_ratio,
         weight_decay=weight_decay, eps=eps, fallback_trust=fallback_trust)
-    alpha = ratio * lr.to(device=device, dtype=torch.float32).reshape(())
+    alpha = lm.layer_alpha(ratio, lr.to(device=device, dtype=torch.float32).reshape(()))
 
     skip = found_inf.to(device=device, dtype=torch.bool).reshape(())
     median_in_update = one_pass and any(stashed)
@@ -463,19 +463,19 @@ def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lag
     # a skipped step, which the host does not know of without a sync).
     torch.autograd.graph.increment_version(written)
     ptrs = pointer_table([params, w_t, grads, momentum_buffers or [None] * n, prev_steps or [None] * n])
-    part = _layer_sums(ku.momentum_update_kernel, plans, n, ku.UPDATE_PARTIALS.value, device, ptrs, alpha,
+    part = _layer_sums(ku.momentum_update_kernel, plans, n, ku.UPDATE_PARTIALS.value, device, ptrs, alpha.float(),
                        skip.to(torch.uint8), hist, weight_decay, momentum, unscale, MOMENTUM=momentum_on, NESTEROV=nesterov,
                        STORE_STEP=store_step, FROM_SAVED=any(w is not p for w, p in zip(w_t, params)),
                        INPUT_NORMS=any(stashed), INPUT_HIST=median_in_update, NEXT_W2=next_w_sq is not None,
                        SHIFT=shift, BITS=bits)
-    step_norm = lm.norm_from_sum(part[:, ku.U_S2.value].double())  # 0 on a skipped step: nothing was read
+    step_norm = lm.norm_from_sum(part[:, ku.U_S2.value])  # 0 on a skipped step: nothing was read
 
     torch._foreach_copy_(kappas, list(torch.where(skip, kappa_bar, new_bar).unbind()))
     torch._foreach_copy_(ages, list(torch.where(skip, age, lm.next_age(age, measured)).unbind()))
     if lag:
         # The stash: this step's inputs, as the reduction had them or as the update pass read them.
-        w2 = torch.where(norms_known, w2, part[:, ku.U_W2.value].double())
-        g2 = torch.where(norms_known, g2, part[:, ku.U_G2.value].double())
+        w2 = torch.where(norms_known, w2, part[:, ku.U_W2.value])
+        g2 = torch.where(norms_known, g2, part[:, ku.U_G2.value])
         if median_in_update:
             prefix, rank, count = _selection_state(n, device)
             _select(hist, prefix, rank, count, shift, bits, first=True)
@@ -483,8 +483,8 @@ def _update(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lag
             m = torch.where(median_known, m, in_update)
         torch._foreach_copy_(lagged, list(torch.where(skip, stash, inputs(w2, g2, m)).unbind()))
     if next_w_sq is not None:
-        next_w_sq.copy_(torch.where(skip, next_w_sq, part[:, ku.U_NEXT_W2.value].double()))
-    return torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.float()], dim=1)
+        next_w_sq.copy_(torch.where(skip, next_w_sq, part[:, ku.U_NEXT_W2.value]))
+    return torch.stack([w_norm, g_norm, step_norm, used, ratio, alpha, fallback.double()], dim=1)
 
 
 def _stack_rows(lagged: list) -> Tensor:
@@ -526,7 +526,7 @@ def probe_shift_(params, steps, saved, displacements):
         torch.autograd.graph.increment_version(list(saved) + list(params) + list(displacements))
         w_sq = _layer_sums(kc.shift_kernel, chunk_plans(params, CHUNK), n, 1, device,
                            pointer_table([params, steps, saved, displacements]))
-        return w_sq[:, 0].double()
+        return w_sq[:, 0]
 
 
 def probe_restore_(params, saved):

@@ -51,7 +51,7 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, c
 }
 
 void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionIn& reduction,
-                  bool skip, float lr, float* stats) {
+                  bool skip, float lr, double* stats) {
   kernels().apply(cfg, layers, reduction, skip, lr, stats);
 }
 

@@ -73,7 +73,7 @@ void reduce_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, c
 // probe) is updated from w_t in LayerRef::saved; when skip, the caller restores it
 // (copy_layers).
 void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionIn& reduction,
-                  bool skip, float lr, float* stats);
+                  bool skip, float lr, double* stats);
 
 // CBLR closure protocol.  Pointers are to n dense elements; parameters in the storage
 // type, steps s_{t−1} and displacements in the math type.

@@ -71,9 +71,9 @@ struct LayerRef {
   float g_unscale = 1.0f;  // g is read as g·g_unscale (GradScaler's fl32(1/S); 1: not scaled)
   void* v = nullptr;     // momentum buffer
   void* prev = nullptr;  // s_{t−1} kept for CBLR (μ = 0 or Nesterov)
-  float* kappa = nullptr;   // κ̄ (0-d state)
+  double* kappa = nullptr;  // κ̄ (0-d state)
   float* age = nullptr;     // steps since the last measurement attempt (0-d state)
-  float* lagged = nullptr;  // [3] (‖w‖, ‖g‖, κ) of the previous step's inputs, lag=1 only
+  double* lagged = nullptr;  // [3] (‖w‖, ‖g‖, κ) of the previous step's inputs, lag=1 only
   bool adapt = false;
   bool lagged_valid = false;  // lagged holds a stash from an earlier step
   // CBLR probe: where it measures (pass 1), the gradient at w_t + s_{t−1} and s_{t−1};
@@ -108,8 +108,8 @@ inline int64_t math_size(DType dtype) { return dtype == DType::F64 ? 8 : 4; }
 
 // Elements per work item: large layers split across threads, small ones are one item.
 constexpr int64_t kChunk = 65536;
-// Elements per partial sum in the math type (full-width vectors, no conversions in the
-// inner loops); the partial sums are added in double.
+// Elements per partial sum of squares (vectorised, in double); the partial sums are added
+// in block order.
 constexpr int64_t kSumBlock = 512;
 
 struct Chunk {

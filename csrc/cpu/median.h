@@ -244,17 +244,17 @@ template <typename P>
 inline void block_quotients(const P* w, const P* g, math_t<P> gs, int64_t m, math_t<P> weight_decay,
                             math_t<P>* h, double& w2, double& g2) {
   using T = math_t<P>;
-  T bw = 0, bg = 0;
+  double bw = 0, bg = 0;
 #pragma omp simd reduction(+ : bw, bg)
   for (int64_t j = 0; j < m; ++j) {
     const T wv = load(w[j]), gv = load(g[j]) * gs;
-    bw += wv * wv;
-    bg += gv * gv;
+    bw += square_in_double(wv);
+    bg += square_in_double(gv);
     const T q = curvature_quotient(decayed_grad(gv, wv, weight_decay), wv);
     h[j] = wv != 0 ? q : kNoQuotient<T>;
   }
-  w2 += double(bw);
-  g2 += double(bg);
+  w2 += bw;
+  g2 += bg;
 }
 
 // Counts and collects the quotients of one block against the bracket; adds its Σw², Σg².

@@ -49,15 +49,15 @@ void shift_layers(const std::vector<ShiftLayer>& layers, int threads, double* w_
         copy_bytes(saved + b, w + b, (e - b) * int64_t(sizeof(P)), stream);
         for (int64_t sb = b; sb < e; sb += kSumBlock) {  // block sums as in sum_squares
           const int64_t se = std::min(sb + kSumBlock, e);
-          T sum = 0;
+          double sum = 0;
 #pragma omp simd reduction(+ : sum)
           for (int64_t i = sb; i < se; ++i) {
             const T wv = load(w[i]);
-            sum += wv * wv;
+            sum += square_in_double(wv);
             w[i] = shifted(w[i], s[i]);
             delta[i] = realised_displacement(T(load(w[i])), wv);
           }
-          results[k].w2 += double(sum);
+          results[k].w2 += sum;
         }
       }
     });

@@ -159,7 +159,7 @@ std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPla
 }
 
 // κ of layer i's current inputs by the group's rule, from the reduction and the norms.
-float current_kappa(const StepConfig& cfg, const ReductionIn& reduction, size_t i, float w_norm, float g_norm) {
+double current_kappa(const StepConfig& cfg, const ReductionIn& reduction, size_t i, double w_norm, double g_norm) {
   const double* sums = reduction.sums + i * SUM_COLUMNS;
   return reduction_kappa(cfg.rule, w_norm, g_norm, sums[SUM_DIFF2], sums[SUM_STEP2], reduction.median[i],
                          cfg.ratio.weight_decay, cfg.ratio.eps);
@@ -167,31 +167,31 @@ float current_kappa(const StepConfig& cfg, const ReductionIn& reduction, size_t 
 
 // ------------------------------------------------------------------------ pass 1
 
-// Σx² of one block (m ≤ kSumBlock) in the math type.  ‖w‖² wherever it may be carried
+// Σx² of one block (m ≤ kSumBlock), in double (square_in_double).  ‖w‖² wherever it may be carried
 // to the next step is the double sum of these over the layer's blocks in chunk order:
 // the norm the update pass takes of its result then equals the one pass 1 would take
 // of the same w (one instance, not inlined: one summation order).
 template <typename P>
-__attribute__((noinline)) math_t<P> block_squares(const P* x, int64_t m) {
+__attribute__((noinline)) double block_squares(const P* x, int64_t m) {
   using T = math_t<P>;
-  T sum = 0;
+  double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < m; ++i) {
     const T v = load(x[i]);
-    sum += v * v;
+    sum += square_in_double(v);
   }
   return sum;
 }
 
 // Σ(x·scale)² of one block, summed as block_squares sums.
 template <typename P>
-math_t<P> scaled_block_squares(const P* x, math_t<P> scale, int64_t m) {
+double scaled_block_squares(const P* x, math_t<P> scale, int64_t m) {
   using T = math_t<P>;
-  T sum = 0;
+  double sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t i = 0; i < m; ++i) {
     const T v = load(x[i]) * scale;
-    sum += v * v;
+    sum += square_in_double(v);
   }
   return sum;
 }
@@ -201,28 +201,28 @@ template <typename P>
 void carried_squares(const P* w, const P* g, math_t<P> gs, int64_t n, double& w2, double& g2) {
   for (int64_t s = 0; s < n; s += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - s);
-    w2 += double(block_squares(w + s, m));
-    g2 += double(scaled_block_squares(g + s, gs, m));
+    w2 += block_squares(w + s, m);
+    g2 += scaled_block_squares(g + s, gs, m);
   }
 }
 
-// Adds Σx² and Σy² (x, y the math values of a and b·bs) to sx and sy: partial sums in the
-// math type over short blocks (full-width vectors, two independent chains of adds),
-// accumulated in double.  When a == b only sy is meaningful.
+// Adds Σx² and Σy² (x, y the math values of a and b·bs) to sx and sy: the squares in
+// double (square_in_double), partial sums over short blocks (two independent chains of
+// adds), added up in block order.  When a == b only sy is meaningful.
 template <typename P>
 void sum_squares(const P* a, const P* b, math_t<P> bs, int64_t n, double& sx, double& sy) {
   using T = math_t<P>;
   for (int64_t s = 0; s < n; s += kSumBlock) {
     const int64_t m = std::min(kSumBlock, n - s);
-    T bx = 0, by = 0;
+    double bx = 0, by = 0;
 #pragma omp simd reduction(+ : bx, by)
     for (int64_t i = 0; i < m; ++i) {
       T x = load(a[s + i]), y = load(b[s + i]) * bs;
-      bx += x * x;
-      by += y * y;
+      bx += square_in_double(x);
+      by += square_in_double(y);
     }
-    sx += double(bx);
-    sy += double(by);
+    sx += bx;
+    sy += by;
   }
 }
 
@@ -262,18 +262,18 @@ void secant_chunk(const LayerRef& l, const Chunk& c, math_t<P> weight_decay, Chu
   const int64_t n = c.end - c.begin;
   for (int64_t b = 0; b < n; b += kSumBlock) {  // block sums as in sum_squares
     const int64_t m = std::min(kSumBlock, n - b);
-    T bg = 0, bd = 0, bs = 0;
+    double bg = 0, bd = 0, bs = 0;
 #pragma omp simd reduction(+ : bg, bd, bs)
     for (int64_t j = b; j < b + m; ++j) {
       const T gv = load(g[j]) * gs;
       const T diff = secant_difference(gv, T(load(g_p[j])) * gs, s[j], weight_decay);
-      bg += gv * gv;
-      bd += diff * diff;
-      bs += s[j] * s[j];
+      bg += square_in_double(gv);
+      bd += square_in_double(diff);
+      bs += square_in_double(s[j]);
     }
-    r.g2 += double(bg);
-    r.d2 += double(bd);
-    r.s2 += double(bs);
+    r.g2 += bg;
+    r.d2 += bd;
+    r.s2 += bs;
   }
 }
 
@@ -285,13 +285,13 @@ template <typename P, bool Momentum, bool Nesterov, bool KeepPrev, int Lag>
 void apply_range(P* w, const P* w_in, const P* g, math_t<P> gs, math_t<P>* v, math_t<P>* prev, math_t<P>* h,
                  int64_t n, math_t<P> alpha, math_t<P> momentum, math_t<P> weight_decay, ChunkResult& r) {
   using T = math_t<P>;
-  T w2 = 0, g2 = 0, s2 = 0;  // block sums (n ≤ kSumBlock), as in sum_squares
+  double w2 = 0, g2 = 0, s2 = 0;  // block sums (n ≤ kSumBlock), as in sum_squares
 #pragma omp simd reduction(+ : w2, g2, s2)
   for (int64_t i = 0; i < n; ++i) {
     T wv = load(w_in[i]), gv = load(g[i]) * gs;
     if (Lag) {
-      w2 += wv * wv;
-      g2 += gv * gv;
+      w2 += square_in_double(wv);
+      g2 += square_in_double(gv);
     }
     T d = decayed_grad(gv, wv, weight_decay);
     if (Lag == 2) {
@@ -303,11 +303,11 @@ void apply_range(P* w, const P* w_in, const P* g, math_t<P> gs, math_t<P>* v, ma
     w[i] = store<P>(wv);
     if (Momentum) v[i] = vv;
     if (KeepPrev) prev[i] = s;
-    s2 += s * s;
+    s2 += square_in_double(s);
   }
-  r.w2 += double(w2);
-  r.g2 += double(g2);
-  r.s2 += double(s2);
+  r.w2 += w2;
+  r.g2 += g2;
+  r.s2 += s2;
 }
 
 // Lag 2 keeps every quotient for the fallback selection: computed into a buffer in L1,
@@ -336,13 +336,13 @@ void apply_chunk(const LayerRef& l, const Chunk& c, math_t<P> alpha, math_t<P> m
       collect_block(h, m, *bracket, candidates + c.begin, r.counts);
       copy_bytes(quotients + c.begin + b, h, m * int64_t(sizeof(T)), stream);
     }
-    if (next_w2) r.next_w2 += double(block_squares(w + b, m));  // from L1
+    if (next_w2) r.next_w2 += block_squares(w + b, m);  // from L1
   }
   if (Lag == 2 && stream) stream_fence();
 }
 
 template <typename P>
-void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk& c, float alpha, int lag,
+void apply_chunk_dispatch(const StepConfig& cfg, const LayerRef& l, const Chunk& c, double alpha, int lag,
                           MedianPlan& plan, bool stream, ChunkResult& r) {
   using T = math_t<P>;
   const Bracket<T>* bracket = plan.collecting<T>(c.layer);
@@ -449,17 +449,18 @@ std::vector<LayerSums> input_norms(const StepConfig& cfg, const std::vector<Laye
 }
 
 void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, const ReductionIn& reduction,
-                  bool skip, float lr, float* stats) {
+                  bool skip, float lr, double* stats) {
   const size_t count = layers.size();
-  const float nan = std::nanf("");
+  const double nan = quiet_nan_double();
   std::vector<LayerRatio> ratios(count);
-  std::vector<float> alphas(count), new_ages(count), norms(2 * count);
+  std::vector<double> alphas(count), norms(2 * count);
+  std::vector<float> new_ages(count);
   std::vector<char> measured(count), selects(count), unmeasured(count), read_first(count);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
     const bool* flags = reduction.flags + i * FLAG_COLUMNS;
     measured[i] = flags[FLAG_MEASURED];
-    float kappa;
+    double kappa;
     if (cfg.lag && l.lagged_valid) {  // lag=1: ‖w‖, ‖g‖ and κ of the previous step's inputs
       norms[2 * i] = l.lagged[LAGGED_W_NORM];
       norms[2 * i + 1] = l.lagged[LAGGED_G_NORM];
@@ -483,26 +484,26 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
       norms[2 * i] = norm_from_sum(first[i].w2);
       norms[2 * i + 1] = norm_from_sum(first[i].g2);
       unmeasured[i] = false;
-      const float kappa = current_kappa(cfg, reduction, i, norms[2 * i], norms[2 * i + 1]);  // LARS: of the norms
+      const double kappa = current_kappa(cfg, reduction, i, norms[2 * i], norms[2 * i + 1]);  // LARS: of the norms
       ratios[i] = layer_ratio(kappa, measured[i], *layers[i].kappa, norms[2 * i], norms[2 * i + 1], layers[i].adapt,
                               cfg.ratio);
     }
   }
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
-    alphas[i] = lr * ratios[i].ratio;
+    alphas[i] = layer_alpha(ratios[i].ratio, lr);
     new_ages[i] = next_age(*l.age, measured[i]);
     // The stash needs a median only where the next step will measure.
     selects[i] = cfg.lag && cfg.rule == RULE_MCLR && l.adapt &&
                  measurement_due(new_ages[i], cfg.curvature_interval);
-    float* row = stats + i * STAT_COLUMNS;
+    double* row = stats + i * STAT_COLUMNS;
     row[STAT_W_NORM] = norms[2 * i];
     row[STAT_G_NORM] = norms[2 * i + 1];
-    row[STAT_STEP_NORM] = 0.0f;
+    row[STAT_STEP_NORM] = 0.0;
     row[STAT_KAPPA] = ratios[i].used;
     row[STAT_RATIO] = ratios[i].ratio;
     row[STAT_ALPHA] = alphas[i];
-    row[STAT_FALLBACK] = ratios[i].fallback ? 1.0f : 0.0f;
+    row[STAT_FALLBACK] = ratios[i].fallback ? 1.0 : 0.0;
   }
   if (skip) return;
   MedianPlan plan(cfg, layers, selects, true);
@@ -524,7 +525,7 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
                                                       cfg.threads);
   for (size_t i = 0; i < count; ++i) {
     const LayerRef& l = layers[i];
-    float* row = stats + i * STAT_COLUMNS;
+    double* row = stats + i * STAT_COLUMNS;
     row[STAT_STEP_NORM] = norm_from_sum(sums[i].s2);
     if (unmeasured[i]) {
       row[STAT_W_NORM] = norm_from_sum(sums[i].w2);
@@ -534,7 +535,7 @@ void apply_layers(const StepConfig& cfg, const std::vector<LayerRef>& layers, co
     *l.age = new_ages[i];
     if (l.next_w2) *l.next_w2 = sums[i].next_w2;
     if (cfg.lag) {  // this step's inputs, for the next step (MCLR: its median where selected)
-      const float w_norm = norm_from_sum(sums[i].w2), g_norm = norm_from_sum(sums[i].g2);
+      const double w_norm = norm_from_sum(sums[i].w2), g_norm = norm_from_sum(sums[i].g2);
       const double* secant = reduction.sums + i * SUM_COLUMNS;
       l.lagged[LAGGED_W_NORM] = w_norm;
       l.lagged[LAGGED_G_NORM] = g_norm;

@@ -73,9 +73,10 @@ void check_companion(const Tensor& p, const Tensor& t, at::ScalarType dtype, con
               " must have its parameter's shape and memory layout");
 }
 
-void check_small(const Tensor& t, int64_t numel, const Tensor& p, const char* what, size_t i) {
-  TORCH_CHECK(t.device() == p.device() && t.scalar_type() == at::kFloat && t.numel() == numel && t.is_contiguous(),
-              kWho, what, " of layer ", i, " must be a contiguous fp32 tensor of ", numel, " element(s) on ",
+void check_small(const Tensor& t, at::ScalarType dtype, int64_t numel, const Tensor& p, const char* what,
+                 size_t i) {
+  TORCH_CHECK(t.device() == p.device() && t.scalar_type() == dtype && t.numel() == numel && t.is_contiguous(),
+              kWho, what, " of layer ", i, " must be a contiguous ", dtype, " tensor of ", numel, " element(s) on ",
               p.device());
 }
 
@@ -104,9 +105,9 @@ struct Layer {
   DType dtype = DType::F32;
   int64_t n = 0;
   void* ptr[cblr::cuda::ROLE_COUNT] = {};
-  float* kappa = nullptr;
+  double* kappa = nullptr;
   float* age = nullptr;
-  float* lagged = nullptr;
+  double* lagged = nullptr;
   uint8_t bits = 0;
 };
 
@@ -243,7 +244,7 @@ std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
     const Tensor& p = params[i];
     check_param(p, first, i);
     check_companion(p, grads[i], p.scalar_type(), "gradient", i);
-    if (rule_id != cblr::cuda::CUDA_RULE_CBLR) check_small(ages[i], 1, p, "age", i);
+    if (rule_id != cblr::cuda::CUDA_RULE_CBLR) check_small(ages[i], at::kFloat, 1, p, "age", i);
     Layer& l = layers[i];
     l.row = int(i);
     l.dtype = dtype_of(p, i);
@@ -314,7 +315,7 @@ Tensor layerwise_update_(
   check_count(saved.size(), count, "saved parameters", true);
   check_count(adapt.size(), count, "adapt flags", false);
   const int64_t rows = int64_t(count);
-  if (count == 0) return at::empty({0, 7}, on(workspace, at::kFloat));
+  if (count == 0) return at::empty({0, 7}, on(workspace, at::kDouble));
   const Tensor& first = params[0];
   c10::cuda::CUDAGuard guard(first.device());
   check_table(sums, at::kDouble, {rows, 4}, first, "the reduction's sums");
@@ -330,15 +331,15 @@ Tensor layerwise_update_(
     const Tensor& p = params[i];
     check_param(p, first, i);
     check_companion(p, grads[i], p.scalar_type(), "gradient", i);
-    check_small(kappas[i], 1, p, "kappa", i);
-    check_small(ages[i], 1, p, "age", i);
+    check_small(kappas[i], at::kDouble, 1, p, "kappa", i);
+    check_small(ages[i], at::kFloat, 1, p, "age", i);
     Layer& l = layers[i];
     l.row = int(i);
     l.dtype = dtype_of(p, i);
     l.n = p.numel();
     l.ptr[cblr::cuda::ROLE_W] = l.ptr[cblr::cuda::ROLE_W_IN] = p.data_ptr();
     l.ptr[cblr::cuda::ROLE_G] = grads[i].data_ptr();
-    l.kappa = kappas[i].data_ptr<float>();
+    l.kappa = kappas[i].data_ptr<double>();
     l.age = ages[i].data_ptr<float>();
     if (!momentum_buffers.empty()) {
       check_companion(p, momentum_buffers[i], at::kFloat, "momentum buffer", i);
@@ -349,8 +350,8 @@ Tensor layerwise_update_(
       l.ptr[cblr::cuda::ROLE_PREV] = prev_steps[i].data_ptr();
     }
     if (lag) {
-      check_small(lagged[i], 3, p, "lag stash", i);
-      l.lagged = lagged[i].data_ptr<float>();
+      check_small(lagged[i], at::kDouble, 3, p, "lag stash", i);
+      l.lagged = lagged[i].data_ptr<double>();
       if (lagged_valid.get(i)) l.bits |= cblr::cuda::BIT_STASHED;
     }
     if (adapt.get(i)) l.bits |= cblr::cuda::BIT_ADAPT;
@@ -368,7 +369,7 @@ Tensor layerwise_update_(
   // Device scalars as the kernels read them (fp32; a no-op for fp32 inputs, no sync).
   const Tensor skip = found_inf.to(at::kFloat);
   const Tensor lr_device = lr.is_cpu() ? Tensor() : lr.to(at::kFloat);
-  Tensor stats = at::empty({rows, 7}, on(first, at::kFloat));
+  Tensor stats = at::empty({rows, 7}, on(first, at::kDouble));
   cblr::cuda::UpdateArgs args{};
   args.rule = rule_id;
   args.lag = lag;
@@ -392,7 +393,7 @@ Tensor layerwise_update_(
   args.unscale = unscale.data_ptr<float>();
   args.lr = lr.is_cpu() ? nullptr : lr_device.data_ptr<float>();
   args.lr_value = lr.is_cpu() ? lr.to(at::kFloat).item<float>() : 0.0f;  // a CPU value: no device sync
-  args.stats = stats.data_ptr<float>();
+  args.stats = stats.data_ptr<double>();
   args.next_w_sq = next_w_sq.has_value() ? next_w_sq->data_ptr<double>() : nullptr;
   (void)curvature_interval;  // the measured flags come with the reduction
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();

@@ -85,11 +85,6 @@ struct BlockSums {
   }
 };
 
-__device__ __forceinline__ double square(float x) {
-  const double d = double(x);
-  return d * d;  // exact: a float's square fits a double's mantissa
-}
-
 // Each layer's chunk partials summed in chunk order (one block per layer, fixed order).
 template <int N>
 __device__ __forceinline__ void sum_layer_partials(const double* partials, int first, int last, double (&out)[N]) {

@@ -57,9 +57,9 @@ struct LayerTable {
   int row[kMaxLayers];                 // the layer's row in the op's [L, ...] outputs
   int64_t n[kMaxLayers];               // elements
   void* ptr[ROLE_COUNT][kMaxLayers];   // data pointers by role (null where absent)
-  float* kappa[kMaxLayers];            // κ̄ (update)
+  double* kappa[kMaxLayers];           // κ̄ (update)
   float* age[kMaxLayers];              // age (reduce, update)
-  float* lagged[kMaxLayers];           // lag stash [3] (update, lag=1) or null
+  double* lagged[kMaxLayers];          // lag stash [3] (update, lag=1) or null
   uint8_t bits[kMaxLayers];            // LayerBit
 };
 
@@ -109,7 +109,7 @@ struct UpdateArgs {
   const float* unscale;    // device scalar, as ReduceArgs::unscale
   const float* lr;         // device scalar, or null: lr_value
   float lr_value;
-  float* stats;       // [L][7]
+  double* stats;      // [L][7]
   double* next_w_sq;  // [L] or null
 };
 

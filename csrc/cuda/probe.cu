@@ -30,7 +30,7 @@ __global__ void __launch_bounds__(kThreads) shift_kernel(const __grid_constant__
 #pragma unroll
       for (int k = 0; k < kVec; ++k) {
         const float wv = load_value(x.v[k]);
-        acc[0] += square(wv);
+        acc[0] += square_in_double(wv);
         out[k] = load_value(store_value<P>(wv + load_value(store_value<P>(sv[k]))));
         moved[k] = realised_displacement(out[k], wv);
       }
@@ -41,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) shift_kernel(const __grid_constant__
         const P x = w[i];
         saved[i] = x;
         const float wv = load_value(x);
-        acc[0] += square(wv);
+        acc[0] += square_in_double(wv);
         w[i] = store_value<P>(wv + load_value(store_value<P>(step[i])));
         delta[i] = realised_displacement(load_value(w[i]), wv);
       }

@@ -87,13 +87,13 @@ __global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_const
 
   auto visit = [&](const Element& e) {
     if (pass == 0) {
-      if (sum_w) acc[0] += square(e.w);
-      if (sum_g) acc[1] += square(e.g);
+      if (sum_w) acc[0] += square_in_double(e.w);
+      if (sum_g) acc[1] += square_in_double(e.g);
       acc[4] += is_finite(e.g) ? 0.0 : 1.0;
       if (secant) {
         acc[4] += is_finite(e.probe_g) ? 0.0 : 1.0;  // an overflow at w_t + s skips the step too
         const float diff = secant_difference(e.g, e.probe_g, e.step, weight_decay);
-        acc[2] += square(diff);
+        acc[2] += square_in_double(diff);
       }
     }
     if (select && e.w != 0.0f) {
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_const
       if (secant) {
         // s: the shift's realised displacement.
         sv[k] = s_raw[k];
-        acc[3] += square(s_raw[k]);
+        acc[3] += square_in_double(s_raw[k]);
       }
       visit(Element{wv[k], gv[k], pv[k], sv[k]});
     }

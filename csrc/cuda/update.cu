@@ -27,7 +27,7 @@ enum UpdateBit : uint8_t {
 };
 
 struct Inputs {
-  float w_norm, g_norm, kappa;
+  double w_norm, g_norm, kappa;
 };
 
 __device__ __forceinline__ bool skipped(const UpdateArgs& a) { return *a.found_inf != 0.0f; }
@@ -48,7 +48,7 @@ __device__ __forceinline__ Inputs current_inputs(const UpdateArgs& a, const Scra
       w2 = w2_fly;
       g2 = g2_fly;
     } else {
-      w2 = g2 = double(quiet_nan());
+      w2 = g2 = quiet_nan_double();
     }
   }
   float median = a.median[row];
@@ -64,7 +64,7 @@ __device__ __forceinline__ Inputs current_inputs(const UpdateArgs& a, const Scra
 __device__ __forceinline__ Inputs ratio_inputs(const LayerTable& t, const UpdateArgs& a, const Scratch& s, int slot,
                                                uint8_t ustate, const RatioParams& p) {
   if (t.bits[slot] & BIT_STASHED) {  // lag=1: ‖w‖, ‖g‖ and κ of the previous step's inputs
-    const float* st = t.lagged[slot];
+    const double* st = t.lagged[slot];
     return Inputs{st[0], st[1], st[2]};
   }
   return current_inputs(a, s, slot, t.row[slot], ustate, p, 0.0, 0.0, false);
@@ -100,19 +100,19 @@ __global__ void ratio_kernel(const __grid_constant__ LayerTable table, const Scr
   const bool adapt = table.bits[slot] & BIT_ADAPT;
   const bool measured = args.flags[int64_t(row) * 4 + FLAG_MEASURED];
   const Inputs in = ratio_inputs(table, args, scratch, slot, ustate, params);
-  const float kappa_bar = *table.kappa[slot];
+  const double kappa_bar = *table.kappa[slot];
   const LayerRatio r = layer_ratio(in.kappa, measured, kappa_bar, in.w_norm, in.g_norm, adapt, params);
   const float lr = args.lr ? *args.lr : args.lr_value;
-  const float alpha = r.ratio * lr;
-  scratch.alpha[slot] = alpha;
-  float* stats = args.stats + int64_t(row) * STAT_COLUMNS;
+  const double alpha = layer_alpha(r.ratio, lr);
+  scratch.alpha[slot] = float(alpha);  // the update's math type
+  double* stats = args.stats + int64_t(row) * STAT_COLUMNS;
   stats[STAT_W_NORM] = in.w_norm;
   stats[STAT_G_NORM] = in.g_norm;
-  stats[STAT_STEP_NORM] = 0.0f;
+  stats[STAT_STEP_NORM] = 0.0;
   stats[STAT_KAPPA] = r.used;
   stats[STAT_RATIO] = r.ratio;
   stats[STAT_ALPHA] = alpha;
-  stats[STAT_FALLBACK] = r.fallback ? 1.0f : 0.0f;
+  stats[STAT_FALLBACK] = r.fallback ? 1.0 : 0.0;
   if (!skipped(args)) {
     *table.kappa[slot] = r.new_bar;
     *table.age[slot] = next_age(*table.age[slot], measured);
@@ -174,13 +174,13 @@ __global__ void __launch_bounds__(kThreads) update_kernel(const __grid_constant_
       if (k >= m) continue;
       gv[k] *= inv;
       if (inputs) {
-        acc[0] += square(wv[k]);
-        acc[1] += square(gv[k]);
+        acc[0] += square_in_double(wv[k]);
+        acc[1] += square_in_double(gv[k]);
       }
       const float d = decayed_grad(gv[k], wv[k], weight_decay);
       sv[k] = momentum_update(wv[k], d, vv[k], alpha, momentum, has_momentum, nesterov);
-      acc[2] += square(sv[k]);
-      if (next_w2) acc[3] += square(load_value(store_value<P>(wv[k])));  // Σw² as pass 1 would sum it
+      acc[2] += square_in_double(sv[k]);
+      if (next_w2) acc[3] += square_in_double(load_value(store_value<P>(wv[k])));  // Σw² as pass 1 would sum it
     }
     if (vector) {
       store_vec(w + base, wv);
@@ -214,7 +214,7 @@ __global__ void __launch_bounds__(kThreads) finish_update_kernel(const __grid_co
   if (threadIdx.x != 0) return;
   const int row = table.row[slot];
   const uint8_t ustate = scratch.ustate[slot];
-  float* stats = args.stats + int64_t(row) * STAT_COLUMNS;
+  double* stats = args.stats + int64_t(row) * STAT_COLUMNS;
   if (skipped(args)) return;
   stats[STAT_STEP_NORM] = norm_from_sum(acc[2]);
   if (ustate & U_ACC_STATS) {
@@ -223,7 +223,7 @@ __global__ void __launch_bounds__(kThreads) finish_update_kernel(const __grid_co
   }
   if (args.lag) {  // this step's inputs, for the next step
     const Inputs in = current_inputs(args, scratch, slot, row, ustate, params, acc[0], acc[1], true);
-    float* st = table.lagged[slot];
+    double* st = table.lagged[slot];
     st[0] = in.w_norm;
     st[1] = in.g_norm;
     st[2] = in.kappa;
