@@ -3,8 +3,8 @@ contents, a few steps each.  Every step either succeeds with finite parameters o
 skipped with parameters and state bit-identical; every fused backend follows the reference
 within the parity table's tolerance; LARS's reported ratio is the formula in fp64.
 
-The example budget is CI's (~a minute); CBLR_EXT_FUZZ_EXAMPLES raises it.  Gradient
-magnitudes span 1e-30 … 1e30 (and 0): the per-layer scalars are fp64 in every backend, so
+The example budget is CI's (250 per test, ~45 s on the 2-core dev VM);
+CBLR_EXT_FUZZ_EXAMPLES changes it.  Gradient magnitudes span 1e-30 … 1e30 (and 0): the per-layer scalars are fp64 in every backend, so
 the edges of the fp32 range are fuzzed too; the counterexamples found there are kept as
 explicit tests in test_scalars_at_fp32_edges.py.
 """
@@ -20,7 +20,7 @@ from cblr_ext import CBLR, LARS, MCLR
 
 from optim_db import BACKEND_DTYPES, TOLERANCE
 
-EXAMPLES = int(os.environ.get("CBLR_EXT_FUZZ_EXAMPLES", "25"))
+EXAMPLES = int(os.environ.get("CBLR_EXT_FUZZ_EXAMPLES", "250"))
 FUSED = [b for b in cblr_ext.available_backends("cpu") if b != "reference"]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 RULES = {"lars": LARS, "mclr": MCLR, "cblr": CBLR}
