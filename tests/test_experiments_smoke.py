@@ -52,7 +52,7 @@ def test_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for option in ("--preset", "--out", "--tasks", "--batch-sizes", "--epochs", "--optimizers", "--variants",
                    "--variant-batch-sizes", "--variant-optimizers", "--seeds", "--train-size", "--lr-points", "--jobs",
-                   "--no-progress"):
+                   "--select", "--no-progress"):
         assert option in text
 
 

@@ -12,7 +12,7 @@ from .plots import write_all
 from .presets import PRESETS, preset_config
 from .report import batch_effect, legend, table, write_json
 from .run import VARIANTS, RunSpec, load_data
-from .sweep import run_sweep
+from .sweep import SELECTIONS, run_sweep
 
 
 def _task(text):
@@ -39,7 +39,8 @@ def _presets_epilog():
                           for d, m in preset["tasks"])
         teacher = f"; teacher train size {preset['train_size']}" if "train_size" in preset else ""
         lines.append(f"  {name}: {tasks}; optimizers {', '.join(preset['optimizers'])}; "
-                     f"variants {', '.join(preset['variants'])}; {preset['seeds']} seeds{teacher}")
+                     f"variants {', '.join(preset['variants'])}; {preset['seeds']} seeds{teacher}"
+                     f"{'; lr by the mean over the seeds' if preset.get('select') == 'mean' else ''}")
     return "\n".join(lines)
 
 
@@ -64,10 +65,13 @@ def build_parser(prog, description, default_preset) -> argparse.ArgumentParser:
                    help="batch sizes at which the non-plain variants run")
     p.add_argument("--variant-optimizers", nargs="+", choices=list(OPTIMIZERS),
                    help="optimizers with which the non-plain variants run")
-    p.add_argument("--seeds", type=int, help="seeds per configuration (seed 0 also picks the lr)")
+    p.add_argument("--seeds", type=int, help="seeds per configuration (--select says which of them pick the lr)")
     p.add_argument("--train-size", type=int, help="training samples of the teacher task")
     p.add_argument("--lr-points", type=int,
                    help="try only the central N points of each optimizer's 5-point lr grid (for short runs)")
+    p.add_argument("--select", choices=SELECTIONS,
+                   help="seed0: every lr on seed 0, the best one on the other seeds; mean: every lr on every "
+                        "seed, the best mean validation accuracy")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                    help="runs in parallel, one thread each")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -89,7 +93,7 @@ def config_from(args):
         config.batch_sizes = {d: args.batch_sizes for d in datasets}
     if args.variant_batch_sizes:
         config.variant_batch_sizes = {d: args.variant_batch_sizes for d in datasets}
-    for name in ("optimizers", "variants", "variant_optimizers", "seeds", "train_size", "lr_points"):
+    for name in ("optimizers", "variants", "variant_optimizers", "seeds", "train_size", "lr_points", "select"):
         if getattr(args, name):
             setattr(config, name, getattr(args, name))
     missing = [d for d in datasets if d not in config.batch_sizes or d not in config.epochs]

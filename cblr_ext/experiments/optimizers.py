@@ -69,3 +69,25 @@ _CANDIDATES = {
 }
 OPTIMIZERS.update({name: OptimizerSpec(name, _layerwise(cls, **options), grid, None)
                    for name, (cls, options, grid) in _CANDIDATES.items()})
+
+
+def root2_grid(centre: float) -> Tuple[float, ...]:
+    """Five points a factor √2 apart around ``centre``: a finer look at the edge of stability."""
+    return tuple(centre * 2.0 ** (k / 2) for k in (-2, -1, 0, 1, 2))
+
+
+# The ×√2 screen at batch 4096 on MNIST-1D (docs/experiments.md): each grid is centred
+# between the best γ of the ×2 grid and the next point down (the best sat at the edge: the
+# next point up diverged), so it spans two points below and one above that best γ.
+_EDGE = {
+    "SGD-edge": (torch.optim.SGD, {}, 0.025, "linear"),
+    "LARS-edge": (LARS, {}, 32.0 * 2 ** 0.5, None),
+    "MCLR-edge": (MCLR, {}, 8.0 * 2 ** 0.5, None),
+    "MCLR-ema0.5-edge": (MCLR, dict(curvature_ema=0.5), 8.0 * 2 ** 0.5, None),
+    "CBLR-edge": (CBLR, {}, 0.8 * 2 ** 0.5, None),
+    "CBLR-ema0.9-edge": (CBLR, dict(curvature_ema=0.9), 0.8 * 2 ** 0.5, None),
+    "CBLR-cap2-edge": (CBLR, dict(max_ratio=2.0), 0.8 * 2 ** 0.5, None),
+}
+EDGE_OPTIMIZERS = tuple(_EDGE)
+OPTIMIZERS.update({name: OptimizerSpec(name, _layerwise(cls, **options), root2_grid(centre), rule)
+                   for name, (cls, options, centre, rule) in _EDGE.items()})

@@ -1,6 +1,7 @@
 """The sweeps ``--preset`` names: "quick" (the package's main job, a few minutes on 2 cores),
-"full" (the study in docs/experiments.md) and "mnist1d" (the sweep behind the defaults)."""
-from .optimizers import OPTIMIZERS
+"full" (the study in docs/experiments.md), "mnist1d" (the sweep behind the defaults) and
+"mnist1d-edge" (the ×√2 screen of issue 21)."""
+from .optimizers import EDGE_OPTIMIZERS, OPTIMIZERS
 from .run import VARIANTS
 from .sweep import SweepConfig
 
@@ -16,6 +17,9 @@ PRESETS = {
     "mnist1d": dict(tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [256, 1024, 4096, 8192]},
                     epochs={"mnist1d": 30}, optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], variants=["plain"],
                     seeds=3),
+    # the ×√2 screen near each rule's edge at batch 4096, every lr on every seed
+    "mnist1d-edge": dict(tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [4096]}, epochs={"mnist1d": 30},
+                         optimizers=list(EDGE_OPTIMIZERS), variants=["plain"], seeds=3, select="mean"),
 }
 
 

@@ -17,7 +17,8 @@ COLUMNS = [
                   "CBLR-kN: secant curvature re-measured every N steps"),
     ("variant", "plain; discard: drop the 20% smallest per-sample losses after a quarter of the epochs; "
                 "schedule: growing batch size"),
-    ("lr", "learning rate picked on the validation split (seed 0) from the optimizer's grid"),
+    ("lr", "learning rate picked on the validation split from the optimizer's grid (seed 0, or with "
+           "--select mean the mean over the seeds)"),
     ("steps", "optimizer steps in the fixed epoch budget"),
     ("train", "accuracy on the training set at the end (mean ± std over seeds)"),
     ("test", "accuracy on the test set at the end (mean ± std over seeds)"),

@@ -1,5 +1,13 @@
 """The sweep: tasks × batch sizes × optimizers × variants, the lr of each configuration
-picked on the validation split (seed 0), then the other seeds at that lr."""
+picked on the validation split, then test accuracy reported at that lr.
+
+| ``select`` | runs per lr | picks the lr with the best | then |
+| --- | --- | --- | --- |
+| ``"seed0"`` | seed 0 | validation accuracy of seed 0 | the other seeds at that lr |
+| ``"mean"`` | every seed | mean validation accuracy over the seeds | (nothing: all ran) |
+
+``"mean"`` costs ``seeds`` × the grid, and does not pick a γ at the edge of stability that
+one seed survives and another does not (a diverged run scores −1)."""
 from __future__ import annotations
 
 import statistics
@@ -27,6 +35,7 @@ class SweepConfig:
     seeds: int = 3
     train_size: int = 32768
     lr_points: Optional[int] = None              # the central points of each lr grid; None: all
+    select: str = "seed0"                        # how the lr is picked (the module's table)
 
     def lr_grid(self, optimizer: str) -> Tuple[float, ...]:
         grid = OPTIMIZERS[optimizer].lr_grid
@@ -69,14 +78,27 @@ def _run_all(specs: List[RunSpec], jobs: int, desc: str, progress: bool) -> Dict
     return results
 
 
+SELECTIONS = ("seed0", "mean")
+
+
+def _score(run: dict) -> float:
+    """A run's validation accuracy; −1 when it diverged, so that any finite run wins."""
+    return -1.0 if run["diverged"] else run["val_acc"]
+
+
+def choose_lr(scores: Dict[float, float]) -> float:
+    """The lr of the best score (``_score``, or its mean over seeds); ties go to the smaller lr."""
+    return max(scores, key=lambda lr: (scores[lr], -lr))
+
+
 def _stats(values):
     return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
             "values": values}
 
 
 def run_sweep(config: SweepConfig, *, jobs: int = 1, progress: bool = True) -> List[dict]:
-    """One result per configuration: the chosen lr, the validation accuracy of every lr tried,
-    mean/std/values over seeds of the metrics, and seed 0's curve and telemetry."""
+    """One result per configuration: the chosen lr, the validation accuracy of every lr tried
+    (its mean over the seeds that ran it), mean/std/values over seeds of the metrics, and seed 0's curve and telemetry."""
     if jobs < 1:
         raise ValueError(f"jobs must be >= 1, got {jobs!r}")
     if config.seeds < 1:
@@ -88,24 +110,31 @@ def run_sweep(config: SweepConfig, *, jobs: int = 1, progress: bool = True) -> L
         return RunSpec(dataset, model, optimizer, lr, batch, config.epochs[dataset], seed, variant,
                        config.train_size)
 
-    grid = {cell: [spec(cell, lr, 0) for lr in config.lr_grid(cell[2])] for cell in cells}
-    tried = _run_all([s for specs in grid.values() for s in specs], jobs, "lr grid (seed 0)", progress)
-    chosen = {}
-    for cell, specs in grid.items():
-        # a diverged run scores -1 so that any finite run wins; ties go to the smaller lr
-        chosen[cell] = max(specs, key=lambda s: (-1.0 if tried[s]["diverged"] else tried[s]["val_acc"], -s.lr))
-    extra = _run_all([spec(cell, chosen[cell].lr, seed) for cell in cells for seed in range(1, config.seeds)],
-                     jobs, "other seeds", progress)
+    if config.select not in SELECTIONS:
+        raise ValueError(f"select must be one of {SELECTIONS}, got {config.select!r}")
+    grid_seeds = range(config.seeds) if config.select == "mean" else range(1)
+    grid = {cell: {lr: [spec(cell, lr, seed) for seed in grid_seeds] for lr in config.lr_grid(cell[2])}
+            for cell in cells}
+    tried = _run_all([s for lrs in grid.values() for specs in lrs.values() for s in specs], jobs,
+                     f"lr grid ({'every seed' if config.select == 'mean' else 'seed 0'})", progress)
+    scores = {cell: {lr: statistics.fmean(_score(tried[s]) for s in specs) for lr, specs in lrs.items()}
+              for cell, lrs in grid.items()}
+    chosen = {cell: choose_lr(scores[cell]) for cell in cells}
+    rest = range(len(grid_seeds), config.seeds)
+    extra = _run_all([spec(cell, chosen[cell], seed) for cell in cells for seed in rest], jobs, "other seeds",
+                     progress)
+    tried.update(extra)
 
     results = []
     for cell in cells:
-        best = chosen[cell]
-        runs = [tried[best]] + [extra[spec(cell, best.lr, seed)] for seed in range(1, config.seeds)]
+        lr = chosen[cell]
+        runs = [tried[spec(cell, lr, seed)] for seed in range(config.seeds)]
         dataset, model, optimizer, variant, batch = cell
         results.append({
             "dataset": dataset, "model": model, "optimizer": optimizer, "variant": variant, "batch_size": batch,
-            "epochs": config.epochs[dataset], "lr": best.lr,
-            "lr_grid_val_acc": {str(s.lr): tried[s]["val_acc"] for s in grid[cell]},
+            "epochs": config.epochs[dataset], "lr": lr, "select": config.select,
+            "lr_grid_val_acc": {str(lr): statistics.fmean(tried[s]["val_acc"] for s in specs)
+                                for lr, specs in grid[cell].items()},
             "seeds": config.seeds, "diverged_seeds": sum(r["diverged"] for r in runs),
             **{key: _stats([r[key] for r in runs]) for key in ("train_acc", "val_acc", "test_acc", "steps", "wall_s")},
             "gap": _stats([r["train_acc"] - r["test_acc"] for r in runs]),
