@@ -9,7 +9,8 @@
 | ``cpu_isa`` | | | the C++ kernels' instruction set |
 
 Kernels per device (the dispatcher picks): the reference backend is the
-``CompositeExplicitAutograd`` kernel (any device); the C++ extension registers the
+``CompositeExplicitAutograd`` kernel (any device), also the only kernel of the same four
+ops in ``torch.ops.cblr_ext_reference``, which ``backend="reference"`` calls; the C++ extension registers the
 CPU kernels (``TORCH_LIBRARY_IMPL(cblr_ext, CPU, m)`` in csrc/binding.cpp); the CUDA
 extension ``cblr_ext._C_cuda`` the CUDA kernels (csrc/cuda/binding.cpp) when it is
 built, else the Triton backend does, when a GPU and triton are present (without
@@ -48,15 +49,21 @@ SCHEMAS = {
     "probe_restore_": "probe_restore_(Tensor(a!)[] params, Tensor[] saved) -> ()",
     "cpu_isa": "cpu_isa() -> str",
 }
-for _schema in SCHEMAS.values():
+STEP_OPS = ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_")
+# The reference kernels again, as opaque ops of their own: what ``backend="reference"`` calls,
+# so that torch.compile keeps each op one graph node (inductor would otherwise generate
+# ~19 loop nests per layer from the traced reference and compile them for minutes).
+REFERENCE_LIBRARY = torch.library.Library("cblr_ext_reference", "DEF")  # noqa: its one definition
+for _name, _schema in SCHEMAS.items():
     LIBRARY.define(_schema)
+    if _name in STEP_OPS:
+        REFERENCE_LIBRARY.define(_schema)
 
 
 def _layers_device(params):
     return params[0].device if params else torch.device("cpu")
 
 
-@torch.library.register_fake("cblr_ext::layerwise_reduce")
 def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, w_sq, w_sq_known,
                  grad_scale, weight_decay, curvature_interval, lag, approx_median, check_nonfinite, workspace):
     n, device = len(params), _layers_device(params)
@@ -65,7 +72,6 @@ def _reduce_fake(rule, params, grads, ages, adapt, lagged_valid, probe_grads, pr
             torch.empty((n, FLAG_COLUMNS), dtype=torch.bool, device=device))
 
 
-@torch.library.register_fake("cblr_ext::layerwise_update_")
 def _update_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages, lagged, lagged_valid, saved,
                  adapt, sums, median, flags, found_inf, grad_scale, lr, momentum, nesterov, weight_decay, eps,
                  trust_coefficient, curvature_ema, max_ratio, fallback_trust, curvature_interval, lag,
@@ -73,30 +79,34 @@ def _update_fake(rule, params, grads, momentum_buffers, prev_steps, kappas, ages
     return torch.empty((len(params), STAT_COLUMNS), dtype=SCALAR_DTYPE, device=_layers_device(params))
 
 
-@torch.library.register_fake("cblr_ext::probe_shift_")
 def _shift_fake(params, steps, saved, displacements):
     return torch.empty((len(params),), dtype=torch.float64, device=_layers_device(params))
 
 
-@torch.library.register_fake("cblr_ext::probe_restore_")
 def _restore_fake(params, saved):
     return None
 
 
-def _register(module, dispatch_key):
-    for name in ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_"):
-        LIBRARY.impl(name, getattr(module, name), dispatch_key)
+for _namespace in ("cblr_ext", "cblr_ext_reference"):
+    for _name, _fake in zip(STEP_OPS, (_reduce_fake, _update_fake, _shift_fake, _restore_fake)):
+        torch.library.register_fake(f"{_namespace}::{_name}", _fake)
+
+
+def _register(module, dispatch_key, library=LIBRARY):
+    for name in STEP_OPS:
+        library.impl(name, getattr(module, name), dispatch_key)
 
 
 def _register_default_kernels():
     from .backends import reference
-    _register(reference, "CompositeExplicitAutograd")
+    for library in (LIBRARY, REFERENCE_LIBRARY):
+        _register(reference, "CompositeExplicitAutograd", library)
 
 
 def cuda_kernels_registered() -> bool:
     """Whether a kernel of every op is registered for the CUDA dispatch key."""
     return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"cblr_ext::{name}", "CUDA")
-               for name in ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_"))
+               for name in STEP_OPS)
 
 
 def _load_cuda_kernels():
@@ -128,3 +138,4 @@ except Exception as exc:  # a failed JIT build is a reason (backend "cpp" report
 CUDA_KERNELS, CUDA_LOAD_ERROR = _load_cuda_kernels()
 
 OPS = torch.ops.cblr_ext
+REFERENCE_OPS = torch.ops.cblr_ext_reference

@@ -1,8 +1,8 @@
 """torch.compile of whole training steps (forward, backward, ``opt.step()``).
 
-LARS and MCLR on every CPU backend that torch.compile traces: ``reference`` (plain torch
-ops, traced into the graph), ``cpp`` and ``auto`` (the ``torch.ops.cblr_ext`` ops, traced
-through their fakes).  ``triton`` on the CPU is not among them: the named backend calls
+LARS and MCLR on every CPU backend that torch.compile traces: ``reference`` (the
+``torch.ops.cblr_ext_reference`` ops: the reference kernels, opaque), ``cpp`` and ``auto``
+(the ``torch.ops.cblr_ext`` ops); all traced through the ops' fakes.  ``triton`` on the CPU is not among them: the named backend calls
 its Python wrappers directly and the interpreter runs each kernel as NumPy on the host,
 which dynamo would trace into (triton/runtime/interpreter.py) and break at every launch;
 on a GPU the Triton kernels sit behind the ops (test_gpu_* below).
@@ -12,6 +12,7 @@ which creates it, reads the skip flag on the host: a skipped step creates no sta
 not recompile when an LR scheduler moves a tensor lr, and leaves no warning; CBLR breaks
 only at its closure (forward and backward, user code).
 """
+import collections
 import warnings
 from pathlib import Path
 
@@ -159,8 +160,8 @@ def test_a_compiled_step_counts_skipped_steps_and_keeps_its_statistics(backend):
 
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_inductor_compiled_steps_match_eager(backend):
-    """The real lowering: inductor kernels for the reference's foreach passes, the C++
-    kernels called from inductor's graph (auto)."""
+    """The real lowering: the reference ops (reference) and the C++ kernels (auto) called
+    from inductor's graph."""
     backend = cpu_backend(backend)
     eager, compiled = Training("mclr", backend), Training("mclr", backend)
     step = torch.compile(compiled.step)
@@ -169,6 +170,31 @@ def test_inductor_compiled_steps_match_eager(backend):
         step()
     for a, b in zip(eager.params(), compiled.params()):
         assert max_rel_diff(a, b) < 1e-5
+
+
+@pytest.mark.parametrize("rule", RULES)
+def test_a_compiled_reference_step_is_the_same_graph_for_any_layer_count(rule):
+    """``backend="reference"`` calls the opaque ``torch.ops.cblr_ext_reference`` ops: the step
+    is one graph whose nodes (each op once, a few scalars) do not grow with the layers, so
+    neither does the compiler's work (ResNet-50's 161 tensors: bench/notes/compile.md)."""
+    nodes = {}
+    for layers in (3, 12):
+        params = [torch.nn.Parameter(torch.randn(5, 4)) for _ in range(layers)]
+        for p in params:
+            p.grad = torch.randn(5, 4)
+        opt = RULES[rule](params, lr=torch.tensor(0.1), momentum=0.9, backend="reference")
+        opt.step()  # the state exists
+        graphs = []
+
+        def keep(gm, example_inputs):
+            graphs.append(gm)
+            return gm.forward
+        torch._dynamo.reset()
+        torch.compile(opt.step, backend=keep)()
+        assert len(graphs) == 1
+        nodes[layers] = collections.Counter(str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function")
+    assert nodes[3] == nodes[12]
+    assert nodes[3]["cblr_ext_reference.layerwise_reduce"] == nodes[3]["cblr_ext_reference.layerwise_update_"] == 1
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])

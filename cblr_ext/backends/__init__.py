@@ -9,7 +9,7 @@ when the CUDA extension owns the CUDA key.  Everything here is resolved once per
 
 | backend | devices | kernels | updates a probe from the saved w_t |
 | --- | --- | --- | --- |
-| reference | any | ``backends/reference.py`` | no: restored before pass 1 |
+| reference | any | ``backends/reference.py`` (``torch.ops.cblr_ext_reference``) | no: restored before pass 1 |
 | cpp | cpu | csrc/ (``TORCH_LIBRARY_IMPL(cblr_ext, CPU)``) | yes |
 | triton | cuda (cpu: ``TRITON_INTERPRET=1``) | ``backends/triton.py`` + ``cblr_ext.kernels`` | no |
 | cuda | cuda (fp32, fp16, bf16) | csrc/cuda/ (``cblr_ext._C_cuda``, ``TORCH_LIBRARY_IMPL(cblr_ext, CUDA)``) | yes |
@@ -73,9 +73,8 @@ def _reason(name: str, device: torch.device) -> Optional[str]:
 
 def _make(name: str, device: torch.device) -> Backend:
     from .. import ops
-    if name == "reference":
-        from . import reference
-        return Backend(name, reference, updates_from_saved=False)
+    if name == "reference":  # the reference kernels as opaque ops (one graph node each)
+        return Backend(name, ops.REFERENCE_OPS, updates_from_saved=False)
     if name == "cpp":
         from . import cpp
         return Backend(name, ops.OPS, updates_from_saved=True, module=cpp)
@@ -149,8 +148,8 @@ def resolve_ops(backend):
         from .. import ops
         return ops.OPS
     if backend == "reference":
-        from . import reference
-        return reference
+        from .. import ops
+        return ops.REFERENCE_OPS
     if backend == "triton":
         from . import triton
         return triton
