@@ -72,3 +72,16 @@ def test_lr_points_take_the_grid_centre():
     config.lr_points = 6
     with pytest.raises(ValueError, match="lr_points"):
         config.lr_grid("MCLR")
+
+
+def test_screen_presets_hold_their_round_and_the_full_study_none_of_it():
+    from cblr_ext.experiments.optimizers import OPTIMIZERS
+    round1, round2 = preset_config("mnist1d-edge"), preset_config("mnist1d-edge2")
+    assert "LARS-edge" in round1.optimizers and "LARS-edge2" in round2.optimizers
+    assert not set(round1.optimizers) & set(round2.optimizers)
+    assert round1.select == round2.select == "mean"
+    full = preset_config("full").optimizers
+    assert not set(full) & (set(round1.optimizers) | set(round2.optimizers))
+    assert set(full) | set(round1.optimizers) | set(round2.optimizers) == set(OPTIMIZERS)
+    # a ×√2 grid: five points, the centre in the middle
+    assert round2.lr_grid("CBLR-cap2-edge2") == pytest.approx((0.8, 0.8 * 2 ** 0.5, 1.6, 1.6 * 2 ** 0.5, 3.2))
