@@ -52,15 +52,52 @@ def test_lars_bias_ratio_is_the_lars_formula():
     assert stats["0.bias"]["ratio"] == pytest.approx(float(expected), rel=1e-5)
 
 
+# The defaults before issue 21's second sweep: MCLR without the EMA, CBLR without a bound.
+_OLD = {LARS: dict(exclude_1d=True, max_ratio=None), MCLR: dict(exclude_1d=True, max_ratio=None, curvature_ema=0.0),
+        CBLR: dict(exclude_1d=True, max_ratio=None, curvature_ema=0.5)}
+
+
 @pytest.mark.parametrize("cls", [LARS, MCLR, CBLR])
 def test_old_defaults_stay_reachable(cls):
     model = _model()
-    opt = cls(model.parameters(), exclude_1d=True, max_ratio=None)
-    assert opt.defaults["exclude_1d"] is True and opt.defaults["max_ratio"] is None
+    opt = cls(model.parameters(), **_OLD[cls])
+    assert all(opt.defaults[k] == v for k, v in _OLD[cls].items())
     opt = cls(model.parameters(), exclude_1d=False)
     assert opt.defaults["exclude_1d"] is False
 
 
 def test_rule_defaults_table():
-    assert {rule: (d["exclude_1d"], d["max_ratio"]) for rule, d in RULE_DEFAULTS.items()} == {
-        "lars": (False, None), "mclr": (False, 1.0), "cblr": (True, None)}
+    assert {rule: (d["exclude_1d"], d["max_ratio"], d["curvature_ema"]) for rule, d in RULE_DEFAULTS.items()} == {
+        "lars": (False, None, 0.0), "mclr": (False, 1.0, 0.5), "cblr": (True, 2.0, 0.5)}
+
+
+def _run(cls, steps, power=2, **options):
+    """``steps`` steps on 0.05·Σ w_i^power; power 2: curvature 0.1, so CBLR's r = η/κ = 10
+    unbounded; power 4: MCLR's quotients |g_i|/|w_i| = 0.2·w_i² shrink with w."""
+    w = torch.nn.Parameter(torch.linspace(0.5, 2.0, 16).reshape(4, 4))
+    opt = cls([w], lr=0.1, backend="reference", **options)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.05 * w.pow(power).sum()
+        loss.backward()
+        return loss
+    ratios = []
+    for _ in range(steps):
+        opt.step(closure)
+        ratios.append(opt.layer_stats()["0.0"]["ratio"])
+    return w.detach(), ratios
+
+
+def test_cblr_ratio_is_bounded_by_two_by_default():
+    _, unbounded = _run(CBLR, 3, max_ratio=None)
+    assert unbounded[-1] == pytest.approx(10.0, rel=1e-4)     # η/κ̄ with κ̄ = c once measured
+    _, bounded = _run(CBLR, 3)
+    assert bounded[-1] == 2.0
+
+
+def test_mclr_curvature_ema_is_a_half_by_default():
+    default, _ = _run(MCLR, 4, power=4)
+    explicit, _ = _run(MCLR, 4, power=4, curvature_ema=0.5)
+    without, _ = _run(MCLR, 4, power=4, curvature_ema=0.0)
+    assert torch.equal(default, explicit) and not torch.equal(default, without)

@@ -45,6 +45,6 @@ def test_unbounded_ratio_stays_reachable(backend):
 def test_default_bounds_per_rule():
     p = [torch.nn.Parameter(torch.ones(2, 2))]
     assert MCLR(p).defaults["max_ratio"] == 1.0
-    assert LARS(p).defaults["max_ratio"] is None and CBLR(p).defaults["max_ratio"] is None
+    assert LARS(p).defaults["max_ratio"] is None and CBLR(p).defaults["max_ratio"] == 2.0
     assert MCLR(p, max_ratio=5.0).defaults["max_ratio"] == 5.0
     assert repr(MCLR.__init__.__defaults__).count("RULE_DEFAULT") >= 1

@@ -58,14 +58,18 @@ OPTIMIZERS = {
 _CANDIDATES = {
     "LARS-x1d": (LARS, dict(exclude_1d=True), (2.0, 4.0, 8.0, 16.0, 32.0)),
     "LARS-all": (LARS, dict(exclude_1d=False), (8.0, 16.0, 32.0, 64.0, 128.0)),
-    "MCLR-x1d": (MCLR, dict(exclude_1d=True, max_ratio=None), (1.0, 2.0, 4.0, 8.0, 16.0)),
-    "MCLR-x1d-cap1": (MCLR, dict(exclude_1d=True, max_ratio=1.0), (1.0, 2.0, 4.0, 8.0, 16.0)),
-    "MCLR-all": (MCLR, dict(exclude_1d=False, max_ratio=None), (4.0, 8.0, 16.0, 32.0, 64.0)),
-    "MCLR-all-cap1": (MCLR, dict(exclude_1d=False, max_ratio=1.0), (4.0, 8.0, 16.0, 32.0, 64.0)),
+    "MCLR-x1d": (MCLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=None), (1.0, 2.0, 4.0, 8.0, 16.0)),
+    "MCLR-x1d-cap1": (MCLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=1.0), (1.0, 2.0, 4.0, 8.0, 16.0)),
+    "MCLR-all": (MCLR, dict(exclude_1d=False, curvature_ema=0.0, max_ratio=None), (4.0, 8.0, 16.0, 32.0, 64.0)),
+    "MCLR-all-cap1": (MCLR, dict(exclude_1d=False, curvature_ema=0.0, max_ratio=1.0), (4.0, 8.0, 16.0, 32.0, 64.0)),
     "MCLR-all-ema0.9": (MCLR, dict(exclude_1d=False, curvature_ema=0.9, max_ratio=None), (4.0, 8.0, 16.0, 32.0, 64.0)),
-    "CBLR-x1d": (CBLR, dict(exclude_1d=True), (0.1, 0.2, 0.4, 0.8, 1.6)),
-    "CBLR-all": (CBLR, dict(exclude_1d=False), (0.1, 0.2, 0.4, 0.8, 1.6)),
-    "CBLR-all-ema0.9": (CBLR, dict(exclude_1d=False, curvature_ema=0.9), (0.1, 0.2, 0.4, 0.8, 1.6)),
+    "MCLR-all-cap1-ema0": (MCLR, dict(exclude_1d=False, curvature_ema=0.0, max_ratio=1.0), (2.0, 4.0, 8.0, 16.0, 32.0)),
+    "MCLR-all-cap1-ema0.5": (MCLR, dict(exclude_1d=False, curvature_ema=0.5, max_ratio=1.0), (2.0, 4.0, 8.0, 16.0, 32.0)),
+    "CBLR-x1d": (CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=None), (0.1, 0.2, 0.4, 0.8, 1.6)),
+    "CBLR-all": (CBLR, dict(exclude_1d=False, curvature_ema=0.5, max_ratio=None), (0.1, 0.2, 0.4, 0.8, 1.6)),
+    "CBLR-all-ema0.9": (CBLR, dict(exclude_1d=False, curvature_ema=0.9, max_ratio=None), (0.1, 0.2, 0.4, 0.8, 1.6)),
+    "CBLR-x1d-nocap": (CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=None), CBLR_GRID),
+    "CBLR-x1d-cap2": (CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=2.0), CBLR_GRID),
 }
 OPTIMIZERS.update({name: OptimizerSpec(name, _layerwise(cls, **options), grid, None)
                    for name, (cls, options, grid) in _CANDIDATES.items()})

@@ -20,7 +20,7 @@ PRESETS = {
     # the sweep behind the defaults (docs/experiments.md, "MNIST-1D")
     "mnist1d": dict(tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [256, 1024, 4096, 8192]},
                     epochs={"mnist1d": 30}, optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], variants=["plain"],
-                    seeds=3),
+                    seeds=3, select="mean"),
     # the ×√2 screen near each rule's edge at batch 4096, every lr on every seed, two rounds
     **{f"mnist1d-edge{'' if k == 1 else k}": dict(
         tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [4096]}, epochs={"mnist1d": 30},
