@@ -52,7 +52,8 @@ def test_lars_bias_ratio_is_the_lars_formula():
     assert stats["0.bias"]["ratio"] == pytest.approx(float(expected), rel=1e-5)
 
 
-# The defaults before issue 21's second sweep: MCLR without the EMA, CBLR without a bound.
+# Every earlier default: 1-D tensors excluded (until issue 21), MCLR without the EMA and CBLR
+# without a bound (until the ×√2 screen).
 _OLD = {LARS: dict(exclude_1d=True, max_ratio=None), MCLR: dict(exclude_1d=True, max_ratio=None, curvature_ema=0.0),
         CBLR: dict(exclude_1d=True, max_ratio=None, curvature_ema=0.5)}
 
