@@ -80,7 +80,7 @@ def test_mclr_two_steps_median_of_quotients():
     g2 = [3.0, 1.0, 1.0, 1.0, 1.0]
     q = sorted(abs(gi) / abs(wi) for gi, wi in zip(g2, w1) if wi != 0)
     m = q[(len(q) + 1) // 2 - 1]
-    r2 = eta / (m + eps)
+    r2 = eta / (0.5 * (0.25 + eps) + 0.5 * (m + eps))    # κ̄ with MCLR's default ρ = 0.5
     set_grad(p, g2)
     opt.step()
     assert_close(p, [wi - lr * r2 * gi for wi, gi in zip(w1, g2)], rtol=1e-5)
