@@ -40,3 +40,15 @@ def test_command_writes_figures_and_json(tmp_path, capsys):
     document = json.loads((tmp_path / "diagnosis.json").read_text())
     assert set(document) == {"LARS-x1d", "MCLR-all", "CBLR-all"}
     assert "LARS-x1d lr 4: val" in capsys.readouterr().out
+
+
+def test_seed_option_records_that_seed(tmp_path):
+    pytest.importorskip("sklearn")
+    assert diagnose.main(["--out", str(tmp_path), "--task", "digits/mlp", "--batch-size", "512", "--epochs", "1",
+                          "--runs", "LARS-all=4", "--seed", "1"]) == 0
+    document = json.loads((tmp_path / "diagnosis.json").read_text())["LARS-all"]
+    assert document["spec"]["seed"] == 1
+    ratios = {seed: diagnose.record(RunSpec("digits", "mlp", "LARS-all", 4.0, 512, 1, seed))["layers"]["1.weight"]["ratio"]
+              for seed in (0, 1)}
+    assert document["layers"]["1.weight"]["ratio"] == pytest.approx(ratios[1], rel=1e-12)
+    assert ratios[0] != ratios[1]

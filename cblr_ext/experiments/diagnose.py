@@ -105,13 +105,14 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=4096)
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--runs", nargs="+", metavar="OPTIMIZER=LR", help="the runs (default: docs/experiments.md's)")
+    p.add_argument("--seed", type=int, default=0, help="the seed of every run")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     dataset, _, model = args.task.partition("/")
     runs = [(r.split("=")[0], float(r.split("=")[1])) for r in args.runs] if args.runs else RUNS
     recorded = {}
     for name, lr in runs:
-        recorded[name] = record(RunSpec(dataset, model, name, lr, args.batch_size, args.epochs, 0))
+        recorded[name] = record(RunSpec(dataset, model, name, lr, args.batch_size, args.epochs, args.seed))
         print(f"{name} lr {lr:g}: val {100 * recorded[name]['val_acc']:.1f}%  test {100 * recorded[name]['test_acc']:.1f}%")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "diagnosis.json"), "w") as f:
