@@ -30,8 +30,9 @@ RULE_DEFAULT = _RuleDefault()
 
 # The rule-specific defaults come from docs/algorithm.md ("Defaults"), measured in
 # docs/experiments.md.  MCLR's ratio is bounded: r = η/(m + ε) grows without limit as the
-# median quotient m → 0 (issue 20, item 10); CBLR's too, as its hidden layers' r = 1/κ̄ runs
-# at 2–6 where the output layer's is 0.1–0.4; MCLR smooths its noisy one-step median (ρ = 0.5).
+# median quotient m → 0 (issue 20, item 10).  CBLR's too: a long step lands where the secant
+# along it measures a smaller κ, r = 1/κ̄ grows and the next step is longer; MCLR's EMA
+# (ρ = 0.5) damps the same loop.
 # A layer that is not adapted steps γ·d (r = 1): right at CBLR's γ (a fraction of the
 # Newton step, SGD's scale), ~10³ too long at the γ of LARS and MCLR (η = 1e-3), so these
 # two adapt 1-D tensors too.
