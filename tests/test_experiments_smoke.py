@@ -76,12 +76,15 @@ def test_lr_points_take_the_grid_centre():
 
 def test_screen_presets_hold_their_round_and_the_full_study_none_of_it():
     from cblr_ext.experiments.optimizers import OPTIMIZERS
-    round1, round2 = preset_config("mnist1d-edge"), preset_config("mnist1d-edge2")
+    rounds = [preset_config(name) for name in ("mnist1d-edge", "mnist1d-edge2", "mnist1d-edge3")]
+    round1, round2, round3 = rounds
     assert "LARS-edge" in round1.optimizers and "LARS-edge2" in round2.optimizers
-    assert not set(round1.optimizers) & set(round2.optimizers)
-    assert round1.select == round2.select == "mean"
+    assert "CBLR-cap3-edge3" in round3.optimizers
+    screened = [set(r.optimizers) for r in rounds]
+    assert sum(map(len, screened)) == len(set().union(*screened))     # each in one round
+    assert all(r.select == "mean" for r in rounds)
     full = preset_config("full").optimizers
-    assert not set(full) & (set(round1.optimizers) | set(round2.optimizers))
-    assert set(full) | set(round1.optimizers) | set(round2.optimizers) == set(OPTIMIZERS)
+    assert not set(full) & set().union(*screened)
+    assert set(full) | set().union(*screened) == set(OPTIMIZERS)
     # a ×√2 grid: five points, the centre in the middle
     assert round2.lr_grid("CBLR-cap2-edge2") == pytest.approx((0.8, 0.8 * 2 ** 0.5, 1.6, 1.6 * 2 ** 0.5, 3.2))

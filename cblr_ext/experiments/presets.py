@@ -1,6 +1,7 @@
 """The sweeps ``--preset`` names: "quick" (the package's main job, a few minutes on 2 cores),
 "full" (the study in docs/experiments.md), "mnist1d" (the sweep behind the defaults) and
-"mnist1d-edge", "mnist1d-edge2" (the two rounds of the ×√2 screen of issue 21)."""
+"mnist1d-edge", "mnist1d-edge2", "mnist1d-edge3" (the three rounds of the ×√2 screen of
+issue 21)."""
 from .optimizers import EDGE_ROUNDS, OPTIMIZERS
 from .run import VARIANTS
 from .sweep import SweepConfig
@@ -21,7 +22,7 @@ PRESETS = {
     "mnist1d": dict(tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [256, 1024, 4096, 8192]},
                     epochs={"mnist1d": 30}, optimizers=["SGD", "LARS", "MCLR", "CBLR-k1"], variants=["plain"],
                     seeds=3, select="mean"),
-    # the ×√2 screen near each rule's edge at batch 4096, every lr on every seed, two rounds
+    # the ×√2 screen near each rule's edge at batch 4096, every lr on every seed, three rounds
     **{f"mnist1d-edge{'' if k == 1 else k}": dict(
         tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [4096]}, epochs={"mnist1d": 30},
         optimizers=list(names), variants=["plain"], seeds=3, select="mean") for k, names in EDGE_ROUNDS.items()},
