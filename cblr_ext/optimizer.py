@@ -95,7 +95,7 @@ class LayerwiseOptimizer(Optimizer):
         eps: ε of the curvature rules.
         exclude_1d: 0-d and 1-D tensors (biases, norms) are not adapted (r = 1); by default
             False for LARS and MCLR, True for CBLR (docs/algorithm.md, "Defaults").
-        curvature_ema: ρ of κ̄ = ρ·κ̄ + (1−ρ)·κ; by default 0 for LARS, 0.5 for MCLR and CBLR.
+        curvature_ema: ρ of κ̄ = ρ·κ̄ + (1−ρ)·κ; by default 0.5 for MCLR, 0 for LARS and CBLR.
         max_ratio: upper bound on r, or None (no bound); by default None for LARS, 1 for
             MCLR, 2 for CBLR (docs/algorithm.md, "Defaults").
         fallback_trust: η_F of the LARS fallback ratio.
@@ -519,7 +519,7 @@ class MCLR(LayerwiseOptimizer):
 
 class CBLR(LayerwiseOptimizer):
     """Curvature-based LR: κ = (‖d(w) − d(w + s_{t−1})‖ + ε) / ‖s_{t−1}‖ measured with
-    ``step(closure)`` on the same mini-batch; η defaults to 1, ρ to 0.5, r_max to 2."""
+    ``step(closure)`` on the same mini-batch; η defaults to 1, ρ to 0, r_max to 2."""
 
     rule = "cblr"
 

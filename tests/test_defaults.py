@@ -53,7 +53,7 @@ def test_lars_bias_ratio_is_the_lars_formula():
 
 
 # Every earlier default: 1-D tensors excluded (until issue 21), MCLR without the EMA and CBLR
-# without a bound (until the ×√2 screen).
+# with it (ρ = 0.5) and without a bound (until the ×√2 screen).
 _OLD = {LARS: dict(exclude_1d=True, max_ratio=None), MCLR: dict(exclude_1d=True, max_ratio=None, curvature_ema=0.0),
         CBLR: dict(exclude_1d=True, max_ratio=None, curvature_ema=0.5)}
 
@@ -69,7 +69,7 @@ def test_old_defaults_stay_reachable(cls):
 
 def test_rule_defaults_table():
     assert {rule: (d["exclude_1d"], d["max_ratio"], d["curvature_ema"]) for rule, d in RULE_DEFAULTS.items()} == {
-        "lars": (False, None, 0.0), "mclr": (False, 1.0, 0.5), "cblr": (True, 2.0, 0.5)}
+        "lars": (False, None, 0.0), "mclr": (False, 1.0, 0.5), "cblr": (True, 2.0, 0.0)}
 
 
 def _run(cls, steps, power=2, **options):

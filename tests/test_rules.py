@@ -178,10 +178,10 @@ def test_cblr_three_steps_secant_of_a_quadratic():
     a, w0 = [1.0, 4.0], [1.0, 1.0]
     beta, eta, lr, rho, eta_f, eps = 0.1, 1.0, 0.5, 0.5, 0.01, 0.0
     p = layer(w0, torch.float64)
-    opt = CBLR([p], lr=lr, weight_decay=beta, eps=eps, fallback_trust=eta_f, backend="reference")
+    opt = CBLR([p], lr=lr, weight_decay=beta, eps=eps, fallback_trust=eta_f, curvature_ema=rho, backend="reference")
     calls = []
     closure = quadratic_closure(p, a, opt, calls)
-    assert opt.param_groups[0]["trust_coefficient"] == eta and opt.param_groups[0]["curvature_ema"] == rho
+    assert opt.param_groups[0]["trust_coefficient"] == eta   # CBLR's default η
 
     # step 0: no previous step -> LARS fallback
     g0 = [ai * wi for ai, wi in zip(a, w0)]

@@ -70,6 +70,7 @@ _CANDIDATES = {
     "CBLR-all-ema0.9": (CBLR, dict(exclude_1d=False, curvature_ema=0.9, max_ratio=None), (0.1, 0.2, 0.4, 0.8, 1.6)),
     "CBLR-x1d-nocap": (CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=None), CBLR_GRID),
     "CBLR-x1d-cap2": (CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=2.0), CBLR_GRID),
+    "CBLR-x1d-cap2-ema0": (CBLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=2.0), CBLR_GRID),
 }
 OPTIMIZERS.update({name: OptimizerSpec(name, _layerwise(cls, **options), grid, None)
                    for name, (cls, options, grid) in _CANDIDATES.items()})
