@@ -88,3 +88,16 @@ def test_screen_presets_hold_their_round_and_the_full_study_none_of_it():
     assert set(full) | set().union(*screened) == set(OPTIMIZERS)
     # a ×√2 grid: five points, the centre in the middle
     assert round2.lr_grid("CBLR-cap2-edge2") == pytest.approx((0.8, 0.8 * 2 ** 0.5, 1.6, 1.6 * 2 ** 0.5, 3.2))
+
+
+def test_screened_entries_name_every_rule_dependent_option():
+    """A candidate or screen entry keeps its meaning when the defaults change (issue 21 changed
+    them twice): each names exclude_1d, curvature_ema and max_ratio."""
+    from cblr_ext import LayerwiseOptimizer
+    from cblr_ext.experiments import optimizers as o
+    entries = {name: (cls, opts) for name, (cls, opts, _) in o._CANDIDATES.items()}
+    entries.update({name: (cls, opts) for name, (_, cls, opts, _, _) in o._EDGE.items()})
+    layerwise = {name: opts for name, (cls, opts) in entries.items() if issubclass(cls, LayerwiseOptimizer)}
+    assert len(layerwise) == len(entries) - 1          # all but SGD-edge
+    missing = {name: set(o.SCREENED_OPTIONS) - set(opts) for name, opts in layerwise.items()}
+    assert not any(missing.values()), missing

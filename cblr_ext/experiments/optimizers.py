@@ -53,11 +53,12 @@ OPTIMIZERS = {
     "CBLR-k16": OptimizerSpec("CBLR-k16", _cblr(16), CBLR_GRID, None),
 }
 
-# Candidates for the defaults (docs/experiments.md, "Defaults"): each names every option it
-# sets, so its meaning does not change when the package's defaults do.
+# Candidates for the defaults (docs/experiments.md, "MNIST-1D"): each names every option
+# whose default depends on the rule, so its meaning does not change when the defaults do.
+SCREENED_OPTIONS = ("exclude_1d", "curvature_ema", "max_ratio")
 _CANDIDATES = {
-    "LARS-x1d": (LARS, dict(exclude_1d=True), (2.0, 4.0, 8.0, 16.0, 32.0)),
-    "LARS-all": (LARS, dict(exclude_1d=False), (8.0, 16.0, 32.0, 64.0, 128.0)),
+    "LARS-x1d": (LARS, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=None), (2.0, 4.0, 8.0, 16.0, 32.0)),
+    "LARS-all": (LARS, dict(exclude_1d=False, curvature_ema=0.0, max_ratio=None), (8.0, 16.0, 32.0, 64.0, 128.0)),
     "MCLR-x1d": (MCLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=None), (1.0, 2.0, 4.0, 8.0, 16.0)),
     "MCLR-x1d-cap1": (MCLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=1.0), (1.0, 2.0, 4.0, 8.0, 16.0)),
     "MCLR-all": (MCLR, dict(exclude_1d=False, curvature_ema=0.0, max_ratio=None), (4.0, 8.0, 16.0, 32.0, 64.0)),
@@ -85,28 +86,30 @@ def root2_grid(centre: float) -> Tuple[float, ...]:
 # centres each grid between the best γ of the ×2 grid and the next point down (the best
 # sat at the edge: the next point up diverged); round 2 moves the grids whose best was at
 # an end, and bounds CBLR's and MCLR's ratios (r_max), which round 1 found to matter;
-# round 3 brackets the defaults chosen from them.  Options that differ from today's
-# defaults are named, as the candidates above name theirs.
+# round 3 brackets the defaults chosen from them.  Like the candidates above, each entry
+# names every option whose default depends on the rule (SCREENED_OPTIONS).
 _EDGE = {
     "SGD-edge": (1, torch.optim.SGD, {}, 0.025, "linear"),
-    "LARS-edge": (1, LARS, {}, 32.0 * 2 ** 0.5, None),
-    "MCLR-edge": (1, MCLR, dict(curvature_ema=0.0), 8.0 * 2 ** 0.5, None),
-    "MCLR-ema0.5-edge": (1, MCLR, dict(curvature_ema=0.5), 8.0 * 2 ** 0.5, None),
-    "CBLR-edge": (1, CBLR, dict(max_ratio=None), 0.8 * 2 ** 0.5, None),
-    "CBLR-ema0.9-edge": (1, CBLR, dict(curvature_ema=0.9, max_ratio=None), 0.8 * 2 ** 0.5, None),
-    "CBLR-cap2-edge": (1, CBLR, dict(max_ratio=2.0), 0.8 * 2 ** 0.5, None),
-    "LARS-edge2": (2, LARS, {}, 64.0 * 2 ** 0.5, None),
-    "CBLR-cap1-edge2": (2, CBLR, dict(max_ratio=1.0), 1.6 * 2 ** 0.5, None),
-    "CBLR-cap2-edge2": (2, CBLR, dict(max_ratio=2.0), 1.6, None),
-    "CBLR-cap4-edge2": (2, CBLR, dict(max_ratio=4.0), 1.6, None),
-    "CBLR-cap2-ema0.9-edge2": (2, CBLR, dict(max_ratio=2.0, curvature_ema=0.9), 1.6, None),
-    "MCLR-ema0.5-cap0.25-edge2": (2, MCLR, dict(curvature_ema=0.5, max_ratio=0.25), 16.0 * 2 ** 0.5, None),
-    "MCLR-ema0.5-cap0.1-edge2": (2, MCLR, dict(curvature_ema=0.5, max_ratio=0.1), 32.0 * 2 ** 0.5, None),
-    "CBLR-cap3-edge3": (3, CBLR, dict(max_ratio=3.0, curvature_ema=0.5), 1.6, None),
-    "CBLR-cap2-ema0-edge3": (3, CBLR, dict(max_ratio=2.0, curvature_ema=0.0), 1.6, None),
-    "CBLR-cap2-all-edge3": (3, CBLR, dict(max_ratio=2.0, curvature_ema=0.5, exclude_1d=False), 1.6, None),
-    "MCLR-ema0.3-edge3": (3, MCLR, dict(curvature_ema=0.3, max_ratio=1.0), 16.0, None),
-    "MCLR-ema0.7-edge3": (3, MCLR, dict(curvature_ema=0.7, max_ratio=1.0), 16.0, None),
+    "LARS-edge": (1, LARS, dict(exclude_1d=False, curvature_ema=0.0, max_ratio=None), 32.0 * 2 ** 0.5, None),
+    "MCLR-edge": (1, MCLR, dict(exclude_1d=False, curvature_ema=0.0, max_ratio=1.0), 8.0 * 2 ** 0.5, None),
+    "MCLR-ema0.5-edge": (1, MCLR, dict(exclude_1d=False, curvature_ema=0.5, max_ratio=1.0), 8.0 * 2 ** 0.5, None),
+    "CBLR-edge": (1, CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=None), 0.8 * 2 ** 0.5, None),
+    "CBLR-ema0.9-edge": (1, CBLR, dict(exclude_1d=True, curvature_ema=0.9, max_ratio=None), 0.8 * 2 ** 0.5, None),
+    "CBLR-cap2-edge": (1, CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=2.0), 0.8 * 2 ** 0.5, None),
+    "LARS-edge2": (2, LARS, dict(exclude_1d=False, curvature_ema=0.0, max_ratio=None), 64.0 * 2 ** 0.5, None),
+    "CBLR-cap1-edge2": (2, CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=1.0), 1.6 * 2 ** 0.5, None),
+    "CBLR-cap2-edge2": (2, CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=2.0), 1.6, None),
+    "CBLR-cap4-edge2": (2, CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=4.0), 1.6, None),
+    "CBLR-cap2-ema0.9-edge2": (2, CBLR, dict(exclude_1d=True, curvature_ema=0.9, max_ratio=2.0), 1.6, None),
+    "MCLR-ema0.5-cap0.25-edge2": (2, MCLR, dict(exclude_1d=False, curvature_ema=0.5, max_ratio=0.25), 16 * 2 ** 0.5,
+                                  None),
+    "MCLR-ema0.5-cap0.1-edge2": (2, MCLR, dict(exclude_1d=False, curvature_ema=0.5, max_ratio=0.1), 32 * 2 ** 0.5,
+                                 None),
+    "CBLR-cap3-edge3": (3, CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=3.0), 1.6, None),
+    "CBLR-cap2-ema0-edge3": (3, CBLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=2.0), 1.6, None),
+    "CBLR-cap2-all-edge3": (3, CBLR, dict(exclude_1d=False, curvature_ema=0.5, max_ratio=2.0), 1.6, None),
+    "MCLR-ema0.3-edge3": (3, MCLR, dict(exclude_1d=False, curvature_ema=0.3, max_ratio=1.0), 16.0, None),
+    "MCLR-ema0.7-edge3": (3, MCLR, dict(exclude_1d=False, curvature_ema=0.7, max_ratio=1.0), 16.0, None),
 }
 EDGE_ROUNDS = {k: tuple(name for name, spec in _EDGE.items() if spec[0] == k) for k in (1, 2, 3)}
 OPTIMIZERS.update({name: OptimizerSpec(name, _layerwise(cls, **options), root2_grid(centre), rule)

@@ -1,6 +1,5 @@
 """Issue 21's defaults against the earlier ones, interleaved in one process: MCLR ρ = 0 vs 0.5,
 CBLR r_max = None vs 2 (full-size ResNet-50 tensors, backend cpp, median of 25 steps after 3)."""
-import itertools
 import json
 import statistics
 import time
