@@ -13,7 +13,9 @@ torch.manual_seed(0)
 SHAPES = [s for _, s in suites.get("resnet50").shapes]
 CASES = {
     "MCLR ρ=0 (A)": (cblr_ext.MCLR, dict(curvature_ema=0.0)), "MCLR ρ=0.5 (B)": (cblr_ext.MCLR, dict(curvature_ema=0.5)),
-    "CBLR r_max=None (A)": (cblr_ext.CBLR, dict(max_ratio=None)), "CBLR r_max=2 (B)": (cblr_ext.CBLR, dict(max_ratio=2.0)),
+    # CBLR at ρ = 0.5, its default when this ran (the CBLR default is ρ = 0 since)
+    "CBLR r_max=None (A)": (cblr_ext.CBLR, dict(max_ratio=None, curvature_ema=0.5)),
+    "CBLR r_max=2 (B)": (cblr_ext.CBLR, dict(max_ratio=2.0, curvature_ema=0.5)),
 }
 
 
