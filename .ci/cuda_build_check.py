@@ -44,7 +44,7 @@ def check_registration():
     assert torch.version.cuda is not None, f"torch {torch.__version__} has no CUDA"
     print(f"   torch {torch.__version__} (CUDA {torch.version.cuda}), cblr_ext from {Path(cblr_ext.__file__).parent}")
     assert ops.LOAD_ERROR is None, f"the CPU extension did not load: {ops.LOAD_ERROR}"
-    assert ops.CUDA_KERNELS == "cuda", f"the CUDA extension did not load: {ops.CUDA_LOAD_ERROR}"
+    assert ops.cuda_kernels() == "cuda", f"the CUDA extension did not load: {ops.CUDA_LOAD_ERROR}"
     for name in OPS:
         for key in ("CUDA", "CPU", "CompositeExplicitAutograd"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cblr_ext::{name}", key), (name, key)

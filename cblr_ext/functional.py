@@ -20,43 +20,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Columns of Reduction.sums (fp64): Σw², Σg² of the step's inputs; the CBLR secant's
-# Σ(d(w_t) − d(w_t + s))² and Σs².  0 where not taken (see the flags).
-SUM_W2, SUM_G2, SUM_DIFF2, SUM_STEP2 = range(4)
-SUM_COLUMNS = 4
-# Columns of Reduction.flags (bool): the layer measures κ this step; Σw², Σg² were taken
-# (else the update takes them); the median was taken (MCLR); g holds a NaN or Inf.
-FLAG_MEASURED, FLAG_NORMS, FLAG_MEDIAN, FLAG_NONFINITE = range(4)
-FLAG_COLUMNS = 4
-
-# The per-layer scalars' dtype: κ̄ and the lag stash in the state, the statistics
-# (layer_math: fp64 so that no norm or curvature of finite fp32 input overflows).
-SCALAR_DTYPE = torch.float64
-# Columns of the per-layer statistics ([L, 7], SCALAR_DTYPE) returned by ``layerwise_update_``.
-STAT_NAMES = ("w_norm", "g_norm", "step_norm", "kappa", "ratio", "alpha", "fallback")
-STAT_COLUMNS = len(STAT_NAMES)
-
-
-@dataclass
-class Reduction:
-    """Pass 1 of one group: ``sums`` [L, 4] fp64, ``median`` [L] fp32 (the lower median of
-    the quotients |d_i|/|w_i|, bf16-truncated for median="approx"; NaN when the layer has
-    no quotient or a NaN one; 0 where not taken), ``flags`` [L, 4] bool."""
-
-    sums: Tensor
-    median: Tensor
-    flags: Tensor
-
-    @property
-    def nonfinite(self) -> Tensor:
-        return self.flags[:, FLAG_NONFINITE]
-
-    @property
-    def measured(self) -> Tensor:
-        return self.flags[:, FLAG_MEASURED]
-
-    def tensors(self) -> tuple:
-        return self.sums, self.median, self.flags
+from .backends import resolve_ops
+# The contract's names, as the functional API's users read them (F.Reduction, F.SUM_W2, ...).
+from .contract import (FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NONFINITE, FLAG_NORMS,  # noqa: F401
+                       SCALAR_DTYPE, STAT_COLUMNS, STAT_NAMES, SUM_COLUMNS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2,
+                       Reduction, state_dtype)
 
 
 @dataclass(frozen=True)
@@ -108,11 +76,6 @@ class LayerState:
     lagged_valid: list = field(default_factory=list)
 
 
-def state_dtype(param: Tensor) -> torch.dtype:
-    """Math and optimizer state run in fp32 at least (fp64 stays fp64)."""
-    return torch.promote_types(param.dtype, torch.float32)
-
-
 def lr_value(lr, device) -> Tensor:
     """γ as an fp32 0-d tensor on ``device`` (a tensor lr is never read on the host)."""
     if isinstance(lr, Tensor):
@@ -124,11 +87,6 @@ def empty_workspace(device) -> Tensor:
     """The workspace of a backend that keeps none (inductor mis-lowers an op whose only
     mutable argument is None, torch 2.13)."""
     return torch.empty(0, dtype=torch.uint8, device=device)
-
-
-def _ops(backend):
-    from .backends import resolve_ops
-    return resolve_ops(backend)
 
 
 def layerwise_reduce(rule: str, params: list, grads: list, ages: list, adapt: list, hp: Hyperparams, *,
@@ -144,7 +102,7 @@ def layerwise_reduce(rule: str, params: list, grads: list, ages: list, adapt: li
     """
     n = len(params)
     device = params[0].device
-    return Reduction(*_ops(backend).layerwise_reduce(
+    return Reduction(*resolve_ops(backend).layerwise_reduce(
         rule, params, grads, ages, [bool(a) for a in adapt],
         [False] * n if lagged_valid is None else list(lagged_valid),
         [] if probe_grads is None else list(probe_grads), [] if probe_steps is None else list(probe_steps),
@@ -162,7 +120,7 @@ def layerwise_update_(rule: str, params: list, grads: list, state: LayerState, a
     restored to it when the step is skipped); ``grad_scale`` as for ``layerwise_reduce``."""
     n = len(params)
     device = params[0].device
-    return _ops(backend).layerwise_update_(
+    return resolve_ops(backend).layerwise_update_(
         rule, params, grads, state.momentum_buffers, state.prev_steps, state.kappas, state.ages, state.lagged,
         list(state.lagged_valid) if state.lagged_valid else [False] * n,
         [] if saved is None else list(saved), [bool(a) for a in adapt], *reduction.tensors(),
@@ -177,10 +135,10 @@ def probe_shift_(params: list, steps: list, saved: list, displacements: list, *,
     """saved ← w, w ← w + s (s rounded to w's dtype, the sum to w's), displacements ← the
     realised displacement fl(w + s) − w (state dtype: what CBLR's secant divides by);
     returns Σw_t² per layer (fp64)."""
-    return _ops(backend).probe_shift_(params, steps, saved, displacements)
+    return resolve_ops(backend).probe_shift_(params, steps, saved, displacements)
 
 
 def probe_restore_(params: list, saved: list, *, backend="auto") -> None:
     """w ← saved, bit-exactly."""
     if params:
-        _ops(backend).probe_restore_(params, saved)
+        resolve_ops(backend).probe_restore_(params, saved)

@@ -1,58 +1,22 @@
-"""Every ``torch.ops.cblr_ext`` op, declared once: schema, fake, and the default kernel.
+"""Every ``torch.ops.cblr_ext`` op declared once, from ``contract.SCHEMAS``, with its fake;
+the C++ extensions loaded; and the one way a backend registers its kernels.
 
-| op | reads | writes | returns |
-| --- | --- | --- | --- |
-| ``layerwise_reduce`` | w, g ÷ grad scale (probe: g at w + s, s) | the workspace | ``Reduction`` tensors (sums, median, flags) |
-| ``layerwise_update_`` | w (or the probe's saved w_t), g ÷ grad scale, a reduction | w, v, s_{t−1}, κ̄, age, lag stash | [L, 7] statistics |
-| ``probe_shift_`` | w, s_{t−1} | saved ← w, w ← w + s, Δ ← (w + s) − w as stored | Σw_t² per layer (fp64) |
-| ``probe_restore_`` | saved | w ← saved | |
-| ``cpu_isa`` | | | the C++ kernels' instruction set |
+| namespace | kernels (who registers them) |
+| --- | --- |
+| ``cblr_ext`` | CompositeExplicitAutograd: the reference (``backends/reference.py``); CPU: the C++ extension (csrc/binding.cpp, loaded here); CUDA: the CUDA extension (csrc/cuda/binding.cpp, loaded here) or else the Triton backend (``backends/triton.py``, where a GPU and triton are present) |
+| ``cblr_ext_reference`` | the reference kernels alone: what ``backend="reference"`` calls, so that torch.compile keeps each op one graph node (inductor would otherwise generate ~19 loop nests per layer from the traced reference and compile them for minutes) |
 
-Kernels per device (the dispatcher picks): the reference backend is the
-``CompositeExplicitAutograd`` kernel (any device), also the only kernel of the same four
-ops in ``torch.ops.cblr_ext_reference``, which ``backend="reference"`` calls; the C++ extension registers the
-CPU kernels (``TORCH_LIBRARY_IMPL(cblr_ext, CPU, m)`` in csrc/binding.cpp); the CUDA
-extension ``cblr_ext._C_cuda`` the CUDA kernels (csrc/cuda/binding.cpp) when it is
-built, else the Triton backend does, when a GPU and triton are present (without
-importing triton here).  Importing this module loads the extensions
-(``_build.load``: compiled, or JIT-built; ``_build.load_cuda``, only where torch has
-CUDA); when that fails the reference kernels run and ``cpp`` / ``cuda`` report why
-they are unavailable (``LOAD_ERROR`` / ``CUDA_LOAD_ERROR``).
+When an extension fails to load the reference kernels run and ``cpp`` / ``cuda`` report
+why they are unavailable (``LOAD_ERROR`` / ``CUDA_LOAD_ERROR``).
 """
 from __future__ import annotations
-
-import importlib.util
 
 import torch
 
 from . import _build
-from .functional import FLAG_COLUMNS, SCALAR_DTYPE, STAT_COLUMNS, SUM_COLUMNS
+from .contract import FLAG_COLUMNS, SCALAR_DTYPE, SCHEMAS, STAT_COLUMNS, STEP_OPS, SUM_COLUMNS
 
 LIBRARY = torch.library.Library("cblr_ext", "DEF")  # noqa: the namespace's one definition
-
-SCHEMAS = {
-    "layerwise_reduce": (
-        "layerwise_reduce(str rule, Tensor[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, "
-        "bool[] lagged_valid, Tensor?[] probe_grads, Tensor?[] probe_steps, Tensor? w_sq, bool[] w_sq_known, "
-        "Tensor? grad_scale, float weight_decay, int curvature_interval, bool lag, bool approx_median, bool check_nonfinite, "
-        "Tensor(a!) workspace) -> (Tensor sums, Tensor median, Tensor flags)"),
-    "layerwise_update_": (
-        "layerwise_update_(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
-        "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, "
-        "bool[] lagged_valid, Tensor?[] saved, bool[] adapt, Tensor sums, Tensor median, Tensor flags, "
-        "Tensor found_inf, Tensor? grad_scale, Tensor lr, float momentum, bool nesterov, float weight_decay, float eps, "
-        "float trust_coefficient, float curvature_ema, float? max_ratio, float fallback_trust, "
-        "int curvature_interval, bool lag, bool approx_median, Tensor(g!) workspace, "
-        "Tensor(h!)? next_w_sq) -> Tensor"),
-    "probe_shift_": ("probe_shift_(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved, "
-                     "Tensor(c!)[] displacements) -> Tensor"),
-    "probe_restore_": "probe_restore_(Tensor(a!)[] params, Tensor[] saved) -> ()",
-    "cpu_isa": "cpu_isa() -> str",
-}
-STEP_OPS = ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_")
-# The reference kernels again, as opaque ops of their own: what ``backend="reference"`` calls,
-# so that torch.compile keeps each op one graph node (inductor would otherwise generate
-# ~19 loop nests per layer from the traced reference and compile them for minutes).
 REFERENCE_LIBRARY = torch.library.Library("cblr_ext_reference", "DEF")  # noqa: its one definition
 for _name, _schema in SCHEMAS.items():
     LIBRARY.define(_schema)
@@ -91,16 +55,16 @@ for _namespace in ("cblr_ext", "cblr_ext_reference"):
     for _name, _fake in zip(STEP_OPS, (_reduce_fake, _update_fake, _shift_fake, _restore_fake)):
         torch.library.register_fake(f"{_namespace}::{_name}", _fake)
 
+# Who registered the kernels of a dispatch key from Python (the extensions register theirs in C++).
+_PYTHON_OWNERS: dict = {}
 
-def _register(module, dispatch_key, library=LIBRARY):
+
+def register(kernels, dispatch_key: str, owner: str, library=LIBRARY) -> None:
+    """Register ``kernels`` (an object with the STEP_OPS as attributes) for ``dispatch_key``."""
     for name in STEP_OPS:
-        library.impl(name, getattr(module, name), dispatch_key)
-
-
-def _register_default_kernels():
-    from .backends import reference
-    for library in (LIBRARY, REFERENCE_LIBRARY):
-        _register(reference, "CompositeExplicitAutograd", library)
+        library.impl(name, getattr(kernels, name), dispatch_key)
+    if library is LIBRARY:
+        _PYTHON_OWNERS[dispatch_key] = owner
 
 
 def cuda_kernels_registered() -> bool:
@@ -109,24 +73,12 @@ def cuda_kernels_registered() -> bool:
                for name in STEP_OPS)
 
 
-def _load_cuda_kernels():
-    """The CUDA extension owns the CUDA key when it loads; else the Triton backend takes
-    it where a GPU and triton are present.  Returns (who, why the extension did not load)."""
-    if torch.version.cuda is None:  # the CPU wheel: nothing to load, nothing to register
-        return None, ImportError(f"torch {torch.__version__} has no CUDA")
-    try:
-        _build.load_cuda()
-        return "cuda", None
-    except Exception as exc:  # a reason (backend "cuda" reports it), not a crash
-        error = exc
-    if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-        from .backends import triton  # imports triton itself only when a kernel runs
-        _register(triton, "CUDA")
-        return "triton", error
-    return None, error
+def cuda_kernels():
+    """Who runs the ops on CUDA tensors: "cuda" (cblr_ext._C_cuda), "triton", or None."""
+    if CUDA_LOAD_ERROR is None:
+        return "cuda"
+    return _PYTHON_OWNERS.get("CUDA")
 
-
-_register_default_kernels()
 
 try:
     _build.load()
@@ -134,8 +86,14 @@ try:
 except Exception as exc:  # a failed JIT build is a reason (backend "cpp" reports it), not a crash
     LOAD_ERROR = exc
 
-# Who registered the CUDA kernels: "cuda" (cblr_ext._C_cuda), "triton", or None.
-CUDA_KERNELS, CUDA_LOAD_ERROR = _load_cuda_kernels()
+if torch.version.cuda is None:  # the CPU wheel: nothing to load, nothing to register
+    CUDA_LOAD_ERROR = ImportError(f"torch {torch.__version__} has no CUDA")
+else:
+    try:
+        _build.load_cuda()
+        CUDA_LOAD_ERROR = None
+    except Exception as exc:  # a reason (backend "cuda" reports it), not a crash
+        CUDA_LOAD_ERROR = exc
 
 OPS = torch.ops.cblr_ext
 REFERENCE_OPS = torch.ops.cblr_ext_reference

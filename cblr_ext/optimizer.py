@@ -5,13 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.optim import Optimizer
 
 from . import backends, distributed
 from . import functional as F
 from . import layer_math as lm
-from .backends import cpp
 from .hyperparams import RULE_DEFAULT, RULE_DEFAULTS, validate_group
 from .probe import CurvatureProbe, ProbeBuffers
 
@@ -22,7 +20,7 @@ def _read_step_applies(found_inf: torch.Tensor) -> bool:
 
 # _read_step_applies as torch.compile runs it: a quiet graph break (no item() warning), on
 # a layer's first step only.  Made when a group is added, not on import: importing
-# torch._dynamo imports triton, which must follow TRITON_INTERPRET (backends/triton.py).
+# torch._dynamo imports the Triton package, which must follow TRITON_INTERPRET (see backends/).
 _step_applies = None
 
 
@@ -32,14 +30,16 @@ def _prepare_step_applies() -> None:
         _step_applies = torch.compiler.disable(_read_step_applies)
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Group:
-    """One param group's layers that have a gradient this step: ``params``/``grads`` as the
-    optimizer holds them (DTensors under FSDP2; state is keyed and created by them),
-    ``local_params``/``local_grads`` as the ops take them."""
+    """One param group's layers that have a gradient this step, made by ``_Group.build``
+    alone and not changed after: ``params``/``grads`` as the optimizer holds them
+    (DTensors under FSDP2; state is keyed and created by them), ``local_params``/
+    ``local_grads`` as the ops take them (local shards; fp32 masters and fp32 gradients of
+    16-bit parameters under ``master_weights``)."""
 
     index: int
-    positions: list  # each layer's index in the group's params (names for layer_stats)
+    positions: tuple  # each layer's index in the group's params (names for layer_stats)
     params: list
     grads: list
     states: list     # the optimizer's state dicts (only the optimizer reads them)
@@ -49,19 +49,53 @@ class _Group:
     backend: backends.Backend
     lagged_valid: list
     keeps_prev_step: bool
-    prev_steps: list = None  # CBLR: s_{t−1} per layer (local shards), None before its first step
-    written_back: tuple = ()  # master_weights: (16-bit parameters, their fp32 masters) after the update
-    probe_params: list = None  # CBLR: what the probe shifts (the local parameters, 16-bit ones under masters)
-    measures: list = None    # CBLR: the layer measures this step (host bools)
-    # What the kernels read and write: the local shards of DTensor parameters (they share
-    # storage); ``params``/``grads`` themselves where no parameter is a DTensor.
-    local_params: list = None
-    local_grads: list = None
-    sharding: distributed.Sharding = None  # None: no parameter is a DTensor
+    local_params: list
+    local_grads: list
+    sharding: distributed.Sharding  # None: no parameter is a DTensor
+    written_back: tuple  # master_weights: (16-bit parameters, their fp32 masters) after the update; () without
+    probe_params: list   # CBLR: what the probe shifts (the local parameters, 16-bit ones under masters); None else
+    prev_steps: list     # CBLR: s_{t−1} per layer (local shards), None before its first step; None else
+    measures: list       # CBLR: the layer measures κ this step (host bools); None else
 
-    def __post_init__(self):
-        if self.local_params is None:
-            self.local_params, self.local_grads = self.params, self.grads
+    @classmethod
+    def build(cls, index: int, group: dict, params: list, grads: list, positions: list, states: list,
+              sharding, backend: backends.Backend, rule: str, check_nonfinite: bool, master_weights: bool):
+        hp = F.Hyperparams.from_group(group, check_nonfinite=check_nonfinite)
+        adapt = [group["adapt"] and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
+        local = (lambda t: t) if sharding is None else distributed.local
+        local_params, local_grads = [local(p) for p in params], [local(grad) for grad in grads]
+        written_back = ()
+        if master_weights:
+            local_params, local_grads, written_back = cls._masters(params, grads, states, local_params, local_grads)
+        keeps_prev_step = rule == "cblr" and (hp.momentum == 0 or hp.nesterov)
+        probe_params = prev_steps = measures = None
+        if rule == "cblr":
+            probe_params = [local(p) for p in params]
+            prev_steps = [local(s.get("prev_step" if keeps_prev_step else "momentum_buffer")) for s in states]
+            # The closure must know whether to run again: one host read per group, but for
+            # curvature_interval=1, where every layer is due (an age is never below 1).
+            due = ([True] * len(states) if hp.curvature_interval == 1 else
+                   lm.measurement_due(torch.stack([s["age"] for s in states]), hp.curvature_interval).tolist())
+            measures = [a and d and s is not None for a, d, s in zip(adapt, due, prev_steps)]
+        return cls(index, tuple(positions), params, grads, states, adapt, hp, rule, backend,
+                   lagged_valid=[hp.lag and "lagged" in s for s in states], keeps_prev_step=keeps_prev_step,
+                   local_params=local_params, local_grads=local_grads, sharding=sharding,
+                   written_back=written_back, probe_params=probe_params, prev_steps=prev_steps, measures=measures)
+
+    @staticmethod
+    def _masters(params, grads, states, local_params, local_grads) -> tuple:
+        """The kernels take the fp32 masters of 16-bit parameters (made from them when
+        missing) and fp32 copies of their gradients; the update writes the masters back."""
+        half = [i for i, p in enumerate(params) if p.dtype in (torch.float16, torch.bfloat16)]
+        if not half:
+            return local_params, local_grads, ()
+        local_params, local_grads = list(local_params), list(local_grads)
+        for i in half:
+            if "master" not in states[i]:
+                states[i]["master"] = params[i].detach().float()
+            local_params[i] = states[i]["master"]
+            local_grads[i] = grads[i].float()
+        return local_params, local_grads, ([params[i] for i in half], [local_params[i] for i in half])
 
     @property
     def probe_restores(self) -> bool:
@@ -107,13 +141,14 @@ class LayerwiseOptimizer(Optimizer):
             updates from fp32 gradients, and then the parameters are set to them, rounded
             (not for DTensor parameters; CBLR probes the 16-bit parameters the closure
             evaluates, from where they are).
-        reuse_weight_norm: opt-in (False by default): LARS on the cpp backend takes ‖w_t‖
+        reuse_weight_norm: opt-in (False by default): LARS on the fused CPU kernels takes ‖w_t‖
             from the previous step's update pass (which measures its result) where the
             parameter has not changed since, as its version counter tells: pass 1 then reads
             g alone.  Writes through ``.data`` (or memory shared outside torch) bypass the
             counter, as they bypass autograd's checks, and the step then uses a stale ‖w‖
             without a signal: only for training loops that never change parameters that way.
-        backend: "auto", "reference", "cpp", "triton" or "cuda".
+        backend: "auto" (the fastest for the parameters' device) or a name of
+            ``cblr_ext.backends.NAMES``.
     """
 
     rule = None
@@ -141,7 +176,7 @@ class LayerwiseOptimizer(Optimizer):
         # found_inf: the last step's skip decision (a device bool, for cblr_ext.amp.update)
         self._results = {"skipped_steps": 0, "stats": [], "found_inf": None}
         self._probe_buffers = ProbeBuffers()  # CBLR: reused by every probe
-        self._scratch = {}  # backends' scratch kept between steps (cpp: workspace, carried Σw²)
+        self._scratch = {}  # backends' scratch kept between steps (workspaces, carried Σw²)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group):
@@ -159,8 +194,7 @@ class LayerwiseOptimizer(Optimizer):
         if group["params"]:
             # Resolved now: a step, traced by torch.compile too, then finds it cached.
             device = group["params"][0].device
-            backends.prepare(group["backend"], device)
-            backends.prepare("reference", device)  # what "auto" may take instead (_group_backend)
+            backends.prepare_group(group["backend"], device)
 
     # Attributes a copy or pickle keeps besides torch's (defaults, state, param_groups), with
     # the value an older pickle without them gets.
@@ -247,63 +281,14 @@ class LayerwiseOptimizer(Optimizer):
                     raise ValueError(f"param group {gi}: master_weights is not supported for DTensor parameters")
                 collected.append((gi, group, params, grads, positions, device, sharding))
         groups = []
-        state = self.state
         for gi, group, params, grads, positions, device, sharding in collected:
-            states = [state[p] for p in params]
-            backend = self._group_backend(group["backend"], device, params)
-            hp = F.Hyperparams.from_group(group, check_nonfinite=self.skip_nonfinite)
-            keeps_prev_step = self.rule == "cblr" and (hp.momentum == 0 or hp.nesterov)
+            states = [self.state[p] for p in params]
             for p, layer_state in zip(params, states):
                 self._init_layer_state(layer_state, p)
-            exclude_1d = group["exclude_1d"]
-            adapt = [group["adapt"] and not (exclude_1d and p.ndim <= 1) for p in params]
-            g = _Group(gi, positions, params, grads, states, adapt, hp, self.rule, backend,
-                       lagged_valid=[hp.lag and "lagged" in s for s in states], keeps_prev_step=keeps_prev_step)
-            if sharding is not None:
-                g.sharding = sharding
-                g.local_params = [distributed.local(p) for p in params]
-                g.local_grads = [distributed.local(grad) for grad in grads]
-            if self.master_weights:
-                self._use_masters(g)
-            if self.rule == "cblr":
-                g.probe_params = [g.local(p) for p in params]
-                g.prev_steps = [g.local(s.get("prev_step" if keeps_prev_step else "momentum_buffer"))
-                                for s in states]
-                # The closure must know whether to run again: one host read per group, but for
-                # curvature_interval=1, where every layer is due (an age is never below 1).
-                due = ([True] * len(states) if hp.curvature_interval == 1 else
-                       lm.measurement_due(torch.stack([s["age"] for s in states]), hp.curvature_interval).tolist())
-                g.measures = [a and d and s is not None for a, d, s in zip(adapt, due, g.prev_steps)]
-            groups.append(g)
+            groups.append(_Group.build(gi, group, params, grads, positions, states, sharding,
+                                       backends.for_params(group["backend"], device, params), self.rule,
+                                       check_nonfinite=self.skip_nonfinite, master_weights=self.master_weights))
         return groups
-
-    @staticmethod
-    def _use_masters(g: _Group) -> None:
-        """The kernels take the fp32 masters of 16-bit parameters (made from them when
-        missing) and fp32 copies of their gradients; the update writes the masters back."""
-        half = [i for i, p in enumerate(g.params) if p.dtype in (torch.float16, torch.bfloat16)]
-        if not half:
-            return
-        for i in half:
-            if "master" not in g.states[i]:
-                g.states[i]["master"] = g.params[i].detach().float()
-        g.local_params, g.local_grads = list(g.params), list(g.grads)
-        for i in half:
-            g.local_params[i] = g.states[i]["master"]
-            g.local_grads[i] = g.grads[i].float()
-        g.written_back = ([g.params[i] for i in half], [g.local_params[i] for i in half])
-
-    @staticmethod
-    def _group_backend(name: str, device, params: list) -> backends.Backend:
-        """The group's backend; "auto" takes the reference for a group with a parameter the
-        fused kernels cannot address as flat memory (a strided view), or an fp64 one on a GPU."""
-        backend = backends.get(name, device)
-        if name == "auto" and backend.name != "reference" and not all(
-                p.is_contiguous() or is_non_overlapping_and_dense(p) for p in params):
-            backend = backends.get("reference", device)
-        elif name == "auto" and backend.name in ("cuda", "triton") and any(p.dtype == torch.float64 for p in params):
-            backend = backends.get("reference", device)  # the GPU kernels run fp32/fp16/bf16 only
-        return backend
 
     @staticmethod
     def _init_layer_state(state: dict, p: torch.Tensor) -> None:
@@ -359,11 +344,8 @@ class LayerwiseOptimizer(Optimizer):
         # Sharded MCLR: the median of a shard is not the layer's; distributed.merge_reductions
         # takes it across ranks, so pass 1 takes the LARS sums alone (same flags, no median).
         rule = "lars" if g.sharding is not None and g.rule == "mclr" else g.rule
-        module = g.backend.module
-        if module is cpp:
-            kwargs["workspace"] = cpp.workspace(rule, g.local_params, g.hp.lag, self._scratch)
-            if not kwargs.get("w_sq_known") and cpp.carries_w_sq(g.rule, g.hp.lag, self.reuse_weight_norm):
-                kwargs["w_sq"], kwargs["w_sq_known"] = cpp.known_w_sq(g.local_params, self._scratch)
+        kwargs.update(g.backend.reduce_extras(rule, g.local_params, g.hp.lag, self._scratch, self.reuse_weight_norm,
+                                              w_sq_given=bool(kwargs.get("w_sq_known"))))
         reduction = F.layerwise_reduce(rule, g.local_params, g.local_grads, [s["age"] for s in g.states], g.adapt,
                                        g.hp, lagged_valid=g.lagged_valid, backend=g.backend, **kwargs)
         if g.sharding is not None:
@@ -376,20 +358,15 @@ class LayerwiseOptimizer(Optimizer):
         state = self._update_state(g, found_inf)
         if g.sharding is not None:
             state = distributed.local_state(state)
-        kwargs = {}
-        tracked = None
-        if g.backend.module is cpp:
-            kwargs["workspace"] = cpp.workspace(g.rule, g.local_params, g.hp.lag, self._scratch)
-            if cpp.carries_w_sq(g.rule, g.hp.lag, self.reuse_weight_norm) and not bool(found_inf):
-                kwargs["next_w_sq"], tracked = cpp.next_w_sq(g.local_params)
+        kwargs, carried = g.backend.update_extras(g.rule, g.local_params, g.hp.lag, self._scratch,
+                                                  self.reuse_weight_norm, found_inf)
         stats = F.layerwise_update_(g.rule, g.local_params, g.local_grads, state, g.adapt, reduction, found_inf,
                                     g.hp, saved=probe.saved_for_update(g), grad_scale=grad_scale,
                                     backend=g.backend, **kwargs)
         probe.updated(g)
         if g.written_back:  # also on a skipped step: the masters are then unchanged
             torch._foreach_copy_(*g.written_back)
-        if tracked is not None:
-            cpp.record_w_sq(g.local_params, kwargs["next_w_sq"], tracked, self._scratch)
+        g.backend.after_update(g.local_params, kwargs, carried, self._scratch)
         return stats
 
     def _run(self, groups: list, probe: CurvatureProbe, grad_scale, amp_found_inf) -> None:

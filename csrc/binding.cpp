@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "binding_checks.h"
 #include "cpu/kernels.h"
 
 namespace {
@@ -19,14 +20,18 @@ namespace {
 using at::Tensor;
 using cblr::cpu::DType;
 using cblr::cpu::LayerRef;
+using cblr::binding::bump_versions;
 
-DType dtype_of(const Tensor& t) {
+constexpr cblr::binding::Checks kCheck{"cblr_ext cpp backend: "};
+const at::Device kCpu(at::kCPU);
+
+DType dtype_of(const Tensor& t, size_t i) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::F32;
     case at::kDouble: return DType::F64;
     case at::kHalf: return DType::F16;
     case at::kBFloat16: return DType::BF16;
-    default: TORCH_CHECK(false, "cblr_ext cpp backend: unsupported dtype ", t.scalar_type());
+    default: kCheck.unsupported_dtype(t, i, "float64, float32, float16 and bfloat16");
   }
 }
 
@@ -34,60 +39,9 @@ at::ScalarType state_dtype(const Tensor& param) {
   return param.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-cblr::Rule rule_of(const std::string& rule) {
-  if (rule == "lars") return cblr::RULE_LARS;
-  if (rule == "mclr") return cblr::RULE_MCLR;
-  TORCH_CHECK(rule == "cblr", "cblr_ext cpp backend: unknown rule '", rule, "'");
-  return cblr::RULE_CBLR;
-}
-
-// The same elements in the same memory order: equal sizes, and equal strides wherever a
-// dimension has more than one element (autograd gives gradients any stride there).
-bool same_order(const Tensor& a, const Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
-}
-
-// `other` may be read as flat memory alongside `param` (dense): same device, elements and
-// memory order, and dense too.
-void check_companion(const Tensor& param, const Tensor& other, at::ScalarType dtype, const char* what,
-                     size_t i) {
-  TORCH_CHECK(other.device() == param.device(), "cblr_ext cpp backend: ", what, " of layer ", i,
-              " is on ", other.device(), ", its parameter on ", param.device());
-  TORCH_CHECK(other.scalar_type() == dtype, "cblr_ext cpp backend: ", what, " of layer ", i, " has dtype ",
-              other.scalar_type(), ", expected ", dtype);
-  TORCH_CHECK(same_order(other, param) && other.is_non_overlapping_and_dense(), "cblr_ext cpp backend: ", what,
-              " of layer ", i, " must have its parameter's shape and memory layout");
-}
-
 void check_param(const Tensor& param, size_t i) {
-  TORCH_CHECK(param.device().is_cpu(), "cblr_ext cpp backend: layer ", i, " is on ", param.device());
-  dtype_of(param);
-  TORCH_CHECK(param.is_non_overlapping_and_dense(), "cblr_ext cpp backend: layer ", i,
-              " is not dense (a view with gaps or overlaps); pass a dense parameter");
-}
-
-// Per-layer state: the age fp32, κ̄ and the lag stash fp64 (functional.SCALAR_DTYPE).
-void check_scalar_state(const Tensor& t, at::ScalarType dtype, int64_t numel, const char* what, size_t i) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.numel() == numel && t.is_contiguous(),
-              "cblr_ext cpp backend: ", what, " of layer ", i, " must be a contiguous CPU ", c10::toString(dtype),
-              " tensor of ", numel, " element(s)");
-}
-
-void check_count(size_t got, size_t layers, const char* what, bool optional) {
-  TORCH_CHECK(got == layers || (optional && got == 0), "cblr_ext cpp backend: ", layers, " layers but ", got,
-              " ", what);
-}
-
-// A write by these ops is an in-place update to torch: bump the written tensors' version
-// counters, as torch's own in-place ops do (autograd's checks of saved tensors and the cpp
-// backend's carried Σw² rely on them).  Called before the kernels write, so that a tensor
-// whose counter cannot move (an inference tensor outside inference mode) fails first.
-void bump_versions(at::TensorList tensors) {
-  for (const Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
+  kCheck.dense(param, kCpu, i);
+  dtype_of(param, i);
 }
 
 // Bit-exact copies into whole tensors, run as one multi-tensor pass (copy_layers).
@@ -109,7 +63,7 @@ struct TensorCopies {
 cblr::cpu::StepConfig step_config(const std::string& rule, double weight_decay, int64_t curvature_interval,
                                   bool lag, bool approx_median) {
   cblr::cpu::StepConfig cfg;
-  cfg.rule = rule_of(rule);
+  cfg.rule = kCheck.rule(rule);
   cfg.weight_decay = weight_decay;
   cfg.curvature_interval = curvature_interval;
   cfg.lag = lag;
@@ -123,31 +77,22 @@ using OptionalTensors = c10::List<std::optional<Tensor>>;
 // The caller's scratch for the median passes (a CPU uint8 tensor; empty: none).
 void use_workspace(const Tensor& workspace, cblr::cpu::StepConfig& cfg) {
   TORCH_CHECK(workspace.device().is_cpu() && workspace.scalar_type() == at::kByte && workspace.is_contiguous(),
-              "cblr_ext cpp backend: the workspace must be a contiguous CPU uint8 tensor");
+              kCheck.who, "the workspace must be a contiguous CPU uint8 tensor");
   cfg.workspace = workspace.data_ptr<uint8_t>();
   cfg.workspace_bytes = workspace.numel();
-}
-
-// A contiguous CPU tensor of the given dtype and shape.
-void check_table(const Tensor& t, at::ScalarType dtype, at::IntArrayRef shape, const char* what) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous(),
-              "cblr_ext cpp backend: ", what, " must be a contiguous CPU ", dtype, " tensor of shape ", shape,
-              " (got ", t.scalar_type(), " of shape ", t.sizes(), " on ", t.device(), ")");
 }
 
 // GradScaler's fl32(1/S) (as GradScaler.unscale_ forms it), 1 without a scale.
 float grad_unscale(const std::optional<Tensor>& grad_scale) {
   if (!grad_scale.has_value()) return 1.0f;
-  TORCH_CHECK(grad_scale->device().is_cpu() && grad_scale->numel() == 1 && grad_scale->scalar_type() == at::kFloat,
-              "cblr_ext cpp backend: grad_scale must be a one-element fp32 CPU tensor (got ",
-              grad_scale->scalar_type(), " of shape ", grad_scale->sizes(), " on ", grad_scale->device(), ")");
+  kCheck.grad_scale(grad_scale, kCpu);
   return float(1.0 / double(grad_scale->item<float>()));
 }
 
 // A per-layer fp64 column ([layers]), or null.
 double* layer_sums(const std::optional<Tensor>& sums, size_t layers, const char* what) {
   if (!sums.has_value()) return nullptr;
-  check_table(*sums, at::kDouble, {int64_t(layers)}, what);
+  kCheck.table(*sums, at::kDouble, {int64_t(layers)}, kCpu, what);
   return sums->data_ptr<double>();
 }
 
@@ -158,7 +103,7 @@ bool optional_companion(const OptionalTensors& list, size_t i, const Tensor& par
   if (list.empty()) return false;
   const std::optional<Tensor> t = list.get(i);
   if (!t.has_value()) return false;
-  check_companion(param, *t, dtype, what, i);
+  kCheck.companion(param, *t, dtype, what, i);
   data = t->data_ptr();
   return true;
 }
@@ -168,10 +113,10 @@ bool optional_companion(const OptionalTensors& list, size_t i, const Tensor& par
 LayerRef layer_inputs(at::TensorList params, at::TensorList grads, float g_unscale, at::TensorList ages,
                       const c10::List<bool>& adapt, const c10::List<bool>& lagged_valid, size_t i) {
   check_param(params[i], i);
-  check_companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
-  check_scalar_state(ages[i], at::kFloat, 1, "age", i);
+  kCheck.companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
+  kCheck.scalar_state(ages[i], at::kFloat, 1, kCpu, "age", i);
   LayerRef l;
-  l.dtype = dtype_of(params[i]);
+  l.dtype = dtype_of(params[i], i);
   l.n = params[i].numel();
   l.w = params[i].data_ptr();
   l.g = grads[i].data_ptr();
@@ -189,13 +134,8 @@ std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
     double weight_decay, int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite,
     const Tensor& workspace) {
   const size_t count = params.size();
-  check_count(grads.size(), count, "gradients", false);
-  check_count(ages.size(), count, "ages", false);
-  check_count(adapt.size(), count, "adapt flags", false);
-  check_count(lagged_valid.size(), count, "lag flags", false);
-  check_count(probe_grads.size(), count, "probe gradients", true);
-  check_count(probe_steps.size(), count, "probe steps", true);
-  check_count(w_sq_known.size(), count, "w_sq_known flags", true);
+  kCheck.reduce_counts(count, grads.size(), ages.size(), adapt.size(), lagged_valid.size(), probe_grads.size(),
+                       probe_steps.size(), w_sq_known.size());
   cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, curvature_interval, lag, approx_median);
   cfg.check_nonfinite = check_nonfinite;
   use_workspace(workspace, cfg);
@@ -205,14 +145,14 @@ std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
   for (size_t i = 0; i < count; ++i) {
     LayerRef& l = layers[i] = layer_inputs(params, grads, g_unscale, ages, adapt, lagged_valid, i);
     l.has_known_w2 = !w_sq_known.empty() && w_sq_known.get(i);
-    TORCH_CHECK(!l.has_known_w2 || known_w2, "cblr_ext cpp backend: w_sq_known[", i, "] is set but w_sq is None");
+    TORCH_CHECK(!l.has_known_w2 || known_w2, kCheck.who, "w_sq_known[", i, "] is set but w_sq is None");
     if (l.has_known_w2) l.known_w2 = known_w2[i];
     l.measures = optional_companion(probe_grads, i, params[i], params[i].scalar_type(), "probe gradient", l.probe_g);
     const bool has_step = optional_companion(probe_steps, i, params[i], state_dtype(params[i]), "probe step", l.step);
     // The parameter sits at w_t + s: Σw_t² must come from the shift (w_sq).
-    TORCH_CHECK(!l.measures || (has_step && l.has_known_w2), "cblr_ext cpp backend: layer ", i,
+    TORCH_CHECK(!l.measures || (has_step && l.has_known_w2), kCheck.who, "layer ", i,
                 " has a probe gradient but no probe step or no known Σw_t² (w_sq with w_sq_known[", i, "])");
-    TORCH_CHECK(!l.measures || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
+    TORCH_CHECK(!l.measures || cfg.rule == cblr::RULE_CBLR, kCheck.who, "only CBLR probes");
   }
   const int64_t rows = int64_t(count);
   Tensor sums = at::empty({rows, cblr::cpu::SUM_COLUMNS}, at::kDouble);
@@ -232,20 +172,11 @@ Tensor layerwise_update_(
     std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag, bool approx_median,
     const Tensor& workspace, const std::optional<Tensor>& next_w_sq) {
   const size_t count = params.size();
-  check_count(grads.size(), count, "gradients", false);
-  check_count(momentum_buffers.size(), count, "momentum buffers", true);
-  check_count(prev_steps.size(), count, "previous steps", true);
-  check_count(kappas.size(), count, "kappas", false);
-  check_count(ages.size(), count, "ages", false);
-  check_count(lagged.size(), count, "lag stashes", !lag);
-  check_count(lagged_valid.size(), count, "lag flags", false);
-  check_count(saved.size(), count, "saved parameters", true);
-  check_count(adapt.size(), count, "adapt flags", false);
+  kCheck.update_counts(count, grads.size(), momentum_buffers.size(), prev_steps.size(), kappas.size(), ages.size(),
+                       lagged.size(), lag, lagged_valid.size(), saved.size(), adapt.size());
   const int64_t rows = int64_t(count);
-  check_table(sums, at::kDouble, {rows, cblr::cpu::SUM_COLUMNS}, "the reduction's sums");
-  check_table(median, at::kFloat, {rows}, "the reduction's median");
-  check_table(flags, at::kBool, {rows, cblr::cpu::FLAG_COLUMNS}, "the reduction's flags");
-  TORCH_CHECK(found_inf.numel() == 1 && lr.numel() == 1, "cblr_ext cpp backend: found_inf and lr are scalars");
+  kCheck.reduction(sums, median, flags, rows, cblr::cpu::SUM_COLUMNS, cblr::cpu::FLAG_COLUMNS, kCpu);
+  TORCH_CHECK(found_inf.numel() == 1 && lr.numel() == 1, kCheck.who, "found_inf and lr are scalars");
   cblr::cpu::StepConfig cfg = step_config(rule, weight_decay, curvature_interval, lag, approx_median);
   cfg.momentum = momentum;
   cfg.nesterov = nesterov;
@@ -258,28 +189,28 @@ Tensor layerwise_update_(
   std::vector<LayerRef> layers(count);
   for (size_t i = 0; i < count; ++i) {
     LayerRef& l = layers[i] = layer_inputs(params, grads, g_unscale, ages, adapt, lagged_valid, i);
-    check_scalar_state(kappas[i], at::kDouble, 1, "kappa", i);
+    kCheck.scalar_state(kappas[i], at::kDouble, 1, kCpu, "kappa", i);
     l.kappa = kappas[i].data_ptr<double>();
     if (!momentum_buffers.empty()) {
-      check_companion(params[i], momentum_buffers[i], state_dtype(params[i]), "momentum buffer", i);
+      kCheck.companion(params[i], momentum_buffers[i], state_dtype(params[i]), "momentum buffer", i);
       l.v = momentum_buffers[i].data_ptr();
     }
     if (!prev_steps.empty()) {
-      check_companion(params[i], prev_steps[i], state_dtype(params[i]), "previous step", i);
+      kCheck.companion(params[i], prev_steps[i], state_dtype(params[i]), "previous step", i);
       l.prev = prev_steps[i].data_ptr();
     }
     if (lag) {
-      check_scalar_state(lagged[i], at::kDouble, 3, "lag stash", i);
+      kCheck.scalar_state(lagged[i], at::kDouble, 3, kCpu, "lag stash", i);
       l.lagged = lagged[i].data_ptr<double>();
     }
     if (next_w2) l.next_w2 = next_w2 + i;
     l.shifted = optional_companion(saved, i, params[i], params[i].scalar_type(), "saved parameter", l.saved);
-    TORCH_CHECK(!l.shifted || cfg.rule == cblr::RULE_CBLR, "cblr_ext cpp backend: only CBLR probes");
+    TORCH_CHECK(!l.shifted || cfg.rule == cblr::RULE_CBLR, kCheck.who, "only CBLR probes");
     // The update takes missing norms itself, not a missing median (pass 1 selects it).
     const bool* row = reduction.flags + i * cblr::cpu::FLAG_COLUMNS;
     TORCH_CHECK(cfg.rule != cblr::RULE_MCLR || !row[cblr::cpu::FLAG_MEASURED] || row[cblr::cpu::FLAG_MEDIAN] ||
                     (lag && l.lagged_valid),
-                "cblr_ext cpp backend: MCLR layer ", i, " measures, but the reduction has no median for it "
+                kCheck.who, "MCLR layer ", i, " measures, but the reduction has no median for it "
                 "(FLAG_MEDIAN) and it has no valid lag stash");
   }
   // A skipped step writes nothing but the restore of the shifted parameters to w_t.
@@ -304,16 +235,14 @@ Tensor layerwise_update_(
 // (fp64: layerwise_reduce's w_sq).
 Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList saved,
                     at::TensorList displacements) {
-  check_count(steps.size(), params.size(), "steps", false);
-  check_count(saved.size(), params.size(), "save buffers", false);
-  check_count(displacements.size(), params.size(), "displacements", false);
+  kCheck.probe_shift_counts(params.size(), steps.size(), saved.size(), displacements.size());
   std::vector<cblr::cpu::ShiftLayer> layers;
   for (size_t i = 0; i < params.size(); ++i) {
     check_param(params[i], i);
-    check_companion(params[i], steps[i], state_dtype(params[i]), "step", i);
-    check_companion(params[i], saved[i], params[i].scalar_type(), "save buffer", i);
-    check_companion(params[i], displacements[i], state_dtype(params[i]), "displacement", i);
-    layers.push_back({dtype_of(params[i]), params[i].numel(), params[i].data_ptr(), steps[i].data_ptr(),
+    kCheck.companion(params[i], steps[i], state_dtype(params[i]), "step", i);
+    kCheck.companion(params[i], saved[i], params[i].scalar_type(), "save buffer", i);
+    kCheck.companion(params[i], displacements[i], state_dtype(params[i]), "displacement", i);
+    layers.push_back({dtype_of(params[i], i), params[i].numel(), params[i].data_ptr(), steps[i].data_ptr(),
                       saved[i].data_ptr(), displacements[i].data_ptr()});
   }
   bump_versions(params);
@@ -325,11 +254,11 @@ Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList 
 }
 
 void probe_restore_(at::TensorList params, at::TensorList saved) {
-  check_count(saved.size(), params.size(), "saved parameters", false);
+  kCheck.count(saved.size(), params.size(), "saved parameters", false);
   TensorCopies copies;
   for (size_t i = 0; i < params.size(); ++i) {
     check_param(params[i], i);
-    check_companion(params[i], saved[i], params[i].scalar_type(), "saved parameter", i);
+    kCheck.companion(params[i], saved[i], params[i].scalar_type(), "saved parameter", i);
     copies.add(params[i], saved[i].data_ptr());
   }
   bump_versions(params);

@@ -20,7 +20,7 @@ from optim_db import BACKEND_DTYPES, TOLERANCE, cases
 
 CUDA_DIR = Path(__file__).resolve().parent.parent / "csrc" / "cuda"
 RULES = {"lars": LARS, "mclr": MCLR, "cblr": CBLR}
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or ops.CUDA_KERNELS != "cuda",
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available() or ops.cuda_kernels() != "cuda",
                                 reason="needs a CUDA GPU and the CUDA extension (cblr_ext._C_cuda)")
 
 
@@ -62,7 +62,7 @@ def test_the_toolkit_behind_an_nvcc_wrapper_is_found(tmp_path, monkeypatch):
 @pytest.mark.skipif(torch.version.cuda is not None, reason="the CPU wheel's behaviour")
 def test_the_cpu_wheel_skips_cuda_cleanly():
     assert "has no CUDA" in _build_module().cuda_build_reason()
-    assert ops.CUDA_KERNELS is None and ops.CUDA_LOAD_ERROR is not None
+    assert ops.cuda_kernels() is None and ops.CUDA_LOAD_ERROR is not None
     assert "cuda" not in cblr_ext.available_backends("cpu")
     assert "not loaded" in backends.why_unavailable("cuda", "cuda")
 

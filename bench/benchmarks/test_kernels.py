@@ -8,7 +8,6 @@ import torch
 
 from cblr_ext import backends
 from cblr_ext import functional as F
-from cblr_ext.backends import cpp
 
 from bench.cases import LR, MOMENTUM, WEIGHT_DECAY
 
@@ -22,7 +21,7 @@ def _group(rule, backend, tensors, median="exact"):
     resolved = backends.get(backend, device)
     hp = F.Hyperparams(lr=LR, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, median=median)
     ages = [torch.full((), math.inf, device=device) for _ in params]
-    workspace = cpp.workspace(rule, params, False, {}) if resolved.module is cpp else None
+    workspace = resolved.reduce_extras(rule, params, False, {}, reuse_weight_norm=False, w_sq_given=False).get("workspace")
     return dict(rule=rule, params=params, grads=grads, ages=ages, adapt=[p.ndim > 1 for p in params], hp=hp,
                 workspace=workspace, backend=resolved)
 

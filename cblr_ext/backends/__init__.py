@@ -21,6 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
+
+from .. import ops
+from . import cpp, reference, triton  # noqa: F401 (reference and triton register their kernels on import)
 
 NAMES = ("reference", "cpp", "triton", "cuda")
 # Fastest first, per device type.
@@ -34,12 +38,32 @@ class BackendUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class Backend:
     """A resolved backend: ``ops`` has the four ops' functions (``torch.ops.cblr_ext`` when
-    the dispatcher picks); ``module`` the backend's Python side (workspace, carried ‖w‖)."""
+    the dispatcher picks); ``hooks`` the backend's Python side for what only its kernels
+    take (scratch kept between steps, values carried from one step to the next), or None.
+    The optimizer asks for these through the methods below, never by the backend's name."""
 
     name: str
     ops: Any
     updates_from_saved: bool
-    module: Any = None
+    hooks: Any = None
+
+    def reduce_extras(self, rule: str, params: list, lag: bool, scratch: dict, reuse_weight_norm: bool,
+                      w_sq_given: bool) -> dict:
+        """Keywords of ``layerwise_reduce`` that this backend adds (``rule``: the one pass 1 runs)."""
+        if self.hooks is None:
+            return {}
+        return self.hooks.reduce_extras(rule, params, lag, scratch, reuse_weight_norm, w_sq_given)
+
+    def update_extras(self, rule: str, params: list, lag: bool, scratch: dict, reuse_weight_norm: bool,
+                      found_inf: torch.Tensor) -> tuple:
+        """(keywords of ``layerwise_update_`` that this backend adds, what ``after_update`` takes)."""
+        if self.hooks is None:
+            return {}, None
+        return self.hooks.update_extras(rule, params, lag, scratch, reuse_weight_norm, found_inf)
+
+    def after_update(self, params: list, extras: dict, carried, scratch: dict) -> None:
+        if self.hooks is not None:
+            self.hooks.after_update(params, extras, carried, scratch)
 
 
 def _reason(name: str, device: torch.device) -> Optional[str]:
@@ -49,21 +73,18 @@ def _reason(name: str, device: torch.device) -> Optional[str]:
     if name == "cpp":
         if device.type != "cpu":
             return "the cpp backend runs on CPU tensors only"
-        from .. import ops
         if ops.LOAD_ERROR is not None:
             return f"the C++ extension could not be loaded or built: {ops.LOAD_ERROR}"
         if not torch._C._dispatch_has_kernel_for_dispatch_key("cblr_ext::layerwise_reduce", "CPU"):
             return "the C++ extension loaded but registers no CPU kernels (a stale build?)"
         return None
     if name == "triton":
-        from . import triton  # the module, not triton itself
         reason = triton.available(device)
         return None if reason is True else reason
     if name == "cuda":
         if device.type != "cuda":
             return "the cuda backend runs on CUDA tensors only"
-        from .. import ops
-        if ops.CUDA_KERNELS != "cuda":
+        if ops.cuda_kernels() != "cuda":
             return f"the CUDA extension is not loaded: {ops.CUDA_LOAD_ERROR}"
         if not ops.cuda_kernels_registered():
             return "the CUDA extension loaded but registers no CUDA kernels (a stale build?)"
@@ -72,18 +93,15 @@ def _reason(name: str, device: torch.device) -> Optional[str]:
 
 
 def _make(name: str, device: torch.device) -> Backend:
-    from .. import ops
     if name == "reference":  # the reference kernels as opaque ops (one graph node each)
         return Backend(name, ops.REFERENCE_OPS, updates_from_saved=False)
     if name == "cpp":
-        from . import cpp
-        return Backend(name, ops.OPS, updates_from_saved=True, module=cpp)
+        return Backend(name, ops.OPS, updates_from_saved=True, hooks=cpp)
     if name == "cuda":  # the dispatcher runs csrc/cuda/: pass 1 takes Σw_t² from the shift
         return Backend(name, ops.OPS, updates_from_saved=True)
-    from . import triton
     # The dispatcher runs the Triton kernels on CUDA when they own the CUDA key; else (the
     # CUDA extension owns it, or the interpreter on the CPU) they are called directly.
-    on_dispatcher = device.type == "cuda" and ops.CUDA_KERNELS == "triton"
+    on_dispatcher = device.type == "cuda" and ops.cuda_kernels() == "triton"
     return Backend(name, ops.OPS if on_dispatcher else triton, updates_from_saved=False)
 
 
@@ -135,7 +153,6 @@ def _auto(device: torch.device) -> tuple:
         if reason is None:
             return _make(name, device), None
         reasons.append(f"{name}: {reason}")
-    from .. import ops
     return Backend("reference", ops.OPS, updates_from_saved=False), "; ".join(reasons) or None
 
 
@@ -145,17 +162,35 @@ def resolve_ops(backend):
     if isinstance(backend, Backend):
         return backend.ops
     if backend == "auto":
-        from .. import ops
         return ops.OPS
     if backend == "reference":
-        from .. import ops
         return ops.REFERENCE_OPS
     if backend == "triton":
-        from . import triton
         return triton
     if backend == "cuda":
         return get(backend, "cuda").ops
     return get(backend, "cpu").ops
+
+
+def for_params(name: str, device, params: list) -> Backend:
+    """The backend of a group of ``params``: "auto" takes the reference for a group with a
+    parameter the fused kernels cannot address as flat memory (a strided view), or an fp64
+    one on a GPU (the GPU kernels run fp32/fp16/bf16 only)."""
+    backend = get(name, device)
+    if name != "auto" or backend.name == "reference":
+        return backend
+    if not all(p.is_contiguous() or is_non_overlapping_and_dense(p) for p in params):
+        return get("reference", device)
+    if backend.name in ("cuda", "triton") and any(p.dtype == torch.float64 for p in params):
+        return get("reference", device)
+    return backend
+
+
+def prepare_group(name: str, device) -> None:
+    """``prepare`` what a group of backend ``name`` may run on ``device`` (``for_params``
+    may take the reference instead of "auto"'s choice)."""
+    prepare(name, device)
+    prepare("reference", device)
 
 
 def resolve(name: str, device) -> str:

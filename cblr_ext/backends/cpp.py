@@ -1,12 +1,19 @@
 """The Python side of the fused C++ CPU backend (its kernels: csrc/, registered for the
 CPU dispatch key of the ``cblr_ext`` ops).  It keeps, in the optimizer's scratch dict,
 the median passes' workspace and LARS's Σw² as the last update left each parameter.
+
+| hook (``Backend`` calls it) | gives the ops | when |
+| --- | --- | --- |
+| ``reduce_extras`` | ``workspace``; ``w_sq``/``w_sq_known`` carried from the last update | every pass 1; carried: LARS, lag=0, ``reuse_weight_norm`` |
+| ``update_extras`` | ``workspace``; ``next_w_sq`` (what the update writes Σw² of its result into) | every pass 2; ``next_w_sq``: as above, on an applied step |
+| ``after_update`` | | keeps the ``next_w_sq`` values for the next step |
 """
 from __future__ import annotations
 
 import torch
 
-from ..functional import state_dtype
+from .. import ops
+from ..contract import state_dtype
 
 _WORKSPACE = "cpp.workspace"
 _W_SQ = "cpp.w_sq"  # per parameter: (Σw², version, data_ptr) as the last update left it
@@ -16,7 +23,6 @@ _W_SQ_MIN_NUMEL = 65536  # one work chunk of csrc/cpu/layers.h
 def kernel_isa() -> str:
     """The instruction-set variant of the C++ passes in use: "baseline", "avx2" or "avx512"
     (the widest this CPU runs, or the one named by the CBLR_EXT_CPU_ISA environment variable)."""
-    from .. import ops
     if ops.LOAD_ERROR is not None:
         raise RuntimeError(f"the C++ extension is not loaded: {ops.LOAD_ERROR}")
     return ops.OPS.cpu_isa()
@@ -83,3 +89,27 @@ def record_w_sq(params: list, w_sq: torch.Tensor, tracked: list, scratch: dict) 
     for p, value, keep in zip(params, w_sq.tolist(), tracked):
         if keep:
             left[p] = (value, p._version, p.data_ptr())
+
+
+def reduce_extras(rule: str, params: list, lag: bool, scratch: dict, reuse_weight_norm: bool,
+                  w_sq_given: bool) -> dict:
+    """``rule``: the rule pass 1 runs; ``w_sq_given``: the caller passes Σw² itself (the probe's)."""
+    extras = {"workspace": workspace(rule, params, lag, scratch)}
+    if not w_sq_given and carries_w_sq(rule, lag, reuse_weight_norm):
+        extras["w_sq"], extras["w_sq_known"] = known_w_sq(params, scratch)
+    return extras
+
+
+def update_extras(rule: str, params: list, lag: bool, scratch: dict, reuse_weight_norm: bool,
+                  found_inf: torch.Tensor) -> tuple:
+    """(the update's keywords, what ``after_update`` needs: the tracked flags or None)."""
+    extras = {"workspace": workspace(rule, params, lag, scratch)}
+    tracked = None
+    if carries_w_sq(rule, lag, reuse_weight_norm) and not bool(found_inf):  # opt-in, eager only: a host read
+        extras["next_w_sq"], tracked = next_w_sq(params)
+    return extras, tracked
+
+
+def after_update(params: list, extras: dict, tracked, scratch: dict) -> None:
+    if tracked is not None:
+        record_w_sq(params, extras["next_w_sq"], tracked, scratch)

@@ -2,7 +2,7 @@
 
 It is the ground truth every fused backend is tested against and the default kernel
 of every op on any device, so it favours clarity over speed; the signatures are the
-op schemas (``ops.SCHEMAS``).  Nothing in a step is read on the host and nothing is
+op schemas (``contract.SCHEMAS``).  Nothing in a step is read on the host and nothing is
 copied to the device from host data: the per-layer quantities are [L] tensors (the
 rules of ``layer_math`` are elementwise over them), the elementwise parts are
 ``torch._foreach_*`` over the layers, and a skipped step is a ``torch.where``, so that
@@ -12,11 +12,14 @@ capture it.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2, state_dtype
+from .. import ops
+from ..contract import FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2, state_dtype
 
 
 def _squares(x: Tensor) -> Tensor:
@@ -200,3 +203,8 @@ def probe_shift_(params, steps, saved, displacements):
 def probe_restore_(params, saved):
     for p, w in zip(params, saved):
         p.copy_(w)
+
+
+# The default kernel of every op on any device, and the only one of ``cblr_ext_reference``.
+for _library in (ops.LIBRARY, ops.REFERENCE_LIBRARY):
+    ops.register(sys.modules[__name__], "CompositeExplicitAutograd", "reference", _library)

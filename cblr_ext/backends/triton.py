@@ -3,7 +3,8 @@
 per-layer math on device as [L] tensors through ``layer_math``.  Nothing is read on
 the host during a step.  The module-level functions ``layerwise_reduce``,
 ``layerwise_update_``, ``probe_shift_`` and ``probe_restore_`` have the op schemas'
-signatures (``ops.SCHEMAS``): ``ops`` registers them as the CUDA kernels, and
+signatures (``contract.SCHEMAS``): they are registered as the CUDA kernels where the
+CUDA extension is not loaded, and
 ``backend="triton"`` calls them directly (CPU tensors, in the interpreter).  Their
 semantics are those of ``backends/reference.py``.
 
@@ -25,13 +26,15 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+import sys
 import weakref
 
 import torch
 from torch import Tensor
 
 from .. import layer_math as lm
-from ..functional import (FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SCALAR_DTYPE, STAT_COLUMNS,
+from .. import ops
+from ..contract import (FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SCALAR_DTYPE, STAT_COLUMNS,
                           SUM_COLUMNS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2)
 
 name = "triton"
@@ -540,3 +543,8 @@ def probe_restore_(params, saved):
     _check(saved, "saved parameter", like=params)
     with _on_device(params):
         _copy(params, saved)
+
+
+# Where the CUDA extension did not load, these kernels run the ops on CUDA tensors.
+if ops.CUDA_LOAD_ERROR is not None and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+    ops.register(sys.modules[__name__], "CUDA", "triton")

@@ -16,6 +16,7 @@
 #include <tuple>
 #include <vector>
 
+#include "../binding_checks.h"
 #include "kernels.h"
 
 namespace {
@@ -26,72 +27,28 @@ using cblr::cuda::kMaxLayers;
 using cblr::cuda::LayerTable;
 using OptionalTensors = c10::List<std::optional<Tensor>>;
 
-constexpr const char* kWho = "cblr_ext cuda backend: ";
+using cblr::binding::bump_versions;
+
+constexpr cblr::binding::Checks kCheck{"cblr_ext cuda backend: "};
+constexpr const char* kWho = kCheck.who;
+static_assert(int(cblr::RULE_LARS) == cblr::cuda::CUDA_RULE_LARS && int(cblr::RULE_MCLR) == cblr::cuda::CUDA_RULE_MCLR &&
+                  int(cblr::RULE_CBLR) == cblr::cuda::CUDA_RULE_CBLR,
+              "the CUDA kernels number the rules as csrc/layer_math.h does");
 
 DType dtype_of(const Tensor& t, size_t i) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::F32;
     case at::kHalf: return DType::F16;
     case at::kBFloat16: return DType::BF16;
-    default:
-      TORCH_CHECK(false, kWho, "layer ", i, " has dtype ", t.scalar_type(),
-                  "; supported are float32, float16 and bfloat16 (use backend='reference' for others)");
+    default: kCheck.unsupported_dtype(t, i, "float32, float16 and bfloat16");
   }
-}
-
-int rule_of(const std::string& rule) {
-  if (rule == "lars") return cblr::cuda::CUDA_RULE_LARS;
-  if (rule == "mclr") return cblr::cuda::CUDA_RULE_MCLR;
-  TORCH_CHECK(rule == "cblr", kWho, "unknown rule '", rule, "'");
-  return cblr::cuda::CUDA_RULE_CBLR;
-}
-
-// The same elements in the same memory order (strides may differ on size-1 dimensions).
-bool same_order(const Tensor& a, const Tensor& b) {
-  if (a.sizes() != b.sizes()) return false;
-  for (int64_t d = 0; d < a.dim(); ++d) {
-    if (a.size(d) > 1 && a.stride(d) != b.stride(d)) return false;
-  }
-  return true;
 }
 
 void check_param(const Tensor& p, const Tensor& first, size_t i) {
-  TORCH_CHECK(p.is_cuda() && p.device() == first.device(), kWho, "layer ", i, " is on ", p.device(),
-              ", layer 0 on ", first.device());
+  TORCH_CHECK(first.is_cuda(), kWho, "layer 0 is on ", first.device());
+  kCheck.dense(p, first.device(), i);
   dtype_of(p, i);
-  TORCH_CHECK(p.is_non_overlapping_and_dense(), kWho, "layer ", i,
-              " is not dense (a view with gaps or overlaps); pass a dense parameter");
   TORCH_CHECK(p.numel() < (int64_t(1) << 31), kWho, "layer ", i, " has 2^31 elements or more");
-}
-
-void check_companion(const Tensor& p, const Tensor& t, at::ScalarType dtype, const char* what, size_t i) {
-  TORCH_CHECK(t.device() == p.device(), kWho, what, " of layer ", i, " is on ", t.device(), ", its parameter on ",
-              p.device());
-  TORCH_CHECK(t.scalar_type() == dtype, kWho, what, " of layer ", i, " has dtype ", t.scalar_type(), ", expected ",
-              dtype);
-  TORCH_CHECK(same_order(t, p) && t.is_non_overlapping_and_dense(), kWho, what, " of layer ", i,
-              " must have its parameter's shape and memory layout");
-}
-
-void check_small(const Tensor& t, at::ScalarType dtype, int64_t numel, const Tensor& p, const char* what,
-                 size_t i) {
-  TORCH_CHECK(t.device() == p.device() && t.scalar_type() == dtype && t.numel() == numel && t.is_contiguous(),
-              kWho, what, " of layer ", i, " must be a contiguous ", dtype, " tensor of ", numel, " element(s) on ",
-              p.device());
-}
-
-void check_count(size_t got, size_t layers, const char* what, bool optional) {
-  TORCH_CHECK(got == layers || (optional && got == 0), kWho, layers, " layers but ", got, " ", what);
-}
-
-void check_table(const Tensor& t, at::ScalarType dtype, at::IntArrayRef shape, const Tensor& p, const char* what) {
-  TORCH_CHECK(t.device() == p.device() && t.scalar_type() == dtype && t.sizes() == shape && t.is_contiguous(), kWho,
-              what, " must be a contiguous ", dtype, " tensor of shape ", shape, " on ", p.device(), " (got ",
-              t.scalar_type(), " of shape ", t.sizes(), " on ", t.device(), ")");
-}
-
-void bump_versions(at::TensorList tensors) {
-  for (const Tensor& t : tensors) t.unsafeGetTensorImpl()->bump_version();
 }
 
 std::optional<Tensor> entry(const OptionalTensors& list, size_t i) {
@@ -209,10 +166,7 @@ at::TensorOptions on(const Tensor& like, at::ScalarType dtype) {
 // scale: the kernels read it, the host never does.
 Tensor grad_unscale(const std::optional<Tensor>& grad_scale, const Tensor& like) {
   if (!grad_scale.has_value()) return at::empty({}, on(like, at::kFloat)).fill_(1.0);
-  TORCH_CHECK(grad_scale->device() == like.device() && grad_scale->numel() == 1 &&
-                  grad_scale->scalar_type() == at::kFloat,
-              kWho, "grad_scale must be a one-element fp32 tensor on ", like.device(), " (got ",
-              grad_scale->scalar_type(), " of shape ", grad_scale->sizes(), " on ", grad_scale->device(), ")");
+  kCheck.grad_scale(grad_scale, like.device());
   return grad_scale->to(at::kDouble).reciprocal().to(at::kFloat).reshape({});
 }
 
@@ -223,14 +177,9 @@ std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
     double weight_decay, int64_t curvature_interval, bool lag, bool approx_median, bool check_nonfinite,
     const Tensor& workspace) {
   const size_t count = params.size();
-  const int rule_id = rule_of(rule);
-  check_count(grads.size(), count, "gradients", false);
-  check_count(ages.size(), count, "ages", false);
-  check_count(adapt.size(), count, "adapt flags", false);
-  check_count(lagged_valid.size(), count, "lag flags", false);
-  check_count(probe_grads.size(), count, "probe gradients", true);
-  check_count(probe_steps.size(), count, "probe steps", true);
-  check_count(w_sq_known.size(), count, "w_sq_known flags", true);
+  const int rule_id = int(kCheck.rule(rule));
+  kCheck.reduce_counts(count, grads.size(), ages.size(), adapt.size(), lagged_valid.size(), probe_grads.size(),
+                       probe_steps.size(), w_sq_known.size());
   const int64_t rows = int64_t(count);
   if (count == 0) {
     return {at::empty({0, 4}, on(workspace, at::kDouble)), at::empty({0}, on(workspace, at::kFloat)),
@@ -238,13 +187,13 @@ std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
   }
   const Tensor& first = params[0];
   c10::cuda::CUDAGuard guard(first.device());
-  if (w_sq.has_value()) check_table(*w_sq, at::kDouble, {rows}, first, "w_sq");
+  if (w_sq.has_value()) kCheck.table(*w_sq, at::kDouble, {rows}, first.device(), "w_sq");
   std::vector<Layer> layers(count);
   for (size_t i = 0; i < count; ++i) {
     const Tensor& p = params[i];
     check_param(p, first, i);
-    check_companion(p, grads[i], p.scalar_type(), "gradient", i);
-    if (rule_id != cblr::cuda::CUDA_RULE_CBLR) check_small(ages[i], at::kFloat, 1, p, "age", i);
+    kCheck.companion(p, grads[i], p.scalar_type(), "gradient", i);
+    if (rule_id != cblr::cuda::CUDA_RULE_CBLR) kCheck.scalar_state(ages[i], at::kFloat, 1, p.device(), "age", i);
     Layer& l = layers[i];
     l.row = int(i);
     l.dtype = dtype_of(p, i);
@@ -264,8 +213,8 @@ std::tuple<Tensor, Tensor, Tensor> layerwise_reduce(
       // The parameter sits at w_t + s: Σw_t² must come from the shift (w_sq).
       TORCH_CHECK(s.has_value() && known, kWho, "layer ", i, " has a probe gradient but no probe step or no known "
                   "Σw_t² (w_sq with w_sq_known[", i, "])");
-      check_companion(p, *pg, p.scalar_type(), "probe gradient", i);
-      check_companion(p, *s, at::kFloat, "probe step", i);
+      kCheck.companion(p, *pg, p.scalar_type(), "probe gradient", i);
+      kCheck.companion(p, *s, at::kFloat, "probe step", i);
       l.ptr[cblr::cuda::ROLE_PROBE_G] = pg->data_ptr();
       l.ptr[cblr::cuda::ROLE_STEP] = s->data_ptr();
       l.bits |= cblr::cuda::BIT_PROBED;
@@ -304,24 +253,15 @@ Tensor layerwise_update_(
     std::optional<double> max_ratio, double fallback_trust, int64_t curvature_interval, bool lag, bool approx_median,
     const Tensor& workspace, const std::optional<Tensor>& next_w_sq) {
   const size_t count = params.size();
-  const int rule_id = rule_of(rule);
-  check_count(grads.size(), count, "gradients", false);
-  check_count(momentum_buffers.size(), count, "momentum buffers", true);
-  check_count(prev_steps.size(), count, "previous steps", true);
-  check_count(kappas.size(), count, "kappas", false);
-  check_count(ages.size(), count, "ages", false);
-  check_count(lagged.size(), count, "lag stashes", !lag);
-  check_count(lagged_valid.size(), count, "lag flags", false);
-  check_count(saved.size(), count, "saved parameters", true);
-  check_count(adapt.size(), count, "adapt flags", false);
+  const int rule_id = int(kCheck.rule(rule));
+  kCheck.update_counts(count, grads.size(), momentum_buffers.size(), prev_steps.size(), kappas.size(), ages.size(),
+                       lagged.size(), lag, lagged_valid.size(), saved.size(), adapt.size());
   const int64_t rows = int64_t(count);
   if (count == 0) return at::empty({0, 7}, on(workspace, at::kDouble));
   const Tensor& first = params[0];
   c10::cuda::CUDAGuard guard(first.device());
-  check_table(sums, at::kDouble, {rows, 4}, first, "the reduction's sums");
-  check_table(median, at::kFloat, {rows}, first, "the reduction's median");
-  check_table(flags, at::kBool, {rows, 4}, first, "the reduction's flags");
-  if (next_w_sq.has_value()) check_table(*next_w_sq, at::kDouble, {rows}, first, "next_w_sq");
+  kCheck.reduction(sums, median, flags, rows, 4, 4, first.device());
+  if (next_w_sq.has_value()) kCheck.table(*next_w_sq, at::kDouble, {rows}, first.device(), "next_w_sq");
   TORCH_CHECK(found_inf.numel() == 1 && lr.numel() == 1, kWho, "found_inf and lr are scalars");
   TORCH_CHECK(found_inf.device() == first.device(), kWho, "found_inf must be on ", first.device(),
               " (it is read by the kernels, never on the host)");
@@ -330,9 +270,9 @@ Tensor layerwise_update_(
   for (size_t i = 0; i < count; ++i) {
     const Tensor& p = params[i];
     check_param(p, first, i);
-    check_companion(p, grads[i], p.scalar_type(), "gradient", i);
-    check_small(kappas[i], at::kDouble, 1, p, "kappa", i);
-    check_small(ages[i], at::kFloat, 1, p, "age", i);
+    kCheck.companion(p, grads[i], p.scalar_type(), "gradient", i);
+    kCheck.scalar_state(kappas[i], at::kDouble, 1, p.device(), "kappa", i);
+    kCheck.scalar_state(ages[i], at::kFloat, 1, p.device(), "age", i);
     Layer& l = layers[i];
     l.row = int(i);
     l.dtype = dtype_of(p, i);
@@ -342,15 +282,15 @@ Tensor layerwise_update_(
     l.kappa = kappas[i].data_ptr<double>();
     l.age = ages[i].data_ptr<float>();
     if (!momentum_buffers.empty()) {
-      check_companion(p, momentum_buffers[i], at::kFloat, "momentum buffer", i);
+      kCheck.companion(p, momentum_buffers[i], at::kFloat, "momentum buffer", i);
       l.ptr[cblr::cuda::ROLE_V] = momentum_buffers[i].data_ptr();
     }
     if (!prev_steps.empty()) {
-      check_companion(p, prev_steps[i], at::kFloat, "previous step", i);
+      kCheck.companion(p, prev_steps[i], at::kFloat, "previous step", i);
       l.ptr[cblr::cuda::ROLE_PREV] = prev_steps[i].data_ptr();
     }
     if (lag) {
-      check_small(lagged[i], at::kDouble, 3, p, "lag stash", i);
+      kCheck.scalar_state(lagged[i], at::kDouble, 3, p.device(), "lag stash", i);
       l.lagged = lagged[i].data_ptr<double>();
       if (lagged_valid.get(i)) l.bits |= cblr::cuda::BIT_STASHED;
     }
@@ -358,7 +298,7 @@ Tensor layerwise_update_(
     const std::optional<Tensor> w_t = entry(saved, i);
     if (w_t.has_value()) {
       TORCH_CHECK(rule_id == cblr::cuda::CUDA_RULE_CBLR, kWho, "only CBLR probes");
-      check_companion(p, *w_t, p.scalar_type(), "saved parameter", i);
+      kCheck.companion(p, *w_t, p.scalar_type(), "saved parameter", i);
       l.ptr[cblr::cuda::ROLE_W_IN] = w_t->data_ptr();
       l.bits |= cblr::cuda::BIT_SHIFTED;
     }
@@ -407,9 +347,7 @@ Tensor layerwise_update_(
 // saved ← w, w ← w + s; returns Σw_t² per layer (fp64: layerwise_reduce's w_sq).
 Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList saved,
                     at::TensorList displacements) {
-  check_count(steps.size(), params.size(), "steps", false);
-  check_count(saved.size(), params.size(), "save buffers", false);
-  check_count(displacements.size(), params.size(), "displacements", false);
+  kCheck.probe_shift_counts(params.size(), steps.size(), saved.size(), displacements.size());
   if (params.empty()) return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
   const Tensor& first = params[0];
   c10::cuda::CUDAGuard guard(first.device());
@@ -417,9 +355,9 @@ Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList 
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor& p = params[i];
     check_param(p, first, i);
-    check_companion(p, steps[i], at::kFloat, "step", i);
-    check_companion(p, saved[i], p.scalar_type(), "save buffer", i);
-    check_companion(p, displacements[i], at::kFloat, "displacement", i);
+    kCheck.companion(p, steps[i], at::kFloat, "step", i);
+    kCheck.companion(p, saved[i], p.scalar_type(), "save buffer", i);
+    kCheck.companion(p, displacements[i], at::kFloat, "displacement", i);
     Layer& l = layers[i];
     l.row = int(i);
     l.dtype = dtype_of(p, i);
@@ -443,7 +381,7 @@ Tensor probe_shift_(at::TensorList params, at::TensorList steps, at::TensorList 
 }
 
 void probe_restore_(at::TensorList params, at::TensorList saved) {
-  check_count(saved.size(), params.size(), "saved parameters", false);
+  kCheck.count(saved.size(), params.size(), "saved parameters", false);
   if (params.empty()) return;
   const Tensor& first = params[0];
   c10::cuda::CUDAGuard guard(first.device());
@@ -451,7 +389,7 @@ void probe_restore_(at::TensorList params, at::TensorList saved) {
   for (size_t i = 0; i < params.size(); ++i) {
     const Tensor& p = params[i];
     check_param(p, first, i);
-    check_companion(p, saved[i], p.scalar_type(), "saved parameter", i);
+    kCheck.companion(p, saved[i], p.scalar_type(), "saved parameter", i);
     Layer& l = layers[i];
     l.row = int(i);
     l.dtype = dtype_of(p, i);

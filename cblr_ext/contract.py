@@ -1,0 +1,83 @@
+"""The op contract, a leaf module (it imports nothing of cblr_ext): every op's schema,
+the columns of what the ops return, and the dtypes of the state they read and write.
+``ops`` declares the ops from it, the backends implement it, ``functional`` calls it.
+
+| op | reads | writes | returns |
+| --- | --- | --- | --- |
+| ``layerwise_reduce`` | w, g ÷ grad scale (probe: g at w + s, s) | the workspace | ``Reduction`` tensors (sums, median, flags) |
+| ``layerwise_update_`` | w (or the probe's saved w_t), g ÷ grad scale, a reduction | w, v, s_{t−1}, κ̄, age, lag stash | [L, 7] statistics |
+| ``probe_shift_`` | w, s_{t−1} | saved ← w, w ← w + s, Δ ← (w + s) − w as stored | Σw_t² per layer (fp64) |
+| ``probe_restore_`` | saved | w ← saved | |
+| ``cpu_isa`` | | | the C++ kernels' instruction set |
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+SCHEMAS = {
+    "layerwise_reduce": (
+        "layerwise_reduce(str rule, Tensor[] params, Tensor[] grads, Tensor[] ages, bool[] adapt, "
+        "bool[] lagged_valid, Tensor?[] probe_grads, Tensor?[] probe_steps, Tensor? w_sq, bool[] w_sq_known, "
+        "Tensor? grad_scale, float weight_decay, int curvature_interval, bool lag, bool approx_median, bool check_nonfinite, "
+        "Tensor(a!) workspace) -> (Tensor sums, Tensor median, Tensor flags)"),
+    "layerwise_update_": (
+        "layerwise_update_(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, "
+        "Tensor(c!)[] prev_steps, Tensor(d!)[] kappas, Tensor(e!)[] ages, Tensor(f!)[] lagged, "
+        "bool[] lagged_valid, Tensor?[] saved, bool[] adapt, Tensor sums, Tensor median, Tensor flags, "
+        "Tensor found_inf, Tensor? grad_scale, Tensor lr, float momentum, bool nesterov, float weight_decay, float eps, "
+        "float trust_coefficient, float curvature_ema, float? max_ratio, float fallback_trust, "
+        "int curvature_interval, bool lag, bool approx_median, Tensor(g!) workspace, "
+        "Tensor(h!)? next_w_sq) -> Tensor"),
+    "probe_shift_": ("probe_shift_(Tensor(a!)[] params, Tensor[] steps, Tensor(b!)[] saved, "
+                     "Tensor(c!)[] displacements) -> Tensor"),
+    "probe_restore_": "probe_restore_(Tensor(a!)[] params, Tensor[] saved) -> ()",
+    "cpu_isa": "cpu_isa() -> str",
+}
+# The ops of a step: every backend implements these (``cpu_isa`` is the C++ extension's).
+STEP_OPS = ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_")
+
+# Columns of Reduction.sums (fp64): Σw², Σg² of the step's inputs; the CBLR secant's
+# Σ(d(w_t) − d(w_t + s))² and Σs².  0 where not taken (see the flags).
+SUM_W2, SUM_G2, SUM_DIFF2, SUM_STEP2 = range(4)
+SUM_COLUMNS = 4
+# Columns of Reduction.flags (bool): the layer measures κ this step; Σw², Σg² were taken
+# (else the update takes them); the median was taken (MCLR); g holds a NaN or Inf.
+FLAG_MEASURED, FLAG_NORMS, FLAG_MEDIAN, FLAG_NONFINITE = range(4)
+FLAG_COLUMNS = 4
+
+# The per-layer scalars' dtype: κ̄ and the lag stash in the state, the statistics
+# (layer_math: fp64 so that no norm or curvature of finite fp32 input overflows).
+SCALAR_DTYPE = torch.float64
+# Columns of the per-layer statistics ([L, 7], SCALAR_DTYPE) returned by ``layerwise_update_``.
+STAT_NAMES = ("w_norm", "g_norm", "step_norm", "kappa", "ratio", "alpha", "fallback")
+STAT_COLUMNS = len(STAT_NAMES)
+
+
+def state_dtype(param: Tensor) -> torch.dtype:
+    """Math and optimizer state run in fp32 at least (fp64 stays fp64)."""
+    return torch.promote_types(param.dtype, torch.float32)
+
+
+@dataclass
+class Reduction:
+    """Pass 1 of one group: ``sums`` [L, 4] fp64, ``median`` [L] fp32 (the lower median of
+    the quotients |d_i|/|w_i|, bf16-truncated for median="approx"; NaN when the layer has
+    no quotient or a NaN one; 0 where not taken), ``flags`` [L, 4] bool."""
+
+    sums: Tensor
+    median: Tensor
+    flags: Tensor
+
+    @property
+    def nonfinite(self) -> Tensor:
+        return self.flags[:, FLAG_NONFINITE]
+
+    @property
+    def measured(self) -> Tensor:
+        return self.flags[:, FLAG_MEASURED]
+
+    def tensors(self) -> tuple:
+        return self.sums, self.median, self.flags
