@@ -9,6 +9,9 @@ the columns of what the ops return, and the dtypes of the state they read and wr
 | ``probe_shift_`` | w, s_{t−1} | saved ← w, w ← w + s, Δ ← (w + s) − w as stored | Σw_t² per layer (fp64) |
 | ``probe_restore_`` | saved | w ← saved | |
 | ``cpu_isa`` | | | the C++ kernels' instruction set |
+| ``grad_sq_sums`` | g ÷ grad scale | | Σg² per layer (fp64; LAMB's global clipping) |
+| ``adam_reduce`` | w, g ÷ grad scale ÷ clip, m, v, step count | | ``Reduction`` tensors of the direction u (Σw², Σu², median of abs(u_i)/abs(w_i), non-finite flags) |
+| ``adam_update_`` | w, g ÷ grad scale ÷ clip, m, v, step count, a reduction | w, m, v, step count; nothing when ``found_inf`` | [L, 7] statistics (``g_norm``: ‖u‖) |
 """
 from __future__ import annotations
 
@@ -35,12 +38,27 @@ SCHEMAS = {
                      "Tensor(c!)[] displacements) -> Tensor"),
     "probe_restore_": "probe_restore_(Tensor(a!)[] params, Tensor[] saved) -> ()",
     "cpu_isa": "cpu_isa() -> str",
+    # The Adam base (LAMB and the median rule on the Adam direction u): pass 1 forms m, v and
+    # u in registers and writes nothing; pass 2 writes w, m, v and the step count.
+    "grad_sq_sums": "grad_sq_sums(Tensor[] grads, Tensor? grad_scale) -> Tensor",
+    "adam_reduce": (
+        "adam_reduce(str rule, Tensor[] params, Tensor[] grads, Tensor[] exp_avgs, Tensor[] exp_avg_sqs, "
+        "Tensor[] steps, Tensor? grad_scale, Tensor? clip, float beta1, float beta2, float eps, float weight_decay, "
+        "bool bias_correction) -> (Tensor sums, Tensor median, Tensor flags)"),
+    "adam_update_": (
+        "adam_update_(str rule, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] steps, bool[] adapt, Tensor sums, Tensor median, Tensor flags, Tensor found_inf, "
+        "Tensor? grad_scale, Tensor? clip, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
+        "bool bias_correction, float trust_coefficient, float? max_ratio) -> Tensor"),
 }
 # The ops of a step: every backend implements these (``cpu_isa`` is the C++ extension's).
 STEP_OPS = ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_")
+# The Adam base's ops: the reference implements them (the default kernel on every device).
+ADAM_OPS = ("grad_sq_sums", "adam_reduce", "adam_update_")
 
-# Columns of Reduction.sums (fp64): Σw², Σg² of the step's inputs; the CBLR secant's
-# Σ(d(w_t) − d(w_t + s))² and Σs².  0 where not taken (see the flags).
+# Columns of Reduction.sums (fp64): Σw², Σg² of the step's inputs (the Adam base: Σu² of
+# its direction u in the SUM_G2 column); the CBLR secant's Σ(d(w_t) − d(w_t + s))² and Σs².
+# 0 where not taken (see the flags).
 SUM_W2, SUM_G2, SUM_DIFF2, SUM_STEP2 = range(4)
 SUM_COLUMNS = 4
 # Columns of Reduction.flags (bool): the layer measures κ this step; Σw², Σg² were taken

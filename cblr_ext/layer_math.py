@@ -153,3 +153,45 @@ def momentum_update(w: Tensor, d: Tensor, v, alpha, momentum: float, nesterov: b
         s = v * momentum + scaled if nesterov else v
     w.sub_(s)
     return s
+
+
+# ------------------------------------------------------------ the Adam base
+
+
+def adam_moments(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float) -> tuple:
+    """m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g² (out of place)."""
+    return m * beta1 + g * (1.0 - beta1), v * beta2 + (g * g) * (1.0 - beta2)
+
+
+def bias_corrections(step: Tensor, beta1: float, beta2: float, bias_correction: bool) -> tuple:
+    """(1 − β1^t, 1 − β2^t) for this step's t = step + 1 (fp32, on the device), or ones."""
+    t = step.float() + 1
+    if not bias_correction:
+        return torch.ones_like(t), torch.ones_like(t)
+    return 1 - torch.pow(beta1, t), 1 - torch.pow(beta2, t)
+
+
+def adam_direction(m: Tensor, v: Tensor, w: Tensor, bc1: Tensor, bc2: Tensor, eps: float,
+                   weight_decay: float) -> Tensor:
+    """u = m̂ / (√v̂ + ε) + λ·w with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t) (decoupled decay)."""
+    return (m / bc1) / ((v / bc2).sqrt() + eps) + w * weight_decay
+
+
+def adam_ratio(rule: str, w_norm: Tensor, u_norm: Tensor, median: Tensor, adapt: Tensor, *,
+               trust_coefficient: float, eps: float, max_ratio) -> tuple:
+    """Ratio r of the Adam direction and the curvature it stands for, fp64 [L]:
+    "lars" (LAMB): κ = ‖u‖/‖w‖, r = η·‖w‖/‖u‖; "mclr": κ = median |u_i|/|w_i| + ε, r = η/κ.
+    r = 1 where undefined (‖w‖ = 0, ‖u‖ = 0, no median) and for not-adapted layers; the
+    bound ``max_ratio`` (LAMB's trust clip) applies to defined ratios.  Returns
+    (ratio, κ or NaN where not used, fallback flag)."""
+    if rule == "lars":
+        kappa = u_norm / w_norm
+        r = trust_coefficient * w_norm / u_norm
+    else:
+        kappa = median_kappa(median.double(), eps)
+        r = torch.full_like(kappa, trust_coefficient) / kappa
+    defined = adapt & (w_norm > 0) & (u_norm > 0) & torch.isfinite(r) & (r > 0)
+    if max_ratio is not None:
+        r = torch.clamp(r, max=max_ratio)
+    ratio = torch.where(defined, r, torch.ones_like(r))
+    return ratio, torch.where(defined, kappa, torch.full_like(kappa, float("nan"))), adapt & ~defined

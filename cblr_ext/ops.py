@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 
 from . import _build
-from .contract import FLAG_COLUMNS, SCALAR_DTYPE, SCHEMAS, STAT_COLUMNS, STEP_OPS, SUM_COLUMNS
+from .contract import ADAM_OPS, FLAG_COLUMNS, SCALAR_DTYPE, SCHEMAS, STAT_COLUMNS, STEP_OPS, SUM_COLUMNS
 
 LIBRARY = torch.library.Library("cblr_ext", "DEF")  # noqa: the namespace's one definition
 REFERENCE_LIBRARY = torch.library.Library("cblr_ext_reference", "DEF")  # noqa: its one definition
 for _name, _schema in SCHEMAS.items():
     LIBRARY.define(_schema)
-    if _name in STEP_OPS:
+    if _name in STEP_OPS + ADAM_OPS:
         REFERENCE_LIBRARY.define(_schema)
 
 
@@ -51,17 +51,34 @@ def _restore_fake(params, saved):
     return None
 
 
+def _grad_sq_sums_fake(grads, grad_scale):
+    return torch.empty((len(grads),), dtype=torch.float64, device=_layers_device(grads))
+
+
+def _adam_reduce_fake(rule, params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, clip, beta1, beta2, eps,
+                      weight_decay, bias_correction):
+    return _reduce_fake(rule, params, *([None] * 15))
+
+
+def _adam_update_fake(rule, params, grads, exp_avgs, exp_avg_sqs, steps, adapt, sums, median, flags, found_inf,
+                      grad_scale, clip, lr, beta1, beta2, eps, weight_decay, bias_correction, trust_coefficient,
+                      max_ratio):
+    return torch.empty((len(params), STAT_COLUMNS), dtype=SCALAR_DTYPE, device=_layers_device(params))
+
+
+_FAKES = dict(zip(STEP_OPS + ADAM_OPS, (_reduce_fake, _update_fake, _shift_fake, _restore_fake, _grad_sq_sums_fake,
+                                        _adam_reduce_fake, _adam_update_fake)))
 for _namespace in ("cblr_ext", "cblr_ext_reference"):
-    for _name, _fake in zip(STEP_OPS, (_reduce_fake, _update_fake, _shift_fake, _restore_fake)):
+    for _name, _fake in _FAKES.items():
         torch.library.register_fake(f"{_namespace}::{_name}", _fake)
 
 # Who registered the kernels of a dispatch key from Python (the extensions register theirs in C++).
 _PYTHON_OWNERS: dict = {}
 
 
-def register(kernels, dispatch_key: str, owner: str, library=LIBRARY) -> None:
-    """Register ``kernels`` (an object with the STEP_OPS as attributes) for ``dispatch_key``."""
-    for name in STEP_OPS:
+def register(kernels, dispatch_key: str, owner: str, library=LIBRARY, names=STEP_OPS) -> None:
+    """Register ``kernels`` (an object with the ops ``names`` as attributes) for ``dispatch_key``."""
+    for name in names:
         library.impl(name, getattr(kernels, name), dispatch_key)
     if library is LIBRARY:
         _PYTHON_OWNERS[dispatch_key] = owner

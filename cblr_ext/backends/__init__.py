@@ -24,7 +24,7 @@ import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
 from .. import ops
-from . import cpp, reference, triton  # noqa: F401 (reference and triton register their kernels on import)
+from . import cpp, reference, reference_adam, triton  # noqa: F401 (they register their kernels on import)
 
 NAMES = ("reference", "cpp", "triton", "cuda")
 # Fastest first, per device type.

@@ -1,0 +1,85 @@
+"""The Adam base's ops (``contract.ADAM_OPS``) in plain torch: the ground truth, and the
+default kernel on every device.  As ``reference.py``: per-layer quantities are [L]
+tensors, the elementwise parts ``torch._foreach_*``, and a skipped step a
+``torch.where``: nothing is read on the host (a CUDA graph can capture a step, and
+torch.compile traces it into one graph)."""
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from .. import layer_math as lm
+from .. import ops
+from ..contract import ADAM_OPS, FLAG_MEDIAN, FLAG_NORMS, SUM_G2, SUM_W2
+from .reference import _host_flags, _in_state_dtype, _medians, _nonfinite, _sums, _unscaled, _write
+
+
+def _inputs(params, grads, grad_scale, clip) -> tuple:
+    """w and g (÷ grad scale, ÷ the global clip divisor) in the state dtype."""
+    ws, gs = _in_state_dtype(params, params), _unscaled(_in_state_dtype(grads, params), grad_scale)
+    if clip is not None:
+        gs = [g / clip.to(g.dtype) for g in gs]
+    return ws, gs
+
+
+def _directions(ws, gs, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, weight_decay, bias_correction) -> tuple:
+    """(new m, new v, u) of every layer, out of place."""
+    ms, vs, us = [], [], []
+    for w, g, m, v, step in zip(ws, gs, exp_avgs, exp_avg_sqs, steps):
+        m, v = lm.adam_moments(g, m, v, beta1, beta2)
+        bc1, bc2 = lm.bias_corrections(step, beta1, beta2, bias_correction)
+        ms.append(m)
+        vs.append(v)
+        us.append(lm.adam_direction(m, v, w, bc1.to(w.dtype), bc2.to(w.dtype), eps, weight_decay))
+    return ms, vs, us
+
+
+def grad_sq_sums(grads, grad_scale):
+    """Σg² of every layer (fp64), g ÷ grad scale."""
+    return _sums(_unscaled([g.to(torch.promote_types(g.dtype, torch.float32)) for g in grads], grad_scale))
+
+
+def adam_reduce(rule, params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, clip, beta1, beta2, eps,
+                weight_decay, bias_correction):
+    """Pass 1: Σw², Σu² and (MCLR) the median of |u_i|/|w_i| of the direction this step
+    would take, and the non-finite flags of g; writes nothing."""
+    n = len(params)
+    device = params[0].device
+    ws, gs = _inputs(params, grads, grad_scale, clip)
+    _, _, us = _directions(ws, gs, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, weight_decay, bias_correction)
+    zeros = torch.zeros((n,), dtype=torch.float64, device=device)
+    median = _medians(ws, us, False) if rule == "mclr" else torch.zeros((n,), dtype=torch.float32, device=device)
+    sums = torch.stack([_sums(ws), _sums(us), zeros, zeros], dim=1)
+    every = torch.ones((n,), dtype=torch.bool, device=device)
+    flags = torch.stack([every, every, every if rule == "mclr" else ~every, _nonfinite(gs)], dim=1)
+    return sums, median, flags
+
+
+def adam_update_(rule, params, grads, exp_avgs, exp_avg_sqs, steps, adapt, sums, median, flags, found_inf,
+                 grad_scale, clip, lr, beta1, beta2, eps, weight_decay, bias_correction, trust_coefficient, max_ratio):
+    """Pass 2: the ratio and w ← w − γ·r·u, m, v and the step count written; nothing
+    changes when ``found_inf``."""
+    device = params[0].device
+    ws, gs = _inputs(params, grads, grad_scale, clip)
+    ms, vs, us = _directions(ws, gs, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, weight_decay, bias_correction)
+    w2 = torch.where(flags[:, FLAG_NORMS], sums[:, SUM_W2], _sums(ws))
+    u2 = torch.where(flags[:, FLAG_NORMS], sums[:, SUM_G2], _sums(us))
+    if rule == "mclr":
+        median = torch.where(flags[:, FLAG_MEDIAN], median, _medians(ws, us, False))
+    w_norm, u_norm = lm.norm_from_sum(w2), lm.norm_from_sum(u2)
+    ratio, kappa, fallback = lm.adam_ratio(rule, w_norm, u_norm, median, _host_flags(adapt, device), trust_coefficient=trust_coefficient,
+                                           eps=eps, max_ratio=max_ratio)
+    alpha = lm.layer_alpha(ratio, lr)
+    skip = found_inf.to(torch.bool).reshape(())
+    moves = torch._foreach_mul(us, [a.to(w.dtype) for a, w in zip(alpha.unbind(), ws)])
+    _write(params, skip, ws, torch._foreach_sub(ws, moves))
+    _write(exp_avgs, skip, exp_avgs, ms)
+    _write(exp_avg_sqs, skip, exp_avg_sqs, vs)
+    _write(steps, skip, steps, torch._foreach_add(steps, 1.0))
+    step_norm = torch.where(skip, 0.0, lm.norm_from_sum(_sums(moves)))
+    return torch.stack([w_norm, u_norm, step_norm, kappa, ratio, alpha, fallback.double()], dim=1)
+
+
+for _library in (ops.LIBRARY, ops.REFERENCE_LIBRARY):
+    ops.register(sys.modules[__name__], "CompositeExplicitAutograd", "reference", _library, names=ADAM_OPS)

@@ -1,0 +1,205 @@
+"""``LAMB``: layer-wise ratios on the Adam direction (docs/algorithm.md, "The Adam base").
+
+u = m̂/(√v̂ + ε) + λ·w per layer (bias-corrected moments, decoupled weight decay), then
+w ← w − γ·r·u with r = η‖w‖/‖u‖ (``rule="lars"``: LAMB, apex's FusedLAMB) or
+r = η / (median_i |u_i|/|w_i| + ε) (``rule="mclr"``: the paper's median rule on the Adam
+direction, an extension of the paper).  Two ops per group and step, one step-wide skip
+decision between them (``contract.ADAM_OPS``); with ``max_grad_norm`` a pass over the
+gradients before them forms the global clip divisor on the device.  Nothing is read on the
+host during a step: the step count is a device tensor per layer.
+"""
+from __future__ import annotations
+
+import torch
+from torch.optim import Optimizer
+
+from . import backends
+from . import functional as F
+from .hyperparams import _learning_rate, _number
+
+ADAM_RULES = ("lars", "mclr")
+# The backends with kernels of the Adam base's ops: the dispatcher's choice (the reference
+# kernels on every device until fused ones are registered), or the reference by name.
+ADAM_BACKENDS = ("auto", "reference")
+
+
+def _validate(group: dict, read_tensor_lr: bool = False) -> None:
+    lr = _learning_rate(group["lr"], read_tensor_lr)
+    if lr is not None and not 0 <= lr < float("inf"):
+        raise ValueError(f"Invalid learning rate: {lr}")
+    beta1, beta2 = (_number("betas", b) for b in group["betas"])
+    if not 0.0 <= beta1 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
+    if not 0.0 <= beta2 < 1.0:
+        raise ValueError(f"Invalid beta parameter at index 1: {beta2}")
+    if not _number("eps", group["eps"]) >= 0:
+        raise ValueError(f"Invalid epsilon value: {group['eps']}")
+    if not _number("weight_decay", group["weight_decay"]) >= 0:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
+    if not _number("trust_coefficient", group["trust_coefficient"]) > 0:
+        raise ValueError(f"Invalid trust_coefficient: {group['trust_coefficient']} (must be > 0)")
+    if group["max_ratio"] is not None and not _number("max_ratio", group["max_ratio"]) > 0:
+        raise ValueError(f"Invalid max_ratio: {group['max_ratio']} (must be None or > 0)")
+    if group["max_grad_norm"] is not None and not _number("max_grad_norm", group["max_grad_norm"]) > 0:
+        raise ValueError(f"Invalid max_grad_norm: {group['max_grad_norm']} (must be None or > 0)")
+    if group["rule"] not in ADAM_RULES:
+        raise ValueError(f"Invalid rule: {group['rule']!r} (choose from {', '.join(ADAM_RULES)})")
+    if group["backend"] not in ADAM_BACKENDS:
+        raise ValueError(f"Invalid backend: {group['backend']!r} (the Adam base runs on "
+                         f"{', '.join(ADAM_BACKENDS)}: fused kernels of its ops are not written yet)")
+    for key in ("bias_correction", "exclude_1d", "adapt", "nvlamb"):
+        if not isinstance(group[key], bool):
+            raise ValueError(f"Invalid {key}: {group[key]!r} (must be a bool)")
+
+
+class LAMB(Optimizer):
+    """LAMB (You et al. 2019) with apex FusedLAMB's semantics, and the median rule on the
+    Adam direction.
+
+    Args (every one but ``skip_nonfinite`` may be overridden per param group):
+        lr: γ, a float or a 0-d tensor.
+        betas, eps: Adam's (β1, β2) and ε (ε outside the square root, as apex).
+        weight_decay: λ, decoupled: added to the direction, so it is scaled by r too.
+        bias_correction: m̂ = m/(1 − β1^t), v̂ = v/(1 − β2^t).
+        max_grad_norm: the gradients of the whole step (every group) are divided by
+            max(1, ‖g‖/max_grad_norm) before the moments; None: no clipping.  apex's default 1.0.
+        rule: "lars" (r = η‖w‖/‖u‖, LAMB) or "mclr" (r = η/(median |u_i|/|w_i| + ε)).
+        trust_coefficient: η (1 for LAMB).
+        max_ratio: the trust clip, an upper bound on r, or None.
+        exclude_1d: 0-d and 1-D tensors are not adapted (r = 1).
+        nvlamb: adapt layers with λ = 0 too (apex's ``use_nvlamb``); without it, as apex,
+            a group with weight_decay 0 is not adapted.
+        adapt: False: no layer of the group is adapted (Adam with decoupled decay).
+        skip_nonfinite: skip the whole step when a gradient holds NaN/Inf.
+        backend: "auto" or "reference".
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
+                 max_grad_norm=1.0, rule="lars", trust_coefficient=1.0, max_ratio=None, exclude_1d=False,
+                 nvlamb=False, adapt=True, skip_nonfinite=True, backend="auto"):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+                        bias_correction=bias_correction, max_grad_norm=max_grad_norm, rule=rule,
+                        trust_coefficient=trust_coefficient, max_ratio=max_ratio, exclude_1d=exclude_1d,
+                        nvlamb=nvlamb, adapt=adapt, backend=backend)
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self._results = {"skipped_steps": 0, "stats": []}
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _validate(group, read_tensor_lr=True)
+            for p in group["params"]:
+                if not p.is_floating_point():
+                    raise ValueError(f"LAMB does not support {p.dtype} parameters")
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.__dict__.setdefault("_results", {"skipped_steps": 0, "stats": []})
+        self.__dict__.setdefault("skip_nonfinite", True)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            _validate(group)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self._init_groups()
+        if not groups:
+            self._results["stats"] = []
+            return loss
+        device = groups[0][1][0].device
+        grad_scale = getattr(self, "grad_scale", None)
+        if grad_scale is not None:
+            grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+        clip = self._clip_divisor(groups, grad_scale)
+        reductions = [F.Reduction(*ops.adam_reduce(
+            group["rule"], params, grads, ms, vs, steps, grad_scale, clip, *group["betas"], float(group["eps"]),
+            float(group["weight_decay"]), group["bias_correction"])) for group, params, grads, ms, vs, steps, _, ops in
+            groups]
+        found_inf = torch.zeros((), dtype=torch.bool, device=device)
+        amp_found_inf = getattr(self, "found_inf", None)
+        if amp_found_inf is not None:
+            found_inf = torch.as_tensor(amp_found_inf, device=device).reshape(()) != 0
+        if self.skip_nonfinite:
+            for red in reductions:
+                found_inf = found_inf | red.nonfinite.any()
+        stats = []
+        for (group, params, grads, ms, vs, steps, adapt, ops), red in zip(groups, reductions):
+            stats.append(ops.adam_update_(
+                group["rule"], params, grads, ms, vs, steps, adapt, *red.tensors(), found_inf, grad_scale, clip,
+                F.lr_value(group["lr"], device), *group["betas"], float(group["eps"]), float(group["weight_decay"]),
+                group["bias_correction"], float(group["trust_coefficient"]),
+                None if group["max_ratio"] is None else float(group["max_ratio"])))
+        self._results["stats"] = [(group, params, s) for (group, params, *_), s in zip(groups, stats)]
+        self._results["skipped_steps"] = found_inf + self._results["skipped_steps"]
+        return loss
+
+    def _init_groups(self) -> list:
+        """Per group with gradients: (group, params, grads, m, v, step counts, adapt, ops);
+        every check runs before any state is created."""
+        collected = []
+        for gi, group in enumerate(self.param_groups):
+            params = [p for p in group["params"] if p.grad is not None]
+            for p in params:
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"LAMB does not support sparse gradients (param group {gi})")
+                if p.grad.shape != p.shape:
+                    raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} does not match its parameter "
+                                       f"of shape {tuple(p.shape)} (param group {gi})")
+            if params and len({p.device for p in params}) > 1:
+                raise ValueError(f"param group {gi} mixes devices; put parameters of each device in their own group")
+            if params:
+                collected.append((group, params))
+        groups = []
+        for group, params in collected:
+            states = [self.state[p] for p in params]
+            for p, s in zip(params, states):
+                if "step" not in s:  # fp32 state, as torch's Adam keeps it for 16-bit parameters
+                    s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                    s["exp_avg"] = torch.zeros_like(p, dtype=F.state_dtype(p), memory_format=torch.preserve_format)
+                    s["exp_avg_sq"] = torch.zeros_like(p, dtype=F.state_dtype(p),
+                                                       memory_format=torch.preserve_format)
+            adapted = group["adapt"] and (group["nvlamb"] or group["weight_decay"] != 0)
+            adapt = [adapted and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
+            groups.append((group, params, [p.grad for p in params], [s["exp_avg"] for s in states],
+                           [s["exp_avg_sq"] for s in states], [s["step"] for s in states], adapt,
+                           backends.resolve_ops(group["backend"])))
+        return groups
+
+    def _clip_divisor(self, groups: list, grad_scale):
+        """max(1, ‖g‖/max_grad_norm) of the step's gradients, every group's together (fp32, on
+        the device), or None without clipping.  One global norm, as apex: one bound for all groups."""
+        bounds = {group["max_grad_norm"] for group, *_ in groups}
+        if bounds == {None}:
+            return None
+        if len(bounds) > 1:
+            raise ValueError(f"max_grad_norm must be the same in every param group (a global norm), got {bounds}")
+        sums = [ops.grad_sq_sums(grads, grad_scale).sum() for _, _, grads, *_, ops in groups]
+        norm = torch.stack(sums).sum().sqrt()
+        return torch.clamp(norm / bounds.pop(), min=1.0).float()
+
+    @property
+    def skipped_steps(self) -> int:
+        return int(self._results["skipped_steps"])
+
+    def layer_stats(self) -> dict:
+        """Per layer of the last step: ‖w‖, ‖u‖ (as ``g_norm``), ‖s‖, κ, r, α, fallback."""
+        out = {}
+        index = {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
+        for group, params, stats in self._results["stats"]:
+            names = group.get("param_names")
+            for p, row in zip(params, stats.detach().cpu().tolist()):
+                gi, pi = index[id(p)]
+                entry = dict(zip(F.STAT_NAMES, row))
+                entry["fallback"] = bool(entry["fallback"])
+                out[names[pi] if names else f"{gi}.{pi}"] = entry
+        return out
