@@ -136,10 +136,11 @@ def verdict(check: dict) -> str:
     """One screen: the machine, a line per stage, and what failed, timed out or crashed."""
     lines = [f"GPU check{' — DRY RUN (no GPU): GPU stages skipped' if check['dry_run'] else ''}",
              machine_line(check), "",
-             f"{'stage':18} {'status':10} {'s / limit':>11}  tests"]
+             f"{'stage':18} {'status':10} {'s / limit':>11}  tests or why skipped"]
     for s in check["stages"]:
         status = s["status"] + ("*" if s.get("form") == "dry" else "")
-        lines.append(f"{s['name']:18} {status:10} {s['seconds']:5.0f} / {s['limit_s']:<4g}  {_tests_text(s)}")
+        note = s["reason"] if s["status"] == SKIPPED else _tests_text(s)
+        lines.append(f"{s['name']:18} {status:10} {s['seconds']:5.0f} / {s['limit_s']:<4g}  {note}")
     bad = [s for s in check["stages"] if s["status"] not in (PASSED, SKIPPED)]
     lines.append("")
     if check["dry_run"]:

@@ -109,7 +109,7 @@ TRITON_INTERPRETER_SUBSET = ("tests/test_triton_backend.py", "-k",
 STAGES = (
     Stage("probe", "versions, cores, the GPU and its compute capability", 15, probe(), probe()),
     Stage("build", "pip install -e . for this GPU's architecture only (MAX_JOBS = all cores); the CUDA "
-          "extension must load", 120, install, probe("cpu"), needs=("probe",)),
+          "extension must load", 110, install, probe("cpu"), needs=("probe",)),
     Stage("cuda-tests", "tests/test_cuda_backend.py: parity table, real sizes, the exact median on adversarial "
           "data, CUDA-graph replay, no host sync", 60, pytest("tests/test_cuda_backend.py"), needs=("build",)),
     Stage("triton-tests", "tests/test_triton_backend.py, compiled on the GPU (dry run: a small interpreter subset)",
@@ -118,12 +118,14 @@ STAGES = (
     Stage("compile-tests", "tests/test_compile.py -k gpu: torch.compile and CUDA-graph replay on the GPU", 40,
           pytest("tests/test_compile.py", "-k", "gpu"), needs=("build",)),
     Stage("amp-sync-masters", "tests/test_amp.py, test_no_sync.py, test_master_weights.py (GradScaler in a CUDA "
-          "graph; their CPU parts on this torch)", 25,
-          pytest("tests/test_amp.py", "tests/test_no_sync.py", "tests/test_master_weights.py"), needs=("build",)),
+          "graph; their CPU parts on this torch) and the bench's kernel-launch counter", 25,
+          pytest("tests/test_amp.py", "tests/test_no_sync.py", "tests/test_master_weights.py",
+                 "tests/test_gpu_check.py::test_kernel_launches_of_known_steps"), needs=("build",)),
     Stage("bench-resnet50", "python -m bench: ResNet-50 shapes, fp32 and bf16, every rule and backend beside "
-          "fused SGD/AdamW, launches per step (dry run: the tiny suite on the CPU)", 50,
+          "fused SGD/AdamW, launches per step (dry run: the tiny suite on the CPU)", 60,
           bench("--suite", "resnet50", "--dtype", "fp32", "--dtype", "bf16", "--case-seconds", BENCH_CASE_SECONDS),
-          bench("--suite", "tiny", "--dtype", "fp32", "--backend", "cpp", "--case-seconds", "0.02", device="cpu"),
+          bench("--suite", "tiny", "--dtype", "fp32", "--backend", "cpp", "--quick", "--warm-cache", "--case-seconds",
+                "0.02", device="cpu"),
           needs=("build",)),
     Stage("bench-bert-large", "python -m bench: BERT-large shapes, fp32", 50,
           bench("--suite", "bert-large", "--dtype", "fp32", "--case-seconds", BENCH_CASE_SECONDS), needs=("build",)),
