@@ -4,6 +4,7 @@ chart per (suite, dtype) to ./bench-results/ (or --out).  See bench/README.md.""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -27,6 +28,8 @@ from .clock import for_device as clock_for
 DEFAULT_OUT = Path("bench-results")
 # The copy-bandwidth calibration at the start and at the end of a run.
 CALIBRATION = timing.Budget(warmup=1, min_samples=stats.MIN_SAMPLES, max_samples=60, seconds=2.0)
+# The copy of each step's bytes (the 100 % line of the same size), after each table.
+SAME_BYTES_COPY = timing.Budget(warmup=1, min_samples=stats.MIN_SAMPLES, max_samples=60, seconds=0.3)
 
 
 def _positive(convert):
@@ -57,6 +60,10 @@ def parse_args(argv=None):
                          "device); the reference backend always runs")
     ap.add_argument("--threads", type=_positive(int), help="CPU threads of torch (default: torch's, i.e. the cores)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) cases")
+    ap.add_argument("--case-seconds", type=_positive(float),
+                    help="sampling budget per case in seconds (default: 10, 1 with --quick)")
+    ap.add_argument("--launches", action="store_true",
+                    help="count the GPU's kernels per step with torch.profiler (one more untimed step per case)")
     ap.add_argument("--compile-timeout", type=_positive(float),
                     help="seconds for compiling + timing one torch.compile case before it is recorded as failed "
                          "(default: 600 on CPU, where inductor takes minutes over a 161-tensor step, 300 on GPUs)")
@@ -148,6 +155,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = args.device
     budget = timing.QUICK if args.quick else timing.FULL
+    if args.case_seconds:
+        budget = dataclasses.replace(budget, seconds=args.case_seconds)
     compile_timeout = args.compile_timeout or (600.0 if device.type == "cpu" else 300.0)
     suite_names = args.suite or (suites.QUICK_SUITES if args.quick else
                                  suites.GPU_SUITES if device.type == "cuda" else suites.DEFAULT_SUITES)
@@ -187,6 +196,13 @@ def main(argv=None) -> int:
     # A compilation that timed out on one suite is not retried on the next ones
     # (on CPU inductor takes minutes over the reference's per-layer kernels).
     compile_timed_out = {}
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
+    size = "-quick" if args.quick else "-small" if args.small else ""
+    stem = slug(f"{device.type}-{meta['device_name']}-{meta['threads']}t") + size
+    # Each record as it is made, so that a run cut short leaves what it measured.
+    partial = args.out / f"{stem}.partial.jsonl"
+    partial.write_text("")
     progress = tqdm(total=len(chosen) * len(dtypes) * len(cases), unit="case",
                     disable=args.quiet or not sys.stderr.isatty())
     for suite in chosen:
@@ -200,17 +216,23 @@ def main(argv=None) -> int:
                         result = {"error": compile_timed_out[case.optimizer, case.variant]}
                     elif case.isolated:
                         result = runner.measure_isolated(case, fused_sgd, suite, dtype, device, budget,
-                                                         compile_timeout, cold=flush is not None)
+                                                         compile_timeout, cold=flush is not None,
+                                                         count_launches=args.launches)
                         if result.get("error", "").startswith("timed out"):
                             compile_timed_out[case.optimizer, case.variant] = (
                                 f"skipped: timed out on {suite.name} {dtype_name} already")
                     else:
-                        result = runner.measure(case, params, grad_sets, budget, device, flush, baseline=fused_sgd)
+                        result = runner.measure(case, params, grad_sets, budget, device, flush, baseline=fused_sgd,
+                                                count_launches=args.launches)
                 except Exception as exc:  # one failing implementation must not end the run
                     result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
                 records.append(_record(suite, dtype_name, dtype, case, result))
+                with partial.open("a") as log:
+                    log.write(json.dumps(report.finite(records[-1]), allow_nan=False) + "\n")
                 progress.update()
             del params, grad_sets
+            report.same_bytes_copies(records[-len(cases):], lambda nbytes: timing.copy_time(
+                device, nbytes, SAME_BYTES_COPY, clock, flush)["median_ms"])
     progress.close()
 
     meta["machine"] = {"cpu_count": os.cpu_count(), "load_average_start": load_start,
@@ -219,11 +241,8 @@ def main(argv=None) -> int:
     warnings = machine.warnings(meta["machine"])
     meta["machine"]["warnings"] = warnings
     report.derive(records, copy["gbps"])
-    args.out = args.out.resolve()
-    args.out.mkdir(parents=True, exist_ok=True)
-    size = "-quick" if args.quick else "-small" if args.small else ""
-    stem = slug(f"{device.type}-{meta['device_name']}-{meta['threads']}t") + size
     report.write_json(args.out / f"{stem}.json", meta, records)
+    partial.unlink()
     charts = []
     for suite_name, dtype_name in dict.fromkeys((r["suite"], r["dtype"]) for r in records):
         charts.append(args.out / f"{stem}-{suite_name}-{dtype_name}.png")
@@ -256,7 +275,9 @@ def _record(suite, dtype_name, dtype, case, result) -> dict:
     for field in ("first_call_s", "closure_ms", "closure_calls", "with_closure_ms"):
         if field in result:
             record[field] = result[field]
-    for field in report.DERIVED_FIELDS:
+    for field in report.LAUNCH_FIELDS:
+        record[field] = result.get(field)
+    for field in report.DERIVED_FIELDS + report.SAME_BYTES_FIELDS:
         record[field] = None
     return record
 

@@ -40,6 +40,7 @@ class Traffic:
 UPDATE = "update: read w, g, v; write w, v"
 TRAFFIC = {
     ("SGD", ""): Traffic(3, 2, UPDATE),
+    ("AdamW", ""): Traffic(3, 4, "update: read w, g, m, v; write w, m, v"),
     ("LARS", "lag=0"): Traffic(5, 2, "pass 1: read w, g; " + UPDATE),
     ("LARS", "lag=0,reuse-w-norm"): Traffic(4, 2, "pass 1: read g (‖w‖ from the last update); " + UPDATE
                                             + " (‖w‖ of the result on the fly)"),
@@ -170,6 +171,10 @@ def _torch_sgd(flag):
     return build
 
 
+def _torch_adamw_fused(params, grad_sets):
+    return Step(torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True).step)
+
+
 def _pytorch_optimizer_lars(foreach):
     def build(params, grad_sets):
         from pytorch_optimizer import LARS  # optional: pip install -e ".[bench]"
@@ -184,7 +189,8 @@ def all_cases(device: torch.device, compile_reference: bool, only_backends=None)
     restricts the fused backends (the reference, the speed-up base, always runs)."""
     device = torch.device(device)
     cases = [Case("SGD", "torch", "fused", TRAFFIC["SGD", ""], _torch_sgd("fused")),
-             Case("SGD", "torch", "foreach", TRAFFIC["SGD", ""], _torch_sgd("foreach"))]
+             Case("SGD", "torch", "foreach", TRAFFIC["SGD", ""], _torch_sgd("foreach")),
+             Case("AdamW", "torch", "fused", TRAFFIC["AdamW", ""], _torch_adamw_fused)]
     backends = cblr_ext.available_backends(device)
     missing = {}
     if device.type == "cpu" and "triton" in backends:

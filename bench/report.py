@@ -12,6 +12,10 @@ TIMING_FIELDS = ("median_ms", "ci_low_ms", "ci_high_ms", "min_ms", "samples", "s
 PAIRED_FIELDS = ("fused_sgd_ms", "fused_sgd_ci_low_ms", "fused_sgd_ci_high_ms", "fused_sgd_samples_ms",
                  "ratio_to_fused_sgd", "ratio_ci_low", "ratio_ci_high")
 DERIVED_FIELDS = ("gbps", "fraction_of_copy", "speedup_vs_reference")
+# A device-to-device copy of the step's bytes (the 100 % line of the same size) and its
+# time over the step's; the GPU's kernels per step (--launches).
+SAME_BYTES_FIELDS = ("copy_same_bytes_ms", "fraction_of_copy_same_bytes")
+LAUNCH_FIELDS = ("kernels_per_step", "memory_ops_per_step")
 FUSED_SGD = ("SGD", "torch", "fused")
 WIDE = "*"  # marks a figure whose interval stayed wider than the target
 
@@ -33,6 +37,19 @@ def derive(records: list, copy_gbps: float) -> None:
         r["fraction_of_copy"] = r["gbps"] / copy_gbps
         ref = ok.get((r["suite"], r["dtype"], ref[0], "reference", ref[1])) if ref else None
         r["speedup_vs_reference"] = ref["median_ms"] / r["median_ms"] if ref else None
+
+
+def same_bytes_copies(records: list, copy_ms) -> None:
+    """Fill the same-bytes copy fields of one (suite, dtype)'s records in place;
+    ``copy_ms(bytes)`` times a copy moving that many bytes (each size once)."""
+    times = {}
+    for r in records:
+        if r["median_ms"] is None:
+            continue
+        if r["bytes_per_step"] not in times:
+            times[r["bytes_per_step"]] = copy_ms(r["bytes_per_step"])
+        r["copy_same_bytes_ms"] = times[r["bytes_per_step"]]
+        r["fraction_of_copy_same_bytes"] = r["copy_same_bytes_ms"] / r["median_ms"]
 
 
 def _interval(median, low, high, spec, target=None) -> str:
@@ -73,16 +90,16 @@ def table(records: list, target: float) -> str:
     return "\n".join(lines)
 
 
-def _finite(value):
+def finite(value):
     """JSON has no NaN: an interval that could not be formed is null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite(v) for v in value]
     return value
 
 
 def write_json(path: Path, meta: dict, records: list) -> None:
-    path.write_text(json.dumps(_finite({**meta, "records": records}), indent=1, allow_nan=False) + "\n")
+    path.write_text(json.dumps(finite({**meta, "records": records}), indent=1, allow_nan=False) + "\n")

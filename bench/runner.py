@@ -14,7 +14,7 @@ import traceback
 
 import torch
 
-from . import machine, stats, timing
+from . import launches, machine, stats, timing
 from .clock import for_device as clock_for
 
 SEED = 0
@@ -40,12 +40,13 @@ def build(case, params_master, grad_sets):
 
 
 def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch.device, flush=None,
-            baseline=None) -> dict:
+            baseline=None, count_launches=False) -> dict:
     """Timings of ``case``'s step, starting from the given parameters and gradients,
     each call with cold caches when ``flush`` (timing.CacheFlush) is given.  The
     ``baseline`` case (fused SGD, on its own copies) takes turns with the step, one
     call each per round, and the ratio is taken round by round.  A CBLR step's
-    closure calls are timed inside the step and left out, call by call."""
+    closure calls are timed inside the step and left out, call by call.  With
+    ``count_launches``, one more (untimed) step counts the GPU's kernels (launches.py)."""
     clock = clock_for(device)
     step = build(case, params_master, grad_sets)
     clock.sync()
@@ -75,17 +76,20 @@ def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch
         out.update(fused_sgd_ms=sgd["median_ms"], fused_sgd_ci_low_ms=sgd["ci_low_ms"],
                    fused_sgd_ci_high_ms=sgd["ci_high_ms"], fused_sgd_samples_ms=sgd["samples_ms"],
                    ratio_to_fused_sgd=ratio.median, ratio_ci_low=ratio.low, ratio_ci_high=ratio.high)
+    if count_launches and (counts := launches.per_step(step, device)) is not None:
+        out.update(counts)
     return out
 
 
-def _child(conn, case_key, baseline_key, suite, dtype, device, budget, torch_threads, cold):
+def _child(conn, case_key, baseline_key, suite, dtype, device, budget, torch_threads, cold, count_launches):
     from .cases import all_cases, find  # imported here: the child is a fresh interpreter
     torch.set_num_threads(torch_threads)
     try:
         cases = all_cases(device, compile_reference=True)[0]
         params, grad_sets = make_tensors(suite, dtype, device)
         conn.send(measure(find(cases, case_key), params, grad_sets, budget, device,
-                          timing.CacheFlush(device) if cold else None, baseline=find(cases, baseline_key)))
+                          timing.CacheFlush(device) if cold else None, baseline=find(cases, baseline_key),
+                          count_launches=count_launches))
     except Exception as exc:  # reported as the record's error
         conn.send({"error": f"{type(exc).__name__}: {exc}".strip()[:500],
                    "traceback": traceback.format_exc(limit=3)[-2000:]})
@@ -94,13 +98,13 @@ def _child(conn, case_key, baseline_key, suite, dtype, device, budget, torch_thr
 
 
 def measure_isolated(case, baseline, suite, dtype, device, budget: timing.Budget, timeout_s: float,
-                     cold: bool = True) -> dict:
+                     cold: bool = True, count_launches: bool = False) -> dict:
     """``measure`` in a child process (same seeded tensors, ``baseline`` in turn as
     in-process), killed after ``timeout_s``."""
     ctx = multiprocessing.get_context("spawn")
     parent, child = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_child, args=(child, case.key, baseline.key, suite, dtype, device, budget,
-                                            torch.get_num_threads(), cold), daemon=True)
+                                            torch.get_num_threads(), cold, count_launches), daemon=True)
     proc.start()
     child.close()
     try:

@@ -172,13 +172,20 @@ def copy_bandwidth(device: torch.device, megabytes: int, budget: Budget, clock, 
     """Achievable memory bandwidth on ``device`` (device to device on a GPU):
     ``dst.copy_(src)`` on a buffer larger than the caches, counting 2 × size bytes
     (one read, one write) per copy; GB/s with the interval of the copy time."""
-    numel = megabytes * 2**20 // 4
+    return {"buffer_mb": megabytes, **copy_time(device, 2 * megabytes * 2**20, budget, clock, flush)}
+
+
+def copy_time(device: torch.device, bytes_moved: int, budget: Budget, clock, flush=None) -> dict:
+    """``dst.copy_(src)`` of fp32 buffers moving ``bytes_moved`` bytes (half read, half
+    written): its time's median and interval, and the GB/s they give."""
+    numel = max(bytes_moved // 8, 1)
     src = torch.ones(numel, dtype=torch.float32, device=device)
     dst = torch.zeros_like(src)  # touched: no page faults in the timed copies
     result = sample([call_timer(lambda: dst.copy_(src))], budget, clock, flush)
+    del src, dst
     stats_ms = summarize(result.series[0]["seconds"])
     gb = 2 * numel * 4 / 1e9
-    return {"buffer_mb": megabytes, "median_ms": stats_ms["median_ms"], "ci_low_ms": stats_ms["ci_low_ms"],
+    return {"median_ms": stats_ms["median_ms"], "ci_low_ms": stats_ms["ci_low_ms"],
             "ci_high_ms": stats_ms["ci_high_ms"], "samples": stats_ms["samples"], "precise": result.precise,
             "gbps": gb / (stats_ms["median_ms"] * 1e-3),
             # a longer copy time is a lower bandwidth: the bounds swap

@@ -36,6 +36,9 @@ NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-lineinfo"]
 CUDA_CXX_FLAGS = ["-O3"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0;10.0"  # sm_80, sm_90, sm_100; TORCH_CUDA_ARCH_LIST overrides
 CUDA_JIT_NAME = "cblr_ext_cuda"
+# CBLR_EXT_NO_JIT=1: a missing extension stays missing (an import records why) instead of
+# being JIT-built on import; for a command that builds the extensions itself, under a limit.
+NO_JIT = "CBLR_EXT_NO_JIT"
 
 _loaded = None
 _cuda_loaded = None
@@ -68,7 +71,9 @@ def load() -> str:
         try:
             importlib.import_module("cblr_ext._C")
             _loaded = "setup.py"
-        except ImportError:
+        except ImportError as exc:
+            if os.environ.get(NO_JIT) == "1":
+                raise ImportError(f"cblr_ext._C is not built and {NO_JIT}=1") from exc
             jit_build()
     return _loaded
 
@@ -167,6 +172,8 @@ def load_cuda() -> str:
             importlib.import_module("cblr_ext._C_cuda")
             _cuda_loaded = "setup.py"
         except ImportError as exc:
+            if os.environ.get(NO_JIT) == "1":
+                raise ImportError(f"cblr_ext._C_cuda is not built and {NO_JIT}=1") from exc
             if not torch.cuda.is_available():
                 raise ImportError(f"cblr_ext._C_cuda is not built ({exc}) and no GPU is present to JIT-build "
                                   "it for") from exc

@@ -374,8 +374,9 @@ class LayerwiseOptimizer(Optimizer):
         sharded groups make their reductions and statistics whole-layer across ranks.
         ``grad_scale``/``amp_found_inf``: GradScaler's, or None."""
         if not groups:
-            self._stats = []  # no layer stepped: layer_stats() says so (empty)
-            self._found_inf = None
+            results = self._results  # written as a dict, not through the properties (see below)
+            results["stats"] = []  # no layer stepped: layer_stats() says so (empty)
+            results["found_inf"] = None
             return
         device = groups[0].params[0].device
         if grad_scale is not None:
@@ -393,14 +394,16 @@ class LayerwiseOptimizer(Optimizer):
         stats = [self._update(g, red, found_inf, probe, grad_scale) for g, red in zip(groups, reductions)]
         if sharded:
             distributed.merge_step_norms(groups, stats)
-        self._stats = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
+        results = self._results
+        results["stats"] = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
         # A device tensor (int64: bool + int): counting skipped steps must not sync the host.
-        self._skipped_steps = found_inf + self._skipped_steps
-        self._found_inf = found_inf  # cblr_ext.amp.update tells GradScaler of a probe overflow
+        results["skipped_steps"] = found_inf + results["skipped_steps"]
+        results["found_inf"] = found_inf  # cblr_ext.amp.update tells GradScaler of a probe overflow
 
     # The last step's results live in a dict behind these attributes: torch.compile (torch
     # 2.13) drops attribute assignments to an Optimizer made inside a compiled step, not
-    # writes into a dict it holds.
+    # writes into a dict it holds; a step writes the dict itself (torch 2.11's dynamo
+    # cannot trace a property's setter).
     _stats = _step_result("stats")
     _skipped_steps = _step_result("skipped_steps")
     _found_inf = _step_result("found_inf")

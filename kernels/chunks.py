@@ -80,10 +80,14 @@ def sum_partials_kernel(partials, chunk_begin, rows, out, N_COLS: tl.constexpr,
     lane = tl.arange(0, BLOCK_C)
     col = tl.arange(0, COLS)
     acc = tl.zeros((BLOCK_C, COLS), dtype=tl.float64)
-    for c0 in range(begin, end, BLOCK_C):
+    # A while loop, not range(begin, end, BLOCK_C): Triton 3.6's interpreter cannot take
+    # loaded values as range bounds.
+    c0 = begin
+    while c0 < end:
         c = c0 + lane
         mask = (c < end)[:, None] & (col < N_COLS)[None, :]
         acc += tl.load(partials + c[:, None] * N_COLS + col[None, :], mask=mask, other=0.0)
+        c0 += BLOCK_C
     tl.store(out + row * N_COLS + col, tl.sum(acc, axis=0), mask=col < N_COLS)
 
 

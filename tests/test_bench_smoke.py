@@ -22,7 +22,7 @@ CBLR_EXT_VARIANTS = {("LARS", "lag=0"), ("LARS", "lag=0,reuse-w-norm"), ("LARS",
                      ("MCLR", "exact,GradScaler"), ("MCLR", "exact,unscale_")}
 # Bytes per parameter element in fp32 (bench/README.md, "What a step moves"); GradScaler's
 # Inf check reads g once more, unscale_ also writes it.
-BYTES_PER_ELEMENT = {("SGD", "fused"): 20, ("LARS", "lag=0"): 28, ("LARS", "lag=0,reuse-w-norm"): 24,
+BYTES_PER_ELEMENT = {("SGD", "fused"): 20, ("AdamW", "fused"): 28, ("LARS", "lag=0"): 28, ("LARS", "lag=0,reuse-w-norm"): 24,
                      ("LARS", "lag=1"): 24,
                      ("MCLR", "exact"): 36, ("MCLR", "approx,lag=1"): 24, ("CBLR", "re-measure"): 52,
                      ("LARS", "lag=0,GradScaler"): 32, ("LARS", "lag=0,unscale_"): 36,
@@ -106,6 +106,7 @@ def test_one_record_per_case(run):
         assert (backend in timed) != (backend in report["backends_unavailable"])
     expected = {("tiny", "fp32", opt, backend, variant) for backend in timed for opt, variant in CBLR_EXT_VARIANTS}
     expected |= {("tiny", "fp32", "SGD", "torch", "fused"), ("tiny", "fp32", "SGD", "torch", "foreach"),
+                 ("tiny", "fp32", "AdamW", "torch", "fused"),
                  ("tiny", "fp32", "LARS", "pytorch-optimizer", "foreach"),
                  ("tiny", "fp32", "LARS", "pytorch-optimizer", "per-param")}
     assert set(keys) == expected  # --quick skips torch.compile ...
@@ -138,7 +139,7 @@ def test_records_are_complete_and_consistent(run):
         if r["optimizer"] == "CBLR":  # the closure's calls were timed inside the step and left out
             assert r["closure_calls"] == (2 if r["variant"] == "re-measure" else 1)
             assert r["closure_ms"] > 0 and r["with_closure_ms"] > r["median_ms"]
-        if r["optimizer"] == "SGD":
+        if r["backend"] == "torch":
             assert r["speedup_vs_reference"] is None
         else:
             assert isinstance(r["speedup_vs_reference"], float)

@@ -63,9 +63,15 @@ constexpr int64_t kNthElementLimit = 256;
 // candidates) is not counted in one bin first.  Linear time with no data-dependent
 // branches, unlike nth_element, whose mispredicted comparisons cost several times a
 // counting pass.
+// std::bit_width of x > 0 (C++20; torch 2.11's extensions build as C++17).
+template <typename K>
+inline int bit_width_of(K x) {
+  return 64 - __builtin_clzll(static_cast<unsigned long long>(x));
+}
+
 template <typename T, typename K>
 T select_kth_between(T* values, int64_t n, int64_t k, K lowest, K highest) {
-  int shift = lowest == highest ? 0 : int(std::bit_width(K(lowest ^ highest)));
+  int shift = lowest == highest ? 0 : bit_width_of(K(lowest ^ highest));
   while (shift > 0 && n > kNthElementLimit) {  // shift = 0: every key is equal
     const int digit = std::min(kRadixBits, shift);
     shift -= digit;
