@@ -92,6 +92,29 @@ for _namespace in ("cblr_ext", "cblr_ext_reference"):
         torch.library.register_fake(f"{_namespace}::{_name}", _fake)
 
 
+# ---- The sharded median's radix select (cblr_ext/distributed.py): one round's counts of
+# every layer of a group.  Kernels: the reference (default, any device; the only kernel in
+# cblr_ext_reference) and the C++ CPU kernel (csrc/binding.cpp).
+MEDIAN_HISTOGRAM_SCHEMA = ("median_histogram(Tensor[] params, Tensor[] grads, Tensor? grad_scale, float weight_decay, "
+                           "Tensor prefix, int shift, int width) -> (Tensor counts, Tensor nans)")
+
+
+def _median_histogram_fake(params, grads, grad_scale, weight_decay, prefix, shift, width):
+    return (prefix.new_empty((len(params), 1 << width), dtype=torch.float64),
+            prefix.new_empty((len(params),), dtype=torch.float64))
+
+
+def _define_median_histogram():
+    from .backends import reference
+    for library in (LIBRARY, REFERENCE_LIBRARY):
+        library.define(MEDIAN_HISTOGRAM_SCHEMA)
+        library.impl("median_histogram", reference.median_histogram, "CompositeExplicitAutograd")
+        torch.library.register_fake(f"{library.ns}::median_histogram", _median_histogram_fake)
+
+
+_define_median_histogram()
+# ---- end of the sharded median's block
+
 def _register(module, dispatch_key, library=LIBRARY):
     for name in STEP_OPS:
         library.impl(name, getattr(module, name), dispatch_key)
