@@ -11,10 +11,11 @@ namespace {
 
 // The keys of one block (m ≤ kSumBlock elements): the fp32 bits of h = |d| / |w|
 // (rounded to fp32 from the math type: rounding is monotone, so the median of the
-// rounded quotients is the rounded median), −1 where w = 0 or h is NaN; returns the
-// block's NaN quotients.
+// rounded quotients is the rounded median), and whether each lies under the prefix
+// (never where w = 0 or h is NaN); returns the block's NaN quotients.
 template <typename P>
-inline int32_t block_keys(const P* w, const P* g, math_t<P> gs, int64_t m, math_t<P> weight_decay, int32_t* keys) {
+inline int32_t block_keys(const P* w, const P* g, math_t<P> gs, int64_t m, math_t<P> weight_decay, int top,
+                          uint32_t want, uint32_t* keys, uint8_t* kept) {
   using T = math_t<P>;
   int32_t nan = 0;
 #pragma omp simd reduction(+ : nan)
@@ -23,35 +24,51 @@ inline int32_t block_keys(const P* w, const P* g, math_t<P> gs, int64_t m, math_
     const float q = float(curvature_quotient(decayed_grad(T(load(g[j]) * gs), wv, weight_decay), wv));
     const bool is_nan = q != q;
     nan += is_nan & (wv != 0);
-    keys[j] = (wv == 0) | is_nan ? -1 : int32_t(float_bits(q));
+    const uint32_t key = float_bits(q);
+    keys[j] = key;
+    kept[j] = uint8_t((wv != 0) & !is_nan & ((key >> top) == want));
   }
   return nan;
 }
 
 // Adds one chunk's counts to hist (2^width bins) and returns its NaN quotients.  Two
 // interleaved histograms: clustered keys hit one bin in a row, and the increments of one
-// bin would otherwise wait on each other's stores.
+// bin would otherwise wait on each other's stores.  Groups of 8 keys with none under the
+// prefix are skipped whole (the later rounds count a few keys only).
 template <typename P>
 int64_t count_chunk(const HistogramLayer& l, int64_t begin, int64_t end, int shift, int width, double weight_decay,
                     int32_t* hist) {
   using T = math_t<P>;
   const P* w = static_cast<const P*>(l.w);
   const P* g = static_cast<const P*>(l.g);
-  const int top = shift + width;
-  const int32_t want = int32_t(l.prefix >> top), mask = (int32_t(1) << width) - 1;
+  const int top = shift + width;  // ≤ 31: the sign bit of a kept key is 0
+  const uint32_t want = uint32_t(l.prefix) >> top, mask = (uint32_t(1) << width) - 1;
   int32_t* other = hist + (int64_t(1) << width);
   int64_t nan = 0;
-  alignas(64) int32_t keys[kSumBlock];
+  alignas(64) uint32_t keys[kSumBlock];
+  alignas(64) uint8_t kept[kSumBlock + 8] = {};
   for (int64_t b = begin; b < end; b += kSumBlock) {
     const int64_t m = std::min(kSumBlock, end - b);
-    nan += block_keys(w + b, g + b, T(l.g_unscale), m, T(weight_decay), keys);
-    int64_t j = 0;
-    for (; j + 1 < m; j += 2) {  // arithmetic shift: key −1 never matches a prefix ≥ 0
-      const int32_t k0 = keys[j], k1 = keys[j + 1];
-      if ((k0 >> top) == want) ++hist[(k0 >> shift) & mask];
-      if ((k1 >> top) == want) ++other[(k1 >> shift) & mask];
+    nan += block_keys(w + b, g + b, T(l.g_unscale), m, T(weight_decay), top, want, keys, kept);
+    std::memset(kept + m, 0, size_t(kSumBlock + 8 - m));
+    for (int64_t j0 = 0; j0 < m; j0 += 8) {
+      uint64_t group;
+      std::memcpy(&group, kept + j0, 8);
+      if (group == 0) continue;
+      if (group == 0x0101010101010101ull) {  // all eight kept (the first round, mostly)
+        for (int64_t j = j0; j < j0 + 8; j += 2) {
+          ++hist[(keys[j] >> shift) & mask];
+          ++other[(keys[j + 1] >> shift) & mask];
+        }
+        continue;
+      }
+      // Eight 0/1 bytes to an 8-bit mask (byte i to bit i), then visit the set bits only.
+      uint32_t bits = uint32_t((group * 0x0102040810204080ull) >> 56);
+      while (bits) {
+        ++hist[(keys[j0 + __builtin_ctz(bits)] >> shift) & mask];
+        bits &= bits - 1;
+      }
     }
-    if (j < m && (keys[j] >> top) == want) ++hist[(keys[j] >> shift) & mask];
   }
   return nan;
 }
