@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from . import layer_math as lm
+from . import ops
 from .functional import (FLAG_MEASURED, FLAG_MEDIAN, FLAG_NONFINITE, FLAG_NORMS, STAT_NAMES, SUM_G2, SUM_W2,
                          LayerState, state_dtype)
 
@@ -135,49 +136,39 @@ def _all_reduce(buffer: torch.Tensor, mesh) -> None:
 
 class _MedianSelect:
     """The exact lower median of each measuring MCLR layer's quotients over all ranks: a
-    radix select over their fp32 bits, one batched histogram per round for all layers."""
+    radix select over their fp32 bits, one batched histogram per round for all layers
+    (the op ``median_histogram``: one pass over the group's shards per round, in the
+    group's backend).  Round 0's counts are taken at construction."""
 
-    def __init__(self, g, reduction):
+    def __init__(self, g, reduction, grad_scale=None):
         self.rows = [i for i, m in enumerate(reduction.flags[:, FLAG_MEASURED].tolist()) if m]
         self.schedule = APPROX_ROUNDS if g.hp.approx_median else EXACT_ROUNDS
         device = reduction.sums.device
-        self.keys, nans = [], []
+        # The group's backend's op; the dispatcher's (on its device) for one without it (Triton).
+        self.histogram_op = getattr(g.backend.ops, "median_histogram", None) or ops.OPS.median_histogram
+        self.weight_decay = float(g.hp.weight_decay)
+        self.grad_scale = grad_scale
+        # A replica that does not own its layer counts nothing: it passes an empty shard.
+        self.params, self.grads = [], []
         for i in self.rows:
-            if g.sharding.owns[i]:
-                p, grad = g.local_params[i], g.local_grads[i]
-                dtype = state_dtype(p)
-                w = p.to(dtype).flatten()
-                # h_i as lm.curvature_quotients forms it, over every element (no gather): the
-                # excluded ones (w_i = 0) and NaNs get key -1, which no bucket of a
-                # non-negative float holds.  fp32 rounding is monotonic: the median of the
-                # rounded fp64 quotients is the rounded median (what the backends report).
-                q = (lm.decayed_grad(grad.to(dtype).flatten(), w, g.hp.weight_decay).abs() / w.abs()).float()
-                nan = torch.isnan(q) & (w != 0)
-                nans.append(nan.sum())
-                self.keys.append(torch.where((w == 0) | nan, -1, q.view(torch.int32)))
-            else:
-                nans.append(torch.zeros((), dtype=torch.int64, device=device))
-                self.keys.append(torch.empty(0, dtype=torch.int32, device=device))
-        # NaN quotients per layer: this rank's, all ranks' once merged (torch.median is NaN then).
-        self.nan_counts = torch.stack(nans).double() if nans else torch.zeros(0, dtype=torch.float64, device=device)
+            p, grad = g.local_params[i], g.local_grads[i]
+            owned = g.sharding.owns[i]
+            self.params.append(p if owned else p.new_empty(0))
+            self.grads.append(grad if owned else grad.new_empty(0))
         self.prefix = torch.zeros(len(self.rows), dtype=torch.int64, device=device)
+        # NaN quotients per layer: this rank's, all ranks' once merged (torch.median is NaN then).
+        self.first, self.nan_counts = self._counts(0)
         self.total = None  # the layer's number of quotients, all ranks
         self.rank = None  # the wanted element's 1-based rank inside the current bucket
 
-    def histogram(self, r: int) -> torch.Tensor:
-        """This rank's counts for round ``r`` ([rows, 2^width] fp64, flattened); keeps only
-        the keys inside the buckets chosen so far."""
+    def _counts(self, r: int):
         shift, width = self.schedule[r]
-        if r > 0:
-            above = self.schedule[r - 1][0]
-            self.keys = [k[(k >> above) == (prefix >> above)] for k, prefix in zip(self.keys, self.prefix)]
-        mask = (1 << width) - 1
-        counts = [torch.bincount((k >> shift) & mask, minlength=1 << width) for k in self.keys]
-        if r == 0:  # key -1 fell into the top bucket, above +inf's (0x7F800000 >> 20 = 2040)
-            for c in counts:
-                c[mask] = 0
-        return torch.stack(counts).double().flatten() if counts else torch.zeros(0, dtype=torch.float64,
-                                                                                  device=self.prefix.device)
+        return self.histogram_op(self.params, self.grads, self.grad_scale, self.weight_decay, self.prefix, shift, width)
+
+    def histogram(self, r: int) -> torch.Tensor:
+        """This rank's counts for round ``r`` ([rows, 2^width] fp64, flattened): of the keys
+        inside the buckets chosen so far."""
+        return (self.first if r == 0 else self._counts(r)[0]).flatten()
 
     def choose(self, r: int, merged: torch.Tensor) -> None:
         """Pick each layer's bucket of round ``r`` from the counts of all ranks."""
@@ -214,13 +205,14 @@ def _owns(g, device) -> torch.Tensor:
     return torch.tensor(g.sharding.owns, dtype=torch.float64, device=device)
 
 
-def merge_reductions(groups: list, reductions: list, found_inf: torch.Tensor) -> torch.Tensor:
+def merge_reductions(groups: list, reductions: list, found_inf: torch.Tensor, grad_scale=None) -> torch.Tensor:
     """Make the reductions of the sharded groups whole-layer, in place, and return the
-    step's skip flag OR-ed over all ranks (``found_inf``: this rank's, over every group)."""
+    step's skip flag OR-ed over all ranks (``found_inf``: this rank's, over every group;
+    ``grad_scale``: GradScaler's, the median's quotients read g·fl32(1/S) as pass 1 does)."""
     result = found_inf
     for mesh, members in _by_mesh(groups, reductions).items():
         device = members[0][1].sums.device
-        selects = [_MedianSelect(g, red) if g.rule == "mclr" else None for g, red in members]
+        selects = [_MedianSelect(g, red, grad_scale) if g.rule == "mclr" else None for g, red in members]
         pieces = []
         for (g, red), select in zip(members, selects):
             pieces += [(red.sums * _owns(g, device)[:, None]).flatten(), red.nonfinite.double()]

@@ -390,7 +390,7 @@ class LayerwiseOptimizer(Optimizer):
                 found_inf = found_inf | red.nonfinite.any().to(device)
         sharded = any(g.sharding is not None for g in groups)
         if sharded:
-            found_inf = distributed.merge_reductions(groups, reductions, found_inf)
+            found_inf = distributed.merge_reductions(groups, reductions, found_inf, grad_scale)
         stats = [self._update(g, red, found_inf, probe, grad_scale) for g, red in zip(groups, reductions)]
         if sharded:
             distributed.merge_step_norms(groups, stats)

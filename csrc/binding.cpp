@@ -281,6 +281,39 @@ TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
 // No tensor arguments: registered for every dispatch key.
 TORCH_LIBRARY_IMPL(cblr_ext, CompositeExplicitAutograd, m) { m.impl("cpu_isa", &cpu_isa); }
 
+// The sharded median's radix select: one round's counts (cblr_ext/distributed.py).
+namespace {
+
+std::tuple<Tensor, Tensor> median_histogram(at::TensorList params, at::TensorList grads,
+                                            const std::optional<Tensor>& grad_scale, double weight_decay,
+                                            const Tensor& prefix, int64_t shift, int64_t width) {
+  const size_t count = params.size();
+  kCheck.count(grads.size(), count, "gradients", false);
+  TORCH_CHECK(shift >= 0 && width >= 1 && width <= 16 && shift + width <= 31,
+              kCheck.who, "a round counts 1 to 16 key bits below bit 31 (got shift ", shift, ", width ",
+              width, ")");
+  kCheck.table(prefix, at::kLong, {int64_t(count)}, kCpu, "the prefixes");
+  const float g_unscale = grad_unscale(grad_scale);
+  const int64_t* prefixes = prefix.data_ptr<int64_t>();
+  std::vector<cblr::cpu::HistogramLayer> layers(count);
+  for (size_t i = 0; i < count; ++i) {
+    check_param(params[i], i);
+    kCheck.companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
+    TORCH_CHECK(prefixes[i] >= 0, kCheck.who, "the prefix of layer ", i, " is negative");
+    layers[i] = {dtype_of(params[i], i), params[i].numel(), params[i].data_ptr(), grads[i].data_ptr(), g_unscale,
+                 prefixes[i]};
+  }
+  Tensor counts = at::empty({int64_t(count), int64_t(1) << width}, at::kDouble);
+  Tensor nans = at::empty({int64_t(count)}, at::kDouble);
+  cblr::cpu::histogram_layers(layers, int(shift), int(width), weight_decay, at::get_num_threads(),
+                              counts.data_ptr<double>(), nans.data_ptr<double>());
+  return {counts, nans};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) { m.impl("median_histogram", &median_histogram); }
+
 // An empty Python module, so that the setup.py build imports as ``cblr_ext._C``
 // (importing it registers the kernels above).
 extern "C" PyObject* PyInit__C() {

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from .. import layer_math as lm
 from .. import ops
-from ..contract import FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2, state_dtype
+from ..contract import (FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SHARDED_OPS, STEP_OPS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2,
+                        state_dtype)
 
 
 def _squares(x: Tensor) -> Tensor:
@@ -205,6 +206,32 @@ def probe_restore_(params, saved):
         p.copy_(w)
 
 
+def median_histogram(params, grads, grad_scale, weight_decay, prefix, shift, width):
+    """One round of the sharded median's radix select (cblr_ext/distributed.py): per layer,
+    its quotient keys (the fp32 bits of |d| / |w|, rounded to fp32 from the state dtype:
+    rounding is monotone, so the median of the rounded quotients is the rounded median;
+    none where w = 0 or the quotient is NaN) whose bits above ``shift + width`` equal the
+    layer's ``prefix``, counted by the ``width`` bits at ``shift`` ([L, 2^width] fp64), and
+    its NaN quotients where w ≠ 0 ([L] fp64)."""
+    bins, top = 1 << width, shift + width
+    counts, nans = [], []
+    for w, g, want in zip(params, grads, prefix):
+        dtype = state_dtype(w)
+        w = w.to(dtype).flatten()
+        (g,) = _unscaled([g.to(dtype).flatten()], grad_scale)
+        q = (lm.decayed_grad(g, w, weight_decay).abs() / w.abs()).float()
+        nan = torch.isnan(q) & (w != 0)
+        keys = torch.where((w == 0) | nan, -1, q.view(torch.int32))  # −1 >> top matches no prefix ≥ 0
+        kept = (keys >> top) == (want >> top)
+        counts.append(torch.bincount(torch.where(kept, (keys >> shift) & (bins - 1), 0), weights=kept.double(),
+                                     minlength=bins))
+        nans.append(nan.sum().double())
+    device = prefix.device
+    return (torch.stack(counts) if counts else torch.zeros((0, bins), dtype=torch.float64, device=device),
+            torch.stack(nans) if nans else torch.zeros(0, dtype=torch.float64, device=device))
+
+
 # The default kernel of every op on any device, and the only one of ``cblr_ext_reference``.
 for _library in (ops.LIBRARY, ops.REFERENCE_LIBRARY):
-    ops.register(sys.modules[__name__], "CompositeExplicitAutograd", "reference", _library)
+    ops.register(sys.modules[__name__], "CompositeExplicitAutograd", "reference", _library,
+                 names=STEP_OPS + SHARDED_OPS)

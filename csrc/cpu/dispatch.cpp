@@ -64,5 +64,10 @@ void shift_layers(const std::vector<ShiftLayer>& layers, int threads, double* w_
   kernels().shift(layers, threads, w_sq);
 }
 
+void histogram_layers(const std::vector<HistogramLayer>& layers, int shift, int width, double weight_decay,
+                      int threads, double* counts, double* nans) {
+  kernels().histogram(layers, shift, width, weight_decay, threads, counts, nans);
+}
+
 }  // namespace cpu
 }  // namespace cblr

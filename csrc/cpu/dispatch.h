@@ -14,6 +14,7 @@ struct KernelTable {
   decltype(&cpu::apply_layers) apply;
   decltype(&cpu::copy_layers) copy;
   decltype(&cpu::shift_layers) shift;
+  decltype(&cpu::histogram_layers) histogram;
 };
 
 // Null where the variant is not compiled in (not x86-64, or not GCC).

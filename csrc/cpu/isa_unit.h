@@ -10,6 +10,7 @@
 #include "median.h"
 #include "step_passes.h"
 #include "protocol_passes.h"
+#include "median_histogram.h"
 
 #define CBLR_JOIN_(a, b) a##b
 #define CBLR_JOIN(a, b) CBLR_JOIN_(a, b)
@@ -21,7 +22,8 @@ namespace cpu {
 
 const KernelTable* CBLR_JOIN(CBLR_ISA, _kernels)() {
   static const KernelTable table{CBLR_NAME(CBLR_ISA), &CBLR_ISA::reduce_layers, &CBLR_ISA::apply_layers,
-                                 &CBLR_ISA::copy_layers, &CBLR_ISA::shift_layers};
+                                 &CBLR_ISA::copy_layers, &CBLR_ISA::shift_layers,
+                                 &CBLR_ISA::histogram_layers};
   return &table;
 }
 

@@ -93,5 +93,22 @@ void copy_layers(const std::vector<const void*>& src, const std::vector<void*>& 
 // param − saved (realised_displacement); w_sq[i] = Σsaved² (one pass).
 void shift_layers(const std::vector<ShiftLayer>& layers, int threads, double* w_sq);
 
+// The sharded median's radix select (median_histogram.h): one layer's local shard (n
+// dense elements, g read as g·g_unscale) and the key bits chosen so far.
+struct HistogramLayer {
+  DType dtype;
+  int64_t n;
+  const void* w;
+  const void* g;
+  float g_unscale;
+  int64_t prefix;
+};
+
+// counts[L][2^width]: per layer, its keys (the fp32 bits of |d| / |w|; none where w = 0
+// or the quotient is NaN) whose bits above shift + width equal the prefix's, by the
+// width bits at shift; nans[L]: its NaN quotients where w ≠ 0.
+void histogram_layers(const std::vector<HistogramLayer>& layers, int shift, int width, double weight_decay,
+                      int threads, double* counts, double* nans);
+
 }  // namespace cpu
 }  // namespace cblr
