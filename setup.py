@@ -44,8 +44,8 @@ setup(
     python_requires=">=3.10",
     packages=["cblr_ext", "cblr_ext.backends", "cblr_ext.kernels", "cblr_ext.train", "cblr_ext.experiments"],
     package_dir={"cblr_ext.kernels": "kernels"},
-    # numpy: torch warns on import without it; matplotlib: the main job (python -m cblr_ext) plots
-    install_requires=["torch>=2.6", "tqdm", "numpy", "matplotlib"],
+    # numpy: torch warns on import without it; matplotlib, mnist1d: the main job (python -m cblr_ext) plots, on MNIST-1D
+    install_requires=["torch>=2.6", "tqdm", "numpy", "matplotlib", "mnist1d"],
     ext_modules=_extensions(),
     cmdclass={"build_ext": BuildExtension},
     extras_require={

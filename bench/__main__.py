@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import importlib.util
 import json
 import os
 import platform
@@ -14,15 +15,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
-from tqdm import tqdm
+# scipy (the intervals of bench/stats.py) comes with the [bench] extra, not with the package
+if importlib.util.find_spec("scipy") is None:
+    raise SystemExit('python -m bench needs scipy, from the bench extra: pip install --no-build-isolation -e ".[bench]"')
 
-import cblr_ext
-from cblr_ext.hyperparams import BACKENDS
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
-from . import chart, compare, machine, report, runner, stats, suites, timing
-from .cases import TRAFFIC, all_cases, find
-from .clock import for_device as clock_for
+import cblr_ext  # noqa: E402
+from cblr_ext.hyperparams import BACKENDS  # noqa: E402
+
+from . import chart, compare, machine, report, runner, stats, suites, timing  # noqa: E402
+from .cases import TRAFFIC, all_cases, find  # noqa: E402
+from .clock import for_device as clock_for  # noqa: E402
 
 # Outside the source tree by default (the cwd's); the committed reference runs are in bench/results/.
 DEFAULT_OUT = Path("bench-results")

@@ -76,6 +76,34 @@ def test_lars_kappa_and_ratio_on_flush_steps_match_the_rule():
     assert off_flush and all(math.isnan(r["kappa"]) for r in off_flush)
 
 
+def _logged_rows(params_of):
+    model, batches = _setup(1)
+    opt = LARS(params_of(model), lr=1.0, weight_decay=1e-3)
+    logger = StructureLogger(model.named_parameters(), opt, every=3)
+    for x, y in batches:
+        logger.step(_closure(model, opt, x, y))
+    return logger.rows
+
+
+def test_layers_are_named_alike_for_parameters_and_named_parameters():
+    """The optimizer keys its statistics "group.index" without names; the logger still
+    finds κ and r of each of its named layers (the values the named case checks above)."""
+    named = _logged_rows(lambda model: model.named_parameters())
+    unnamed = _logged_rows(lambda model: model.parameters())
+    assert [r["layer"] for r in unnamed] == [r["layer"] for r in named]
+    flushed = [r for r in unnamed if r["step"] % 3 == 2]
+    assert len(flushed) == 2 * 4 and all(r["kappa"] > 0 and r["ratio"] > 0 for r in flushed)
+    for a, b in zip(named, unnamed):
+        for column in ("kappa", "ratio", "g_norm", "step_norm"):
+            assert a[column] == pytest.approx(b[column], rel=1e-6, nan_ok=True), (a, b, column)
+
+
+def test_unnamed_parameters_are_refused_with_the_fix():
+    model, _ = _setup()
+    with pytest.raises(TypeError, match=r"named_parameters\(\)"):
+        StructureLogger(model.parameters(), LARS(model.parameters(), lr=1.0))
+
+
 def test_cblr_probe_gives_the_same_batch_loss_change():
     model, batches = _setup(2)
     opt = CBLR(model.parameters(), lr=0.1, momentum=0.9, curvature_interval=2)

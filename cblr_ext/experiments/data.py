@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -94,6 +95,8 @@ def mnist1d(*, num_samples: int = 40000, val_size: int = 4000, seed: int = 0, ca
     if path and os.path.exists(path):
         x, y, x_test, y_test = torch.load(path)
     else:
+        if path:
+            print(f"generating MNIST-1D ({num_samples} sequences, once: cached as {path})", file=sys.stderr)
         x, y, x_test, y_test = _generate_mnist1d(num_samples, seed)
         if path:
             os.makedirs(cache_dir, exist_ok=True)

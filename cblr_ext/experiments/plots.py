@@ -42,6 +42,44 @@ def accuracy_vs_batch(results, path):
     _save(fig, path)
 
 
+def overview(results, path):
+    """The first task at its smallest and largest batch: test accuracy per optimizer side by
+    side with the change written over it, and each run's validation accuracy per epoch."""
+    task = _tasks(results)[0]
+    rows = _of(results, task)
+    small, large = min(r["batch_size"] for r in rows), max(r["batch_size"] for r in rows)
+    if small == large:
+        return False
+    at = {(r["optimizer"], r["batch_size"]): r for r in rows}
+    names = [name for name in dict.fromkeys(r["optimizer"] for r in rows) if (name, small) in at and (name, large) in at]
+    fig, (bars, curves) = plt.subplots(1, 2, figsize=(12, 4.5))
+    width = 0.38
+    for k, name in enumerate(names):
+        low, high = (100 * at[name, b]["test_acc"]["mean"] for b in (small, large))
+        colour = f"C{k}"
+        bars.bar(k - width / 2, low, width, color=colour, alpha=0.45)
+        bars.bar(k + width / 2, high, width, color=colour)
+        bars.annotate(f"{high - low:+.1f}", (k + width / 2, high), ha="center", va="bottom", fontsize=10,
+                      fontweight="bold")
+        for batch, style in ((small, "--"), (large, "-")):
+            curve = at[name, batch]["curve"]
+            curves.plot([p["epoch"] for p in curve], [100 * p["val_acc"] for p in curve], style, color=colour,
+                        label=f"{name}, B={batch}")
+    every = [100 * at[name, b]["test_acc"]["mean"] for name in names for b in (small, large)]
+    bars.set_ylim(max(0.0, min(every) - 10), min(100.0, max(every) + 4))
+    bars.set_xticks(range(len(names)))
+    bars.set_xticklabels(names)
+    bars.set(ylabel="test accuracy %", title=f"{task[0]} / {task[1]}: batch {small} (light) → {large} (dark), "
+                                              "change in points")
+    bars.grid(axis="y", alpha=0.3)
+    curves.set(xlabel="epoch", ylabel="validation accuracy %", title="validation accuracy during training (seed 0)")
+    curves.set_ylim(max(0.0, min(every) - 25), None)
+    curves.grid(alpha=0.3)
+    curves.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+    return True
+
+
 def variants_vs_batch(results, path):
     """Test accuracy of plain, discard and schedule where the variants ran."""
     tasks = [t for t in _tasks(results) if any(r["variant"] != "plain" for r in results
@@ -163,7 +201,7 @@ def _save(fig, path):
 def write_all(results, folder) -> list:
     """Write every figure that the results support; returns their paths."""
     written = []
-    for name, draw in (("accuracy_vs_batch.png", accuracy_vs_batch), ("variants.png", variants_vs_batch),
+    for name, draw in (("overview.png", overview), ("accuracy_vs_batch.png", accuracy_vs_batch), ("variants.png", variants_vs_batch),
                        ("accuracy_vs_wall_time.png", accuracy_vs_wall), ("layer_kappa_ratio.png", layer_curvature),
                        ("structure_vs_batch.png", structure_vs_batch)):
         path = os.path.join(folder, name)

@@ -36,9 +36,10 @@ class SweepConfig:
     train_size: int = 32768
     lr_points: Optional[int] = None              # the central points of each lr grid; None: all
     select: str = "seed0"                        # how the lr is picked (the module's table)
+    lr_grids: Dict[str, Tuple[float, ...]] = field(default_factory=dict)   # per optimizer, in place of its own
 
     def lr_grid(self, optimizer: str) -> Tuple[float, ...]:
-        grid = OPTIMIZERS[optimizer].lr_grid
+        grid = self.lr_grids.get(optimizer, OPTIMIZERS[optimizer].lr_grid)
         if self.lr_points is None:
             return grid
         if not 1 <= self.lr_points <= len(grid):

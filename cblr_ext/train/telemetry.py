@@ -35,14 +35,21 @@ class StructureLogger:
       ``loss_change_next_batch`` L_{B_{t+1}}(w_{t+1}) − L_{B_t}(w_t), which needs no
       extra forward but includes the change of batch (NaN on the last step).
 
-    Keeps a copy of the parameters during each step (to measure ‖s‖).
+    Layers are named by ``named_parameters`` whether the optimizer was built from
+    ``model.parameters()`` or ``model.named_parameters()``: κ and r are matched to a
+    layer by its parameter, not by the optimizer's key for it.  Keeps a copy of the
+    parameters during each step (to measure ‖s‖).
     """
 
     def __init__(self, named_parameters: Iterable[Tuple[str, torch.nn.Parameter]],
                  optimizer: torch.optim.Optimizer, *, every: int = 10):
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every!r}")
-        named = [(n, p) for n, p in named_parameters if p.requires_grad]
+        named = list(named_parameters)
+        if not all(isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[0], str) for pair in named):
+            raise TypeError("StructureLogger names its layers: pass model.named_parameters(), "
+                            "not model.parameters()")
+        named = [(n, p) for n, p in named if p.requires_grad]
         if not named:
             raise ValueError("named_parameters holds no parameter that requires grad")
         self.layers = [n for n, _ in named]
@@ -85,7 +92,7 @@ class StructureLogger:
             return
         values = torch.stack(self._pending).cpu().tolist()
         first = self.steps - len(values)
-        stats = self.optimizer.layer_stats() if hasattr(self.optimizer, "layer_stats") else {}
+        stats = self._stats_by_layer()
         n = len(self.layers)
         # the next-batch change of the previous flush's last step is known now
         if self.rows and not math.isnan(self._last_flushed_loss):
@@ -95,7 +102,7 @@ class StructureLogger:
             step = first + k
             next_loss = values[k + 1][0] if k + 1 < len(values) else math.nan
             for i, layer in enumerate(self.layers):
-                sampled = stats.get(layer) if k == len(values) - 1 else None
+                sampled = stats.get(i) if k == len(values) - 1 else None
                 self.rows.append({
                     "step": step, "layer": layer,
                     "g_norm": row_values[2 + i], "step_norm": row_values[2 + n + i],
@@ -106,6 +113,22 @@ class StructureLogger:
                 })
         self._last_flushed_loss = values[-1][0]
         self._pending.clear()
+
+    def _stats_by_layer(self) -> Dict[int, dict]:
+        """``layer_stats()`` keyed by the logger's layer index: the optimizer keys a layer by
+        its name where it was given names, else by "group.index"."""
+        if not hasattr(self.optimizer, "layer_stats"):
+            return {}
+        stats = self.optimizer.layer_stats()
+        index = {id(p): i for i, p in enumerate(self.params)}
+        out = {}
+        for gi, group in enumerate(self.optimizer.param_groups):
+            names = group.get("param_names")
+            for pi, param in enumerate(group["params"]):
+                key = names[pi] if names else f"{gi}.{pi}"
+                if id(param) in index and key in stats:
+                    out[index[id(param)]] = stats[key]
+        return out
 
     def series(self, column: str, layer: str) -> Tuple[List[int], List[float]]:
         """(steps, values) of one column for one layer, skipping NaN entries."""
