@@ -210,7 +210,13 @@ class LayerwiseOptimizer(Optimizer):
         # The last step's statistics are a cache, not kept: rebuilt on the next step.
         results = {"skipped_steps": state.pop("_skipped_steps", self._PICKLED["_skipped_steps"]), "stats": [],
                    "found_inf": None}
+        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
+        had_differentiable = "differentiable" in defaults
         super().__setstate__(state)
+        # torch's __setstate__ adds defaults["differentiable"], which these optimizers do not
+        # take: a copy, pickle or load must leave defaults (and so the groups) as they were.
+        if not had_differentiable:
+            self.defaults.pop("differentiable", None)
         self.__dict__["_results"] = results
         for key, value in self._PICKLED.items():
             if key != "_skipped_steps":

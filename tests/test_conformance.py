@@ -171,3 +171,32 @@ def test_state_dict_round_trip_through_bytes_is_bit_identical():
     train(m, opt, 2, seed=4)
     train(twin, twin_opt, 2, seed=4)
     assert same_parameters(m, twin)
+
+
+def _round_trips(opt, cls, params):
+    """(name, optimizer) after each round trip: deepcopy, pickle, load_state_dict."""
+    yield "deepcopy", copy.deepcopy(opt)
+    yield "pickle", pickle.loads(pickle.dumps(opt))
+    loaded = cls(params, **opt.defaults)  # the defaults construct an optimizer again
+    loaded.load_state_dict(opt.state_dict())
+    yield "load_state_dict", loaded
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", RULES)
+def test_round_trips_leave_groups_and_defaults_exactly_as_they_were(cls, backend):
+    m = model()
+    opt = cls(m.parameters(), lr=0.1, momentum=0.9, backend=backend)
+    train(m, opt, 2)
+    before = copy.deepcopy(opt.state_dict())
+    defaults = dict(opt.defaults)
+    for how, twin in _round_trips(opt, cls, m.parameters()):
+        after = twin.state_dict()
+        assert twin.defaults == defaults, how
+        assert after["param_groups"] == before["param_groups"], how
+        assert after["state"].keys() == before["state"].keys(), how
+        for k, s in before["state"].items():
+            assert after["state"][k].keys() == s.keys(), how
+            for name, t in s.items():
+                assert torch.equal(after["state"][k][name], t) or (t.isnan().all() and after["state"][k][name].isnan().all()), how
+    assert opt.defaults == defaults and opt.state_dict()["param_groups"] == before["param_groups"]
