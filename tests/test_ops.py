@@ -103,6 +103,25 @@ def test_shift_returns_the_squares_of_w_t(backend):
 
 def test_ops_are_declared_once_in_python():
     assert set(ops.SCHEMAS) == {"layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_",
-                                "cpu_isa"}
+                                "cpu_isa", "grad_sq_sums", "adam_reduce", "adam_update_", "median_histogram"}
     for name, schema in ops.SCHEMAS.items():
         assert str(getattr(ops.OPS, name).default._schema).startswith(f"cblr_ext::{name}(")
+
+
+def test_the_adam_ops_pass_opcheck():
+    """The Adam base's ops against their fakes and schemas (torch.library.opcheck)."""
+    gen = torch.Generator().manual_seed(3)
+    ws = tensors(gen, *SHAPES)
+    gs = tensors(gen, *SHAPES)
+    ms, vs = tensors(gen, *SHAPES), [t.abs() for t in tensors(gen, *SHAPES)]
+    steps = [torch.tensor(2.0) for _ in SHAPES]
+    for rule in ("lars", "mclr"):
+        reduce_args = (rule, ws, gs, ms, vs, steps, None, None, 0.9, 0.999, 1e-6, 0.01, True)
+        torch.library.opcheck(ops.OPS.adam_reduce.default, reduce_args)
+        sums, median, flags = ops.OPS.adam_reduce(*reduce_args)
+        torch.library.opcheck(ops.OPS.adam_update_.default,
+                              (rule, [w.clone() for w in ws], gs, [m.clone() for m in ms], [v.clone() for v in vs],
+                               [s.clone() for s in steps], [True] * len(ws), sums, median, flags,
+                               torch.tensor(False), None, None, torch.tensor(0.01), 0.9, 0.999, 1e-6, 0.01, True,
+                               1.0, None))
+    torch.library.opcheck(ops.OPS.grad_sq_sums.default, (gs, None))

@@ -25,7 +25,7 @@ def test_demo_compares_every_rule_and_explains_its_table(tmp_path, capsys):
     assert demo.main(["--train-size", "1024", "--epochs", "1", "--batch-sizes", "128", "512", "--seeds", "1", "--lr-points", "1",
                       "--jobs", "1", "--no-progress", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
-    rows = [line.split() for line in printed.splitlines() if line.startswith("teacher/mlp ")]
+    rows = [line.split() for line in printed.splitlines() if line.startswith("mnist1d/mlp ")]
     # every rule at the small and the large batch, none diverged
     assert sorted((cols[2], cols[1]) for cols in rows) == sorted(
         (name, batch) for name in ("SGD", "LARS", "MCLR", "CBLR-k1") for batch in ("128", "512"))
