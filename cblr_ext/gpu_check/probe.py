@@ -55,7 +55,7 @@ def build() -> dict:
     import cblr_ext
     from cblr_ext import ops
     return {"cblr_ext": str(Path(cblr_ext.__file__).parent), "cpu_extension_error": _text(ops.LOAD_ERROR),
-            "cuda_kernels": ops.CUDA_KERNELS, "cuda_extension_error": _text(ops.CUDA_LOAD_ERROR)}
+            "cuda_kernels": ops.cuda_kernels(), "cuda_extension_error": _text(ops.CUDA_LOAD_ERROR)}
 
 
 def _text(error):
