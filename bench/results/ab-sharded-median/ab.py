@@ -1,6 +1,6 @@
 """``python -m bench --distributed`` before and after the fused sharded median, interleaved:
-A runs the median's selection of distributed_before.py (main before the change: keys formed
-with torch ops per layer, a bincount per layer and round), B today's (the op
+A runs the median's selection of cblr_ext/distributed.py at BEFORE (main before the change:
+keys formed with torch ops per layer, a bincount per layer and round; read from git), B today's (the op
 ``median_histogram``); everything else is the same build.  Run from the repository root:
 ``PYTHONPATH=. python bench/results/ab-sharded-median/ab.py`` (writes runs.json here)."""
 import importlib.util
@@ -11,15 +11,19 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+BEFORE = "bc1a951"  # the commit whose selection A runs
 
 
 def _use_before():
     """Replace the median's selection by the one before the change, in this process (the
     spawned ranks import this file again and do the same)."""
     from cblr_ext import distributed
-    spec = importlib.util.spec_from_file_location("cblr_ext._distributed_before", HERE / "distributed_before.py")
+    source = subprocess.run(["git", "show", f"{BEFORE}:cblr_ext/distributed.py"], cwd=HERE, check=True,
+                            capture_output=True, text=True).stdout
+    spec = importlib.util.spec_from_loader("cblr_ext._distributed_before", loader=None)
     before = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(before)
+    before.__package__ = "cblr_ext"
+    exec(compile(source, f"{BEFORE}:cblr_ext/distributed.py", "exec"), before.__dict__)
     distributed._MedianSelect = lambda g, reduction, grad_scale=None: before._MedianSelect(g, reduction)
 
 
