@@ -10,17 +10,36 @@ host during a step: the step count is a device tensor per layer.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch.optim import Optimizer
 
 from . import backends
 from . import functional as F
 from .hyperparams import _learning_rate, _number
+from .step_common import grad_scale_on, layers_with_grads, skip_decision, stats_by_layer
 
 ADAM_RULES = ("lars", "mclr")
 # The backends with kernels of the Adam base's ops: the dispatcher's choice (the reference
 # kernels on every device until fused ones are registered), or the reference by name.
 ADAM_BACKENDS = ("auto", "reference")
+
+
+@dataclass(frozen=True)
+class _AdamGroup:
+    """One param group's layers with a gradient this step, as the ops take them."""
+
+    index: int
+    positions: tuple  # each layer's index in the group's params (names for layer_stats)
+    hyperparams: dict  # the param group itself
+    params: list
+    grads: list
+    exp_avgs: list
+    exp_avg_sqs: list
+    steps: list
+    adapt: list
+    ops: object
 
 
 def _validate(group: dict, read_tensor_lr: bool = False) -> None:
@@ -116,51 +135,37 @@ class LAMB(Optimizer):
         if not groups:
             self._results["stats"] = []
             return loss
-        device = groups[0][1][0].device
-        grad_scale = getattr(self, "grad_scale", None)
-        if grad_scale is not None:
-            grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+        device = groups[0].params[0].device
+        grad_scale = grad_scale_on(getattr(self, "grad_scale", None), device)
         clip = self._clip_divisor(groups, grad_scale)
-        reductions = [F.Reduction(*ops.adam_reduce(
-            group["rule"], params, grads, ms, vs, steps, grad_scale, clip, *group["betas"], float(group["eps"]),
-            float(group["weight_decay"]), group["bias_correction"])) for group, params, grads, ms, vs, steps, _, ops in
-            groups]
-        found_inf = torch.zeros((), dtype=torch.bool, device=device)
-        amp_found_inf = getattr(self, "found_inf", None)
-        if amp_found_inf is not None:
-            found_inf = torch.as_tensor(amp_found_inf, device=device).reshape(()) != 0
-        if self.skip_nonfinite:
-            for red in reductions:
-                found_inf = found_inf | red.nonfinite.any()
+        reductions = []
+        for g in groups:
+            hp = g.hyperparams
+            reductions.append(F.Reduction(*g.ops.adam_reduce(
+                hp["rule"], g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, grad_scale, clip, *hp["betas"],
+                float(hp["eps"]), float(hp["weight_decay"]), hp["bias_correction"])))
+        found_inf = skip_decision(device, getattr(self, "found_inf", None), reductions, self.skip_nonfinite)
         stats = []
-        for (group, params, grads, ms, vs, steps, adapt, ops), red in zip(groups, reductions):
-            stats.append(ops.adam_update_(
-                group["rule"], params, grads, ms, vs, steps, adapt, *red.tensors(), found_inf, grad_scale, clip,
-                F.lr_value(group["lr"], device), *group["betas"], float(group["eps"]), float(group["weight_decay"]),
-                group["bias_correction"], float(group["trust_coefficient"]),
-                None if group["max_ratio"] is None else float(group["max_ratio"])))
-        self._results["stats"] = [(group, params, s) for (group, params, *_), s in zip(groups, stats)]
+        for g, red in zip(groups, reductions):
+            hp = g.hyperparams
+            stats.append(g.ops.adam_update_(
+                hp["rule"], g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.adapt, *red.tensors(), found_inf,
+                grad_scale, clip, F.lr_value(hp["lr"], device), *hp["betas"], float(hp["eps"]),
+                float(hp["weight_decay"]), hp["bias_correction"], float(hp["trust_coefficient"]),
+                None if hp["max_ratio"] is None else float(hp["max_ratio"])))
+        self._results["stats"] = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
         self._results["skipped_steps"] = found_inf + self._results["skipped_steps"]
         return loss
 
     def _init_groups(self) -> list:
-        """Per group with gradients: (group, params, grads, m, v, step counts, adapt, ops);
-        every check runs before any state is created."""
+        """An ``_AdamGroup`` per group with gradients; every check runs before any state is created."""
         collected = []
         for gi, group in enumerate(self.param_groups):
-            params = [p for p in group["params"] if p.grad is not None]
-            for p in params:
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"LAMB does not support sparse gradients (param group {gi})")
-                if p.grad.shape != p.shape:
-                    raise RuntimeError(f"gradient of shape {tuple(p.grad.shape)} does not match its parameter "
-                                       f"of shape {tuple(p.shape)} (param group {gi})")
-            if params and len({p.device for p in params}) > 1:
-                raise ValueError(f"param group {gi} mixes devices; put parameters of each device in their own group")
+            params, grads, positions, _ = layers_with_grads(type(self).__name__, gi, group)
             if params:
-                collected.append((group, params))
+                collected.append((gi, positions, group, params, grads))
         groups = []
-        for group, params in collected:
+        for gi, positions, group, params, grads in collected:
             states = [self.state[p] for p in params]
             for p, s in zip(params, states):
                 if "step" not in s:  # fp32 state, as torch's Adam keeps it for 16-bit parameters
@@ -170,20 +175,20 @@ class LAMB(Optimizer):
                                                        memory_format=torch.preserve_format)
             adapted = group["adapt"] and (group["nvlamb"] or group["weight_decay"] != 0)
             adapt = [adapted and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
-            groups.append((group, params, [p.grad for p in params], [s["exp_avg"] for s in states],
-                           [s["exp_avg_sq"] for s in states], [s["step"] for s in states], adapt,
-                           backends.resolve_ops(group["backend"])))
+            groups.append(_AdamGroup(gi, tuple(positions), group, params, grads, [s["exp_avg"] for s in states],
+                                     [s["exp_avg_sq"] for s in states], [s["step"] for s in states], adapt,
+                                     backends.resolve_ops(group["backend"])))
         return groups
 
     def _clip_divisor(self, groups: list, grad_scale):
         """max(1, ‖g‖/max_grad_norm) of the step's gradients, every group's together (fp32, on
         the device), or None without clipping.  One global norm, as apex: one bound for all groups."""
-        bounds = {group["max_grad_norm"] for group, *_ in groups}
+        bounds = {g.hyperparams["max_grad_norm"] for g in groups}
         if bounds == {None}:
             return None
         if len(bounds) > 1:
             raise ValueError(f"max_grad_norm must be the same in every param group (a global norm), got {bounds}")
-        sums = [ops.grad_sq_sums(grads, grad_scale).sum() for _, _, grads, *_, ops in groups]
+        sums = [g.ops.grad_sq_sums(g.grads, grad_scale).sum() for g in groups]
         norm = torch.stack(sums).sum().sqrt()
         return torch.clamp(norm / bounds.pop(), min=1.0).float()
 
@@ -193,13 +198,4 @@ class LAMB(Optimizer):
 
     def layer_stats(self) -> dict:
         """Per layer of the last step: ‖w‖, ‖u‖ (as ``g_norm``), ‖s‖, κ, r, α, fallback."""
-        out = {}
-        index = {id(p): (gi, pi) for gi, g in enumerate(self.param_groups) for pi, p in enumerate(g["params"])}
-        for group, params, stats in self._results["stats"]:
-            names = group.get("param_names")
-            for p, row in zip(params, stats.detach().cpu().tolist()):
-                gi, pi = index[id(p)]
-                entry = dict(zip(F.STAT_NAMES, row))
-                entry["fallback"] = bool(entry["fallback"])
-                out[names[pi] if names else f"{gi}.{pi}"] = entry
-        return out
+        return stats_by_layer(self.param_groups, self._results["stats"])

@@ -12,6 +12,7 @@ from . import functional as F
 from . import layer_math as lm
 from .hyperparams import RULE_DEFAULT, RULE_DEFAULTS, validate_group
 from .probe import CurvatureProbe, ProbeBuffers
+from .step_common import grad_scale_on, layers_with_grads, stats_by_layer
 
 
 def _read_step_applies(found_inf: torch.Tensor) -> bool:
@@ -260,27 +261,7 @@ class LayerwiseOptimizer(Optimizer):
         every layer)."""
         collected = []
         for gi, group in enumerate(self.param_groups):
-            params, grads, positions = [], [], []
-            device = None
-            for pi, p in enumerate(group["params"]):
-                if p.device != device:
-                    if device is not None:
-                        devices = sorted({str(q.device) for q in group["params"]})
-                        raise ValueError(f"param group {gi} mixes devices {devices}; "
-                                         "put parameters of each device in their own group")
-                    device = p.device
-                grad = p.grad
-                if grad is None:
-                    continue
-                if grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
-                                       f"(param group {gi}, parameter {pi})")
-                if grad.shape != p.shape:
-                    raise RuntimeError(f"gradient of shape {tuple(grad.shape)} does not match "
-                                       f"parameter {pi} of group {gi}, shape {tuple(p.shape)}")
-                params.append(p)
-                grads.append(grad)
-                positions.append(pi)
+            params, grads, positions, device = layers_with_grads(type(self).__name__, gi, group)
             if params:
                 sharding = distributed.sharding(gi, group, params, grads, positions, self.rule)
                 if sharding is not None and self.master_weights:
@@ -385,9 +366,10 @@ class LayerwiseOptimizer(Optimizer):
             results["found_inf"] = None
             return
         device = groups[0].params[0].device
-        if grad_scale is not None:
-            grad_scale = grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
+        grad_scale = grad_scale_on(grad_scale, device)
         reductions = [self._reduce(g, probe, grad_scale) for g in groups]
+        # step_common.skip_decision, inline: calling it from here stops dynamo tracing the first
+        # step's _run frame (tests/test_compile.py, the first step's breaks)
         found_inf = torch.zeros((), dtype=torch.bool, device=device)
         if amp_found_inf is not None:  # GradScaler's check of g_t: skips whatever skip_nonfinite says
             found_inf = torch.as_tensor(amp_found_inf, device=device).reshape(()) != 0
@@ -428,15 +410,7 @@ class LayerwiseOptimizer(Optimizer):
         Keyed by parameter name where names were given, else "group.index".  The
         statistics stay on the device during ``step()``; this call copies them.
         """
-        out = {}
-        for (gi, positions), stats in self._stats:
-            names = self.param_groups[gi].get("param_names")
-            rows = stats.detach().cpu().tolist()
-            for pi, row in zip(positions, rows):
-                entry = dict(zip(F.STAT_NAMES, row))
-                entry["fallback"] = bool(entry["fallback"])
-                out[names[pi] if names else f"{gi}.{pi}"] = entry
-        return out
+        return stats_by_layer(self.param_groups, self._stats)
 
     # ----------------------------------------------------------- state dict
 

@@ -37,7 +37,7 @@ def _directions(ws, gs, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, weight_
 
 def grad_sq_sums(grads, grad_scale):
     """Σg² of every layer (fp64), g ÷ grad scale."""
-    return _sums(_unscaled([g.to(torch.promote_types(g.dtype, torch.float32)) for g in grads], grad_scale))
+    return _sums(_unscaled(_in_state_dtype(grads, grads), grad_scale))
 
 
 def adam_reduce(rule, params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, clip, beta1, beta2, eps,
