@@ -49,11 +49,18 @@ class Hyperparams:
     def from_group(cls, group: dict, check_nonfinite: bool = True) -> "Hyperparams":
         values = {k: group[k] for k in _GROUP_KEYS}
         values["lag"] = bool(values["lag"])
+        values["weight_decay"] = applied_weight_decay(group)
         return cls(check_nonfinite=check_nonfinite, **values)
 
     @property
     def approx_median(self) -> bool:
         return self.median == "approx"
+
+
+def applied_weight_decay(group: dict) -> float:
+    """The group's weight decay as the step applies it: 0 in a group with ``decay=False``
+    (made by ``decay_mask``), whatever its ``weight_decay`` (a scheduler may write it)."""
+    return group["weight_decay"] if group.get("decay", True) else 0.0
 
 
 # The param group keys of Hyperparams, listed once: torch.compile does not trace

@@ -65,26 +65,31 @@ def _learning_rate(lr, read_tensor: bool):
     return float(lr) if read_tensor and lr.device.type == "cpu" else None
 
 
+def check_learning_rate(lr, read_tensor: bool) -> None:
+    """γ is finite and >= 0 where it is read (torch's wording)."""
+    value = _learning_rate(lr, read_tensor)
+    if value is not None and not 0 <= value < math.inf:
+        shown = value if isinstance(lr, torch.Tensor) else lr
+        raise ValueError(f"Invalid learning rate: {shown}{'' if math.isfinite(value) else ' (must be finite)'}")
+
+
 def validate_group(group: dict, rule: str, read_tensor_lr: bool = False) -> None:
     """Raise ``ValueError`` naming the first bad hyperparameter of ``group``.  A tensor lr's
     value is read only with ``read_tensor_lr`` (when the group is added): a step reads
     nothing on the host, so that it neither syncs nor breaks a torch.compile graph; the
     tensor is then the caller's (an LR scheduler's) to keep valid."""
-    lr = _learning_rate(group["lr"], read_tensor_lr)
-    if lr is not None and not lr >= 0:
-        raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+    check_learning_rate(group["lr"], read_tensor_lr)
     momentum = _number("momentum", group["momentum"])
     if not 0.0 <= momentum < 1.0:
-        raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
-    wd = _number("weight_decay", group["weight_decay"])
-    if wd < 0:
-        raise ValueError(f"Invalid weight_decay: {wd} (must be >= 0)")
+        raise ValueError(f"Invalid momentum value: {group['momentum']} (must be in [0, 1))")
+    if _number("weight_decay", group["weight_decay"]) < 0:
+        raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
     if not _number("trust_coefficient", group["trust_coefficient"]) > 0:
         raise ValueError(f"Invalid trust_coefficient: {group['trust_coefficient']} (must be > 0)")
     if not _number("fallback_trust", group["fallback_trust"]) > 0:
         raise ValueError(f"Invalid fallback_trust: {group['fallback_trust']} (must be > 0)")
     if _number("eps", group["eps"]) < 0:
-        raise ValueError(f"Invalid eps: {group['eps']} (must be >= 0)")
+        raise ValueError(f"Invalid epsilon value: {group['eps']} (must be >= 0)")
     ema = _number("curvature_ema", group["curvature_ema"])
     if not 0.0 <= ema < 1.0:
         raise ValueError(f"Invalid curvature_ema: {ema} (must be in [0, 1))")
@@ -94,7 +99,7 @@ def validate_group(group: dict, rule: str, read_tensor_lr: bool = False) -> None
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
         raise ValueError(f"Invalid curvature_interval: {k!r} (must be an integer >= 1)")
     if group["nesterov"] and momentum == 0:
-        raise ValueError("Invalid nesterov: Nesterov momentum requires momentum > 0")
+        raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum and zero dampening")
     if group["backend"] not in BACKENDS:
         raise ValueError(f"Invalid backend: {group['backend']!r} (choose from {', '.join(BACKENDS)})")
     if group["median"] not in MEDIANS:
@@ -103,5 +108,11 @@ def validate_group(group: dict, rule: str, read_tensor_lr: bool = False) -> None
         raise ValueError(f"Invalid lag: {group['lag']!r} (must be 0 or 1)")
     if group["lag"] and rule == "cblr":
         raise ValueError("Invalid lag: lag=1 exists for LARS and MCLR only (CBLR measures with a closure)")
-    if not isinstance(group["adapt"], bool):
-        raise ValueError(f"Invalid adapt: {group['adapt']!r} (must be a bool)")
+    check_flags(group, ("adapt",))
+
+
+def check_flags(group: dict, keys: tuple) -> None:
+    """``keys`` of ``group`` and its ``decay`` (where ``decay_mask`` set it) are bools."""
+    for key in (*keys, "decay"):
+        if key in group and not isinstance(group[key], bool):
+            raise ValueError(f"Invalid {key}: {group[key]!r} (must be a bool)")

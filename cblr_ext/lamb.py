@@ -17,7 +17,9 @@ from torch.optim import Optimizer
 
 from . import backends
 from . import functional as F
-from .hyperparams import _learning_rate, _number
+from .group_checks import ADAM_OPTIONS, add_param_groups, check_torch_options
+from .hyperparams import _number, check_flags, check_learning_rate
+from .masks import ParamMask, check_mask_names
 from .step_common import grad_scale_on, layers_with_grads, skip_decision, stats_by_layer
 
 ADAM_RULES = ("lars", "mclr")
@@ -43,9 +45,7 @@ class _AdamGroup:
 
 
 def _validate(group: dict, read_tensor_lr: bool = False) -> None:
-    lr = _learning_rate(group["lr"], read_tensor_lr)
-    if lr is not None and not 0 <= lr < float("inf"):
-        raise ValueError(f"Invalid learning rate: {lr}")
+    check_learning_rate(group["lr"], read_tensor_lr)
     beta1, beta2 = (_number("betas", b) for b in group["betas"])
     if not 0.0 <= beta1 < 1.0:
         raise ValueError(f"Invalid beta parameter at index 0: {beta1}")
@@ -66,9 +66,7 @@ def _validate(group: dict, read_tensor_lr: bool = False) -> None:
     if group["backend"] not in ADAM_BACKENDS:
         raise ValueError(f"Invalid backend: {group['backend']!r} (the Adam base runs on "
                          f"{', '.join(ADAM_BACKENDS)}: fused kernels of its ops are not written yet)")
-    for key in ("bias_correction", "exclude_1d", "adapt", "nvlamb"):
-        if not isinstance(group[key], bool):
-            raise ValueError(f"Invalid {key}: {group[key]!r} (must be a bool)")
+    check_flags(group, ("bias_correction", "exclude_1d", "adapt", "nvlamb"))
 
 
 class LAMB(Optimizer):
@@ -97,31 +95,45 @@ class LAMB(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
                  max_grad_norm=1.0, rule="lars", trust_coefficient=1.0, max_ratio=None, exclude_1d=False,
-                 nvlamb=False, adapt=True, skip_nonfinite=True, backend="auto"):
+                 nvlamb=False, adapt=True, skip_nonfinite=True, backend="auto", adapt_mask=None, decay_mask=None, *,
+                 maximize=False, foreach=None, differentiable=False, fused=None, amsgrad=False, capturable=False):
+        check_torch_options("LAMB", dict(maximize=maximize, foreach=foreach, differentiable=differentiable,
+                                         fused=fused, amsgrad=amsgrad, capturable=capturable), ADAM_OPTIONS)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, max_grad_norm=max_grad_norm, rule=rule,
                         trust_coefficient=trust_coefficient, max_ratio=max_ratio, exclude_1d=exclude_1d,
                         nvlamb=nvlamb, adapt=adapt, backend=backend)
         self.skip_nonfinite = bool(skip_nonfinite)
+        self._adapt_mask = None if adapt_mask is None else ParamMask(adapt_mask, "adapt_mask")
+        self._decay_mask = None if decay_mask is None else ParamMask(decay_mask, "decay_mask")
         self._results = {"skipped_steps": 0, "stats": []}
         super().__init__(params, defaults)
+        check_mask_names(self.param_groups, self._adapt_mask, self._decay_mask)
 
     def add_param_group(self, param_group):
+        """torch's, after checks (cblr_ext.group_checks); the masks split the group (cblr_ext.masks)."""
+        add_param_groups("LAMB", param_group, self._add_one_group, self.param_groups,
+                         known={*self.defaults, "params", "param_names", "decay"}, torch_options=ADAM_OPTIONS,
+                         optimizer_wide=("skip_nonfinite", "adapt_mask", "decay_mask"),
+                         adapt_mask=self._adapt_mask, decay_mask=self._decay_mask)
+
+    def _add_one_group(self, param_group):
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        try:
-            _validate(group, read_tensor_lr=True)
-            for p in group["params"]:
-                if not p.is_floating_point():
-                    raise ValueError(f"LAMB does not support {p.dtype} parameters")
-        except ValueError:
-            self.param_groups.pop()
-            raise
+        _validate(self.param_groups[-1], read_tensor_lr=True)
+
+    # Attributes a copy or pickle keeps besides torch's, with the value an older pickle gets.
+    _PICKLED = {"skip_nonfinite": True, "_adapt_mask": None, "_decay_mask": None}
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state.update({key: getattr(self, key) for key in self._PICKLED})
+        return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_results", {"skipped_steps": 0, "stats": []})
-        self.__dict__.setdefault("skip_nonfinite", True)
+        for key, value in self._PICKLED.items():
+            self.__dict__.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -143,7 +155,7 @@ class LAMB(Optimizer):
             hp = g.hyperparams
             reductions.append(F.Reduction(*g.ops.adam_reduce(
                 hp["rule"], g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, grad_scale, clip, *hp["betas"],
-                float(hp["eps"]), float(hp["weight_decay"]), hp["bias_correction"])))
+                float(hp["eps"]), float(F.applied_weight_decay(hp)), hp["bias_correction"])))
         found_inf = skip_decision(device, getattr(self, "found_inf", None), reductions, self.skip_nonfinite)
         stats = []
         for g, red in zip(groups, reductions):
@@ -151,7 +163,7 @@ class LAMB(Optimizer):
             stats.append(g.ops.adam_update_(
                 hp["rule"], g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.adapt, *red.tensors(), found_inf,
                 grad_scale, clip, F.lr_value(hp["lr"], device), *hp["betas"], float(hp["eps"]),
-                float(hp["weight_decay"]), hp["bias_correction"], float(hp["trust_coefficient"]),
+                float(F.applied_weight_decay(hp)), hp["bias_correction"], float(hp["trust_coefficient"]),
                 None if hp["max_ratio"] is None else float(hp["max_ratio"])))
         self._results["stats"] = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
         self._results["skipped_steps"] = found_inf + self._results["skipped_steps"]

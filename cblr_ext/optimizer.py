@@ -10,7 +10,9 @@ from torch.optim import Optimizer
 from . import backends, distributed
 from . import functional as F
 from . import layer_math as lm
+from .group_checks import SGD_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import RULE_DEFAULT, RULE_DEFAULTS, validate_group
+from .masks import ParamMask, check_mask_names
 from .probe import CurvatureProbe, ProbeBuffers
 from .step_common import grad_scale_on, layers_with_grads, stats_by_layer
 
@@ -160,7 +162,11 @@ class LayerwiseOptimizer(Optimizer):
     def __init__(self, params, lr=1.0, momentum=0.0, weight_decay=0.0, trust_coefficient=None,
                  eps=1e-8, nesterov=False, exclude_1d=RULE_DEFAULT, curvature_ema=None, max_ratio=RULE_DEFAULT,
                  fallback_trust=1e-3, skip_nonfinite=True, backend="auto", curvature_interval=1,
-                 lag=0, median="exact", adapt=True, reuse_weight_norm=False, master_weights=False):
+                 lag=0, median="exact", adapt=True, reuse_weight_norm=False, master_weights=False,
+                 adapt_mask=None, decay_mask=None, *, maximize=False, dampening=0, foreach=None,
+                 differentiable=False, fused=None):
+        check_torch_options(type(self).__name__, dict(maximize=maximize, dampening=dampening, foreach=foreach,
+                                                      differentiable=differentiable, fused=fused), SGD_OPTIONS)
         rule_defaults = RULE_DEFAULTS[self.rule]
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -174,23 +180,30 @@ class LayerwiseOptimizer(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self.reuse_weight_norm = bool(reuse_weight_norm)
         self.master_weights = bool(master_weights)
+        self._adapt_mask = None if adapt_mask is None else ParamMask(adapt_mask, "adapt_mask")
+        self._decay_mask = None if decay_mask is None else ParamMask(decay_mask, "decay_mask")
         # found_inf: the last step's skip decision (a device bool, for cblr_ext.amp.update)
         self._results = {"skipped_steps": 0, "stats": [], "found_inf": None}
         self._probe_buffers = ProbeBuffers()  # CBLR: reused by every probe
         self._scratch = {}  # backends' scratch kept between steps (workspaces, carried Σw²)
         super().__init__(params, defaults)
+        check_mask_names(self.param_groups, self._adapt_mask, self._decay_mask)
+
+    # Options of the whole optimizer: refused as group keys (they would be ignored there).
+    _OPTIMIZER_WIDE = ("skip_nonfinite", "reuse_weight_norm", "master_weights", "adapt_mask", "decay_mask")
 
     def add_param_group(self, param_group):
+        """torch's, after checks (cblr_ext.group_checks): every key is honoured or refused,
+        parameters are floating and listed once; the masks split the group (cblr_ext.masks)."""
+        add_param_groups(type(self).__name__, param_group, self._add_one_group, self.param_groups,
+                         known={*self.defaults, "params", "param_names", "decay"}, torch_options=SGD_OPTIONS,
+                         optimizer_wide=self._OPTIMIZER_WIDE, adapt_mask=self._adapt_mask,
+                         decay_mask=self._decay_mask)
+
+    def _add_one_group(self, param_group):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        try:
-            validate_group(group, self.rule, read_tensor_lr=True)
-            for p in group["params"]:
-                if p.is_complex():
-                    raise ValueError(f"{type(self).__name__} does not support complex parameters")
-        except ValueError:
-            self.param_groups.pop()
-            raise
+        validate_group(group, self.rule, read_tensor_lr=True)
         _prepare_step_applies()
         if group["params"]:
             # Resolved now: a step, traced by torch.compile too, then finds it cached.
@@ -199,7 +212,8 @@ class LayerwiseOptimizer(Optimizer):
 
     # Attributes a copy or pickle keeps besides torch's (defaults, state, param_groups), with
     # the value an older pickle without them gets.
-    _PICKLED = {"skip_nonfinite": True, "reuse_weight_norm": False, "master_weights": False, "_skipped_steps": 0}
+    _PICKLED = {"skip_nonfinite": True, "reuse_weight_norm": False, "master_weights": False, "_adapt_mask": None,
+                "_decay_mask": None, "_skipped_steps": 0}
 
     def __getstate__(self):
         state = super().__getstate__()

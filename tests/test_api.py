@@ -181,7 +181,7 @@ def test_an_fp32_kappa_of_an_older_checkpoint_loads_as_the_scalar_dtype():
 
 @pytest.mark.parametrize("cls", RULES)
 @pytest.mark.parametrize("kwargs,name", [
-    (dict(lr=-1.0), "lr"), (dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"),
+    (dict(lr=-1.0), "learning rate"), (dict(momentum=1.0), "momentum"), (dict(momentum=-0.1), "momentum"),
     (dict(weight_decay=-1e-4), "weight_decay"), (dict(trust_coefficient=0.0), "trust_coefficient"),
     (dict(fallback_trust=-1.0), "fallback_trust"), (dict(eps=-1e-8), "eps"),
     (dict(curvature_ema=1.0), "curvature_ema"), (dict(curvature_ema=-0.5), "curvature_ema"),

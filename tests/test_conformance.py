@@ -138,7 +138,7 @@ def test_auto_steps_strided_view_parameters(cls):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(momentum=torch.tensor(0.9)), "momentum must be a Python number"),
     (dict(weight_decay=torch.tensor(0.1)), "weight_decay must be a Python number"),
-    (dict(lr=torch.tensor(-1.0)), "Invalid lr"),
+    (dict(lr=torch.tensor(-1.0)), "Invalid learning rate: -1.0"),
     (dict(lr=torch.tensor([0.1, 0.2])), "one-element"),
     (dict(lr=torch.tensor(1)), "floating"),
 ])
