@@ -13,19 +13,21 @@ from .masks import split_by_masks
 # torch.optim options without a counterpart here: the values that mean what these
 # optimizers do anyway (accepted, as constructor arguments or group keys), and why another
 # value is refused.
-SGD_OPTIONS = {
+_MULTI_TENSOR = "every backend steps a group's layers in multi-tensor kernels already; choose them with backend="
+_COMMON_OPTIONS = {
     "maximize": ((False,), "the step descends; minimize the negated objective instead"),
-    "dampening": ((0,), "the momentum buffer takes the whole direction, as torch's SGD with dampening 0"),
     "differentiable": ((False,), "the step runs in fused kernels under no_grad, not through autograd"),
-    "foreach": ((None, False), "every backend steps a group's layers in multi-tensor kernels already; "
-                               "choose them with backend="),
-    "fused": ((None, False), "every backend steps a group's layers in multi-tensor kernels already; "
-                             "choose them with backend="),
+    "foreach": ((None, False), _MULTI_TENSOR),
+    "fused": ((None, False), _MULTI_TENSOR),
+}
+SGD_OPTIONS = {
+    **_COMMON_OPTIONS,
+    "dampening": ((0,), "the momentum buffer takes the whole direction, as torch's SGD with dampening 0"),
 }
 ADAM_OPTIONS = {
-    **SGD_OPTIONS,
+    **_COMMON_OPTIONS,
     "amsgrad": ((False,), "the Adam base keeps the running v, not its maximum"),
-    "capturable": ((False,), "the step count is a device tensor already: every step can be captured"),
+    "capturable": ((False,), "LAMB keeps its step count on the device always: there is no mode to switch on"),
 }
 
 
