@@ -73,7 +73,8 @@ class LAMB(Optimizer):
     """LAMB (You et al. 2019) with apex FusedLAMB's semantics, and the median rule on the
     Adam direction.
 
-    Args (every one but ``skip_nonfinite`` may be overridden per param group):
+    Args (every one but ``skip_nonfinite`` and the masks may be overridden per param group; any
+    other group key is refused):
         lr: γ, a float or a 0-d tensor.
         betas, eps: Adam's (β1, β2) and ε (ε outside the square root, as apex).
         weight_decay: λ, decoupled: added to the direction, so it is scaled by r too.
@@ -89,6 +90,11 @@ class LAMB(Optimizer):
         adapt: False: no layer of the group is adapted (Adam with decoupled decay).
         skip_nonfinite: skip the whole step when a gradient holds NaN/Inf.
         backend: "auto" or "reference".
+        adapt_mask, decay_mask: which parameters are adapted / take weight decay, by name
+            (cblr_ext.masks; docs/algorithm.md, "Masks").
+        maximize, foreach, differentiable, fused, amsgrad, capturable: torch.optim.Adam's,
+            accepted at the values LAMB implements (False; None/False for foreach and fused)
+            and refused otherwise.
     """
 
     _step_supports_amp_scaling = True

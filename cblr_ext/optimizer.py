@@ -124,8 +124,8 @@ def _step_result(key: str) -> property:
 class LayerwiseOptimizer(Optimizer):
     """Shared implementation; subclasses set ``rule``.
 
-    Args (every one but ``skip_nonfinite`` and ``reuse_weight_norm`` may be overridden per param group,
-    plus ``adapt``):
+    Args (every one but ``skip_nonfinite``, ``reuse_weight_norm``, ``master_weights`` and the
+    masks may be overridden per param group, plus ``adapt``; any other group key is refused):
         lr: γ, a float or a 0-d tensor.
         momentum, weight_decay, nesterov: as in ``torch.optim.SGD`` (dampening 0).
         trust_coefficient: η of r = η / κ̄.
@@ -152,6 +152,13 @@ class LayerwiseOptimizer(Optimizer):
             without a signal: only for training loops that never change parameters that way.
         backend: "auto" (the fastest for the parameters' device) or a name of
             ``cblr_ext.backends.NAMES``.
+        adapt_mask, decay_mask: which parameters are adapted / take weight decay: a callable
+            on (name, parameter) or a set of names, from ``named_parameters()`` (cblr_ext.masks;
+            docs/algorithm.md, "Masks").  SSL's convention, no adaptation and no decay for
+            biases and norms: ``adapt_mask=decay_mask=lambda name, p: p.ndim > 1``.
+        maximize, dampening, foreach, differentiable, fused: torch.optim.SGD's, accepted (as
+            arguments and group keys) at the values these optimizers implement (False, 0,
+            None/False, False, None/False) and refused otherwise.
     """
 
     rule = None
