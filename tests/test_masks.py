@@ -2,6 +2,8 @@
 reference optimizer given the same split as explicit param groups (``adapt=False``,
 ``weight_decay=0``), and its non-adapted, non-decayed layers against torch.optim.SGD."""
 import copy
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -201,3 +203,13 @@ def test_mask_errors_are_clear(cls):
         cls(net().named_parameters(), adapt_mask="0.weight")
     with pytest.raises(ValueError, match="option of the whole optimizer"):
         cls([{"params": net().named_parameters(), "adapt_mask": {"0.weight"}}])
+
+
+def test_the_documented_ssl_example_runs_as_it_says():
+    """docs/algorithm.md's example, run: weights adapted and decayed, the rest neither."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "algorithm.md").read_text()
+    block = next(b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "adapt_mask" in b)
+    scope = {"LARS": LARS, "model": net()}
+    exec(block, scope)
+    split = [(g["param_names"], g["adapt"], g.get("decay", True)) for g in scope["opt"].param_groups]
+    assert split == [(["0.weight", "3.weight"], True, True), (["0.bias", "1.weight", "1.bias", "3.bias"], False, False)]
