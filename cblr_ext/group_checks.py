@@ -15,7 +15,6 @@ from .masks import split_by_masks
 # value is refused.
 _MULTI_TENSOR = "every backend steps a group's layers in multi-tensor kernels already; choose them with backend="
 _COMMON_OPTIONS = {
-    "maximize": ((False,), "the step descends; minimize the negated objective instead"),
     "differentiable": ((False,), "the step runs in fused kernels under no_grad, not through autograd"),
     "foreach": ((None, False), _MULTI_TENSOR),
     "fused": ((None, False), _MULTI_TENSOR),

@@ -108,7 +108,7 @@ def validate_group(group: dict, rule: str, read_tensor_lr: bool = False) -> None
         raise ValueError(f"Invalid lag: {group['lag']!r} (must be 0 or 1)")
     if group["lag"] and rule == "cblr":
         raise ValueError("Invalid lag: lag=1 exists for LARS and MCLR only (CBLR measures with a closure)")
-    check_flags(group, ("adapt",))
+    check_flags(group, ("adapt", "maximize"))
 
 
 def check_flags(group: dict, keys: tuple) -> None:

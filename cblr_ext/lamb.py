@@ -66,7 +66,7 @@ def _validate(group: dict, read_tensor_lr: bool = False) -> None:
     if group["backend"] not in ADAM_BACKENDS:
         raise ValueError(f"Invalid backend: {group['backend']!r} (the Adam base runs on "
                          f"{', '.join(ADAM_BACKENDS)}: fused kernels of its ops are not written yet)")
-    check_flags(group, ("bias_correction", "exclude_1d", "adapt", "nvlamb"))
+    check_flags(group, ("bias_correction", "exclude_1d", "adapt", "nvlamb", "maximize"))
 
 
 class LAMB(Optimizer):
@@ -92,9 +92,11 @@ class LAMB(Optimizer):
         backend: "auto" or "reference".
         adapt_mask, decay_mask: which parameters are adapted / take weight decay, by name
             (cblr_ext.masks; docs/algorithm.md, "Masks").
-        maximize, foreach, differentiable, fused, amsgrad, capturable: torch.optim.Adam's,
-            accepted at the values LAMB implements (False; None/False for foreach and fused)
-            and refused otherwise.
+        maximize: ascend the objective, as torch.optim.Adam's: the moments take −g for g (one
+            pass over the gradients more per step).
+        foreach, differentiable, fused, amsgrad, capturable: torch.optim.Adam's, accepted at
+            the values LAMB implements (False; None/False for foreach and fused) and refused
+            otherwise.
     """
 
     _step_supports_amp_scaling = True
@@ -103,12 +105,12 @@ class LAMB(Optimizer):
                  max_grad_norm=1.0, rule="lars", trust_coefficient=1.0, max_ratio=None, exclude_1d=False,
                  nvlamb=False, adapt=True, skip_nonfinite=True, backend="auto", adapt_mask=None, decay_mask=None, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, amsgrad=False, capturable=False):
-        check_torch_options("LAMB", dict(maximize=maximize, foreach=foreach, differentiable=differentiable,
+        check_torch_options("LAMB", dict(foreach=foreach, differentiable=differentiable,
                                          fused=fused, amsgrad=amsgrad, capturable=capturable), ADAM_OPTIONS)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, max_grad_norm=max_grad_norm, rule=rule,
                         trust_coefficient=trust_coefficient, max_ratio=max_ratio, exclude_1d=exclude_1d,
-                        nvlamb=nvlamb, adapt=adapt, backend=backend)
+                        nvlamb=nvlamb, adapt=adapt, backend=backend, maximize=maximize)
         self.skip_nonfinite = bool(skip_nonfinite)
         self._adapt_mask = None if adapt_mask is None else ParamMask(adapt_mask, "adapt_mask")
         self._decay_mask = None if decay_mask is None else ParamMask(decay_mask, "decay_mask")
@@ -184,6 +186,8 @@ class LAMB(Optimizer):
                 collected.append((gi, positions, group, params, grads))
         groups = []
         for gi, positions, group, params, grads in collected:
+            if group["maximize"]:  # the step descends −f: the moments take −g
+                grads = torch._foreach_neg(grads)
             states = [self.state[p] for p in params]
             for p, s in zip(params, states):
                 if "step" not in s:  # fp32 state, as torch's Adam keeps it for 16-bit parameters

@@ -52,6 +52,7 @@ class _Group:
     backend: backends.Backend
     lagged_valid: list
     keeps_prev_step: bool
+    maximize: bool   # the local gradients (and the probe's) are −g
     local_params: list
     local_grads: list
     sharding: distributed.Sharding  # None: no parameter is a DTensor
@@ -70,6 +71,9 @@ class _Group:
         written_back = ()
         if master_weights:
             local_params, local_grads, written_back = cls._masters(params, grads, states, local_params, local_grads)
+        maximize = group["maximize"]
+        if maximize:  # the step descends −f: the kernels take −g
+            local_grads = torch._foreach_neg(local_grads)
         keeps_prev_step = rule == "cblr" and (hp.momentum == 0 or hp.nesterov)
         probe_params = prev_steps = measures = None
         if rule == "cblr":
@@ -82,6 +86,7 @@ class _Group:
             measures = [a and d and s is not None for a, d, s in zip(adapt, due, prev_steps)]
         return cls(index, tuple(positions), params, grads, states, adapt, hp, rule, backend,
                    lagged_valid=[hp.lag and "lagged" in s for s in states], keeps_prev_step=keeps_prev_step,
+                   maximize=maximize,
                    local_params=local_params, local_grads=local_grads, sharding=sharding,
                    written_back=written_back, probe_params=probe_params, prev_steps=prev_steps, measures=measures)
 
@@ -109,7 +114,8 @@ class _Group:
     def probe_grad(self, i: int, grad):
         """The gradient at the probe point as the reduction takes it (fp32 for a master)."""
         grad = self.local(grad)
-        return grad.float() if self.local_params[i].dtype != grad.dtype else grad
+        grad = grad.float() if self.local_params[i].dtype != grad.dtype else grad
+        return -grad if self.maximize else grad
 
     def local(self, tensor):
         """A held tensor (parameter, gradient, state) as the kernels take it."""
@@ -156,9 +162,11 @@ class LayerwiseOptimizer(Optimizer):
             on (name, parameter) or a set of names, from ``named_parameters()`` (cblr_ext.masks;
             docs/algorithm.md, "Masks").  SSL's convention, no adaptation and no decay for
             biases and norms: ``adapt_mask=decay_mask=lambda name, p: p.ndim > 1``.
-        maximize, dampening, foreach, differentiable, fused: torch.optim.SGD's, accepted (as
-            arguments and group keys) at the values these optimizers implement (False, 0,
-            None/False, False, None/False) and refused otherwise.
+        maximize: ascend the objective, as torch.optim.SGD's: the step takes −g for g (one
+            pass over the gradients more per step).
+        dampening, foreach, differentiable, fused: torch.optim.SGD's, accepted (as arguments
+            and group keys) at the values these optimizers implement (0, None/False, False,
+            None/False) and refused otherwise.
     """
 
     rule = None
@@ -172,8 +180,8 @@ class LayerwiseOptimizer(Optimizer):
                  lag=0, median="exact", adapt=True, reuse_weight_norm=False, master_weights=False,
                  adapt_mask=None, decay_mask=None, *, maximize=False, dampening=0, foreach=None,
                  differentiable=False, fused=None):
-        check_torch_options(type(self).__name__, dict(maximize=maximize, dampening=dampening, foreach=foreach,
-                                                      differentiable=differentiable, fused=fused), SGD_OPTIONS)
+        check_torch_options(type(self).__name__, dict(dampening=dampening, foreach=foreach, differentiable=differentiable,
+                                                      fused=fused), SGD_OPTIONS)
         rule_defaults = RULE_DEFAULTS[self.rule]
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay,
@@ -183,7 +191,7 @@ class LayerwiseOptimizer(Optimizer):
             curvature_ema=rule_defaults["curvature_ema"] if curvature_ema is None else curvature_ema,
             max_ratio=rule_defaults["max_ratio"] if max_ratio is RULE_DEFAULT else max_ratio,
             fallback_trust=fallback_trust, backend=backend,
-            curvature_interval=curvature_interval, lag=lag, median=median, adapt=adapt)
+            curvature_interval=curvature_interval, lag=lag, median=median, adapt=adapt, maximize=maximize)
         self.skip_nonfinite = bool(skip_nonfinite)
         self.reuse_weight_norm = bool(reuse_weight_norm)
         self.master_weights = bool(master_weights)

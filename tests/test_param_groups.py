@@ -47,7 +47,7 @@ def test_an_unknown_group_key_without_a_close_one_is_refused_naming_it(cls):
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
-@pytest.mark.parametrize("key, value", [("maximize", True), ("dampening", 0.5), ("differentiable", True),
+@pytest.mark.parametrize("key, value", [("dampening", 0.5), ("differentiable", True),
                                         ("foreach", True), ("fused", True)])
 def test_torch_options_the_step_does_not_implement_are_refused(cls, key, value):
     if key == "dampening" and cls is LAMB:  # Adam has no dampening
@@ -68,7 +68,7 @@ def test_adams_options_lamb_does_not_implement_are_refused(key):
 
 @pytest.mark.parametrize("cls", [LARS, MCLR, CBLR])
 def test_torch_options_at_the_implemented_values_step_as_without_them(cls):
-    neutral = dict(maximize=False, dampening=0, differentiable=False, foreach=None, fused=False)
+    neutral = dict(dampening=0, differentiable=False, foreach=None, fused=False)
     model, twin = mlp(), mlp()
     opt = cls([{"params": model.parameters(), **neutral}], lr=0.1, momentum=0.9, backend="reference", **neutral)
     plain = cls(twin.parameters(), lr=0.1, momentum=0.9, backend="reference")
@@ -99,8 +99,60 @@ def test_a_mistyped_constructor_argument_is_refused_naming_it(cls):
 
 
 @pytest.mark.parametrize("cls", OPTIMIZERS)
-def test_the_decay_key_must_be_a_bool(cls):
-    refused(cls, {"params": mlp().parameters(), "decay": 1}, match=r"Invalid decay: 1 \(must be a bool\)")
+@pytest.mark.parametrize("key", ["decay", "maximize"])
+def test_boolean_keys_must_be_bools(cls, key):
+    refused(cls, {"params": mlp().parameters(), key: 1}, match=rf"Invalid {key}: 1 \(must be a bool\)")
+
+
+# ------------------------------------------------------------ maximize
+
+def steps(models, opt, signs, n=3):
+    """``n`` closure steps on Σ sign × MSE loss of each model, on seeded batches."""
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(n):
+        x, y = torch.randn(16, 4, generator=gen), torch.randn(16, 2, generator=gen)
+
+        def closure():
+            opt.zero_grad()
+            loss = sum(sign * torch.nn.functional.mse_loss(m(x), y) for m, sign in zip(models, signs))
+            loss.backward()
+            return loss
+        opt.step(closure)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("cls", [LARS, MCLR, CBLR])
+def test_maximize_steps_as_minimizing_the_negated_objective(cls, backend):
+    """Group 0 maximizes f₀ beside group 1 minimizing f₁, as a twin minimizing −f₀ + f₁:
+    bit-equal (the gradients of −f₀ are exactly −g₀)."""
+    hp = dict(lr=0.1, momentum=0.9, weight_decay=0.01, backend=backend)
+    nets, twins = (mlp(0), mlp(1)), (mlp(0), mlp(1))
+    opt = cls([{"params": nets[0].parameters(), "maximize": True}, {"params": nets[1].parameters()}], **hp)
+    twin_opt = cls([{"params": twins[0].parameters()}, {"params": twins[1].parameters()}], **hp)
+    steps(nets, opt, (1.0, 1.0))
+    steps(twins, twin_opt, (-1.0, 1.0))
+    for net, twin in zip(nets, twins):
+        assert all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
+    assert [g["maximize"] for g in opt.param_groups] == [True, False]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_maximize_without_adaptation_equals_torch_sgd_maximize(backend):
+    model, twin = mlp(), mlp()
+    opt = LARS(model.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01, adapt=False, maximize=True,
+               backend=backend)
+    sgd = torch.optim.SGD(twin.parameters(), lr=0.05, momentum=0.9, weight_decay=0.01, maximize=True)
+    steps([model], opt, [1.0])
+    steps([twin], sgd, [1.0])
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_lamb_maximize_steps_as_minimizing_the_negated_objective():
+    model, twin = mlp(), mlp()
+    steps([model], LAMB(model.parameters(), lr=1e-2, maximize=True), [-1.0])
+    steps([twin], LAMB(twin.parameters(), lr=1e-2), [1.0])
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
 
 
 # ------------------------------------------------------------ torch's wording
