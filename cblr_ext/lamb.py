@@ -186,7 +186,7 @@ class LAMB(Optimizer):
                 collected.append((gi, positions, group, params, grads))
         groups = []
         for gi, positions, group, params, grads in collected:
-            if group["maximize"]:  # the step descends −f: the moments take −g
+            if group.get("maximize", False):  # (absent in older checkpoints) the moments take −g of −f
                 grads = torch._foreach_neg(grads)
             states = [self.state[p] for p in params]
             for p, s in zip(params, states):

@@ -2,6 +2,7 @@
 an error naming it, at construction and in ``add_param_group`` (which then adds nothing);
 torch.optim's options at the values implemented; torch's wording for torch's errors;
 finite learning rates; floating parameters, each listed once."""
+import copy
 import math
 
 import pytest
@@ -230,3 +231,19 @@ def test_integer_parameters_are_refused_on_every_backend_before_any_state(cls, b
 def test_integer_parameters_are_refused_by_lamb():
     with pytest.raises(ValueError, match="LAMB does not support torch.int32 parameters"):
         LAMB([torch.zeros(3, dtype=torch.int32)])
+
+
+@pytest.mark.parametrize("cls", OPTIMIZERS)
+def test_a_checkpoint_from_before_maximize_loads_and_steps_as_minimizing(cls):
+    model, twin = mlp(), mlp()
+    opt = cls(model.parameters(), lr=1e-2)
+    steps([model], opt, [1.0], n=1)
+    old = copy.deepcopy(opt.state_dict())  # LAMB's loaded step count would alias the saved tensor
+    for group in old["param_groups"]:
+        del group["maximize"]
+    twin.load_state_dict(model.state_dict())
+    resumed = cls(twin.parameters(), lr=1e-2)
+    resumed.load_state_dict(old)
+    steps([model], opt, [1.0], n=2)
+    steps([twin], resumed, [1.0], n=2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin.parameters()))
