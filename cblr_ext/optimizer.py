@@ -180,8 +180,8 @@ class LayerwiseOptimizer(Optimizer):
                  lag=0, median="exact", adapt=True, reuse_weight_norm=False, master_weights=False,
                  adapt_mask=None, decay_mask=None, *, maximize=False, dampening=0, foreach=None,
                  differentiable=False, fused=None):
-        check_torch_options(type(self).__name__, dict(dampening=dampening, foreach=foreach, differentiable=differentiable,
-                                                      fused=fused), SGD_OPTIONS)
+        check_torch_options(type(self).__name__, dict(dampening=dampening, foreach=foreach,
+                                                      differentiable=differentiable, fused=fused), SGD_OPTIONS)
         rule_defaults = RULE_DEFAULTS[self.rule]
         defaults = dict(
             lr=lr, momentum=momentum, weight_decay=weight_decay,
