@@ -18,7 +18,7 @@ from torch.optim import Optimizer
 from . import backends
 from . import functional as F
 from .hyperparams import _learning_rate, _number
-from .step_common import grad_scale_on, layers_with_grads, skip_decision, stats_by_layer
+from .step_common import fp64_out_of_range, grad_scale_on, layers_with_grads, skip_decision, stats_by_layer
 
 ADAM_RULES = ("lars", "mclr")
 # The backends with kernels of the Adam base's ops: the dispatcher's choice (the reference
@@ -144,6 +144,9 @@ class LAMB(Optimizer):
             reductions.append(F.Reduction(*g.ops.adam_reduce(
                 hp["rule"], g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, grad_scale, clip, *hp["betas"],
                 float(hp["eps"]), float(hp["weight_decay"]), hp["bias_correction"])))
+            out_of_range = fp64_out_of_range(g.params, g.grads, grad_scale)
+            if out_of_range is not None:
+                reductions[-1].flags[:, F.FLAG_NONFINITE] |= out_of_range
         found_inf = skip_decision(device, getattr(self, "found_inf", None), reductions, self.skip_nonfinite)
         stats = []
         for g, red in zip(groups, reductions):
