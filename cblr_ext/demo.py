@@ -14,7 +14,7 @@ INTRO = {
     "mnist1d": """\
 Large-batch training, short version: an MLP (40-256-256-10) learns MNIST-1D (32,000
 generated 1-D digit sequences; 4,000 of the training ones are the validation split) for
-20 epochs at batch 256 and at batch 4096, so the large batch takes 16x fewer steps.
+15 epochs at batch 256 and at batch 4096, so the large batch takes 16x fewer steps.
 SGD scales its lr linearly with the batch (with warm-up), the common large-batch recipe;
 LARS, MCLR and CBLR set a learning rate per layer from its curvature. Each optimizer's lr
 is the best of a short grid on the validation split; the test split is only reported.

@@ -20,7 +20,7 @@ from . import functional as F
 from .group_checks import ADAM_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import _number, check_flags, check_learning_rate
 from .masks import ParamMask, check_mask_names
-from .step_common import grad_scale_on, layers_with_grads, skip_decision, stats_by_layer
+from .step_common import fp64_out_of_range, grad_scale_on, layers_with_grads, skip_decision, stats_by_layer
 
 ADAM_RULES = ("lars", "mclr")
 # The backends with kernels of the Adam base's ops: the dispatcher's choice (the reference
@@ -164,6 +164,9 @@ class LAMB(Optimizer):
             reductions.append(F.Reduction(*g.ops.adam_reduce(
                 hp["rule"], g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, grad_scale, clip, *hp["betas"],
                 float(hp["eps"]), float(F.applied_weight_decay(hp)), hp["bias_correction"])))
+            out_of_range = fp64_out_of_range(g.params, g.grads, grad_scale)
+            if out_of_range is not None:
+                reductions[-1].flags[:, F.FLAG_NONFINITE] |= out_of_range
         found_inf = skip_decision(device, getattr(self, "found_inf", None), reductions, self.skip_nonfinite)
         stats = []
         for g, red in zip(groups, reductions):

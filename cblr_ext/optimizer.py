@@ -14,7 +14,7 @@ from .group_checks import SGD_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import RULE_DEFAULT, RULE_DEFAULTS, validate_group
 from .masks import ParamMask, check_mask_names
 from .probe import CurvatureProbe, ProbeBuffers
-from .step_common import grad_scale_on, layers_with_grads, stats_by_layer
+from .step_common import fp64_out_of_range, grad_scale_on, layers_with_grads, stats_by_layer
 
 
 def _read_step_applies(found_inf: torch.Tensor) -> bool:
@@ -364,6 +364,10 @@ class LayerwiseOptimizer(Optimizer):
                                               w_sq_given=bool(kwargs.get("w_sq_known"))))
         reduction = F.layerwise_reduce(rule, g.local_params, g.local_grads, [s["age"] for s in g.states], g.adapt,
                                        g.hp, lagged_valid=g.lagged_valid, backend=g.backend, **kwargs)
+        out_of_range = fp64_out_of_range(g.local_params, g.local_grads, grad_scale, kwargs.get("probe_grads"),
+                                         kwargs.get("probe_steps"))
+        if out_of_range is not None:
+            reduction.flags[:, F.FLAG_NONFINITE] |= out_of_range
         if g.sharding is not None:
             distributed.complete_norms(reduction, g.local_params, g.local_grads, kwargs.get("w_sq"),
                                        kwargs.get("w_sq_known"))

@@ -41,6 +41,40 @@ def grad_scale_on(grad_scale, device):
     return grad_scale.to(device=device, dtype=torch.float32, non_blocking=True)
 
 
+# fp64 layers whose sums of squares would leave fp64's normal range (docs/algorithm.md,
+# "The fp64 range"): n·max|x|² ≥ 2^1020 (Σx², and Σ(Δd)² of three such terms, could overflow)
+# for w, g, a probe's g and s; 0 < max|w| < 2^-511 (Σw² could be subnormal or 0).
+_SQUARES_LIMIT = 2.0 ** 1020
+_SMALLEST_WEIGHT = 2.0 ** -511
+
+
+def _peaks(tensors: list, scale=None) -> torch.Tensor:
+    peak = torch.stack(torch._foreach_norm(tensors, float("inf"))).double()
+    return peak if scale is None else peak / scale.double()
+
+
+def fp64_out_of_range(params: list, grads: list, grad_scale=None, probe_grads=None, probe_steps=None):
+    """[L] bool, True for an fp64 layer outside the range its sums of squares represent (the
+    step then counts it as non-finite); None when the group has no fp64 layer (no pass)."""
+    wide = [i for i, p in enumerate(params) if p.dtype == torch.float64 and p.numel()]  # max of none: no identity
+    if not wide:
+        return None
+    device = params[wide[0]].device
+    sizes = torch.tensor([float(params[i].numel()) for i in wide], dtype=torch.float64, device=device)
+    w = _peaks([params[i] for i in wide])
+    out = ((w > 0) & (w < _SMALLEST_WEIGHT)) | (w.square() * sizes >= _SQUARES_LIMIT)
+    out = out | (_peaks([grads[i] for i in wide], grad_scale).square() * sizes >= _SQUARES_LIMIT)
+    probed = [j for j, i in enumerate(wide) if probe_grads and probe_grads[i] is not None]
+    if probed:
+        n = sizes[probed]
+        g_s = _peaks([probe_grads[wide[j]] for j in probed], grad_scale)
+        s = _peaks([probe_steps[wide[j]] for j in probed])
+        out[probed] = out[probed] | (g_s.square() * n >= _SQUARES_LIMIT) | (s.square() * n >= _SQUARES_LIMIT)
+    flags = torch.zeros(len(params), dtype=torch.bool, device=device)
+    flags[wide] = out
+    return flags
+
+
 def skip_decision(device, amp_found_inf, reductions: list, skip_nonfinite: bool) -> torch.Tensor:
     """The step-wide skip flag (a device bool): GradScaler's check of g (which skips whatever
     ``skip_nonfinite`` says), or a non-finite gradient in any group's pass 1."""

@@ -10,7 +10,6 @@ from cblr_ext.experiments.run import RunSpec
 
 
 def test_recorded_series_are_the_layer_stats():
-    pytest.importorskip("sklearn")
     run = diagnose.record(RunSpec("digits", "mlp", "LARS-all", 8.0, 512, 2, 0))
     assert run["steps"] == 6   # 1257 training images at 512: 3 steps per epoch
     for layer, entry in run["layers"].items():
@@ -31,7 +30,6 @@ def test_recorded_series_are_the_layer_stats():
 
 
 def test_command_writes_figures_and_json(tmp_path, capsys):
-    pytest.importorskip("sklearn")
     assert diagnose.main(["--out", str(tmp_path), "--task", "digits/mlp", "--batch-size", "512", "--epochs", "1",
                           "--runs", "LARS-x1d=4", "MCLR-all=4", "CBLR-all=0.2"]) == 0
     for name in ("diagnosis_step_sizes.png", "diagnosis_quotients.png", "diagnosis_kappa_mclr-all.png",
@@ -43,7 +41,6 @@ def test_command_writes_figures_and_json(tmp_path, capsys):
 
 
 def test_seed_option_records_that_seed(tmp_path):
-    pytest.importorskip("sklearn")
     assert diagnose.main(["--out", str(tmp_path), "--task", "digits/mlp", "--batch-size", "512", "--epochs", "1",
                           "--runs", "LARS-all=4", "--seed", "1"]) == 0
     document = json.loads((tmp_path / "diagnosis.json").read_text())["LARS-all"]

@@ -12,7 +12,6 @@ PLOTS = ["accuracy_vs_batch.png", "variants.png", "accuracy_vs_wall_time.png", "
 
 
 def test_tiny_sweep_writes_table_json_and_plots(tmp_path, capsys):
-    pytest.importorskip("sklearn")
     out = tmp_path / "study"
     assert cli.main(["--tasks", "teacher/mlp", "digits/cnn", "--train-size", "1024", "--batch-sizes", "128", "512",
                      "--epochs", "1", "--optimizers", "SGD", "CBLR-k4", "--variants", "plain", "discard", "schedule",

@@ -1,10 +1,12 @@
 """Property-based steps (hypothesis): random shapes, dtypes, hyperparameters and gradient
 contents, a few steps each.  Every step either succeeds with finite parameters or is
-skipped with parameters and state bit-identical; every fused backend follows the reference
-within the parity table's tolerance; LARS's reported ratio is the formula in fp64.
+skipped with parameters and every state tensor bit-identical, and no step of finite gradients
+is skipped; every hyperparameter is drawn; every fused backend follows the reference element
+by element within the parity table's tolerance, also across each backend's chunk and thread
+boundaries; LARS's reported ratio is the formula in fp64.
 
-The example budget is CI's (250 per test, ~45 s on the 2-core dev VM);
-CBLR_EXT_FUZZ_EXAMPLES changes it.  Gradient magnitudes span 1e-30 … 1e30 (and 0): the per-layer scalars are fp64 in every backend, so
+The example budget is CI's (250 per test, a fiftieth of it for the chunk-boundary sizes); CBLR_EXT_FUZZ_EXAMPLES changes it and CBLR_EXT_FUZZ_BACKENDS narrows the backends
+(the long campaign: ``CBLR_EXT_FUZZ_EXAMPLES=50000 CBLR_EXT_FUZZ_BACKENDS=cpp``).  Gradient magnitudes span 1e-30 … 1e30 (and 0): the per-layer scalars are fp64 in every backend, so
 the edges of the fp32 range are fuzzed too; the counterexamples found there are kept as
 explicit tests in test_scalars_at_fp32_edges.py.
 """
@@ -21,7 +23,10 @@ from cblr_ext import CBLR, LARS, MCLR
 from optim_db import BACKEND_DTYPES, TOLERANCE
 
 EXAMPLES = int(os.environ.get("CBLR_EXT_FUZZ_EXAMPLES", "250"))
-FUSED = [b for b in cblr_ext.available_backends("cpu") if b != "reference"]
+# CBLR_EXT_FUZZ_BACKENDS (comma-separated) narrows the fused backends, e.g. "cpp" for a long
+# campaign without the Triton interpreter's cost.
+FUSED = [b for b in cblr_ext.available_backends("cpu") if b != "reference"
+         and b in os.environ.get("CBLR_EXT_FUZZ_BACKENDS", b).split(",")]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 RULES = {"lars": LARS, "mclr": MCLR, "cblr": CBLR}
 fuzz = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow],
@@ -49,7 +54,25 @@ def configurations(draw):
         hp["median"] = draw(st.sampled_from(["exact", "approx"]))
     if hp["nesterov"] and hp["momentum"] == 0:
         hp["nesterov"] = False
-    return rule, hp, draw(st.sampled_from(DTYPES)), draw(shapes), draw(st.integers(0, 2**16))
+    hp.update(every_other_hyperparameter(draw, rule))
+    dtype = draw(st.sampled_from(DTYPES))
+    if dtype in (torch.float16, torch.bfloat16):
+        hp["master_weights"] = draw(st.booleans())
+    return rule, hp, dtype, draw(shapes), draw(st.integers(0, 2**16))
+
+
+def every_other_hyperparameter(draw, rule) -> dict:
+    """The hyperparameters the configurations above leave at their defaults, drawn (None: the
+    rule's default)."""
+    hp = dict(trust_coefficient=draw(st.sampled_from([None, 1e-3, 0.02, 1.0])),
+              curvature_ema=draw(st.sampled_from([None, 0.0, 0.5, 0.99])),
+              max_ratio=draw(st.sampled_from([None, 1e-4, 10.0])),
+              fallback_trust=draw(st.sampled_from([1e-3, 1.0])),
+              adapt=draw(st.booleans()) or draw(st.booleans()),
+              skip_nonfinite=draw(st.booleans()) or draw(st.booleans()))
+    if rule == "lars":
+        hp["reuse_weight_norm"] = draw(st.booleans())
+    return {k: v for k, v in hp.items() if v is not None}
 
 
 def gradients(shapes, dtype, seed, steps, magnitude_draws, special_draws):
@@ -79,8 +102,7 @@ def run(rule, hp, dtype, shapes, seed, grads, backend):
     opt = RULES[rule](params, backend=backend, **hp)
     history = []
     for step_grads in grads:
-        before = ([p.detach().clone() for p in params],
-                  {k: v.clone() for s in opt.state.values() for k, v in s.items() if torch.is_tensor(v)})
+        before = ([p.detach().clone() for p in params], state_tensors(opt))
 
         def closure():
             for p, g in zip(params, step_grads):
@@ -90,16 +112,41 @@ def run(rule, hp, dtype, shapes, seed, grads, backend):
         opt.step(closure)
         history.append((before, opt.skipped_steps > skipped, [p.detach().clone() for p in params],
                         opt.layer_stats()))
-    return history
+    return history, state_tensors(opt)
 
 
-def check_steps(history, finite_inputs):
-    for (params_before, state_before), skipped, params_after, _ in history:
+def state_tensors(opt) -> dict:
+    return {(i, k): v.detach().clone() for i, s in enumerate(opt.state.values()) for k, v in s.items()
+            if torch.is_tensor(v)}
+
+
+def same_values(a, b) -> bool:
+    return torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+
+
+def check_steps(history, finite_inputs, opt_state_after):
+    """A skipped step leaves parameters and every state tensor bit-identical; a step of finite
+    gradients (every magnitude drawn is inside the fp64 range) is never skipped."""
+    states = [before[1] for before, *_ in history[1:]] + [opt_state_after]
+    for ((params_before, state_before), skipped, params_after, _), state_after in zip(history, states):
         if skipped:
+            assert not finite_inputs
             for a, b in zip(params_before, params_after):
-                assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+                assert same_values(a, b)
+            assert state_before.keys() <= state_after.keys()
+            for key, t in state_before.items():
+                assert same_values(t, state_after[key]), key
         elif finite_inputs:
             assert all(torch.isfinite(p).all() for p in params_after)
+
+
+def elementwise_close(a, b, before, tolerance) -> bool:
+    """|a_i − b_i| ≤ tol·(|a_i| + |w_i before the step|) for every element (a: the reference)."""
+    a, b, before = a.double(), b.double(), before.double()
+    if not torch.equal(a.isnan(), b.isnan()):
+        return False
+    bound = tolerance * (a.abs() + before.abs()).nan_to_num(posinf=0.0) + 1e-300
+    return bool(((a - b).nan_to_num().abs() <= bound).all())
 
 
 @fuzz
@@ -109,22 +156,42 @@ def test_steps_are_finite_or_skipped_and_every_backend_follows_the_reference(con
     rule, hp, dtype, shapes, seed = config
     grads = gradients(shapes, dtype, seed, 3, magnitude_draws, special_draws)
     finite_inputs = all(torch.isfinite(g).all() for step in grads for g in step)
-    reference = run(rule, hp, dtype, shapes, seed, grads, "reference")
-    check_steps(reference, finite_inputs)
-    for backend in FUSED:
+    compare_backends(rule, hp, dtype, shapes, seed, grads, finite_inputs, FUSED)
+
+
+def compare_backends(rule, hp, dtype, shapes, seed, grads, finite_inputs, backends):
+    reference, reference_state = run(rule, hp, dtype, shapes, seed, grads, "reference")
+    check_steps(reference, finite_inputs, reference_state)
+    for backend in backends:
         if dtype not in BACKEND_DTYPES.get(backend, ()):
             continue
-        other = run(rule, hp, dtype, shapes, seed, grads, backend)
-        check_steps(other, finite_inputs)
-        for (_, skip_ref, params_ref, _), (_, skip, params, _) in zip(reference, other):
+        other, other_state = run(rule, hp, dtype, shapes, seed, grads, backend)
+        check_steps(other, finite_inputs, other_state)
+        for ((before, _), skip_ref, params_ref, _), (_, skip, params, _) in zip(reference, other):
             assert skip == skip_ref
-            for a, b in zip(params_ref, params):
-                if a.numel() == 0:
-                    continue
-                a, b = a.double(), b.double()
-                assert torch.equal(a.isnan(), b.isnan())
-                scale = a.nan_to_num().abs().max().clamp_min(1e-30)
-                assert ((a - b).nan_to_num().abs().max() / scale).item() <= TOLERANCE[dtype], backend
+            for a, b, w in zip(params_ref, params, before):
+                assert elementwise_close(a, b, w, TOLERANCE[dtype]), backend
+
+
+# The fused backends' boundaries: the C++ chunks (65,536 elements; threads above one chunk)
+# and direct median selection (16,384), Triton's chunks (4,096); sizes around each.
+BOUNDARY_SIZES = {"cpp": [16384, 16385, 65535, 65536, 65537, 131073], "triton": [4095, 4096, 4097, 8193]}
+
+
+@settings(max_examples=max(EXAMPLES // 50, 3), deadline=None, suppress_health_check=[HealthCheck.too_slow],
+          derandomize=True, database=None)
+@given(config=configurations(), data=st.data())
+@pytest.mark.parametrize("backend", FUSED)
+def test_every_backend_follows_the_reference_across_its_chunk_boundaries(backend, config, data):
+    rule, hp, dtype, _, seed = config
+    if dtype not in BACKEND_DTYPES.get(backend, ()):
+        dtype = torch.float32
+        hp.pop("master_weights", None)
+    sizes = data.draw(st.lists(st.sampled_from(BOUNDARY_SIZES[backend]), min_size=1, max_size=2))
+    magnitude_draws = data.draw(st.lists(magnitudes, min_size=1, max_size=2))
+    shapes = [(n,) if i % 2 else (n, 1) for i, n in enumerate(sizes)]
+    grads = gradients(shapes, dtype, seed, 2, magnitude_draws, [None])
+    compare_backends(rule, hp, dtype, shapes, seed, grads, True, [backend])
 
 
 @fuzz

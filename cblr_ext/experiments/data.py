@@ -62,7 +62,8 @@ def digits(*, seed: int = 0) -> Splits:
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:
-        raise ImportError("the digits data set needs scikit-learn: pip install 'cblr_ext[study]'") from exc
+        raise ImportError("the digits data set needs scikit-learn, from the study extra: "
+                          "pip install --no-build-isolation -e \".[study]\"") from exc
     bunch = load_digits()
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     y = torch.tensor(bunch.target, dtype=torch.long)
@@ -78,7 +79,8 @@ def _generate_mnist1d(num_samples: int, seed: int):
     try:
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as exc:
-        raise ImportError("the mnist1d data set needs the mnist1d package: pip install 'cblr_ext[study]'") from exc
+        raise ImportError("the mnist1d data set needs the mnist1d package, a dependency of cblr_ext: "
+                          "pip install mnist1d (or reinstall: pip install --no-build-isolation -e .)") from exc
     args = get_dataset_args()
     args.num_samples, args.seed = num_samples, seed
     raw = make_dataset(args)
