@@ -20,7 +20,8 @@ from . import functional as F
 from .group_checks import ADAM_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import _number, check_flags, check_learning_rate
 from .masks import ParamMask, check_mask_names
-from .step_common import fp64_out_of_range, grad_scale_on, layers_with_grads, skip_decision, stats_by_layer
+from .step_common import (fp64_out_of_range, grad_scale_on, layers_with_grads, load_state_own_dtypes, skip_decision,
+                          stats_by_layer)
 
 ADAM_RULES = ("lars", "mclr")
 # The backends with kernels of the Adam base's ops: the dispatcher's choice (the reference
@@ -142,6 +143,11 @@ class LAMB(Optimizer):
         self.__dict__.setdefault("_results", {"skipped_steps": 0, "stats": []})
         for key, value in self._PICKLED.items():
             self.__dict__.setdefault(key, value)
+
+    def load_state_dict(self, state_dict):
+        """torch's, but the moments keep their fp32 dtype for 16-bit parameters and every
+        loaded tensor (the step counts too, which the kernels advance in place) is a copy."""
+        load_state_own_dtypes(self, state_dict)
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -14,7 +14,7 @@ from .group_checks import SGD_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import RULE_DEFAULT, RULE_DEFAULTS, validate_group
 from .masks import ParamMask, check_mask_names
 from .probe import CurvatureProbe, ProbeBuffers
-from .step_common import fp64_out_of_range, grad_scale_on, layers_with_grads, stats_by_layer
+from .step_common import fp64_out_of_range, grad_scale_on, layers_with_grads, load_state_own_dtypes, stats_by_layer
 
 
 def _read_step_applies(found_inf: torch.Tensor) -> bool:
@@ -458,24 +458,7 @@ class LayerwiseOptimizer(Optimizer):
         parameter's, but κ̄ and the lag stash become SCALAR_DTYPE (older checkpoints hold fp32); every group keeps the backend it has (a checkpoint from any backend
         loads under any other) and gets the keys an older checkpoint lacks from the defaults."""
         chosen = [group["backend"] for group in self.param_groups]
-        hooked = {}
-
-        def capture(opt, sd):  # runs after the user's pre-hooks: sd is what torch loads
-            self._check_loaded_shapes(sd)  # before torch loads anything
-            hooked["sd"] = sd
-
-        handle = self.register_load_state_dict_pre_hook(capture)
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            handle.remove()
-        loaded = hooked["sd"]
-        for saved_group, group in zip(loaded["param_groups"], self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                for key, value in loaded["state"].get(pid, {}).items():
-                    if isinstance(value, torch.Tensor):
-                        dtype = F.SCALAR_DTYPE if key in self._SCALAR_STATE else value.dtype
-                        self.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
+        loaded = load_state_own_dtypes(self, state_dict, self._SCALAR_STATE, F.SCALAR_DTYPE, self._check_loaded_shapes)
         for group, backend in zip(self.param_groups, chosen):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)

@@ -126,9 +126,11 @@ def same_values(a, b) -> bool:
 
 def check_steps(history, finite_inputs, opt_state_after):
     """A skipped step leaves parameters and every state tensor bit-identical; a step of finite
-    gradients (every magnitude drawn is inside the fp64 range) is never skipped."""
+    gradients (every magnitude drawn is inside the fp64 range) is never skipped, and leaves
+    every parameter finite unless the update asked for leaves the parameter's type
+    (max|w| + ‖s‖ beyond its largest value, docs/algorithm.md: that overflow is the update's)."""
     states = [before[1] for before, *_ in history[1:]] + [opt_state_after]
-    for ((params_before, state_before), skipped, params_after, _), state_after in zip(history, states):
+    for ((params_before, state_before), skipped, params_after, stats), state_after in zip(history, states):
         if skipped:
             assert not finite_inputs
             for a, b in zip(params_before, params_after):
@@ -137,7 +139,9 @@ def check_steps(history, finite_inputs, opt_state_after):
             for key, t in state_before.items():
                 assert same_values(t, state_after[key]), key
         elif finite_inputs:
-            assert all(torch.isfinite(p).all() for p in params_after)
+            for w, p, row in zip(params_before, params_after, stats.values()):
+                if not torch.isfinite(p).all():
+                    assert w.double().abs().max().item() + row["step_norm"] > torch.finfo(w.dtype).max
 
 
 def elementwise_close(a, b, before, tolerance) -> bool:

@@ -181,6 +181,22 @@ def test_state_dict_round_trip_and_resume():
         assert torch.equal(a, b)
 
 
+def test_a_loaded_state_is_its_own_and_keeps_fp32_moments_of_bf16_parameters():
+    """Loading in the same process: the twin's step counts and moments are copies (the
+    original's steps do not advance the twin's), and bf16 parameters keep fp32 moments
+    (torch's load_state_dict casts floating state to the parameter's dtype)."""
+    params = [torch.nn.Parameter(torch.randn(4, 3).bfloat16())]
+    opt = LAMB(params, lr=0.01)
+    params[0].grad = torch.randn(4, 3).bfloat16()
+    opt.step()
+    twin = LAMB([torch.nn.Parameter(params[0].detach().clone())], lr=0.01)
+    twin.load_state_dict(opt.state_dict())
+    (state,) = twin.state.values()
+    assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.float32
+    opt.step()
+    assert state["step"].item() == 1 and next(iter(opt.state.values()))["step"].item() == 2
+
+
 @pytest.mark.parametrize("bad, message", [
     (dict(lr=-1.0), "Invalid learning rate"), (dict(betas=(1.0, 0.9)), "beta parameter at index 0"),
     (dict(rule="cblr"), "Invalid rule"), (dict(backend="cpp"), "fused kernels of its ops are not written yet"),
