@@ -104,12 +104,12 @@ def test_config_refuses_a_task_or_seed_in_both_suites():
                        candidates={"SGD": ("SGD",)}, centres={"SGD": {256: 0.1}}, held_out_seeds=(0,))
 
 
-def test_short_preset_cuts_only_batches_grid_and_selection_seeds():
+def test_short_preset_cuts_only_batches_epochs_and_selection_seeds():
     assert {b for t in SHORT.selection + SHORT.held_out for b in t.batch_sizes} == {1024, 8192}
     assert [t.name for t in SHORT.held_out] == [t.name for t in PROTOCOL.held_out]
-    assert (SHORT.candidates, SHORT.epochs, SHORT.held_out_seeds) == (PROTOCOL.candidates, PROTOCOL.epochs,
-                                                                      PROTOCOL.held_out_seeds)
-    assert len(SHORT.gammas("MCLR", 1024)) == 7 and SHORT.selection_seeds == (0, 1)
+    assert (SHORT.candidates, SHORT.grid, SHORT.held_out_seeds) == (PROTOCOL.candidates, PROTOCOL.grid,
+                                                                    PROTOCOL.held_out_seeds)
+    assert SHORT.epochs == 10 and SHORT.selection_seeds == (0, 1)
 
 
 # --- the CLI end to end (tiny preset) -------------------------------------------------------
