@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import time
 
 from .data import DATASETS
 from .models import MODELS
@@ -13,6 +14,8 @@ from .presets import PRESETS, preset_config
 from .report import batch_effect, legend, table, write_json
 from .run import VARIANTS, RunSpec, load_data
 from .sweep import SELECTIONS, run_sweep
+from .transfer import TRANSFER_PRESETS, run_protocol
+from . import transfer_report
 
 
 def _task(text):
@@ -138,8 +141,33 @@ def run(args) -> int:
     return 0
 
 
+# the sweep's options that --transfer does not take (its preset fixes them all)
+_SWEEP_ONLY = ("tasks", "batch_sizes", "epochs", "optimizers", "variants", "variant_batch_sizes",
+               "variant_optimizers", "seeds", "train_size", "lr_points", "select")
+
+
+def run_transfer(args) -> int:
+    given = [f"--{name.replace('_', '-')}" for name in _SWEEP_ONLY if getattr(args, name) is not None]
+    if given:
+        raise SystemExit(f"--transfer runs its preset's protocol as it is; drop {' '.join(given)}")
+    config = TRANSFER_PRESETS[args.transfer]
+    started = time.perf_counter()
+    result = run_protocol(config, jobs=args.jobs, progress=not args.no_progress)
+    paths = transfer_report.write_all(args.out, config, result, time.perf_counter() - started)
+    with open(paths[1]) as f:
+        print(f.read())
+    print("wrote " + ", ".join(paths))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = build_parser("python -m cblr_ext.experiments",
                           "Large-batch study: SGD, LARS, MCLR and CBLR across batch sizes, with small-loss "
                           "discarding and batch-size scheduling (Gao & Zhong, arXiv 2012.08795).", "full")
-    return run(parser.parse_args(argv))
+    parser.add_argument("--transfer", choices=list(TRANSFER_PRESETS),
+                        help="instead of a sweep, the defaults-that-transfer protocol (docs/experiments.md): "
+                             "choose each rule's candidate and γ on a selection suite, report them unchanged on "
+                             "a held-out suite; tiny: seconds, short: about half an hour on 2 cores, full: the "
+                             "whole protocol. Writes transfer.json, transfer.md and gamma_windows.png to --out")
+    args = parser.parse_args(argv)
+    return run_transfer(args) if args.transfer else run(args)

@@ -1,16 +1,19 @@
 """The models of the study: an MLP and a small CNN with BatchNorm."""
 from __future__ import annotations
 
+import functools
 import math
 
 from torch import nn
 
 
-def mlp(input_shape, classes: int, width: int = 256) -> nn.Module:
-    """Two hidden ReLU layers; flattens its input, so it takes images too."""
-    inputs = math.prod(input_shape)
-    return nn.Sequential(nn.Flatten(), nn.Linear(inputs, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
-                         nn.Linear(width, classes))
+def mlp(input_shape, classes: int, width: int = 256, depth: int = 2) -> nn.Module:
+    """``depth`` hidden ReLU layers of ``width`` units; flattens its input, so it takes images too."""
+    if depth < 1 or width < 1:
+        raise ValueError(f"depth and width must be >= 1, got {depth!r}, {width!r}")
+    sizes = [math.prod(input_shape)] + [width] * depth
+    hidden = [layer for a, b in zip(sizes, sizes[1:]) for layer in (nn.Linear(a, b), nn.ReLU())]
+    return nn.Sequential(nn.Flatten(), *hidden, nn.Linear(width, classes))
 
 
 def small_cnn(input_shape, classes: int, channels: int = 32) -> nn.Module:
@@ -23,4 +26,4 @@ def small_cnn(input_shape, classes: int, channels: int = 32) -> nn.Module:
         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(2 * channels, classes))
 
 
-MODELS = {"mlp": mlp, "cnn": small_cnn}
+MODELS = {"mlp": mlp, "cnn": small_cnn, "mlp-w128-d3": functools.partial(mlp, width=128, depth=3)}

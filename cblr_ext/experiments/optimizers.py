@@ -72,14 +72,18 @@ _CANDIDATES = {
     "CBLR-x1d-nocap": (CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=None), CBLR_GRID),
     "CBLR-x1d-cap2": (CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=2.0), CBLR_GRID),
     "CBLR-x1d-cap2-ema0": (CBLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=2.0), CBLR_GRID),
+    # the alternatives the transfer protocol weighs against today's defaults
+    "MCLR-cap0.25": (MCLR, dict(exclude_1d=False, curvature_ema=0.5, max_ratio=0.25), (2.0, 4.0, 8.0, 16.0, 32.0)),
+    "CBLR-cap1": (CBLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=1.0), CBLR_GRID),
 }
 OPTIMIZERS.update({name: OptimizerSpec(name, _layerwise(cls, **options), grid, None)
                    for name, (cls, options, grid) in _CANDIDATES.items()})
 
 
-def root2_grid(centre: float) -> Tuple[float, ...]:
-    """Five points a factor √2 apart around ``centre``: a finer look at the edge of stability."""
-    return tuple(centre * 2.0 ** (k / 2) for k in (-2, -1, 0, 1, 2))
+def root2_grid(centre: float, low: int = -2, high: int = 2) -> Tuple[float, ...]:
+    """Points a factor √2 apart, ``centre``·2^(k/2) for k = low … high (five by default): a
+    finer look at the edge of stability."""
+    return tuple(centre * 2.0 ** (k / 2) for k in range(low, high + 1))
 
 
 # The ×√2 screen at batch 4096 on MNIST-1D (docs/experiments.md), in three rounds.  Round 1

@@ -62,7 +62,7 @@ def _worker_init():
     torch.set_num_threads(1)   # one thread per worker: the workers share the cores
 
 
-def _run_all(specs: List[RunSpec], jobs: int, desc: str, progress: bool) -> Dict[RunSpec, dict]:
+def run_all(specs: List[RunSpec], jobs: int, desc: str, progress: bool) -> Dict[RunSpec, dict]:
     bar = tqdm(total=len(specs), desc=desc, disable=not progress)
     results = {}
     if jobs == 1:
@@ -82,13 +82,13 @@ def _run_all(specs: List[RunSpec], jobs: int, desc: str, progress: bool) -> Dict
 SELECTIONS = ("seed0", "mean")
 
 
-def _score(run: dict) -> float:
+def run_score(run: dict) -> float:
     """A run's validation accuracy; −1 when it diverged, so that any finite run wins."""
     return -1.0 if run["diverged"] else run["val_acc"]
 
 
 def choose_lr(scores: Dict[float, float]) -> float:
-    """The lr of the best score (``_score``, or its mean over seeds); ties go to the smaller lr."""
+    """The lr of the best score (``run_score``, or its mean over seeds); ties go to the smaller lr."""
     return max(scores, key=lambda lr: (scores[lr], -lr))
 
 
@@ -116,13 +116,13 @@ def run_sweep(config: SweepConfig, *, jobs: int = 1, progress: bool = True) -> L
     grid_seeds = range(config.seeds) if config.select == "mean" else range(1)
     grid = {cell: {lr: [spec(cell, lr, seed) for seed in grid_seeds] for lr in config.lr_grid(cell[2])}
             for cell in cells}
-    tried = _run_all([s for lrs in grid.values() for specs in lrs.values() for s in specs], jobs,
+    tried = run_all([s for lrs in grid.values() for specs in lrs.values() for s in specs], jobs,
                      f"lr grid ({'every seed' if config.select == 'mean' else 'seed 0'})", progress)
-    scores = {cell: {lr: statistics.fmean(_score(tried[s]) for s in specs) for lr, specs in lrs.items()}
+    scores = {cell: {lr: statistics.fmean(run_score(tried[s]) for s in specs) for lr, specs in lrs.items()}
               for cell, lrs in grid.items()}
     chosen = {cell: choose_lr(scores[cell]) for cell in cells}
     rest = range(len(grid_seeds), config.seeds)
-    extra = _run_all([spec(cell, chosen[cell], seed) for cell in cells for seed in rest], jobs, "other seeds",
+    extra = run_all([spec(cell, chosen[cell], seed) for cell in cells for seed in rest], jobs, "other seeds",
                      progress)
     tried.update(extra)
 
