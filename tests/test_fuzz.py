@@ -69,7 +69,8 @@ def every_other_hyperparameter(draw, rule) -> dict:
               max_ratio=draw(st.sampled_from([None, 1e-4, 10.0])),
               fallback_trust=draw(st.sampled_from([1e-3, 1.0])),
               adapt=draw(st.booleans()) or draw(st.booleans()),
-              skip_nonfinite=draw(st.booleans()) or draw(st.booleans()))
+              skip_nonfinite=draw(st.booleans()) or draw(st.booleans()),
+              maximize=draw(st.booleans()))
     if rule == "lars":
         hp["reuse_weight_norm"] = draw(st.booleans())
     return {k: v for k, v in hp.items() if v is not None}
@@ -195,7 +196,8 @@ def test_every_backend_follows_the_reference_across_its_chunk_boundaries(backend
     magnitude_draws = data.draw(st.lists(magnitudes, min_size=1, max_size=2))
     shapes = [(n,) if i % 2 else (n, 1) for i, n in enumerate(sizes)]
     grads = gradients(shapes, dtype, seed, 2, magnitude_draws, [None])
-    compare_backends(rule, hp, dtype, shapes, seed, grads, True, [backend])
+    finite_inputs = all(torch.isfinite(g).all() for step in grads for g in step)  # 16-bit casts may overflow
+    compare_backends(rule, hp, dtype, shapes, seed, grads, finite_inputs, [backend])
 
 
 @fuzz
