@@ -59,6 +59,7 @@ class _Group:
     sharding: distributed.Sharding  # None: no parameter is a DTensor
     written_back: tuple  # (parameters, what the kernels update in their place: fp32 masters under
     #                      master_weights, dense copies of strided views), copied after the update; () without
+    copies_views: bool   # some layer is stepped on a dense copy of a strided view (made anew each step)
     state_like: list     # per layer, what its state buffers are laid out (and made) like
     probe_backend: backends.Backend  # CBLR: shifts and restores probe_params (the reference for strided views)
     probe_params: list   # CBLR: what the probe shifts (the local parameters, 16-bit ones under masters); None else
@@ -75,8 +76,10 @@ class _Group:
         substitutes = []  # (parameter, what the kernels update in its place), written back after the update
         if master_weights:
             cls._masters(params, grads, states, local_params, local_grads, substitutes, backend)
+        substituted = len(substitutes)
         if sharding is None:  # a DTensor's local shard is dense
             cls._dense_copies(local_params, local_grads, substitutes, backend)
+        copies_views = len(substitutes) > substituted
         written_back = tuple(map(list, zip(*substitutes)))
         # State is laid out like what the kernels update (a dense copy, not its view).
         substitute_ids = {id(w) for _, w in substitutes}
@@ -101,7 +104,7 @@ class _Group:
         return cls(index, tuple(positions), params, grads, states, adapt, hp, rule, backend,
                    lagged_valid=[hp.lag and "lagged" in s for s in states], keeps_prev_step=keeps_prev_step,
                    maximize=maximize, local_params=local_params, local_grads=local_grads, sharding=sharding,
-                   written_back=written_back, state_like=state_like, probe_backend=probe_backend,
+                   written_back=written_back, copies_views=copies_views, state_like=state_like, probe_backend=probe_backend,
                    probe_params=probe_params, prev_steps=prev_steps, measures=measures)
 
     @staticmethod
@@ -133,8 +136,13 @@ class _Group:
     @property
     def probe_restores(self) -> bool:
         """The probe puts w_t back itself: the backend cannot update from the saved copy,
-        or the update writes masters, not the parameters the probe shifted."""
+        or the update writes masters or dense copies, not the parameters the probe shifted."""
         return not self.backend.updates_from_saved or bool(self.written_back)
+
+    def reuses_weight_norm(self, optimizer) -> bool:
+        """The optimizer's ``reuse_weight_norm``, but for a group with dense copies: the
+        carried Σw² is keyed by the tensor updated, and a copy is new each step."""
+        return optimizer.reuse_weight_norm and not self.copies_views
 
     def probe_grad(self, i: int, grad):
         """The gradient at the probe point as the reduction takes it (fp32 for a master, in
@@ -398,13 +406,13 @@ class LayerwiseOptimizer(Optimizer):
     def _reduce(self, g: _Group, probe: CurvatureProbe, grad_scale) -> F.Reduction:
         kwargs = probe.reduce_inputs(g)
         kwargs["grad_scale"] = grad_scale
-        if g.written_back and kwargs.get("probe_grads"):  # masters: the shift measured the 16-bit w, not them
+        if g.written_back and kwargs.get("probe_grads"):  # the shift measured the parameters, not what the kernels update
             kwargs["w_sq"] = torch.stack([w.double().square().sum() for w in g.local_params])
             kwargs["w_sq_known"] = [True] * len(g.local_params)
         # Sharded MCLR: the median of a shard is not the layer's; distributed.merge_reductions
         # takes it across ranks, so pass 1 takes the LARS sums alone (same flags, no median).
         rule = "lars" if g.sharding is not None and g.rule == "mclr" else g.rule
-        kwargs.update(g.backend.reduce_extras(rule, g.local_params, g.hp.lag, self._scratch, self.reuse_weight_norm,
+        kwargs.update(g.backend.reduce_extras(rule, g.local_params, g.hp.lag, self._scratch, g.reuses_weight_norm(self),
                                               w_sq_given=bool(kwargs.get("w_sq_known"))))
         reduction = F.layerwise_reduce(rule, g.local_params, g.local_grads, [s["age"] for s in g.states], g.adapt,
                                        g.hp, lagged_valid=g.lagged_valid, backend=g.backend, **kwargs)
@@ -423,7 +431,7 @@ class LayerwiseOptimizer(Optimizer):
         if g.sharding is not None:
             state = distributed.local_state(state)
         kwargs, carried = g.backend.update_extras(g.rule, g.local_params, g.hp.lag, self._scratch,
-                                                  self.reuse_weight_norm, found_inf)
+                                                  g.reuses_weight_norm(self), found_inf)
         stats = F.layerwise_update_(g.rule, g.local_params, g.local_grads, state, g.adapt, reduction, found_inf,
                                     g.hp, saved=probe.saved_for_update(g), grad_scale=grad_scale,
                                     backend=g.backend, **kwargs)

@@ -8,7 +8,7 @@ import torch
 import cblr_ext
 from cblr_ext import CBLR, LARS, MCLR, backends
 from helpers import max_rel_diff
-from optim_db import TOLERANCE
+from optim_db import BACKEND_DTYPES, TOLERANCE
 
 BACKENDS = cblr_ext.available_backends("cpu")
 RULES = [LARS, MCLR, CBLR]
@@ -106,3 +106,48 @@ def test_state_dict_round_trip_of_a_view_parameter(backend, cls):
 def test_auto_keeps_the_fused_backend_for_a_group_with_a_view():
     _, view, _ = make_view("last-dim slice")
     assert backends.for_params("auto", torch.device("cpu"), [view]).name == "cpp"
+
+
+@pytest.mark.skipif("cpp" not in BACKENDS, reason="the C++ extension is not built")
+def test_reuse_weight_norm_keeps_no_dense_copy_between_steps():
+    """The carried Σw² is keyed by the tensor the kernels update: a view's dense copy, new
+    each step, is not carried (nor kept alive), and the step is the clone's."""
+    torch.manual_seed(0)
+    base = torch.randn(256, 256, 2)  # a view of 65536 elements: large enough to be carried
+    view = torch.nn.Parameter(base[..., 0])
+    clone = torch.nn.Parameter(view.detach().clone())
+    opts = [LARS([p], lr=0.5, momentum=0.9, backend="cpp", reuse_weight_norm=True) for p in (view, clone)]
+    for step in range(3):
+        for p, opt in zip((view, clone), opts):
+            p.grad = torch.sin(torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) + step)
+            opt.step()
+    assert torch.equal(view.detach(), clone.detach())
+    carried = opts[0]._scratch.get("cpp.w_sq", {})
+    assert all(key is view for key in carried)
+
+
+@pytest.mark.parametrize("kind", ["last-dim slice", "transposed"])
+@pytest.mark.parametrize("cls", RULES)
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b == "reference" or torch.bfloat16 in BACKEND_DTYPES.get(b, ())])
+def test_a_bf16_view_under_master_weights_steps_as_its_clone(backend, cls, kind):
+    base, _, covered = make_view(kind)
+    base = base.bfloat16()
+    before = base.clone()
+    view = torch.nn.Parameter(VIEWS[kind][1](base))
+    clone = torch.nn.Parameter(view.detach().clone())
+    biases = [torch.nn.Parameter(torch.full((6,), 0.1, dtype=torch.bfloat16)) for _ in range(2)]
+    x = torch.linspace(-1, 1, 4 * 5, dtype=torch.bfloat16).reshape(4, 5)
+    opts = [cls([w, b], lr=0.1, momentum=0.9, backend=backend, master_weights=True)
+            for w, b in zip((view, clone), biases)]
+    for _ in range(3):
+        for w, b, opt in zip((view, clone), biases, opts):
+            def closure(w=w, b=b, opt=opt):
+                opt.zero_grad()
+                loss = (torch.tanh(x @ w.contiguous().t() + b).float() - 0.5).square().sum()
+                loss.backward()
+                return loss
+            opt.step(closure)
+    assert not torch.equal(view.detach(), VIEWS[kind][1](before))
+    assert torch.equal(view.detach(), clone.detach())
+    assert torch.equal(opts[0].state[view]["master"], opts[1].state[clone]["master"])
+    assert torch.equal(base[~covered], before[~covered])
