@@ -61,7 +61,7 @@ class _Group:
     #                      master_weights, dense copies of strided views), copied after the update; () without
     copies_views: bool   # some layer is stepped on a dense copy of a strided view (made anew each step)
     state_like: list     # per layer, what its state buffers are laid out (and made) like
-    probe_backend: backends.Backend  # CBLR: shifts and restores probe_params (the reference for strided views)
+    probe_backend: backends.Backend  # CBLR: shifts and restores probe_params (any-layout ops where the views are strided)
     probe_params: list   # CBLR: what the probe shifts (the local parameters, 16-bit ones under masters); None else
     prev_steps: list     # CBLR: s_{t−1} per layer (local shards), None before its first step; None else
     measures: list       # CBLR: the layer measures κ this step (host bools); None else
@@ -93,8 +93,7 @@ class _Group:
         probe_backend = backend
         if rule == "cblr":
             probe_params = [local(p) for p in params]
-            if not all(backend.takes_layout(p) for p in probe_params):  # the closure evaluates the views
-                probe_backend = backends.get("reference", params[0].device)
+            probe_backend = backends.addressing(backend, probe_params)  # the closure evaluates the views
             prev_steps = [local(s.get("prev_step" if keeps_prev_step else "momentum_buffer")) for s in states]
             # The closure must know whether to run again: one host read per group, but for
             # curvature_interval=1, where every layer is due (an age is never below 1).

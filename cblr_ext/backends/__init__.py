@@ -197,6 +197,14 @@ def for_params(name: str, device, params: list) -> Backend:
     return backend
 
 
+def addressing(backend: Backend, tensors: list) -> Backend:
+    """``backend`` where its kernels take every one of ``tensors`` where it lies, else the
+    reference (CBLR's probe shifts strided views themselves: the closure evaluates them)."""
+    if all(backend.takes_layout(t) for t in tensors):
+        return backend
+    return get("reference", tensors[0].device)
+
+
 def prepare_group(name: str, device) -> None:
     """``prepare`` what a group of backend ``name`` may run on ``device`` (``for_params``
     may take the reference instead of "auto"'s choice)."""
