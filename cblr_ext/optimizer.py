@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 from torch.optim import Optimizer
 
 from . import backends, distributed
@@ -56,7 +57,11 @@ class _Group:
     local_params: list
     local_grads: list
     sharding: distributed.Sharding  # None: no parameter is a DTensor
-    written_back: tuple  # master_weights: (16-bit parameters, their fp32 masters) after the update; () without
+    written_back: tuple  # (parameters, what the kernels update in their place: fp32 masters under
+    #                      master_weights, dense copies of strided views), copied after the update; () without
+    copies_views: bool   # some layer is stepped on a dense copy of a strided view (made anew each step)
+    state_like: list     # per layer, what its state buffers are laid out (and made) like
+    probe_backend: backends.Backend  # CBLR: shifts and restores probe_params (any-layout ops where the views are strided)
     probe_params: list   # CBLR: what the probe shifts (the local parameters, 16-bit ones under masters); None else
     prev_steps: list     # CBLR: s_{t−1} per layer (local shards), None before its first step; None else
     measures: list       # CBLR: the layer measures κ this step (host bools); None else
@@ -68,16 +73,27 @@ class _Group:
         adapt = [group["adapt"] and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
         local = (lambda t: t) if sharding is None else distributed.local
         local_params, local_grads = [local(p) for p in params], [local(grad) for grad in grads]
-        written_back = ()
+        substitutes = []  # (parameter, what the kernels update in its place), written back after the update
         if master_weights:
-            local_params, local_grads, written_back = cls._masters(params, grads, states, local_params, local_grads)
+            cls._masters(params, grads, states, local_params, local_grads, substitutes, backend)
+        substituted = len(substitutes)
+        if sharding is None:  # a DTensor's local shard is dense
+            cls._dense_copies(local_params, local_grads, substitutes, backend)
+        copies_views = len(substitutes) > substituted
+        written_back = tuple(map(list, zip(*substitutes)))
+        # State is laid out like what the kernels update (a dense copy, not its view).
+        substitute_ids = {id(w) for _, w in substitutes}
+        state_like = [w if id(w) in substitute_ids else p for p, w in zip(params, local_params)]
+        _relayout_state(states, state_like)
         maximize = group["maximize"]
         if maximize:  # the step descends −f: the kernels take −g
             local_grads = torch._foreach_neg(local_grads)
         keeps_prev_step = rule == "cblr" and (hp.momentum == 0 or hp.nesterov)
         probe_params = prev_steps = measures = None
+        probe_backend = backend
         if rule == "cblr":
             probe_params = [local(p) for p in params]
+            probe_backend = backends.addressing(backend, probe_params)  # the closure evaluates the views
             prev_steps = [local(s.get("prev_step" if keeps_prev_step else "momentum_buffer")) for s in states]
             # The closure must know whether to run again: one host read per group, but for
             # curvature_interval=1, where every layer is due (an age is never below 1).
@@ -86,40 +102,81 @@ class _Group:
             measures = [a and d and s is not None for a, d, s in zip(adapt, due, prev_steps)]
         return cls(index, tuple(positions), params, grads, states, adapt, hp, rule, backend,
                    lagged_valid=[hp.lag and "lagged" in s for s in states], keeps_prev_step=keeps_prev_step,
-                   maximize=maximize,
-                   local_params=local_params, local_grads=local_grads, sharding=sharding,
-                   written_back=written_back, probe_params=probe_params, prev_steps=prev_steps, measures=measures)
+                   maximize=maximize, local_params=local_params, local_grads=local_grads, sharding=sharding,
+                   written_back=written_back, copies_views=copies_views, state_like=state_like, probe_backend=probe_backend,
+                   probe_params=probe_params, prev_steps=prev_steps, measures=measures)
 
     @staticmethod
-    def _masters(params, grads, states, local_params, local_grads) -> tuple:
+    def _masters(params, grads, states, local_params, local_grads, substitutes, backend) -> None:
         """The kernels take the fp32 masters of 16-bit parameters (made from them when
-        missing) and fp32 copies of their gradients; the update writes the masters back."""
-        half = [i for i, p in enumerate(params) if p.dtype in (torch.float16, torch.bfloat16)]
-        if not half:
-            return local_params, local_grads, ()
-        local_params, local_grads = list(local_params), list(local_grads)
-        for i in half:
-            if "master" not in states[i]:
-                states[i]["master"] = params[i].detach().float()
-            local_params[i] = states[i]["master"]
-            local_grads[i] = grads[i].float()
-        return local_params, local_grads, ([params[i] for i in half], [local_params[i] for i in half])
+        missing, dense where the kernels need it) and fp32 copies of their gradients; the
+        update writes the masters back."""
+        for i, p in enumerate(params):
+            if p.dtype in (torch.float16, torch.bfloat16):
+                if "master" not in states[i]:
+                    master = p.detach().float()
+                    states[i]["master"] = master if backend.takes_layout(master) else master.contiguous()
+                local_params[i] = states[i]["master"]
+                local_grads[i] = _in_layout_of(grads[i].float(), local_params[i])
+                substitutes.append((p, local_params[i]))
+
+    @staticmethod
+    def _dense_copies(local_params, local_grads, substitutes, backend) -> None:
+        """Parameters the kernels cannot address where they lie (a strided view) are
+        stepped on a dense copy, their gradients in the copy's layout; the update writes
+        the copy back into the view (also on a skipped step: it is then unchanged)."""
+        substituted = {id(w) for _, w in substitutes}
+        for i, w in enumerate(local_params):
+            if id(w) not in substituted and not backend.takes_layout(w):
+                local_params[i] = w.contiguous()
+                local_grads[i] = _in_layout_of(local_grads[i], local_params[i])
+                substitutes.append((w, local_params[i]))
 
     @property
     def probe_restores(self) -> bool:
         """The probe puts w_t back itself: the backend cannot update from the saved copy,
-        or the update writes masters, not the parameters the probe shifted."""
+        or the update writes masters or dense copies, not the parameters the probe shifted."""
         return not self.backend.updates_from_saved or bool(self.written_back)
 
+    def reuses_weight_norm(self, optimizer) -> bool:
+        """The optimizer's ``reuse_weight_norm``, but for a group with dense copies: the
+        carried Σw² is keyed by the tensor updated, and a copy is new each step."""
+        return optimizer.reuse_weight_norm and not self.copies_views
+
     def probe_grad(self, i: int, grad):
-        """The gradient at the probe point as the reduction takes it (fp32 for a master)."""
+        """The gradient at the probe point as the reduction takes it (fp32 for a master, in
+        a dense copy's layout)."""
         grad = self.local(grad)
         grad = grad.float() if self.local_params[i].dtype != grad.dtype else grad
+        grad = _in_layout_of(grad, self.local_params[i])
         return -grad if self.maximize else grad
 
     def local(self, tensor):
         """A held tensor (parameter, gradient, state) as the kernels take it."""
         return tensor if self.sharding is None else distributed.local(tensor)
+
+
+def _in_layout_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with the strides of ``like`` (itself when it has them)."""
+    return tensor if tensor.stride() == like.stride() else torch.empty_like(like, dtype=tensor.dtype).copy_(tensor)
+
+
+def _laid_out_like(buffer: torch.Tensor, like: torch.Tensor) -> bool:
+    """``buffer`` has the layout ``torch.empty_like(like)`` gives (contiguous for a view with
+    gaps); the strides are compared first: the density check costs graph nodes per layer
+    in a compiled step."""
+    return buffer.stride() == like.stride() or (buffer.is_contiguous() and not is_non_overlapping_and_dense(like))
+
+
+def _relayout_state(states: list, state_like: list) -> None:
+    """Buffers kept from another layout (state loaded from a contiguous model now
+    channels_last, or from a backend that stepped a view where it lies) are copied into
+    the layout of what the kernels update: they read both as flat memory."""
+    for state, like in zip(states, state_like):
+        for key in ("momentum_buffer", "prev_step"):
+            buffer = state.get(key)
+            if buffer is not None and buffer.shape == like.shape and not _laid_out_like(buffer, like):
+                state[key] = torch.empty_like(like, dtype=buffer.dtype).copy_(buffer)
 
 
 def _step_result(key: str) -> property:
@@ -309,16 +366,10 @@ class LayerwiseOptimizer(Optimizer):
     @staticmethod
     def _init_layer_state(state: dict, p: torch.Tensor) -> None:
         """κ̄ (NaN: no valid measurement yet) and the measurement age (+inf: never measured),
-        on the parameter's device; buffers kept from another layout (state loaded from a
-        contiguous model now channels_last) are copied into the parameter's: the kernels
-        read both as flat memory."""
+        on the parameter's device."""
         if "kappa" not in state:
             state["kappa"] = torch.full((), float("nan"), dtype=F.SCALAR_DTYPE, device=p.device)
             state["age"] = torch.full((), float("inf"), dtype=torch.float32, device=p.device)
-        for key in ("momentum_buffer", "prev_step"):
-            buffer = state.get(key)
-            if buffer is not None and buffer.shape == p.shape and buffer.stride() != p.stride():
-                state[key] = torch.empty_like(p, dtype=buffer.dtype).copy_(buffer)
 
     @staticmethod
     def _update_state(g: _Group, found_inf: torch.Tensor) -> F.LayerState:
@@ -336,7 +387,7 @@ class LayerwiseOptimizer(Optimizer):
         keep = None
         for key, make in wanted:
             tensors = []
-            for p, s in zip(g.params, g.states):
+            for p, s in zip(g.state_like, g.states):
                 tensor = s.get(key)
                 if tensor is None:
                     if keep is None:
@@ -354,13 +405,13 @@ class LayerwiseOptimizer(Optimizer):
     def _reduce(self, g: _Group, probe: CurvatureProbe, grad_scale) -> F.Reduction:
         kwargs = probe.reduce_inputs(g)
         kwargs["grad_scale"] = grad_scale
-        if g.written_back and kwargs.get("probe_grads"):  # masters: the shift measured the 16-bit w, not them
+        if g.written_back and kwargs.get("probe_grads"):  # the shift measured the parameters, not what the kernels update
             kwargs["w_sq"] = torch.stack([w.double().square().sum() for w in g.local_params])
             kwargs["w_sq_known"] = [True] * len(g.local_params)
         # Sharded MCLR: the median of a shard is not the layer's; distributed.merge_reductions
         # takes it across ranks, so pass 1 takes the LARS sums alone (same flags, no median).
         rule = "lars" if g.sharding is not None and g.rule == "mclr" else g.rule
-        kwargs.update(g.backend.reduce_extras(rule, g.local_params, g.hp.lag, self._scratch, self.reuse_weight_norm,
+        kwargs.update(g.backend.reduce_extras(rule, g.local_params, g.hp.lag, self._scratch, g.reuses_weight_norm(self),
                                               w_sq_given=bool(kwargs.get("w_sq_known"))))
         reduction = F.layerwise_reduce(rule, g.local_params, g.local_grads, [s["age"] for s in g.states], g.adapt,
                                        g.hp, lagged_valid=g.lagged_valid, backend=g.backend, **kwargs)
@@ -379,7 +430,7 @@ class LayerwiseOptimizer(Optimizer):
         if g.sharding is not None:
             state = distributed.local_state(state)
         kwargs, carried = g.backend.update_extras(g.rule, g.local_params, g.hp.lag, self._scratch,
-                                                  self.reuse_weight_norm, found_inf)
+                                                  g.reuses_weight_norm(self), found_inf)
         stats = F.layerwise_update_(g.rule, g.local_params, g.local_grads, state, g.adapt, reduction, found_inf,
                                     g.hp, saved=probe.saved_for_update(g), grad_scale=grad_scale,
                                     backend=g.backend, **kwargs)

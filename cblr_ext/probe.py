@@ -61,8 +61,9 @@ class CurvatureProbe:
     (a probe gradient as the reduction takes it), ``probe_restores`` (the parameters go back
     to w_t right after the closure), ``local_params`` and ``local(tensor)`` (what the kernels take: the
     local shards of DTensor parameters, else the same tensors), ``prev_steps`` (s_{t−1} per
-    layer as the kernels take it, None before the first step), ``measures`` (host bools) and
-    ``backend`` (a ``backends.Backend``).
+    layer as the kernels take it, None before the first step), ``measures`` (host bools),
+    ``backend`` (a ``backends.Backend``, whose kernels update) and ``probe_backend`` (the one
+    that shifts and restores ``probe_params``).
     """
 
     def __init__(self, buffers: ProbeBuffers):
@@ -103,7 +104,7 @@ class CurvatureProbe:
                 # The shift checks its inputs before it writes: pending once it has returned.
                 w_sq = F.probe_shift_([g.probe_params[i] for i in shifted], [g.prev_steps[i] for i in shifted],
                                       [probe.saved[i] for i in shifted], [probe.displacements[i] for i in shifted],
-                                      backend=g.backend)
+                                      backend=g.probe_backend)
                 probe.pending = True
                 probe.w_sq = w_sq if len(shifted) == len(g.params) else self._spread(w_sq, shifted, len(g.params))
             with torch.enable_grad():
@@ -164,5 +165,5 @@ class CurvatureProbe:
         if probe.pending:
             shifted = [i for i, w in enumerate(probe.saved) if w is not None]
             F.probe_restore_([group.probe_params[i] for i in shifted], [probe.saved[i] for i in shifted],
-                             backend=group.backend)
+                             backend=group.probe_backend)
             probe.pending = False

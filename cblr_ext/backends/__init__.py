@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
@@ -35,6 +35,11 @@ class BackendUnavailable(RuntimeError):
     """A backend that is not built or cannot run on the parameters' device."""
 
 
+def _any_layout(t: torch.Tensor) -> bool:
+    """The reference kernels' layouts: any strides (they are torch ops)."""
+    return True
+
+
 @dataclass(frozen=True)
 class Backend:
     """A resolved backend: ``ops`` has the four ops' functions (``torch.ops.cblr_ext`` when
@@ -46,6 +51,9 @@ class Backend:
     ops: Any
     updates_from_saved: bool
     hooks: Any = None
+    # Whether the kernels address a tensor where it lies; the optimizer steps any other
+    # parameter on a dense copy, written back after the update.
+    takes_layout: Callable[[torch.Tensor], bool] = _any_layout
 
     def reduce_extras(self, rule: str, params: list, lag: bool, scratch: dict, reuse_weight_norm: bool,
                       w_sq_given: bool) -> dict:
@@ -92,17 +100,23 @@ def _reason(name: str, device: torch.device) -> Optional[str]:
     raise ValueError(f"unknown cblr_ext backend {name!r} (choose from auto, {', '.join(NAMES)})")
 
 
+def _dense_any_order(t: torch.Tensor) -> bool:
+    """The C++/CUDA kernels' layouts: dense memory, no gaps or overlaps, in any order."""
+    return t.is_contiguous() or t.numel() == 0 or is_non_overlapping_and_dense(t)
+
+
 def _make(name: str, device: torch.device) -> Backend:
     if name == "reference":  # the reference kernels as opaque ops (one graph node each)
         return Backend(name, ops.REFERENCE_OPS, updates_from_saved=False)
     if name == "cpp":
-        return Backend(name, ops.OPS, updates_from_saved=True, hooks=cpp)
+        return Backend(name, ops.OPS, updates_from_saved=True, hooks=cpp, takes_layout=_dense_any_order)
     if name == "cuda":  # the dispatcher runs csrc/cuda/: pass 1 takes Σw_t² from the shift
-        return Backend(name, ops.OPS, updates_from_saved=True)
+        return Backend(name, ops.OPS, updates_from_saved=True, takes_layout=_dense_any_order)
     # The dispatcher runs the Triton kernels on CUDA when they own the CUDA key; else (the
     # CUDA extension owns it, or the interpreter on the CPU) they are called directly.
     on_dispatcher = device.type == "cuda" and ops.cuda_kernels() == "triton"
-    return Backend(name, ops.OPS if on_dispatcher else triton, updates_from_saved=False)
+    return Backend(name, ops.OPS if on_dispatcher else triton, updates_from_saved=False,
+                   takes_layout=triton.dense)
 
 
 _resolved: dict = {}  # (name, device type) -> (Backend, why "auto" fell back to the reference, or None)
@@ -173,17 +187,22 @@ def resolve_ops(backend):
 
 
 def for_params(name: str, device, params: list) -> Backend:
-    """The backend of a group of ``params``: "auto" takes the reference for a group with a
-    parameter the fused kernels cannot address as flat memory (a strided view), or an fp64
-    one on a GPU (the GPU kernels run fp32/fp16/bf16 only)."""
+    """The backend of a group of ``params``: "auto" takes the reference for a group with an
+    fp64 parameter on a GPU (the GPU kernels run fp32/fp16/bf16 only)."""
     backend = get(name, device)
     if name != "auto" or backend.name == "reference":
         return backend
-    if not all(p.is_contiguous() or is_non_overlapping_and_dense(p) for p in params):
-        return get("reference", device)
     if backend.name in ("cuda", "triton") and any(p.dtype == torch.float64 for p in params):
         return get("reference", device)
     return backend
+
+
+def addressing(backend: Backend, tensors: list) -> Backend:
+    """``backend`` where its kernels take every one of ``tensors`` where it lies, else the
+    reference (CBLR's probe shifts strided views themselves: the closure evaluates them)."""
+    if all(backend.takes_layout(t) for t in tensors):
+        return backend
+    return get("reference", tensors[0].device)
 
 
 def prepare_group(name: str, device) -> None:

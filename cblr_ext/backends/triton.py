@@ -63,7 +63,7 @@ def available(device) -> bool | str:
 # Every op checks all of its inputs before it launches anything (a clear error, and
 # nothing modified).
 
-def _dense(t: Tensor) -> bool:
+def dense(t: Tensor) -> bool:
     """Elements are the ``numel`` consecutive slots from ``data_ptr`` in some order."""
     formats = {4: torch.channels_last, 5: torch.channels_last_3d}
     return (t.numel() == 0 or t.is_contiguous()
@@ -78,7 +78,7 @@ def _check(tensors: list, what: str, like: list | None = None) -> None:
         if t.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"triton backend: {what} {i} has dtype {t.dtype}; supported are "
                              "float32, float16 and bfloat16 (use backend='reference' or 'cpp')")
-        if not _dense(t):
+        if not dense(t):
             raise ValueError(f"triton backend: {what} {i} is not dense (strides {t.stride()})")
         if like is not None:
             p = like[i]
