@@ -145,12 +145,14 @@ def check_steps(history, finite_inputs, opt_state_after):
                     assert w.double().abs().max().item() + row["step_norm"] > torch.finfo(w.dtype).max
 
 
-def elementwise_close(a, b, before, tolerance) -> bool:
-    """|a_i − b_i| ≤ tol·(|a_i| + |w_i before the step|) for every element (a: the reference)."""
-    a, b, before = a.double(), b.double(), before.double()
+def elementwise_close(a, b, peak, tolerance) -> bool:
+    """|a_i − b_i| ≤ tol·(|a_i| + the largest |w_i| of the reference so far) for every element
+    (a: the reference).  The peak, not the last value: an update that cancels w_i (r·γ·β = 1,
+    found by the long campaign) leaves residues of earlier roundings that differ by backend."""
+    a, b, peak = a.double(), b.double(), peak.double()
     if not torch.equal(a.isnan(), b.isnan()):
         return False
-    bound = tolerance * (a.abs() + before.abs()).nan_to_num(posinf=0.0) + 1e-300
+    bound = tolerance * (a.abs() + peak).nan_to_num(posinf=0.0) + 1e-300
     return bool(((a - b).nan_to_num().abs() <= bound).all())
 
 
@@ -172,10 +174,12 @@ def compare_backends(rule, hp, dtype, shapes, seed, grads, finite_inputs, backen
             continue
         other, other_state = run(rule, hp, dtype, shapes, seed, grads, backend)
         check_steps(other, finite_inputs, other_state)
-        for ((before, _), skip_ref, params_ref, _), (_, skip, params, _) in zip(reference, other):
+        peaks = [w.double().abs().nan_to_num() for w in reference[0][0][0]]
+        for (_, skip_ref, params_ref, _), (_, skip, params, _) in zip(reference, other):
             assert skip == skip_ref
-            for a, b, w in zip(params_ref, params, before):
-                assert elementwise_close(a, b, w, TOLERANCE[dtype]), backend
+            for i, (a, b) in enumerate(zip(params_ref, params)):
+                peaks[i] = torch.maximum(peaks[i], a.double().abs().nan_to_num())
+                assert elementwise_close(a, b, peaks[i], TOLERANCE[dtype]), backend
 
 
 # The fused backends' boundaries: the C++ chunks (65,536 elements; threads above one chunk)
