@@ -53,6 +53,10 @@ def _peaks(tensors: list, scale=None) -> torch.Tensor:
     return peak if scale is None else peak / scale.double()
 
 
+def _squares_overflow(peak: torch.Tensor, sizes: torch.Tensor) -> torch.Tensor:
+    return peak.square() * sizes >= _SQUARES_LIMIT
+
+
 def fp64_out_of_range(params: list, grads: list, grad_scale=None, probe_grads=None, probe_steps=None):
     """[L] bool, True for an fp64 layer outside the range its sums of squares represent (the
     step then counts it as non-finite); None when the group has no fp64 layer (no pass)."""
@@ -62,14 +66,14 @@ def fp64_out_of_range(params: list, grads: list, grad_scale=None, probe_grads=No
     device = params[wide[0]].device
     sizes = torch.tensor([float(params[i].numel()) for i in wide], dtype=torch.float64, device=device)
     w = _peaks([params[i] for i in wide])
-    out = ((w > 0) & (w < _SMALLEST_WEIGHT)) | (w.square() * sizes >= _SQUARES_LIMIT)
-    out = out | (_peaks([grads[i] for i in wide], grad_scale).square() * sizes >= _SQUARES_LIMIT)
+    out = ((w > 0) & (w < _SMALLEST_WEIGHT)) | _squares_overflow(w, sizes)
+    out = out | _squares_overflow(_peaks([grads[i] for i in wide], grad_scale), sizes)
     probed = [j for j, i in enumerate(wide) if probe_grads and probe_grads[i] is not None]
     if probed:
         n = sizes[probed]
         g_s = _peaks([probe_grads[wide[j]] for j in probed], grad_scale)
         s = _peaks([probe_steps[wide[j]] for j in probed])
-        out[probed] = out[probed] | (g_s.square() * n >= _SQUARES_LIMIT) | (s.square() * n >= _SQUARES_LIMIT)
+        out[probed] = out[probed] | _squares_overflow(g_s, n) | _squares_overflow(s, n)
     flags = torch.zeros(len(params), dtype=torch.bool, device=device)
     flags[wide] = out
     return flags
