@@ -81,7 +81,7 @@ def sharding(gi: int, group: dict, params: list, grads: list, positions: list, r
         name = repr(names[pi]) if names else f"{pi}"
         raise ValueError(f"param group {gi}, parameter {name}: {why}. Nothing was modified.")
 
-    if group["lag"]:
+    if group.get("lag"):  # (the Adam base has no lag)
         fail(0, "lag=1 is not supported for DTensor (sharded) parameters: its stash of the previous "
                 "step's norms is written from the local shard's sums; use lag=0")
     mesh = next(p.device_mesh for p in params if isinstance(p, dtensor))
@@ -253,6 +253,20 @@ def _select_rounds(mesh, selects: list) -> None:
         for s, c in zip(active, counts):
             s.choose(r, buffer[offset:offset + len(c)])
             offset += len(c)
+
+
+def global_sum(groups: list, sums: list) -> torch.Tensor:
+    """Σ over every layer of every group of the per-layer ``sums`` ([L] fp64 each), whole
+    across ranks: the sharded groups' counted once per layer (one collective per mesh), the
+    plain groups' (the same on every rank) added as they are."""
+    total = torch.stack([s.sum() for g, s in zip(groups, sums) if g.sharding is None]).sum() \
+        if any(g.sharding is None for g in groups) else None
+    for mesh, members in _by_mesh(groups, sums).items():
+        device = members[0][1].device
+        part = torch.stack([(s * _owns(g, device)).sum() for g, s in members]).sum().reshape(1)
+        _all_reduce(part, mesh)
+        total = part[0] if total is None else total + part[0]
+    return total
 
 
 def merge_step_norms(groups: list, stats: list) -> None:

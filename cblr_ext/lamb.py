@@ -6,17 +6,21 @@ r = η / (median_i |u_i|/|w_i| + ε) (``rule="mclr"``: the paper's median rule o
 direction, an extension of the paper).  Two ops per group and step, one step-wide skip
 decision between them (``contract.ADAM_OPS``); with ``max_grad_norm`` a pass over the
 gradients before them forms the global clip divisor on the device.  Nothing is read on the
-host during a step: the step count is a device tensor per layer.
+host during a step: the step count is a device tensor per layer.  DTensor parameters
+(FSDP2, tensor parallelism) step on their local shards with whole-layer norms, medians and
+clip norm: one packed collective per pass for every sharded group (cblr_ext/distributed.py).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch.optim import Optimizer
 
-from . import backends
+from . import backends, distributed
 from . import functional as F
+from . import layer_math as lm
 from .group_checks import ADAM_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import _number, check_flags, check_learning_rate
 from .masks import ParamMask, check_mask_names
@@ -31,7 +35,8 @@ ADAM_BACKENDS = ("auto", "reference")
 
 @dataclass(frozen=True)
 class _AdamGroup:
-    """One param group's layers with a gradient this step, as the ops take them."""
+    """One param group's layers with a gradient this step, as the ops take them (the local
+    shards of DTensors)."""
 
     index: int
     positions: tuple  # each layer's index in the group's params (names for layer_stats)
@@ -43,6 +48,23 @@ class _AdamGroup:
     steps: list
     adapt: list
     ops: object
+    sharding: distributed.Sharding = None  # None: no parameter is a DTensor
+
+    def median_inputs(self, grad_scale, clip) -> SimpleNamespace:
+        """What ``distributed.merge_reductions`` reads of a sharded group: for MCLR, the
+        quotients |u_i|/|w_i| of the direction this step takes (λ is inside u)."""
+        rule = self.hyperparams["rule"]
+        directions = None
+        if rule == "mclr":
+            hp = self.hyperparams
+            directions = [lm.adam_step(w.to(F.state_dtype(w)), lm.adam_grad(g.to(F.state_dtype(w)), grad_scale, clip),
+                                       m, v, step, *hp["betas"], float(hp["eps"]),
+                                       float(F.applied_weight_decay(hp)), hp["bias_correction"])[2]
+                          for w, g, m, v, step in zip(self.params, self.grads, self.exp_avgs, self.exp_avg_sqs,
+                                                      self.steps)]
+        return SimpleNamespace(sharding=self.sharding, rule=rule, local_params=self.params, local_grads=directions,
+                               hp=SimpleNamespace(approx_median=False, weight_decay=0.0),
+                               backend=SimpleNamespace(ops=self.ops))
 
 
 def _validate(group: dict, read_tensor_lr: bool = False) -> None:
@@ -167,13 +189,18 @@ class LAMB(Optimizer):
         reductions = []
         for g in groups:
             hp = g.hyperparams
+            # Sharded MCLR: a shard's median is not the layer's; merge_reductions takes it across ranks.
+            rule = "lars" if g.sharding is not None else hp["rule"]
             reductions.append(F.Reduction(*g.ops.adam_reduce(
-                hp["rule"], g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, grad_scale, clip, *hp["betas"],
+                rule, g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, grad_scale, clip, *hp["betas"],
                 float(hp["eps"]), float(F.applied_weight_decay(hp)), hp["bias_correction"])))
             out_of_range = fp64_out_of_range(g.params, g.grads, grad_scale)
             if out_of_range is not None:
                 reductions[-1].flags[:, F.FLAG_NONFINITE] |= out_of_range
         found_inf = skip_decision(device, getattr(self, "found_inf", None), reductions, self.skip_nonfinite)
+        sharded = [g.median_inputs(grad_scale, clip) if g.sharding is not None else g for g in groups]
+        if any(g.sharding is not None for g in groups):  # the median's quotients are already unscaled
+            found_inf = distributed.merge_reductions(sharded, reductions, found_inf)
         stats = []
         for g, red in zip(groups, reductions):
             hp = g.hyperparams
@@ -182,6 +209,8 @@ class LAMB(Optimizer):
                 grad_scale, clip, F.lr_value(hp["lr"], device), *hp["betas"], float(hp["eps"]),
                 float(F.applied_weight_decay(hp)), hp["bias_correction"], float(hp["trust_coefficient"]),
                 None if hp["max_ratio"] is None else float(hp["max_ratio"])))
+        if any(g.sharding is not None for g in groups):
+            distributed.merge_step_norms(sharded, stats)
         self._results["stats"] = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
         self._results["skipped_steps"] = found_inf + self._results["skipped_steps"]
         return loss
@@ -194,7 +223,9 @@ class LAMB(Optimizer):
             if params:
                 collected.append((gi, positions, group, params, grads))
         groups = []
-        for gi, positions, group, params, grads in collected:
+        shardings = [distributed.sharding(gi, group, params, grads, positions, "LAMB")
+                     for gi, positions, group, params, grads in collected]
+        for (gi, positions, group, params, grads), sharding in zip(collected, shardings):
             if group.get("maximize", False):  # (absent in older checkpoints) the moments take −g of −f
                 grads = torch._foreach_neg(grads)
             states = [self.state[p] for p in params]
@@ -206,21 +237,24 @@ class LAMB(Optimizer):
                                                        memory_format=torch.preserve_format)
             adapted = group["adapt"] and (group["nvlamb"] or group["weight_decay"] != 0)
             adapt = [adapted and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
-            groups.append(_AdamGroup(gi, tuple(positions), group, params, grads, [s["exp_avg"] for s in states],
-                                     [s["exp_avg_sq"] for s in states], [s["step"] for s in states], adapt,
-                                     backends.resolve_ops(group["backend"])))
+            local = distributed.local
+            groups.append(_AdamGroup(gi, tuple(positions), group, [local(p) for p in params],
+                                     [local(g) for g in grads], [local(s["exp_avg"]) for s in states],
+                                     [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], adapt,
+                                     backends.resolve_ops(group["backend"]), sharding))
         return groups
 
     def _clip_divisor(self, groups: list, grad_scale):
         """max(1, ‖g‖/max_grad_norm) of the step's gradients, every group's together (fp32, on
-        the device), or None without clipping.  One global norm, as apex: one bound for all groups."""
+        the device), or None without clipping.  One global norm, as apex: one bound for all groups, and whole-layer
+        across ranks for sharded groups."""
         bounds = {g.hyperparams["max_grad_norm"] for g in groups}
         if bounds == {None}:
             return None
         if len(bounds) > 1:
             raise ValueError(f"max_grad_norm must be the same in every param group (a global norm), got {bounds}")
-        sums = [g.ops.grad_sq_sums(g.grads, grad_scale).sum() for g in groups]
-        norm = torch.stack(sums).sum().sqrt()
+        sums = [g.ops.grad_sq_sums(g.grads, grad_scale) for g in groups]
+        norm = distributed.global_sum(groups, sums).sqrt()
         return torch.clamp(norm / bounds.pop(), min=1.0).float()
 
     @property

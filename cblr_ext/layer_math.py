@@ -158,6 +158,20 @@ def momentum_update(w: Tensor, d: Tensor, v, alpha, momentum: float, nesterov: b
 # ------------------------------------------------------------ the Adam base
 
 
+def unscaled(g: Tensor, grad_scale) -> Tensor:
+    """g·fl32(1/S) (GradScaler.unscale_'s factor), or g when ``grad_scale`` is None."""
+    if grad_scale is None:
+        return g
+    inv = grad_scale.double().reciprocal().float().reshape(())
+    return g * inv.to(g.dtype)
+
+
+def adam_grad(g: Tensor, grad_scale, clip) -> Tensor:
+    """The gradient the moments take: unscaled, then divided by the global clip divisor (or not)."""
+    g = unscaled(g, grad_scale)
+    return g if clip is None else g / clip.to(g.dtype)
+
+
 def adam_moments(g: Tensor, m: Tensor, v: Tensor, beta1: float, beta2: float) -> tuple:
     """m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g² (out of place)."""
     return m * beta1 + g * (1.0 - beta1), v * beta2 + (g * g) * (1.0 - beta2)
@@ -175,6 +189,14 @@ def adam_direction(m: Tensor, v: Tensor, w: Tensor, bc1: Tensor, bc2: Tensor, ep
                    weight_decay: float) -> Tensor:
     """u = m̂ / (√v̂ + ε) + λ·w with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t) (decoupled decay)."""
     return (m / bc1) / ((v / bc2).sqrt() + eps) + w * weight_decay
+
+
+def adam_step(w: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: float, beta2: float, eps: float,
+              weight_decay: float, bias_correction: bool) -> tuple:
+    """(m', v', u) of one layer's step (out of place): the moments, then the direction."""
+    m, v = adam_moments(g, m, v, beta1, beta2)
+    bc1, bc2 = bias_corrections(step, beta1, beta2, bias_correction)
+    return m, v, adam_direction(m, v, w, bc1.to(w.dtype), bc2.to(w.dtype), eps, weight_decay)
 
 
 def adam_ratio(rule: str, w_norm: Tensor, u_norm: Tensor, median: Tensor, adapt: Tensor, *,

@@ -365,3 +365,101 @@ def run_script(world: int, code: str, out: str, timeout: float) -> list:
     """``code`` on ``world`` ranks started as torchrun starts them; each rank's layer_stats()."""
     _spawn(_script_main, (code, out), world, timeout, "the script")
     return [torch.load(os.path.join(out, f"script.{rank}.pt")) for rank in range(world)]
+
+
+# ------------------------------------------------------- the Adam base (LAMB)
+
+CLIP = 0.25  # below the model's first gradient norm (~0.54): the global clip bites
+LAMB_CONFIGS = {  # name: LAMB's keywords (every one clips but the last)
+    "lamb": dict(lr=0.01, weight_decay=0.01, max_grad_norm=CLIP),
+    "lamb_mclr": dict(lr=0.01, weight_decay=0.01, rule="mclr", max_ratio=50.0, max_grad_norm=CLIP),
+    "lamb_two_groups": dict(lr=0.01, weight_decay=0.01, two_groups=True, max_grad_norm=CLIP),
+    "lamb_nvlamb_unclipped": dict(lr=0.01, weight_decay=0.0, nvlamb=True, max_grad_norm=None, exclude_1d=True),
+}
+
+
+def make_lamb(model, config: str, backend: str):
+    kwargs = dict(LAMB_CONFIGS[config])
+    params = list(model.named_parameters())
+    if kwargs.pop("two_groups", False):  # matrices, then vectors without weight decay
+        params = [{"params": [(n, p) for n, p in params if p.ndim > 1]},
+                  {"params": [(n, p) for n, p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return cblr_ext.LAMB(params, backend=backend, **kwargs)
+
+
+def lamb_backends() -> tuple:
+    """The backends with kernels of the Adam ops on this machine's CPU."""
+    from cblr_ext.lamb import ADAM_BACKENDS
+    return tuple(b for b in ADAM_BACKENDS if b != "auto" and b in cblr_ext.available_backends())
+
+
+def scenario_lamb_parity(mesh, out):
+    """Every LAMB config × backend, 20 steps of the FSDP2 model: stats of every step, final params."""
+    result = {}
+    for backend in lamb_backends():
+        for config in LAMB_CONFIGS:
+            model = fsdp_model(mesh)
+            opt = make_lamb(model, config, backend)
+            result[config, backend] = dict(stats=train(model, opt, STEPS), params=full_params(model))
+    return result
+
+
+def scenario_lamb_nan_one_rank(mesh, out):
+    """A NaN in one rank's shard of g: every rank skips; params, m, v, step counts unchanged."""
+    result = {}
+    for config in ("lamb", "lamb_mclr"):
+        model = fsdp_model(mesh)
+        opt = make_lamb(model, config, "reference")
+        train(model, opt, 3)
+        x, y = batch()
+
+        def poison():
+            if dist.get_rank() == 1:
+                p = next(q for q in model.parameters() if q.grad.to_local().numel())
+                p.grad.to_local().view(-1)[0] = float("nan")
+        before = snapshot(model, opt)
+        opt.step(make_closure(model, opt, x, y, poison))
+        result[config] = dict(unchanged=snapshot(model, opt) == before, skipped=opt.skipped_steps)
+    return result
+
+
+def scenario_lamb_collective_count(mesh, out):
+    """Collectives of each LAMB step outside the closure."""
+    result = {}
+    for config in ("lamb", "lamb_mclr", "lamb_two_groups", "lamb_nvlamb_unclipped"):
+        model = fsdp_model(mesh, LONG_WIDTHS)
+        opt = make_lamb(model, config, "reference")
+        x, y = batch(LONG_WIDTHS)
+        inner = make_closure(model, opt, x, y)
+
+        def closure():
+            with paused():
+                return inner()
+        counts = []
+        with counting_collectives(counts):
+            for _ in range(3):
+                counts.append([])
+                opt.step(closure)
+        result[config] = counts
+    return result
+
+
+def scenario_lamb_checkpoint(mesh, out):
+    """DCP: save after 4 steps, go on 4; a fresh model and LAMB loaded from it go on the same 4."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    path = os.path.join(out, "checkpoint-lamb")
+    model = fsdp_model(mesh)
+    opt = make_lamb(model, "lamb_mclr", "reference")
+    train(model, opt, 4)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    went_on = dict(stats=train(model, opt, 4), params=full_params(model))
+    model = fsdp_model(mesh)
+    opt = make_lamb(model, "lamb_mclr", "reference")
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    return dict(went_on=went_on, resumed=dict(stats=train(model, opt, 4), params=full_params(model)))

@@ -79,10 +79,7 @@ def _nonfinite(gs: list) -> Tensor:
 
 def _unscaled(gs: list, grad_scale) -> list:
     """g·fl32(1/S) (GradScaler.unscale_'s factor) of every layer, or the gradients as given."""
-    if grad_scale is None:
-        return gs
-    inv = grad_scale.double().reciprocal().float().reshape(())
-    return [g * inv.to(g.dtype) for g in gs]
+    return [lm.unscaled(g, grad_scale) for g in gs]
 
 
 def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads, probe_steps, w_sq, w_sq_known,

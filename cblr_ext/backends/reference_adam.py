@@ -17,22 +17,14 @@ from .reference import _host_flags, _in_state_dtype, _medians, _nonfinite, _sums
 
 def _inputs(params, grads, grad_scale, clip) -> tuple:
     """w and g (÷ grad scale, ÷ the global clip divisor) in the state dtype."""
-    ws, gs = _in_state_dtype(params, params), _unscaled(_in_state_dtype(grads, params), grad_scale)
-    if clip is not None:
-        gs = [g / clip.to(g.dtype) for g in gs]
-    return ws, gs
+    return _in_state_dtype(params, params), [lm.adam_grad(g, grad_scale, clip) for g in _in_state_dtype(grads, params)]
 
 
 def _directions(ws, gs, exp_avgs, exp_avg_sqs, steps, beta1, beta2, eps, weight_decay, bias_correction) -> tuple:
     """(new m, new v, u) of every layer, out of place."""
-    ms, vs, us = [], [], []
-    for w, g, m, v, step in zip(ws, gs, exp_avgs, exp_avg_sqs, steps):
-        m, v = lm.adam_moments(g, m, v, beta1, beta2)
-        bc1, bc2 = lm.bias_corrections(step, beta1, beta2, bias_correction)
-        ms.append(m)
-        vs.append(v)
-        us.append(lm.adam_direction(m, v, w, bc1.to(w.dtype), bc2.to(w.dtype), eps, weight_decay))
-    return ms, vs, us
+    steps = [lm.adam_step(*layer, beta1, beta2, eps, weight_decay, bias_correction)
+             for layer in zip(ws, gs, exp_avgs, exp_avg_sqs, steps)]
+    return tuple(map(list, zip(*steps))) if steps else ([], [], [])
 
 
 def grad_sq_sums(grads, grad_scale):
