@@ -63,6 +63,9 @@ def parse_args(argv=None):
     ap.add_argument("--backend", action="append", choices=[b for b in BACKENDS if b not in ("auto", "reference")],
                     help="fused cblr_ext backend to time (repeatable; default: every one available on the "
                          "device); the reference backend always runs")
+    ap.add_argument("--optimizer", action="append",
+                    help="time only this optimizer's cases, e.g. LAMB or AdamW (repeatable; fused SGD, the "
+                         "baseline every case is paired with, always runs)")
     ap.add_argument("--threads", type=_positive(int), help="CPU threads of torch (default: torch's, i.e. the cores)")
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile(reference) cases")
     ap.add_argument("--case-seconds", type=_positive(float),
@@ -170,6 +173,8 @@ def main(argv=None) -> int:
     dtypes = list(dict.fromkeys(args.dtype or ["fp32"] + (["bf16"] if native_bf16(device) and not args.quick else [])))
     cases, unavailable = all_cases(device, compile_reference=not (args.quick or args.no_compile),
                                    only_backends=args.backend)
+    if args.optimizer:
+        cases = [c for c in cases if c.optimizer in args.optimizer or c.key == report.FUSED_SGD]
 
     load_start = machine.load_average()
     if (busy := machine.busy_at_start(load_start)) is not None:

@@ -15,6 +15,7 @@ import torch
 
 import cblr_ext
 from cblr_ext.hyperparams import BACKENDS
+from cblr_ext.lamb import ADAM_BACKENDS
 
 # One set of hyperparameters for every optimizer (momentum and weight decay on,
 # as in large-batch training), so all cases do the same elementwise work.
@@ -41,6 +42,9 @@ UPDATE = "update: read w, g, v; write w, v"
 TRAFFIC = {
     ("SGD", ""): Traffic(3, 2, UPDATE),
     ("AdamW", ""): Traffic(3, 4, "update: read w, g, m, v; write w, m, v"),
+    ("LAMB", "no-clip"): Traffic(5, 6, "pass 1: read w, g, m, v; update: read w, g, m, v; write w, m, v"),
+    ("LAMB", "clip"): Traffic(6, 6, "global ‖g‖: read g; pass 1: read w, g, m, v; update: read w, g, m, v; "
+                              "write w, m, v"),
     ("LARS", "lag=0"): Traffic(5, 2, "pass 1: read w, g; " + UPDATE),
     ("LARS", "lag=0,reuse-w-norm"): Traffic(4, 2, "pass 1: read g (‖w‖ from the last update); " + UPDATE
                                             + " (‖w‖ of the result on the fly)"),
@@ -171,8 +175,30 @@ def _torch_sgd(flag):
     return build
 
 
-def _torch_adamw_fused(params, grad_sets):
-    return Step(torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, fused=True).step)
+def _torch_adamw(flag):
+    def build(params, grad_sets):
+        return Step(torch.optim.AdamW(params, lr=LR, weight_decay=WEIGHT_DECAY, **{flag: True}).step)
+    return build
+
+
+# LAMB's variants: the global gradient-norm clipping off, and at apex's (and pytorch-optimizer's) 1.0.
+LAMB_CLIP = {"no-clip": None, "clip": 1.0}
+
+
+def _lamb(backend, variant):
+    def build(params, grad_sets):
+        return Step(cblr_ext.LAMB(params, lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=LAMB_CLIP[variant],
+                                  backend=backend).step)
+    return build
+
+
+def _pytorch_optimizer_lamb(foreach):
+    def build(params, grad_sets):
+        from pytorch_optimizer import Lamb  # optional: pip install -e ".[bench]"
+        # pre_norm: its global clipping (max_grad_norm alone does not clip); it scales .grad in place
+        return Step(Lamb(params, lr=LR, weight_decay=WEIGHT_DECAY, max_grad_norm=LAMB_CLIP["clip"], pre_norm=True,
+                         foreach=foreach).step)
+    return build
 
 
 def _pytorch_optimizer_lars(foreach):
@@ -190,7 +216,8 @@ def all_cases(device: torch.device, compile_reference: bool, only_backends=None)
     device = torch.device(device)
     cases = [Case("SGD", "torch", "fused", TRAFFIC["SGD", ""], _torch_sgd("fused")),
              Case("SGD", "torch", "foreach", TRAFFIC["SGD", ""], _torch_sgd("foreach")),
-             Case("AdamW", "torch", "fused", TRAFFIC["AdamW", ""], _torch_adamw_fused)]
+             Case("AdamW", "torch", "fused", TRAFFIC["AdamW", ""], _torch_adamw("fused")),
+             Case("AdamW", "torch", "foreach", TRAFFIC["AdamW", ""], _torch_adamw("foreach"))]
     backends = cblr_ext.available_backends(device)
     missing = {}
     if device.type == "cpu" and "triton" in backends:
@@ -220,6 +247,13 @@ def all_cases(device: torch.device, compile_reference: bool, only_backends=None)
     for foreach, variant in ((True, "foreach"), (False, "per-param")):
         cases.append(Case("LARS", "pytorch-optimizer", variant, TRAFFIC["LARS", "lag=0"],
                           _pytorch_optimizer_lars(foreach), compare_to=("LARS", "lag=0")))
+    for variant in LAMB_CLIP:
+        for backend in (b for b in backends if b in ADAM_BACKENDS):
+            cases.append(Case("LAMB", backend, variant, TRAFFIC["LAMB", variant], _lamb(backend, variant),
+                              compare_to=("LAMB", variant), fp32_state=True))
+    for foreach, variant in ((True, "foreach"), (False, "per-param")):
+        cases.append(Case("LAMB", "pytorch-optimizer", f"clip,{variant}", TRAFFIC["LAMB", "clip"],
+                          _pytorch_optimizer_lamb(foreach), compare_to=("LAMB", "clip")))
     return cases, missing
 
 

@@ -314,6 +314,134 @@ std::tuple<Tensor, Tensor> median_histogram(at::TensorList params, at::TensorLis
 
 TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) { m.impl("median_histogram", &median_histogram); }
 
+// The Adam base's ops (LAMB): Σg² for the global clipping, and the two passes.
+namespace {
+
+// The clip divisor (one fp32 element on the CPU), or none.
+void use_clip(const std::optional<Tensor>& clip, cblr::cpu::AdamConfig& cfg) {
+  if (!clip.has_value()) return;
+  TORCH_CHECK(clip->device().is_cpu() && clip->numel() == 1 && clip->scalar_type() == at::kFloat, kCheck.who,
+              "clip must be a one-element fp32 tensor on cpu (got ", clip->scalar_type(), " of shape ",
+              clip->sizes(), " on ", clip->device(), ")");
+  cfg.has_clip = true;
+  cfg.clip = clip->item<float>();
+}
+
+cblr::cpu::AdamConfig adam_config(const std::string& rule, const std::optional<Tensor>& grad_scale,
+                                  const std::optional<Tensor>& clip, double beta1, double beta2, double eps,
+                                  double weight_decay, bool bias_correction) {
+  cblr::cpu::AdamConfig cfg;
+  cfg.rule = kCheck.rule(rule);
+  TORCH_CHECK(cfg.rule != cblr::RULE_CBLR, kCheck.who, "the Adam base runs the rules lars and mclr (got 'cblr')");
+  cfg.g_unscale = grad_unscale(grad_scale);
+  use_clip(clip, cfg);
+  cfg.beta1 = beta1;
+  cfg.beta2 = beta2;
+  cfg.eps = eps;
+  cfg.weight_decay = weight_decay;
+  cfg.bias_correction = bias_correction;
+  cfg.threads = at::get_num_threads();
+  return cfg;
+}
+
+// Layer i of an Adam op, checked: w, g, m and v (the moments in the state dtype) and the step count.
+cblr::cpu::AdamLayer adam_layer(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                at::TensorList exp_avg_sqs, at::TensorList steps, size_t i) {
+  check_param(params[i], i);
+  kCheck.companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
+  kCheck.companion(params[i], exp_avgs[i], state_dtype(params[i]), "exp_avg", i);
+  kCheck.companion(params[i], exp_avg_sqs[i], state_dtype(params[i]), "exp_avg_sq", i);
+  kCheck.scalar_state(steps[i], at::kFloat, 1, kCpu, "step", i);
+  cblr::cpu::AdamLayer l;
+  l.dtype = dtype_of(params[i], i);
+  l.n = params[i].numel();
+  l.w = params[i].data_ptr();
+  l.g = grads[i].data_ptr();
+  l.m = exp_avgs[i].data_ptr();
+  l.v = exp_avg_sqs[i].data_ptr();
+  l.step = steps[i].data_ptr<float>();
+  return l;
+}
+
+std::vector<cblr::cpu::AdamLayer> adam_layers(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                              at::TensorList exp_avg_sqs, at::TensorList steps) {
+  const size_t count = params.size();
+  kCheck.count(grads.size(), count, "gradients", false);
+  kCheck.count(exp_avgs.size(), count, "exp_avgs", false);
+  kCheck.count(exp_avg_sqs.size(), count, "exp_avg_sqs", false);
+  kCheck.count(steps.size(), count, "steps", false);
+  std::vector<cblr::cpu::AdamLayer> layers(count);
+  for (size_t i = 0; i < count; ++i) layers[i] = adam_layer(params, grads, exp_avgs, exp_avg_sqs, steps, i);
+  return layers;
+}
+
+Tensor grad_sq_sums(at::TensorList grads, const std::optional<Tensor>& grad_scale) {
+  const float g_unscale = grad_unscale(grad_scale);
+  std::vector<cblr::cpu::AdamLayer> layers(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_param(grads[i], i);
+    layers[i].dtype = dtype_of(grads[i], i);
+    layers[i].n = grads[i].numel();
+    layers[i].g = grads[i].data_ptr();
+  }
+  Tensor sums = at::empty({int64_t(grads.size())}, at::kDouble);
+  cblr::cpu::grad_sq_layers(layers, g_unscale, at::get_num_threads(), sums.data_ptr<double>());
+  return sums;
+}
+
+std::tuple<Tensor, Tensor, Tensor> adam_reduce(const std::string& rule, at::TensorList params, at::TensorList grads,
+                                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                               at::TensorList steps, const std::optional<Tensor>& grad_scale,
+                                               const std::optional<Tensor>& clip, double beta1, double beta2,
+                                               double eps, double weight_decay, bool bias_correction) {
+  const cblr::cpu::AdamConfig cfg = adam_config(rule, grad_scale, clip, beta1, beta2, eps, weight_decay,
+                                                bias_correction);
+  const std::vector<cblr::cpu::AdamLayer> layers = adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps);
+  const int64_t rows = int64_t(layers.size());
+  Tensor sums = at::empty({rows, cblr::cpu::SUM_COLUMNS}, at::kDouble);
+  Tensor median = at::empty({rows}, at::kFloat);
+  Tensor flags = at::empty({rows, cblr::cpu::FLAG_COLUMNS}, at::kBool);
+  cblr::cpu::adam_reduce_layers(cfg, layers, {sums.data_ptr<double>(), median.data_ptr<float>(),
+                                              flags.data_ptr<bool>()});
+  return {sums, median, flags};
+}
+
+Tensor adam_update_(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList steps, c10::List<bool> adapt, const Tensor& sums,
+                    const Tensor& median, const Tensor& flags, const Tensor& found_inf,
+                    const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip, const Tensor& lr,
+                    double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
+                    double trust_coefficient, std::optional<double> max_ratio) {
+  cblr::cpu::AdamConfig cfg = adam_config(rule, grad_scale, clip, beta1, beta2, eps, weight_decay, bias_correction);
+  cfg.trust_coefficient = trust_coefficient;
+  cfg.has_max_ratio = max_ratio.has_value();
+  cfg.max_ratio = max_ratio.value_or(0.0);
+  std::vector<cblr::cpu::AdamLayer> layers = adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps);
+  kCheck.count(adapt.size(), layers.size(), "adapt flags", false);
+  for (size_t i = 0; i < layers.size(); ++i) layers[i].adapt = adapt.get(i);
+  const int64_t rows = int64_t(layers.size());
+  kCheck.reduction(sums, median, flags, rows, cblr::cpu::SUM_COLUMNS, cblr::cpu::FLAG_COLUMNS, kCpu);
+  TORCH_CHECK(found_inf.numel() == 1 && lr.numel() == 1 && found_inf.device().is_cpu() && lr.device().is_cpu(),
+              kCheck.who, "found_inf and lr are one-element CPU tensors");
+  const bool skip = found_inf.item<bool>();
+  if (!skip) {
+    for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps}) bump_versions(written);
+  }
+  Tensor stats = at::empty({rows, cblr::cpu::STAT_COLUMNS}, at::kDouble);
+  cblr::cpu::adam_apply_layers(cfg, layers, {sums.data_ptr<double>(), median.data_ptr<float>(),
+                                             flags.data_ptr<bool>()},
+                               skip, lr.item<float>(), stats.data_ptr<double>());
+  return stats;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
+  m.impl("grad_sq_sums", &grad_sq_sums);
+  m.impl("adam_reduce", &adam_reduce);
+  m.impl("adam_update_", &adam_update_);
+}
+
 // An empty Python module, so that the setup.py build imports as ``cblr_ext._C``
 // (importing it registers the kernels above).
 extern "C" PyObject* PyInit__C() {

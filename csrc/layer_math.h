@@ -211,4 +211,78 @@ CBLR_HD T momentum_update(T& w, T d, T& v, T alpha, T momentum, bool has_momentu
   return s;
 }
 
+// ---------------------------------------------------------------- the Adam base (LAMB)
+
+// m ← β1·m + (1 − β1)·g, v ← β2·v + (1 − β2)·g², each product and sum rounded in the
+// math type T (the Python twin's tensor ops): the coefficients come as T, 1 − β formed in
+// double first (as Python forms it).
+template <typename T>
+struct AdamMoments {
+  T m, v;
+};
+
+template <typename T>
+CBLR_HD AdamMoments<T> adam_moments(T g, T m, T v, T beta1, T one_minus_beta1, T beta2, T one_minus_beta2) {
+  T m_kept = m * beta1;
+  T m_new = g * one_minus_beta1;
+  T v_kept = v * beta2;
+  T g_sq = g * g;
+  T v_new = g_sq * one_minus_beta2;
+  return AdamMoments<T>{m_kept + m_new, v_kept + v_new};
+}
+
+// (1 − β1^t, 1 − β2^t) for this step's t = step + 1, in fp32 (the step count is fp32
+// state), or ones without bias correction.
+struct BiasCorrections {
+  float first, second;
+};
+
+CBLR_HD BiasCorrections bias_corrections(float step, float beta1, float beta2, bool bias_correction) {
+  if (!bias_correction) return BiasCorrections{1.0f, 1.0f};
+  float t = step + 1.0f;
+  return BiasCorrections{1.0f - powf(beta1, t), 1.0f - powf(beta2, t)};
+}
+
+// √x in x's own type (an unqualified sqrt of a float would round through double).
+CBLR_HD float square_root(float x) { return sqrtf(x); }
+CBLR_HD double square_root(double x) { return sqrt(x); }
+
+// u = m̂ / (√v̂ + ε) + λ·w with m̂ = m / (1 − β1^t), v̂ = v / (1 − β2^t), rounded op by op in T.
+template <typename T>
+CBLR_HD T adam_direction(T m, T v, T w, T bc1, T bc2, T eps, T weight_decay) {
+  T m_hat = m / bc1;
+  T v_hat = v / bc2;
+  T denominator = square_root(v_hat) + eps;
+  T decay = w * weight_decay;
+  return m_hat / denominator + decay;
+}
+
+struct AdamRatio {
+  double ratio;   // r (1 where undefined and for layers not adapted)
+  double kappa;   // the curvature r stands for, NaN where not used
+  bool fallback;  // adapted, but the rule was undefined
+};
+
+// "lars" (LAMB): κ = ‖u‖/‖w‖, r = η·‖w‖/‖u‖; "mclr": κ = median |u_i|/|w_i| + ε, r = η/κ.
+// r = 1 where undefined (‖w‖ = 0, ‖u‖ = 0, no median) and for not-adapted layers; the
+// bound max_ratio (LAMB's trust clip) applies to defined ratios.
+CBLR_HD AdamRatio adam_ratio(Rule rule, double w_norm, double u_norm, float median, bool adapt,
+                             double trust_coefficient, double eps, bool has_max_ratio, double max_ratio) {
+  double kappa, r;
+  if (rule == RULE_LARS) {
+    kappa = u_norm / w_norm;
+    r = trust_coefficient * w_norm / u_norm;
+  } else {
+    kappa = median_kappa(median, eps);
+    r = trust_coefficient / kappa;
+  }
+  bool defined = adapt && w_norm > 0.0 && u_norm > 0.0 && is_finite(r) && r > 0.0;
+  if (has_max_ratio && r > max_ratio) r = max_ratio;
+  AdamRatio out;
+  out.ratio = defined ? r : 1.0;
+  out.kappa = defined ? kappa : quiet_nan_double();
+  out.fallback = adapt && !defined;
+  return out;
+}
+
 }  // namespace cblr

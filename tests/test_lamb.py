@@ -7,10 +7,11 @@ import math
 import pytest
 import torch
 
-from cblr_ext import LAMB
+from cblr_ext import LAMB, ops
+from cblr_ext.contract import ADAM_OPS
 
 SHAPES = [(6, 5), (5,), (3, 4, 2)]
-BACKENDS = ["auto", "reference"]
+BACKENDS = ["auto", "reference", "cpp"]
 
 
 def _problem(seed, steps=20, scale=1.0):
@@ -164,13 +165,14 @@ def test_grad_scaler_unscales_inside_the_step():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
-def test_state_dict_round_trip_and_resume():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_state_dict_round_trip_and_resume(backend):
     ws, grads = _problem(6, steps=6)
-    straight, _ = _run(ws, grads, lr=0.01, weight_decay=0.01)
-    params, opt = _run(ws, grads[:3], lr=0.01, weight_decay=0.01)
+    straight, _ = _run(ws, grads, lr=0.01, weight_decay=0.01, backend=backend)
+    params, opt = _run(ws, grads[:3], lr=0.01, weight_decay=0.01, backend=backend)
     sd = copy.deepcopy(opt.state_dict())
     resumed = [torch.nn.Parameter(p.detach().clone()) for p in params]
-    opt2 = LAMB(resumed, lr=0.01, weight_decay=0.01)
+    opt2 = LAMB(resumed, lr=0.01, weight_decay=0.01, backend=backend)
     opt2.load_state_dict(sd)
     assert opt2.state_dict()["param_groups"] == sd["param_groups"]
     for gs in grads[3:]:
@@ -199,7 +201,7 @@ def test_a_loaded_state_is_its_own_and_keeps_fp32_moments_of_bf16_parameters():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(lr=-1.0), "Invalid learning rate"), (dict(betas=(1.0, 0.9)), "beta parameter at index 0"),
-    (dict(rule="cblr"), "Invalid rule"), (dict(backend="cpp"), "fused kernels of its ops are not written yet"),
+    (dict(rule="cblr"), "Invalid rule"), (dict(backend="cuda"), "the others have no kernels of its ops"),
     (dict(max_grad_norm=0.0), "Invalid max_grad_norm"),
 ])
 def test_bad_hyperparameters_are_refused(bad, message):
@@ -207,13 +209,172 @@ def test_bad_hyperparameters_are_refused(bad, message):
         LAMB([torch.nn.Parameter(torch.ones(2))], **bad)
 
 
-def test_bfloat16_parameters_keep_fp32_moments():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bfloat16_parameters_keep_fp32_moments(backend):
     ws, grads = _problem(7, steps=3)
     params = [torch.nn.Parameter(x.bfloat16()) for x in ws]
-    opt = LAMB(params, lr=0.01)
+    opt = LAMB(params, lr=0.01, backend=backend)
     for gs in grads:
         for p, g in zip(params, gs):
             p.grad = g.bfloat16()
         opt.step()
     assert all(s["exp_avg"].dtype == torch.float32 and s["step"].item() == 3 for s in opt.state.values())
     assert all(torch.isfinite(p).all() for p in params)
+
+
+# ---------------------------------------------------------------- the C++ kernels (cpp)
+
+def test_cpp_registers_every_adam_op_for_the_cpu():
+    """backend="cpp" and "auto" on CPU run the C++ kernels, not the reference's composite."""
+    for name in ADAM_OPS:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"cblr_ext::{name}", "CPU"), name
+
+
+def _adam_state(n, dtype, seed):
+    """w (every 7th element 0: no quotient there), m, v and step as after a few steps."""
+    gen = torch.Generator().manual_seed(seed)
+    state = torch.promote_types(dtype, torch.float32)
+    w = torch.randn(n, generator=gen, dtype=torch.float64).to(dtype)
+    w[::7] = 0
+    m = (torch.randn(n, generator=gen, dtype=torch.float64) * 0.1).to(state)
+    v = (torch.rand(n, generator=gen, dtype=torch.float64) * 0.01).to(state)
+    return w, m, v, torch.tensor(3.0)
+
+
+def _one_step(kernels, rule, dtype, sizes, seed, grad_scale, clip, found_inf=False):
+    """(parameters, moments, steps, the reduction, the statistics) of one step of ``kernels``."""
+    states = [_adam_state(n, dtype, seed + i) for i, n in enumerate(sizes)]
+    gen = torch.Generator().manual_seed(seed + 100)
+    scale = 1.0 if grad_scale is None else float(grad_scale)
+    grads = [(torch.randn(n, generator=gen, dtype=torch.float64) * scale).to(dtype) for n in sizes]
+    ws, ms, vs, steps = ([s[k] for s in states] for k in range(4))
+    hp = (0.9, 0.999, 1e-6, 0.01, True)
+    red = kernels.adam_reduce(rule, ws, grads, ms, vs, steps, grad_scale, clip, *hp)
+    stats = kernels.adam_update_(rule, ws, grads, ms, vs, steps, [True] * len(ws), *red, torch.tensor(found_inf),
+                                 grad_scale, clip, torch.tensor(0.02), *hp, 1.0, None)
+    return ws, ms, vs, steps, red, stats
+
+
+PARITY_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("rule", ["lars", "mclr"])
+@pytest.mark.parametrize("dtype", PARITY_DTYPES, ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("scaled_and_clipped", [False, True])
+def test_cpp_matches_the_reference_element_wise_across_the_chunk_boundary(rule, dtype, scaled_and_clipped):
+    """One step on layers of 65536 ± 1 and 131073 elements (a work chunk is 65536: the
+    last chunk of a layer holds 1 element) and a small one, against the reference kernels.
+    m, v and the step count are bit-identical (the same fp32/fp64 operations in the same
+    order); u may differ by an ulp where torch's CPU fp32 square root is not correctly
+    rounded (the kernel's is), and the norms are summed in another order, so w, the sums
+    and the statistics agree to a relative 1e-6 (16-bit w: within one rounding step)."""
+    sizes = [65535, 65536, 65537, 131073, 10]
+    grad_scale = torch.tensor([1024.0]) if scaled_and_clipped else None
+    clip = torch.tensor(1.7) if scaled_and_clipped else None
+    got = _one_step(ops.OPS, rule, dtype, sizes, 11, grad_scale, clip)
+    want = _one_step(ops.REFERENCE_OPS, rule, dtype, sizes, 11, grad_scale, clip)
+    for name, a, b in zip(("exp_avg", "exp_avg_sq", "step"), got[1:4], want[1:4]):
+        assert all(torch.equal(x, y) for x, y in zip(a, b)), name
+    ulp = {torch.float64: 1e-12, torch.float32: 1e-6}.get(dtype, 1e-2)  # 16-bit: one rounding of w
+    for x, y in zip(got[0], want[0]):
+        torch.testing.assert_close(x.double(), y.double(), rtol=ulp, atol=ulp * float(y.abs().max()))
+    red_got, red_want = got[4], want[4]
+    torch.testing.assert_close(red_got[0], red_want[0], rtol=1e-6, atol=0)
+    assert torch.equal(red_got[2], red_want[2])
+    torch.testing.assert_close(red_got[1], red_want[1], rtol=1e-6, atol=0)
+    if rule == "mclr":
+        assert (red_got[1] > 0).all()
+    torch.testing.assert_close(got[5], want[5], rtol=1e-6, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("rule", ["lars", "mclr"])
+def test_cpp_skipped_step_writes_nothing_and_reports_the_step_it_would_take(rule):
+    """found_inf: w, m, v and the step count bit-identical, the statistics those of the
+    reference (step_norm 0)."""
+    sizes = [70000, 9]
+    fresh = _one_step(ops.OPS, rule, torch.float32, sizes, 5, None, None, found_inf=False)
+    skipped = _one_step(ops.OPS, rule, torch.float32, sizes, 5, None, None, found_inf=True)
+    want = _one_step(ops.REFERENCE_OPS, rule, torch.float32, sizes, 5, None, None, found_inf=True)
+    for i, n in enumerate(sizes):
+        w, m, v, step = _adam_state(n, torch.float32, 5 + i)
+        assert torch.equal(skipped[0][i], w) and torch.equal(skipped[1][i], m)
+        assert torch.equal(skipped[2][i], v) and torch.equal(skipped[3][i], step)
+        assert not torch.equal(fresh[0][i], w) and fresh[3][i].item() == 4.0
+    assert (skipped[5][:, 2] == 0).all()
+    torch.testing.assert_close(skipped[5], want[5], rtol=1e-6, atol=0, equal_nan=True)
+
+
+def test_cpp_flags_a_nonfinite_gradient_and_sums_the_clip_pass():
+    ws, ms, vs, steps = (list(t) for t in zip(*[_adam_state(n, torch.float32, 20 + n) for n in (100, 66000)]))
+    grads = [torch.randn(100), torch.randn(66000)]
+    grads[1][65999] = float("inf")
+    sums, _, flags = ops.OPS.adam_reduce("lars", ws, grads, ms, vs, steps, None, None, 0.9, 0.999, 1e-6, 0.0, True)
+    assert flags[:, 3].tolist() == [False, True]
+    assert flags[:, :2].all() and not flags[:, 2].any()
+    scale = torch.tensor([8.0])
+    expected = torch.stack([(g.double() * 0.125).square().sum() for g in grads])
+    torch.testing.assert_close(ops.OPS.grad_sq_sums(grads, scale), expected, rtol=1e-12, atol=0)
+
+
+def test_cpp_update_takes_missing_norms_and_median_itself():
+    """A reduction without FLAG_NORMS / FLAG_MEDIAN: the update takes them, as the reference."""
+    sizes = [70000, 33]
+    results = []
+    for kernels in (ops.OPS, ops.REFERENCE_OPS):
+        ws, ms, vs, steps = (list(t) for t in zip(*[_adam_state(n, torch.float32, 40 + n) for n in sizes]))
+        grads = [torch.randn(n, generator=torch.Generator().manual_seed(n)) for n in sizes]
+        hp = (0.9, 0.999, 1e-6, 0.01, True)
+        sums = torch.zeros(2, 4, dtype=torch.float64)
+        median = torch.zeros(2)
+        flags = torch.zeros(2, 4, dtype=torch.bool)
+        stats = kernels.adam_update_("mclr", ws, grads, ms, vs, steps, [True, True], sums, median, flags,
+                                     torch.tensor(False), None, None, torch.tensor(0.01), *hp, 1.0, None)
+        results.append((ws, stats))
+    torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-6, atol=0, equal_nan=True)
+    for a, b in zip(results[0][0], results[1][0]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("rule", ["lars", "mclr"])
+def test_cpp_adam_ops_pass_opcheck(rule, dtype):
+    """The C++ kernels against the ops' schemas and fakes, with a grad scale and a clip divisor."""
+    states = [_adam_state(n, dtype, 60 + n) for n in (30, 70000)]
+    ws, ms, vs, steps = ([s[k] for s in states] for k in range(4))
+    grads = [torch.randn(w.shape).to(dtype) for w in ws]
+    scale, clip = torch.tensor([4.0]), torch.tensor(1.5)
+    hp = (0.9, 0.999, 1e-6, 0.01, True)
+    torch.library.opcheck(ops.OPS.grad_sq_sums.default, (grads, scale))
+    reduce_args = (rule, ws, grads, ms, vs, steps, scale, clip, *hp)
+    torch.library.opcheck(ops.OPS.adam_reduce.default, reduce_args)
+    red = ops.OPS.adam_reduce(*reduce_args)
+    for found_inf in (False, True):
+        torch.library.opcheck(ops.OPS.adam_update_.default,
+                              (rule, [w.clone() for w in ws], grads, [m.clone() for m in ms],
+                               [v.clone() for v in vs], [s.clone() for s in steps], [True, True], *red,
+                               torch.tensor(found_inf), scale, clip, torch.tensor(0.01), *hp, 1.0, 2.0))
+
+
+@pytest.mark.parametrize("bad, message", [
+    (lambda a: a.__setitem__(3, [torch.zeros(3)] * 2), "exp_avg of layer 0 has dtype|must have its parameter's"),
+    (lambda a: a.__setitem__(5, [torch.zeros(2), torch.zeros(())]), "step of layer 0 must be"),
+    (lambda a: a.__setitem__(7, torch.tensor([1.0, 2.0])), "clip must be a one-element fp32"),
+    (lambda a: a.__setitem__(0, "cblr"), "runs the rules lars and mclr"),
+    (lambda a: a.__setitem__(2, [torch.zeros(4, dtype=torch.float64)] * 2), "gradient of layer 0 has dtype"),
+])
+def test_cpp_refuses_bad_input_before_writing(bad, message):
+    ws = [torch.randn(4, dtype=torch.float16), torch.randn(3)]
+    args = ["lars", ws, [torch.randn(4, dtype=torch.float16), torch.randn(3)],
+            [torch.zeros(4), torch.zeros(3)], [torch.zeros(4), torch.zeros(3)], [torch.zeros(()), torch.zeros(())],
+            None, None, 0.9, 0.999, 1e-6, 0.0, True]
+    bad(args)
+    before = [w.clone() for w in ws]
+    with pytest.raises(RuntimeError, match=message):
+        ops.OPS.adam_reduce(*args)
+    red = ops.REFERENCE_OPS.adam_reduce("lars", ws, [torch.randn(4, dtype=torch.float16), torch.randn(3)],
+                                        [torch.zeros(4), torch.zeros(3)], [torch.zeros(4), torch.zeros(3)],
+                                        [torch.zeros(()), torch.zeros(())], None, None, 0.9, 0.999, 1e-6, 0.0, True)
+    with pytest.raises(RuntimeError, match=message):
+        ops.OPS.adam_update_(*args[:6], [True, True], *red, torch.tensor(False), *args[6:8], torch.tensor(0.1),
+                             *args[8:], 1.0, None)
+    assert all(torch.equal(a, b) for a, b in zip(ws, before))

@@ -67,6 +67,24 @@ int main() {
       std::printf("%d\n", int(measurement_due(float(a[0]), (long long)a[1])));
     } else if (!std::strcmp(fn, "next_age")) {
       std::printf("%a\n", next_age(float(a[0]), a[1] != 0));
+    } else if (!std::strcmp(fn, "adam_moments_f32")) {
+      AdamMoments<float> r = adam_moments(float(a[0]), float(a[1]), float(a[2]), float(a[3]), float(1.0 - a[3]),
+                                          float(a[4]), float(1.0 - a[4]));
+      std::printf("%a %a\n", r.m, r.v);
+    } else if (!std::strcmp(fn, "adam_moments_f64")) {
+      AdamMoments<double> r = adam_moments(a[0], a[1], a[2], a[3], 1.0 - a[3], a[4], 1.0 - a[4]);
+      std::printf("%a %a\n", r.m, r.v);
+    } else if (!std::strcmp(fn, "bias_corrections")) {
+      BiasCorrections r = bias_corrections(float(a[0]), float(a[1]), float(a[2]), a[3] != 0);
+      std::printf("%a %a\n", r.first, r.second);
+    } else if (!std::strcmp(fn, "adam_direction_f32")) {
+      std::printf("%a\n", adam_direction(float(a[0]), float(a[1]), float(a[2]), float(a[3]), float(a[4]),
+                                          float(a[5]), float(a[6])));
+    } else if (!std::strcmp(fn, "adam_direction_f64")) {
+      std::printf("%a\n", adam_direction(a[0], a[1], a[2], a[3], a[4], a[5], a[6]));
+    } else if (!std::strcmp(fn, "adam_ratio")) {
+      AdamRatio r = adam_ratio(Rule(int(a[0])), a[1], a[2], float(a[3]), a[4] != 0, a[5], a[6], a[7] != 0, a[8]);
+      std::printf("%a %a %d\n", r.ratio, r.kappa, int(r.fallback));
     } else if (!std::strcmp(fn, "momentum_update")) {
       float w = float(a[0]), v = float(a[2]);
       float s = momentum_update(w, float(a[1]), v, float(a[3]), float(a[4]), a[5] != 0, a[6] != 0);
@@ -224,6 +242,50 @@ def test_momentum_update(probe, has_momentum, nesterov):
     check(probe, "momentum_update", [c + (float(has_momentum), float(nesterov)) for c in cases], expected)
 
 
+def test_adam_moments_and_bias_corrections(probe):
+    """m, v rounded op by op in the math type (fp32 and fp64), 1 − β^t in fp32."""
+    moments = [(0.3, 0.11, 0.02, 0.9, 0.999), (-1.0000001, 3.3333333, 1e-3, 0.95, 0.98), (1e-20, 0.0, 0.0, 0.0, 0.5),
+               (1e19, -2.5, 7.0, 0.9, 0.999)]  # g² overflows fp32: v = inf, as torch's
+    for suffix, make in (("f32", f32), ("f64", f64)):
+        expected = [list(lm.adam_moments(make([g]), make([m]), make([v]), b1, b2)) for g, m, v, b1, b2 in moments]
+        check(probe, f"adam_moments_{suffix}", moments, [[x[0], y[0]] for x, y in expected])
+    steps = [(0.0, 0.9, 0.999, 1), (9.0, 0.9, 0.999, 1), (99999.0, 0.9, 0.999, 1), (4.0, 0.0, 0.5, 1),
+             (4.0, 0.9, 0.999, 0)]
+    check(probe, "bias_corrections", steps,
+          [list(lm.bias_corrections(f32(s), b1, b2, bool(bc))) for s, b1, b2, bc in steps])
+
+
+def test_adam_direction(probe):
+    cases = [  # m, v, w, bc1, bc2, eps, weight_decay
+        (0.05, 2.5e-4, 0.7, 0.1, 1e-3, 1e-6, 0.01), (-0.3, 0.09, -1.3, 0.271, 0.003, 1e-8, 0.0),
+        (0.0, 0.0, 2.0, 1.0, 1.0, 1e-6, 0.1), (0.0, 0.0, 2.0, 1.0, 1.0, 0.0, 0.1),  # 0/0: NaN, as torch's
+        (1e-30, 3.0, 1e30, 0.5, 0.7, 1e-6, 1e-4), (0.1, 0.2, 0.3, 0.4, 0.5, 1e-6, 0.6)]
+    # One-element tensors: torch takes its scalar loop, whose square root is correctly
+    # rounded as the header's (its fp32 vector loop's is not, to an ulp: tests/test_lamb.py).
+    for suffix, make in (("f32", f32), ("f64", f64)):
+        check(probe, f"adam_direction_{suffix}", cases,
+              [lm.adam_direction(make([m]), make([v]), make([w]), make(c1), make(c2), e, wd)[0]
+               for m, v, w, c1, c2, e, wd in cases])
+
+
+def test_adam_ratio(probe):
+    cases = [  # rule, ‖w‖, ‖u‖, median, adapt, η, ε, has max, max
+        (0, 3.0, 4.0, 0.0, 1, 1.0, 1e-6, 0, 0.0), (0, 3.0, 4.0, 0.0, 1, 1.0, 1e-6, 1, 0.5),
+        (0, 0.0, 4.0, 0.0, 1, 1.0, 1e-6, 0, 0.0), (0, 3.0, 0.0, 0.0, 1, 1.0, 1e-6, 0, 0.0),
+        (0, 3.0, 4.0, 0.0, 0, 1.0, 1e-6, 0, 0.0), (0, INF, 4.0, 0.0, 1, 1.0, 1e-6, 0, 0.0),
+        (0, 1e-300, 1e300, 0.0, 1, 1.0, 1e-6, 0, 0.0), (0, NAN, 4.0, 0.0, 1, 1.0, 1e-6, 0, 0.0),
+        (1, 3.0, 4.0, 0.25, 1, 0.02, 1e-6, 0, 0.0), (1, 3.0, 4.0, 0.25, 1, 0.02, 1e-6, 1, 0.01),
+        (1, 3.0, 4.0, 0.0, 1, 0.02, 1e-6, 0, 0.0), (1, 3.0, 4.0, NAN, 1, 0.02, 1e-6, 0, 0.0),
+        (1, 0.0, 4.0, 0.25, 1, 0.02, 1e-6, 0, 0.0), (1, 3.0, 4.0, 1e-45, 1, 1.0, 0.0, 0, 0.0)]
+    rules = {0: "lars", 1: "mclr"}
+    expected = []
+    for rule, w, u, med, adapt, tc, eps, has_max, mx in cases:
+        r, kappa, fallback = lm.adam_ratio(rules[rule], f64(w), f64(u), f32(med), torch.tensor(bool(adapt)),
+                                           trust_coefficient=tc, eps=eps, max_ratio=mx if has_max else None)
+        expected.append([r, kappa, float(fallback)])
+    check(probe, "adam_ratio", cases, expected)
+
+
 def test_header_compiles_as_cuda(tmp_path):
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -241,7 +303,10 @@ def test_header_compiles_as_cuda(tmp_path):
         "      + cblr::fallback_ratio(x, 1.f, 0.f, 0.f, 1e-3f) + cblr::curvature_quotient(x, 2.f) + s\n"
         "      + cblr::next_age(x, cblr::measurement_due(x, 2)) + cblr::norm_from_sum(cblr::square_in_double(x))\n"
         "      + cblr::layer_alpha(r.ratio, x)\n"
-        "      + cblr::reduction_kappa(cblr::RULE_CBLR, 1.f, x, 2.0, double(x), x, 0.f, 1e-8f);\n"
+        "      + cblr::reduction_kappa(cblr::RULE_CBLR, 1.f, x, 2.0, double(x), x, 0.f, 1e-8f)\n"
+        "      + cblr::adam_moments(x, w, v, 0.9f, 0.1f, 0.999f, 0.001f).v\n"
+        "      + cblr::adam_direction(x, w, v, cblr::bias_corrections(x, 0.9f, 0.999f, true).first, 0.5f, 1e-6f, 0.f)\n"
+        "      + cblr::adam_ratio(cblr::RULE_LARS, 1.0, double(x), x, true, 1.0, 1e-6, false, 0.0).ratio;\n"
         "}\n")
     subprocess.run([nvcc, "-x", "cu", "-c", "--fmad=false", f"-I{CSRC}", str(src), "-o", str(tmp_path / "k.o")],
                    check=True)

@@ -24,6 +24,7 @@ import torch
 from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
 
 from .. import ops
+from ..contract import ADAM_OPS
 from . import cpp, reference, reference_adam, triton  # noqa: F401 (they register their kernels on import)
 
 NAMES = ("reference", "cpp", "triton", "cuda")
@@ -83,8 +84,10 @@ def _reason(name: str, device: torch.device) -> Optional[str]:
             return "the cpp backend runs on CPU tensors only"
         if ops.LOAD_ERROR is not None:
             return f"the C++ extension could not be loaded or built: {ops.LOAD_ERROR}"
-        if not torch._C._dispatch_has_kernel_for_dispatch_key("cblr_ext::layerwise_reduce", "CPU"):
-            return "the C++ extension loaded but registers no CPU kernels (a stale build?)"
+        missing = [op for op in ("layerwise_reduce", *ADAM_OPS)
+                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cblr_ext::{op}", "CPU")]
+        if missing:
+            return f"the C++ extension loaded but registers no CPU kernels of {', '.join(missing)} (a stale build?)"
         return None
     if name == "triton":
         reason = triton.available(device)

@@ -7,6 +7,10 @@ the median passes' workspace and LARS's Σw² as the last update left each param
 | ``reduce_extras`` | ``workspace``; ``w_sq``/``w_sq_known`` carried from the last update | every pass 1; carried: LARS, lag=0, ``reuse_weight_norm`` |
 | ``update_extras`` | ``workspace``; ``next_w_sq`` (what the update writes Σw² of its result into) | every pass 2; ``next_w_sq``: as above, on an applied step |
 | ``after_update`` | | keeps the ``next_w_sq`` values for the next step |
+
+The Adam base's ops (``contract.ADAM_OPS``: LAMB) take no hooks: the dispatcher runs their
+C++ kernels with the arguments the optimizer gives, and the MCLR median's scratch is the
+kernel's own.
 """
 from __future__ import annotations
 

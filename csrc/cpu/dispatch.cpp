@@ -69,5 +69,18 @@ void histogram_layers(const std::vector<HistogramLayer>& layers, int shift, int 
   kernels().histogram(layers, shift, width, weight_decay, threads, counts, nans);
 }
 
+void grad_sq_layers(const std::vector<AdamLayer>& layers, float g_unscale, int threads, double* sums) {
+  kernels().grad_sq(layers, g_unscale, threads, sums);
+}
+
+void adam_reduce_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& layers, const ReductionOut& reduction) {
+  kernels().adam_reduce(cfg, layers, reduction);
+}
+
+void adam_apply_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& layers, const ReductionIn& reduction,
+                       bool skip, float lr, double* stats) {
+  kernels().adam_apply(cfg, layers, reduction, skip, lr, stats);
+}
+
 }  // namespace cpu
 }  // namespace cblr

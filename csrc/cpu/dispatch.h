@@ -15,6 +15,9 @@ struct KernelTable {
   decltype(&cpu::copy_layers) copy;
   decltype(&cpu::shift_layers) shift;
   decltype(&cpu::histogram_layers) histogram;
+  decltype(&cpu::grad_sq_layers) grad_sq;
+  decltype(&cpu::adam_reduce_layers) adam_reduce;
+  decltype(&cpu::adam_apply_layers) adam_apply;
 };
 
 // Null where the variant is not compiled in (not x86-64, or not GCC).

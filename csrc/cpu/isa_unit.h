@@ -10,6 +10,7 @@
 #include "median.h"
 #include "step_passes.h"
 #include "protocol_passes.h"
+#include "adam_passes.h"
 #include "median_histogram.h"
 
 #define CBLR_JOIN_(a, b) a##b
@@ -23,7 +24,8 @@ namespace cpu {
 const KernelTable* CBLR_JOIN(CBLR_ISA, _kernels)() {
   static const KernelTable table{CBLR_NAME(CBLR_ISA), &CBLR_ISA::reduce_layers, &CBLR_ISA::apply_layers,
                                  &CBLR_ISA::copy_layers, &CBLR_ISA::shift_layers,
-                                 &CBLR_ISA::histogram_layers};
+                                 &CBLR_ISA::histogram_layers, &CBLR_ISA::grad_sq_layers,
+                                 &CBLR_ISA::adam_reduce_layers, &CBLR_ISA::adam_apply_layers};
   return &table;
 }
 

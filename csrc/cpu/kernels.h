@@ -110,5 +110,51 @@ struct HistogramLayer {
 void histogram_layers(const std::vector<HistogramLayer>& layers, int shift, int width, double weight_decay,
                       int threads, double* counts, double* nans);
 
+// The Adam base (LAMB and the median rule on the Adam direction u, adam_passes.h).  One
+// layer: n dense elements of w and g in the storage type, m and v in the math type,
+// the step count (fp32, 0-d state).
+struct AdamLayer {
+  DType dtype = DType::F32;
+  int64_t n = 0;
+  void* w = nullptr;
+  const void* g = nullptr;
+  void* m = nullptr;
+  void* v = nullptr;
+  float* step = nullptr;
+  bool adapt = false;
+};
+
+// Group hyperparameters of one Adam step; g is read as g·g_unscale, then ÷ clip (the
+// global clipping divisor) where has_clip.
+struct AdamConfig {
+  Rule rule = RULE_LARS;
+  float g_unscale = 1.0f;
+  bool has_clip = false;
+  float clip = 1.0f;
+  double beta1 = 0.9, beta2 = 0.999, eps = 1e-6, weight_decay = 0;
+  bool bias_correction = true;
+  double trust_coefficient = 1;  // pass 2 only, as max_ratio
+  bool has_max_ratio = false;
+  double max_ratio = 0;
+  int threads = 1;
+  unsigned char* workspace = nullptr;  // MCLR scratch, as StepConfig's (4 or 8 bytes per element)
+  int64_t workspace_bytes = 0;
+};
+
+// sums[i] = Σ(g·g_unscale)² of layer i (fp64; only dtype, n and g are read).
+void grad_sq_layers(const std::vector<AdamLayer>& layers, float g_unscale, int threads, double* sums);
+
+// Pass 1: Σw² (SUM_W2), Σu² (SUM_G2) of the direction u this step would take and, for
+// MCLR, the lower median of |u_i|/|w_i| over w_i ≠ 0 (0 elsewhere); every flag but
+// FLAG_MEDIAN (MCLR only) set, FLAG_NONFINITE where g holds a NaN or Inf.  Writes nothing
+// else.
+void adam_reduce_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& layers, const ReductionOut& reduction);
+
+// Pass 2: the ratio and w ← w − γ·r·u with m, v written and the step count advanced;
+// stats[L][STAT_COLUMNS] (STAT_G_NORM: ‖u‖).  Norms (and the median) the reduction lacks
+// are taken first; when skip, nothing is written but the statistics.
+void adam_apply_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& layers, const ReductionIn& reduction,
+                       bool skip, float lr, double* stats);
+
 }  // namespace cpu
 }  // namespace cblr

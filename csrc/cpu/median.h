@@ -132,15 +132,17 @@ inline T select_lower_median(T* values, int64_t n) {
   return select_kth(values, n, lower_median_rank(n));
 }
 
-template <typename P>
-Bracket<math_t<P>> make_bracket(const P* w, const P* g, math_t<P> gs, int64_t n, math_t<P> weight_decay) {
-  using T = math_t<P>;
+// The bracket of one layer of n elements, from quotient(i) (element i's quotient h_i ≥ 0
+// or NaN, kNoQuotient where w_i = 0) and prefetch(i) (requests element i's inputs).
+template <typename T, typename Quotient, typename Prefetch>
+Bracket<T> bracket_of(int64_t n, Quotient&& quotient, Prefetch&& prefetch) {
   Bracket<T> b;
   std::vector<T> q;
   if (n <= kDirectLimit) {
     q.reserve(n);
     for (int64_t i = 0; i < n; ++i) {
-      if (load(w[i]) != 0) q.push_back(quotient_at(w, g, gs, i, weight_decay));
+      const T h = quotient(i);
+      if (!(h < 0)) q.push_back(h);  // NaN kept: it makes the median NaN
     }
     b.known = true;
     b.value = select_lower_median(q.data(), int64_t(q.size()));
@@ -155,19 +157,29 @@ Bracket<math_t<P>> make_bracket(const P* w, const P* g, math_t<P> gs, int64_t n,
     state = state * 6364136223846793005ull + 1442695040888963407ull;  // LCG (Knuth MMIX)
     starts[k] = int64_t((state >> 33) % uint64_t(n - kRunLength)) & ~(kRunLength - 1);
     // All runs are requested before any is read: the misses overlap instead of queueing.
-    __builtin_prefetch(w + starts[k]);
-    __builtin_prefetch(g + starts[k]);
+    prefetch(starts[k]);
   }
   for (const int64_t start : starts) {
     for (int64_t i = start; i < start + kRunLength; ++i) {
-      if (load(w[i]) == 0) continue;
-      T h = quotient_at(w, g, gs, i, weight_decay);
-      if (h == h) q.push_back(h);
+      const T h = quotient(i);
+      if (h >= 0) q.push_back(h);  // neither w_i = 0 nor NaN
     }
   }
   if (q.size() < 256) return b;  // too few usable samples: the bracket is everything
   bracket_pivots(q, 0.5, b.lo, b.hi);
   return b;
+}
+
+// The bracket of the SGD base's quotients |g_i + β·w_i| / |w_i|.
+template <typename P>
+Bracket<math_t<P>> make_bracket(const P* w, const P* g, math_t<P> gs, int64_t n, math_t<P> weight_decay) {
+  using T = math_t<P>;
+  return bracket_of<T>(
+      n, [&](int64_t i) { return load(w[i]) != 0 ? quotient_at(w, g, gs, i, weight_decay) : kNoQuotient<T>; },
+      [&](int64_t i) {
+        __builtin_prefetch(w + i);
+        __builtin_prefetch(g + i);
+      });
 }
 
 // Counts one block of quotients h[0, m) (kNoQuotient where w = 0) against the bracket

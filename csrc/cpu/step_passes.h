@@ -17,8 +17,21 @@ struct ChunkResult {
 // quotients (the update overwrites w), in the caller's workspace when it is large enough.
 class MedianPlan {
  public:
+  // The SGD base's brackets, of the quotients |g_i + β·w_i| / |w_i|.
   MedianPlan(const StepConfig& cfg, const std::vector<LayerRef>& layers, const std::vector<char>& selects,
              bool keep_quotients)
+      : MedianPlan(cfg.workspace, cfg.workspace_bytes, cfg.threads, layers, selects, keep_quotients,
+                   [&](const LayerRef& l, auto tag) {
+                     using P = decltype(tag);
+                     return make_bracket(static_cast<const P*>(l.w), static_cast<const P*>(l.g),
+                                         math_t<P>(l.g_unscale), l.n, math_t<P>(cfg.weight_decay));
+                   }) {}
+
+  // Any layers (with members n and dtype): make_bracket(layer, storage type tag) gives the
+  // bracket of a selecting layer; workspace: the caller's scratch, as StepConfig's.
+  template <typename Layer, typename MakeBracket>
+  MedianPlan(unsigned char* workspace, int64_t workspace_bytes, int threads, const std::vector<Layer>& layers,
+             const std::vector<char>& selects, bool keep_quotients, MakeBracket&& make_bracket)
       : selects_(selects), offset_(layers.size(), 0), f32_(layers.size()), f64_(layers.size()) {
     int64_t bytes = 0;
     std::vector<int> selecting;
@@ -30,19 +43,17 @@ class MedianPlan {
     }
     if (selecting.empty()) return;
     const int64_t needed = keep_quotients ? 2 * bytes : bytes;
-    candidates_ = cfg.workspace;
-    if (cfg.workspace_bytes < needed) {
+    candidates_ = workspace;
+    if (workspace_bytes < needed) {
       owned_.reset(new unsigned char[needed]);  // uninitialised: untouched pages stay free
       candidates_ = owned_.get();
     }
     if (keep_quotients) quotients_ = candidates_ + bytes;
-    parallel_items(int64_t(selecting.size()), cfg.threads, kChunk * int64_t(selecting.size()), [&](int64_t k) {
-      const LayerRef& l = layers[selecting[k]];
+    parallel_items(int64_t(selecting.size()), threads, kChunk * int64_t(selecting.size()), [&](int64_t k) {
+      const Layer& l = layers[selecting[k]];
       dispatch(l.dtype, [&](auto tag) {
         using P = decltype(tag);
-        bracket<math_t<P>>(selecting[k]) = make_bracket(static_cast<const P*>(l.w), static_cast<const P*>(l.g),
-                                                        math_t<P>(l.g_unscale), l.n,
-                                                        math_t<P>(cfg.weight_decay));
+        bracket<math_t<P>>(selecting[k]) = make_bracket(l, tag);
       });
     });
   }
@@ -118,11 +129,13 @@ bool layer_nonfinite(const LayerRef& l, double g2, double d2) {
 }
 
 // The median of each selecting layer, as fp32 and approx-truncated (0 elsewhere: not taken;
-// NaN only where undefined).  The fallback reads the quotients stored by the pass (lag=1:
-// w is overwritten) or recomputes them from w and g.
-std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPlan& plan,
-                                  const std::vector<LayerSums>& sums, bool from_quotients, bool approx,
-                                  double weight_decay, int threads) {
+// NaN only where undefined).  write_quotients(layer, storage type tag, out) writes every
+// valid quotient of the layer to out and returns how many (the fallback where the
+// bracket missed).
+template <typename Layer, typename WriteQuotients>
+std::vector<float> select_medians(const std::vector<Layer>& layers, MedianPlan& plan,
+                                  const std::vector<LayerSums>& sums, bool approx, int threads,
+                                  WriteQuotients&& write_quotients) {
   std::vector<float> medians(layers.size(), 0.0f);
   std::vector<int> selecting;
   for (size_t i = 0; i < layers.size(); ++i) {
@@ -130,32 +143,41 @@ std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPla
   }
   parallel_items(int64_t(selecting.size()), threads, kChunk * int64_t(selecting.size()), [&](int64_t k) {
     const int i = selecting[k];
-    const LayerRef& l = layers[i];
-    dispatch(l.dtype, [&](auto tag) {
-      using P = decltype(tag);
-      using T = math_t<P>;
-      auto all_quotients = [&](T* out) {
-        int64_t m = 0;
-        if (from_quotients) {
-          const T* q = plan.quotients<T>(i);
-          for (int64_t j = 0; j < l.n; ++j) {
-            if (q[j] >= 0) out[m++] = q[j];
-          }
-        } else {
-          const P* w = static_cast<const P*>(l.w);
-          const P* g = static_cast<const P*>(l.g);
-          for (int64_t j = 0; j < l.n; ++j) {
-            if (load(w[j]) != 0) out[m++] = quotient_at(w, g, T(l.g_unscale), j, T(weight_decay));
-          }
-        }
-        return m;
-      };
+    dispatch(layers[i].dtype, [&](auto tag) {
+      using T = math_t<decltype(tag)>;
+      auto all_quotients = [&](T* out) { return write_quotients(i, tag, out); };
       const float median = float(finish_median(plan.bracket<T>(i), sums[i].counts, sums[i].slices,
                                                plan.candidates<T>(i), approx, all_quotients));
       medians[i] = approx ? approx_median(median) : median;
     });
   });
   return medians;
+}
+
+// The SGD base's medians: the fallback reads the quotients stored by the pass (lag=1: w
+// is overwritten) or recomputes them from w and g.
+std::vector<float> finish_medians(const std::vector<LayerRef>& layers, MedianPlan& plan,
+                                  const std::vector<LayerSums>& sums, bool from_quotients, bool approx,
+                                  double weight_decay, int threads) {
+  return select_medians(layers, plan, sums, approx, threads, [&](int i, auto tag, auto* out) {
+    using P = decltype(tag);
+    using T = math_t<P>;
+    const LayerRef& l = layers[i];
+    int64_t m = 0;
+    if (from_quotients) {
+      const T* q = plan.quotients<T>(i);
+      for (int64_t j = 0; j < l.n; ++j) {
+        if (q[j] >= 0) out[m++] = q[j];
+      }
+    } else {
+      const P* w = static_cast<const P*>(l.w);
+      const P* g = static_cast<const P*>(l.g);
+      for (int64_t j = 0; j < l.n; ++j) {
+        if (load(w[j]) != 0) out[m++] = quotient_at(w, g, T(l.g_unscale), j, T(weight_decay));
+      }
+    }
+    return m;
+  });
 }
 
 // κ of layer i's current inputs by the group's rule, from the reduction and the norms.
