@@ -26,7 +26,7 @@ from .step_common import (fp64_out_of_range, grad_scale_on, layers_with_grads, l
 ADAM_RULES = ("lars", "mclr")
 # The backends with kernels of the Adam base's ops: the dispatcher's choice (the reference
 # kernels on every device until fused ones are registered), or the reference by name.
-ADAM_BACKENDS = ("auto", "reference")
+ADAM_BACKENDS = ("auto", "reference", "triton")
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def _validate(group: dict, read_tensor_lr: bool = False) -> None:
         raise ValueError(f"Invalid rule: {group['rule']!r} (choose from {', '.join(ADAM_RULES)})")
     if group["backend"] not in ADAM_BACKENDS:
         raise ValueError(f"Invalid backend: {group['backend']!r} (the Adam base runs on "
-                         f"{', '.join(ADAM_BACKENDS)}: fused kernels of its ops are not written yet)")
+                         f"{', '.join(ADAM_BACKENDS)}: fused kernels of its ops are not written yet for the others)")
     check_flags(group, ("bias_correction", "exclude_1d", "adapt", "nvlamb", "maximize"))
 
 
@@ -90,7 +90,7 @@ class LAMB(Optimizer):
             a group with weight_decay 0 is not adapted.
         adapt: False: no layer of the group is adapted (Adam with decoupled decay).
         skip_nonfinite: skip the whole step when a gradient holds NaN/Inf.
-        backend: "auto" or "reference".
+        backend: "auto", "reference" or "triton".
         adapt_mask, decay_mask: which parameters are adapted / take weight decay, by name
             (cblr_ext.masks; docs/algorithm.md, "Masks").
         maximize: ascend the objective, as torch.optim.Adam's: the moments take −g for g (one
