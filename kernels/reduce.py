@@ -21,13 +21,18 @@ NAN_KEY = tl.constexpr(0x7FFFFFFF)  # NaN quotients sort last (their layer's med
 
 
 @triton.jit
-def quotient_keys(w, g, weight_decay):
-    """The fp32 bits of h = fl(|fl(g + fl(β·w))| / |w|) as int32 keys; non-negative,
-    so integer order is value order.  Correctly rounded division (not the fast one).
-    Elements with w = 0 are not quotients; the caller masks them out."""
-    d = g + w * weight_decay
+def abs_quotient_keys(d, w):
+    """The fp32 bits of h = fl(|d| / |w|) as int32 keys; non-negative, so integer order
+    is value order.  Correctly rounded division (not the fast one).  Elements with w = 0
+    are not quotients; the caller masks them out."""
     h = tl.math.div_rn(tl.abs(d), tl.abs(tl.where(w != 0, w, 1.0)))  # w = 0 is not selected
     return tl.where(h != h, NAN_KEY, h.to(tl.int32, bitcast=True))
+
+
+@triton.jit
+def quotient_keys(w, g, weight_decay):
+    """``abs_quotient_keys`` of d = fl(g + fl(β·w))."""
+    return abs_quotient_keys(g + w * weight_decay, w)
 
 
 @triton.jit

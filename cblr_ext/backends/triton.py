@@ -2,11 +2,12 @@
 (``cblr_ext.kernels``), one launch per pass per dtype of a param group, and the
 per-layer math on device as [L] tensors through ``layer_math``.  Nothing is read on
 the host during a step.  The module-level functions ``layerwise_reduce``,
-``layerwise_update_``, ``probe_shift_`` and ``probe_restore_`` have the op schemas'
+``layerwise_update_``, ``probe_shift_`` and ``probe_restore_``, and the Adam base's
+``grad_sq_sums``, ``adam_reduce`` and ``adam_update_``, have the op schemas'
 signatures (``contract.SCHEMAS``): they are registered as the CUDA kernels where the
 CUDA extension is not loaded, and
 ``backend="triton"`` calls them directly (CPU tensors, in the interpreter).  Their
-semantics are those of ``backends/reference.py``.
+semantics are those of ``backends/reference.py`` and ``backends/reference_adam.py``.
 
 Triton is imported on first use, not with ``cblr_ext``: on the CPU the kernels
 run in the Triton interpreter, which ``TRITON_INTERPRET=1`` selects only when
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from .. import layer_math as lm
 from .. import ops
-from ..contract import (FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SCALAR_DTYPE, STAT_COLUMNS,
+from ..contract import (ADAM_OPS, FLAG_COLUMNS, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SCALAR_DTYPE, STAT_COLUMNS,
                           SUM_COLUMNS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2)
 
 name = "triton"
@@ -248,8 +249,20 @@ def _pass_one(ptrs: Tensor, plans: list, n: int, device, modes: Tensor, measure,
                            float(weight_decay), unscale, STATS=True, SECANT=secant, HIST=hist is not None, FILTER=False,
                            SHIFT=shift, BITS=bits)
 
+    def hist_pass(plan, hist, prefix, shift, bits):
+        _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, None, measure, float(weight_decay),
+                unscale, STATS=False, SECANT=False, HIST=True, FILTER=True, SHIFT=shift, BITS=bits)
+
     if measure is None:
         return stats_pass(None, None, 0, 1), None
+    sums, prefix, count = _radix_median(plans, n, device, schedule, stats_pass, hist_pass)
+    return sums, _median_value(prefix, count, sums[:, kr.P_H_NAN.value], measure)
+
+
+def _radix_median(plans: list, n: int, device, schedule, stats_pass, hist_pass) -> tuple:
+    """The passes of a radix selection: ``stats_pass(hist, prefix, shift, bits)`` takes the
+    sums ([n, columns]) and fills the first histogram, ``hist_pass(plan, hist, prefix, shift,
+    bits)`` fills each further one.  Returns (sums, the selected prefix, the quotient counts)."""
     prefix, rank, count = _selection_state(n, device)
     for i, (shift, bits) in enumerate(schedule):
         hist = torch.zeros((n, 1 << bits), dtype=torch.int32, device=device)
@@ -257,11 +270,9 @@ def _pass_one(ptrs: Tensor, plans: list, n: int, device, modes: Tensor, measure,
             sums = stats_pass(hist, prefix, shift, bits)
         else:
             for plan in plans:
-                _launch(kr.chunk_stats_kernel, plan, ptrs, n, None, hist, prefix, None, measure,
-                        float(weight_decay), unscale, STATS=False, SECANT=False, HIST=True, FILTER=True, SHIFT=shift,
-                        BITS=bits)
+                hist_pass(plan, hist, prefix, shift, bits)
         _select(hist, prefix, rank, count, shift, bits, first=i == 0)
-    return sums, _median_value(prefix, count, sums[:, kr.P_H_NAN.value], measure)
+    return sums, prefix, count
 
 
 # ------------------------------------------------------------------ pass 1
@@ -545,6 +556,158 @@ def probe_restore_(params, saved):
         _copy(params, saved)
 
 
+# ------------------------------------------------------------ the Adam base
+
+def _check_adam(params, grads, exp_avgs, exp_avg_sqs, steps, clip, device) -> None:
+    """The inputs both Adam passes read: m and v fp32 with their parameter's layout, one
+    fp32 step count per layer, the clip divisor a one-element fp32 tensor."""
+    n = len(params)
+    _check(params, "parameter")
+    _check_lengths(n, {}, dict(gradients=grads, exp_avgs=exp_avgs, exp_avg_sqs=exp_avg_sqs, steps=steps))
+    _check(grads, "gradient", like=params)
+    if any(t is None for t in list(exp_avgs) + list(exp_avg_sqs)):
+        raise ValueError("triton backend: every parameter needs its exp_avg and exp_avg_sq")
+    _check_fp32_like(exp_avgs, params, "exp_avg")
+    _check_fp32_like(exp_avg_sqs, params, "exp_avg_sq")
+    _check_small(steps, "step count", 1, device, torch.float32)
+    if clip is not None:
+        _check_shape(clip.reshape(-1), "the clip divisor", (1,), torch.float32, device)
+
+
+def _adam_scalars(steps, unscale, clip, beta1, beta2, eps, weight_decay, bias_correction) -> tuple:
+    """The kernels' arguments after the pointer table: the layers' bias corrections of this
+    step (fp32 [L], from the step counts on the device), 1/S, the clip divisor, the
+    hyperparameters (1 − β as the reference rounds it: in fp64, then to fp32)."""
+    bc1, bc2 = lm.bias_corrections(_stack(steps), beta1, beta2, bias_correction)
+    return (bc1, bc2, unscale, clip, float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2, float(eps),
+            float(weight_decay))
+
+
+def grad_sq_sums(grads, grad_scale):
+    """Σg² of every layer (fp64), g ÷ grad scale (``reference_adam.grad_sq_sums``)."""
+    from ..kernels import reduce as kr
+    from ..kernels.chunks import chunk_plans, pointer_table
+    n = len(grads)
+    device = grads[0].device if grads else torch.device("cpu")
+    if n == 0:
+        return torch.zeros((0,), dtype=torch.float64, device=device)
+    _check(grads, "gradient")
+    with _on_device(grads):
+        # Pass 1 of the SGD base with Σg² alone (w is not read: the gradients fill its role).
+        part, _ = _pass_one(pointer_table([grads, grads]), chunk_plans(grads, CHUNK), n, device,
+                            _vector([kr.MODE_G2.value] * n, device, torch.uint8), None, None, 0.0, secant=False,
+                            unscale=_unscale(grad_scale, device))
+        return part[:, kr.P_G2.value]
+
+
+def adam_reduce(rule, params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, clip, beta1, beta2, eps,
+                weight_decay, bias_correction):
+    """Pass 1 (``reference_adam.adam_reduce``): Σw², Σu² (in the SUM_G2 column), with
+    rule "mclr" the median of |u_i|/|w_i|, and the non-finite flags of g, of every layer;
+    writes nothing."""
+    n = len(params)
+    device = params[0].device if params else torch.device("cpu")
+    if n == 0:
+        return (torch.zeros((0, SUM_COLUMNS), dtype=torch.float64, device=device),
+                torch.zeros((0,), dtype=torch.float32, device=device),
+                torch.zeros((0, FLAG_COLUMNS), dtype=torch.bool, device=device))
+    _check_adam(params, grads, exp_avgs, exp_avg_sqs, steps, clip, device)
+    with _on_device(params):
+        scalars = _adam_scalars(steps, _unscale(grad_scale, device), clip, beta1, beta2, eps, weight_decay,
+                                bias_correction)
+        sums, median, flags = _adam_reduce(rule, params, grads, exp_avgs, exp_avg_sqs, steps, scalars)
+        _remember(flags, ("adam", rule))
+        return sums, median, flags
+
+
+def _adam_reduce(rule, params, grads, exp_avgs, exp_avg_sqs, steps, scalars) -> tuple:
+    from ..kernels import adam as ka
+    from ..kernels.chunks import chunk_plans, pointer_table
+    n, device = len(params), params[0].device
+    plans = chunk_plans(params, CHUNK)
+    ptrs = pointer_table([params, grads, exp_avgs, exp_avg_sqs, steps])
+    clip_on = scalars[3] is not None
+
+    def stats_pass(hist, prefix, shift, bits):
+        return _layer_sums(ka.adam_stats_kernel, plans, n, ka.STATS_PARTIALS.value, device, ptrs, hist, prefix,
+                           *scalars, CLIP=clip_on, STATS=True, HIST=hist is not None, FILTER=False, SHIFT=shift,
+                           BITS=bits)
+
+    def hist_pass(plan, hist, prefix, shift, bits):
+        _launch(ka.adam_stats_kernel, plan, ptrs, n, None, hist, prefix, *scalars, CLIP=clip_on, STATS=False,
+                HIST=True, FILTER=True, SHIFT=shift, BITS=bits)
+
+    every = _vector([True] * n, device, torch.bool)
+    if rule == "mclr":  # the exact median of every layer, as the reference takes it
+        part, prefix, count = _radix_median(plans, n, device, _schedule(False, params, grads), stats_pass,
+                                            hist_pass)
+        median = _median_value(prefix, count, part[:, ka.A_H_NAN.value], every)
+    else:
+        part = stats_pass(None, None, 0, 1)
+        median = torch.zeros((n,), dtype=torch.float32, device=device)
+    zeros = torch.zeros((n,), dtype=torch.float64, device=device)
+    sums = torch.stack([part[:, ka.A_W2.value], part[:, ka.A_U2.value], zeros, zeros], dim=1)
+    flags = torch.stack([every, every, every if rule == "mclr" else ~every, part[:, ka.A_NONFINITE.value] > 0],
+                        dim=1)
+    return sums, median, flags
+
+
+def adam_update_(rule, params, grads, exp_avgs, exp_avg_sqs, steps, adapt, sums, median, flags, found_inf,
+                 grad_scale, clip, lr, beta1, beta2, eps, weight_decay, bias_correction, trust_coefficient,
+                 max_ratio):
+    """Pass 2 (``reference_adam.adam_update_``): the ratio (``layer_math.adam_ratio``) from
+    the reduction, completed by a pass of its own where it left out the norms or the
+    median (a reduction made elsewhere), then w ← w − γ·r·u, m, v and the step count in
+    one launch; nothing is written when ``found_inf``."""
+    n = len(params)
+    device = params[0].device if params else torch.device("cpu")
+    if n == 0:
+        return torch.zeros((0, STAT_COLUMNS), dtype=SCALAR_DTYPE, device=device)
+    _check_adam(params, grads, exp_avgs, exp_avg_sqs, steps, clip, device)
+    _check_lengths(n, {}, dict(adapt=adapt))
+    _check_shape(sums, "the reduction's sums", (n, SUM_COLUMNS), torch.float64, device)
+    _check_shape(median, "the reduction's median", (n,), torch.float32, device)
+    _check_shape(flags, "the reduction's flags", (n, FLAG_COLUMNS), torch.bool, device)
+    with _on_device(params):
+        return _adam_update(rule, params, grads, exp_avgs, exp_avg_sqs, steps, adapt, sums, median, flags,
+                            found_inf, _unscale(grad_scale, device), clip, lr, beta1, beta2, eps, weight_decay,
+                            bias_correction, float(trust_coefficient), max_ratio)
+
+
+def _adam_update(rule, params, grads, exp_avgs, exp_avg_sqs, steps, adapt, sums, median, flags, found_inf,
+                 unscale, clip, lr, beta1, beta2, eps, weight_decay, bias_correction, trust_coefficient,
+                 max_ratio) -> Tensor:
+    from ..kernels import adam as ka
+    from ..kernels.chunks import chunk_plans, pointer_table
+    n, device = len(params), params[0].device
+    scalars = _adam_scalars(steps, unscale, clip, beta1, beta2, eps, weight_decay, bias_correction)
+    w2, u2 = sums[:, SUM_W2], sums[:, SUM_G2]
+    if not _made_here_for(flags, ("adam", rule)):
+        fresh_sums, fresh_median, _ = _adam_reduce(rule, params, grads, exp_avgs, exp_avg_sqs, steps, scalars)
+        norms_known = flags[:, FLAG_NORMS]
+        w2 = torch.where(norms_known, w2, fresh_sums[:, SUM_W2])
+        u2 = torch.where(norms_known, u2, fresh_sums[:, SUM_G2])
+        if rule == "mclr":
+            median = torch.where(flags[:, FLAG_MEDIAN], median, fresh_median)
+    w_norm, u_norm = lm.norm_from_sum(w2), lm.norm_from_sum(u2)
+    ratio, kappa, fallback = lm.adam_ratio(rule, w_norm, u_norm, median, _vector(adapt, device, torch.bool),
+                                           trust_coefficient=trust_coefficient, eps=eps, max_ratio=max_ratio)
+    alpha = lm.layer_alpha(ratio, lr.to(device=device, dtype=torch.float32).reshape(()))
+    skip = found_inf.to(device=device, dtype=torch.bool).reshape(())
+    written = list(params) + list(exp_avgs) + list(exp_avg_sqs) + list(steps)
+    torch.autograd.graph.increment_version(written)  # the kernel writes through raw pointers
+    part = _layer_sums(ka.adam_update_kernel, chunk_plans(params, CHUNK), n, ka.UPDATE_PARTIALS.value, device,
+                       pointer_table([params, grads, exp_avgs, exp_avg_sqs, steps]), alpha.float(),
+                       skip.to(torch.uint8), *scalars, CLIP=clip is not None)
+    # A layer without elements has no chunk to advance its count.
+    empty = [s for s, p in zip(steps, params) if p.numel() == 0]
+    if empty:
+        torch._foreach_copy_(empty, [torch.where(skip, s, s + 1) for s in empty])
+    step_norm = lm.norm_from_sum(part[:, ka.A_MOVE2.value])  # 0 on a skipped step: nothing was read
+    return torch.stack([w_norm, u_norm, step_norm, kappa, ratio, alpha, fallback.double()], dim=1)
+
+
 # Where the CUDA extension did not load, these kernels run the ops on CUDA tensors.
 if ops.CUDA_LOAD_ERROR is not None and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     ops.register(sys.modules[__name__], "CUDA", "triton")
+    ops.register(sys.modules[__name__], "CUDA", "triton", names=ADAM_OPS)
