@@ -281,17 +281,14 @@ TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
 // No tensor arguments: registered for every dispatch key.
 TORCH_LIBRARY_IMPL(cblr_ext, CompositeExplicitAutograd, m) { m.impl("cpu_isa", &cpu_isa); }
 
-// The sharded median's radix select: one round's counts (cblr_ext/distributed.py).
+// The sharded median's radix select: one round's counts, and the keys still candidates
+// (cblr_ext/distributed.py).
 namespace {
 
-std::tuple<Tensor, Tensor> median_histogram(at::TensorList params, at::TensorList grads,
-                                            const std::optional<Tensor>& grad_scale, double weight_decay,
-                                            const Tensor& prefix, int64_t shift, int64_t width) {
+std::vector<cblr::cpu::HistogramLayer> histogram_inputs(at::TensorList params, at::TensorList grads,
+                                                        const std::optional<Tensor>& grad_scale, const Tensor& prefix) {
   const size_t count = params.size();
   kCheck.count(grads.size(), count, "gradients", false);
-  TORCH_CHECK(shift >= 0 && width >= 1 && width <= 16 && shift + width <= 31,
-              kCheck.who, "a round counts 1 to 16 key bits below bit 31 (got shift ", shift, ", width ",
-              width, ")");
   kCheck.table(prefix, at::kLong, {int64_t(count)}, kCpu, "the prefixes");
   const float g_unscale = grad_unscale(grad_scale);
   const int64_t* prefixes = prefix.data_ptr<int64_t>();
@@ -303,16 +300,43 @@ std::tuple<Tensor, Tensor> median_histogram(at::TensorList params, at::TensorLis
     layers[i] = {dtype_of(params[i], i), params[i].numel(), params[i].data_ptr(), grads[i].data_ptr(), g_unscale,
                  prefixes[i]};
   }
-  Tensor counts = at::empty({int64_t(count), int64_t(1) << width}, at::kDouble);
-  Tensor nans = at::empty({int64_t(count)}, at::kDouble);
+  return layers;
+}
+
+std::tuple<Tensor, Tensor> median_histogram(at::TensorList params, at::TensorList grads,
+                                            const std::optional<Tensor>& grad_scale, double weight_decay,
+                                            const Tensor& prefix, int64_t shift, int64_t width) {
+  TORCH_CHECK(shift >= 0 && width >= 1 && width <= 16 && shift + width <= 31,
+              kCheck.who, "a round counts 1 to 16 key bits below bit 31 (got shift ", shift, ", width ",
+              width, ")");
+  const auto layers = histogram_inputs(params, grads, grad_scale, prefix);
+  Tensor counts = at::empty({int64_t(layers.size()), int64_t(1) << width}, at::kDouble);
+  Tensor nans = at::empty({int64_t(layers.size())}, at::kDouble);
   cblr::cpu::histogram_layers(layers, int(shift), int(width), weight_decay, at::get_num_threads(),
                               counts.data_ptr<double>(), nans.data_ptr<double>());
   return {counts, nans};
 }
 
+std::tuple<Tensor, Tensor> median_candidates(at::TensorList params, at::TensorList grads,
+                                             const std::optional<Tensor>& grad_scale, double weight_decay,
+                                             const Tensor& prefix, int64_t top) {
+  TORCH_CHECK(top >= 0 && top <= 31, kCheck.who, "the prefix's lowest bit lies in 0 to 31 (got ", top, ")");
+  const auto layers = histogram_inputs(params, grads, grad_scale, prefix);
+  std::vector<int32_t> gathered;
+  Tensor layer_counts = at::empty({int64_t(layers.size())}, at::kLong);
+  cblr::cpu::gather_layers(layers, int(top), weight_decay, at::get_num_threads(), gathered,
+                           layer_counts.data_ptr<int64_t>());
+  Tensor keys = at::empty({int64_t(gathered.size())}, at::kInt);
+  std::copy(gathered.begin(), gathered.end(), keys.data_ptr<int32_t>());
+  return {keys, layer_counts};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) { m.impl("median_histogram", &median_histogram); }
+TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
+  m.impl("median_histogram", &median_histogram);
+  m.impl("median_candidates", &median_candidates);
+}
 
 // An empty Python module, so that the setup.py build imports as ``cblr_ext._C``
 // (importing it registers the kernels above).

@@ -69,5 +69,10 @@ void histogram_layers(const std::vector<HistogramLayer>& layers, int shift, int 
   kernels().histogram(layers, shift, width, weight_decay, threads, counts, nans);
 }
 
+void gather_layers(const std::vector<HistogramLayer>& layers, int top, double weight_decay, int threads,
+                   std::vector<int32_t>& keys, int64_t* layer_counts) {
+  kernels().gather(layers, top, weight_decay, threads, keys, layer_counts);
+}
+
 }  // namespace cpu
 }  // namespace cblr

@@ -15,6 +15,7 @@ struct KernelTable {
   decltype(&cpu::copy_layers) copy;
   decltype(&cpu::shift_layers) shift;
   decltype(&cpu::histogram_layers) histogram;
+  decltype(&cpu::gather_layers) gather;
 };
 
 // Null where the variant is not compiled in (not x86-64, or not GCC).
