@@ -143,8 +143,10 @@ class _MedianSelect:
     """The exact lower median of each measuring MCLR layer's quotients over all ranks: a
     radix select over their fp32 bits, one batched histogram per round for all layers
     (the op ``median_histogram``: one pass over the group's shards per round, in the
-    group's backend; the rounds after the second count the candidates the second round
-    gathered, ``_GATHER_SHARE``).  Round 0's counts are taken at construction."""
+    group's backend).  The second round's pass gathers the keys still candidates instead
+    (``median_candidates``), and it and the later rounds count those alone
+    (``median_candidate_histogram``; see ``_GATHER_SHARE``).  Round 0's counts are taken
+    at construction."""
 
     def __init__(self, g, reduction, grad_scale=None):
         self.rows = [i for i, m in enumerate(reduction.flags[:, FLAG_MEASURED].tolist()) if m]
@@ -153,6 +155,8 @@ class _MedianSelect:
         # The group's backend's ops; the dispatcher's (on its device) for one without them (Triton).
         self.histogram_op = getattr(g.backend.ops, "median_histogram", None) or ops.OPS.median_histogram
         self.candidates_op = getattr(g.backend.ops, "median_candidates", None) or ops.OPS.median_candidates
+        self.candidate_histogram_op = (getattr(g.backend.ops, "median_candidate_histogram", None)
+                                       or ops.OPS.median_candidate_histogram)
         self.weight_decay = float(g.hp.weight_decay)
         self.grad_scale = grad_scale
         # A replica that does not own its layer counts nothing: it passes an empty shard.
@@ -167,7 +171,7 @@ class _MedianSelect:
         self.first, self.nan_counts = self._counts(0)
         self.local = self.first  # this rank's counts of the latest round
         self.kept_here = None  # this rank's keys inside the buckets chosen so far
-        self.keys = self.key_rows = None  # the gathered candidates (int64) and the row of each
+        self.keys = self.key_counts = None  # the gathered candidates, and their number per layer
         self.total = None  # the layer's number of quotients, all ranks
         self.rank = None  # the wanted element's 1-based rank inside the current bucket
 
@@ -176,18 +180,8 @@ class _MedianSelect:
         return self.histogram_op(self.params, self.grads, self.grad_scale, self.weight_decay, self.prefix, shift, width)
 
     def _gather(self, top: int) -> None:
-        keys, layer_counts = self.candidates_op(self.params, self.grads, self.grad_scale, self.weight_decay,
-                                                self.prefix, top)
-        self.keys = keys.long()
-        self.key_rows = torch.repeat_interleave(torch.arange(len(self.rows), device=keys.device), layer_counts)
-
-    def _candidate_counts(self, r: int) -> torch.Tensor:
-        """Round ``r``'s counts from the gathered keys: one bincount for every layer."""
-        shift, width = self.schedule[r]
-        bins, top = 1 << width, shift + width
-        kept = (self.keys >> top) == (self.prefix[self.key_rows] >> top)
-        index = self.key_rows * bins + ((self.keys >> shift) & (bins - 1))
-        return torch.bincount(index[kept], minlength=len(self.rows) * bins).double().view(len(self.rows), bins)
+        self.keys, self.key_counts = self.candidates_op(self.params, self.grads, self.grad_scale, self.weight_decay,
+                                                        self.prefix, top)
 
     def histogram(self, r: int) -> torch.Tensor:
         """This rank's counts for round ``r`` ([rows, 2^width] fp64, flattened): of the keys
@@ -197,7 +191,8 @@ class _MedianSelect:
             few = self.kept_here <= _GATHER_SHARE * sum(p.numel() for p in self.params)
             if self.keys is None and r + 1 < len(self.schedule) and bool(few):
                 self._gather(shift + width)
-            self.local = self._counts(r)[0] if self.keys is None else self._candidate_counts(r)
+            self.local = (self._counts(r)[0] if self.keys is None else
+                          self.candidate_histogram_op(self.keys, self.key_counts, self.prefix, shift, width))
         return self.local.flatten()
 
     def choose(self, r: int, merged: torch.Tensor) -> None:

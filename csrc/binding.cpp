@@ -14,6 +14,7 @@
 
 #include "binding_checks.h"
 #include "cpu/kernels.h"
+#include "cpu/median_candidates.h"
 
 namespace {
 
@@ -331,11 +332,35 @@ std::tuple<Tensor, Tensor> median_candidates(at::TensorList params, at::TensorLi
   return {keys, layer_counts};
 }
 
+Tensor median_candidate_histogram(const Tensor& keys, const Tensor& layer_counts, const Tensor& prefix, int64_t shift,
+                                  int64_t width) {
+  TORCH_CHECK(shift >= 0 && width >= 1 && width <= 16 && shift + width <= 31,
+              kCheck.who, "a round counts 1 to 16 key bits below bit 31 (got shift ", shift, ", width ",
+              width, ")");
+  const int64_t count = prefix.numel();
+  kCheck.table(prefix, at::kLong, {count}, kCpu, "the prefixes");
+  kCheck.table(layer_counts, at::kLong, {count}, kCpu, "the candidates per layer");
+  TORCH_CHECK(keys.dim() == 1 && keys.scalar_type() == at::kInt && keys.is_contiguous() && keys.device() == kCpu,
+              kCheck.who, "the candidate keys must be one dense int32 CPU vector");
+  const int64_t* per_layer = layer_counts.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(per_layer[i] >= 0, kCheck.who, "layer ", i, " has a negative number of candidates");
+    total += per_layer[i];
+  }
+  TORCH_CHECK(total == keys.numel(), kCheck.who, "the layers hold ", total, " candidates, the keys ", keys.numel());
+  Tensor counts = at::empty({count, int64_t(1) << width}, at::kDouble);
+  cblr::cpu::count_candidates(keys.data_ptr<int32_t>(), per_layer, prefix.data_ptr<int64_t>(), count, int(shift),
+                              int(width), counts.data_ptr<double>());
+  return counts;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
   m.impl("median_histogram", &median_histogram);
   m.impl("median_candidates", &median_candidates);
+  m.impl("median_candidate_histogram", &median_candidate_histogram);
 }
 
 // An empty Python module, so that the setup.py build imports as ``cblr_ext._C``

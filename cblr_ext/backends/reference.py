@@ -248,6 +248,17 @@ def median_candidates(params, grads, grad_scale, weight_decay, prefix, top):
             torch.tensor([len(k) for k in keys], dtype=torch.int64, device=device))
 
 
+def median_candidate_histogram(keys, layer_counts, prefix, shift, width):
+    """``median_histogram``'s counts of round (``shift``, ``width``) from the keys
+    ``median_candidates`` gathered: one bincount for every layer."""
+    bins, top = 1 << width, shift + width
+    keys = keys.long()
+    rows = torch.repeat_interleave(torch.arange(len(prefix), device=keys.device), layer_counts)
+    kept = (keys >> top) == (prefix[rows] >> top)
+    index = rows * bins + ((keys >> shift) & (bins - 1))
+    return torch.bincount(index[kept], minlength=len(prefix) * bins).double().view(len(prefix), bins)
+
+
 # The default kernel of every op on any device, and the only one of ``cblr_ext_reference``.
 for _library in (ops.LIBRARY, ops.REFERENCE_LIBRARY):
     ops.register(sys.modules[__name__], "CompositeExplicitAutograd", "reference", _library,
