@@ -12,6 +12,8 @@ the columns of what the ops return, and the dtypes of the state they read and wr
 | ``grad_sq_sums`` | g ÷ grad scale | | Σg² per layer (fp64; LAMB's global clipping) |
 | ``adam_reduce`` | w, g ÷ grad scale ÷ clip, m, v, step count | | ``Reduction`` tensors of the direction u (Σw², Σu², median of abs(u_i)/abs(w_i), non-finite flags) |
 | ``median_histogram`` | w, g ÷ grad scale, each layer's key prefix | | one radix-select round's counts per layer, and its NaN quotients (the sharded median) |
+| ``median_candidates`` | w, g ÷ grad scale, each layer's key prefix | | the keys under the prefixes, layer after layer, and their number per layer (the sharded median's later rounds count these) |
+| ``median_candidate_histogram`` | those keys, each layer's key prefix | | a round's counts per layer of the keys under the prefixes |
 | ``adam_update_`` | w, g ÷ grad scale ÷ clip, m, v, step count, a reduction | w, m, v, step count; nothing when ``found_inf`` | [L, 7] statistics (``g_norm``: ‖u‖) |
 """
 from __future__ import annotations
@@ -54,13 +56,17 @@ SCHEMAS = {
     # The sharded median's radix select (cblr_ext/distributed.py): one round's counts of every layer of a group.
     "median_histogram": ("median_histogram(Tensor[] params, Tensor[] grads, Tensor? grad_scale, float weight_decay, "
                          "Tensor prefix, int shift, int width) -> (Tensor counts, Tensor nans)"),
+    "median_candidates": ("median_candidates(Tensor[] params, Tensor[] grads, Tensor? grad_scale, float weight_decay, "
+                          "Tensor prefix, int top) -> (Tensor keys, Tensor layer_counts)"),
+    "median_candidate_histogram": ("median_candidate_histogram(Tensor keys, Tensor layer_counts, Tensor prefix, "
+                                   "int shift, int width) -> Tensor"),
 }
 # The ops of a step: every backend implements these (``cpu_isa`` is the C++ extension's).
 STEP_OPS = ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_")
 # The Adam base's ops: the reference implements them (the default kernel on every device).
 ADAM_OPS = ("grad_sq_sums", "adam_reduce", "adam_update_")
 # Sharded groups' ops: the reference and the C++ CPU kernel (csrc/binding.cpp).
-SHARDED_OPS = ("median_histogram",)
+SHARDED_OPS = ("median_histogram", "median_candidates", "median_candidate_histogram")
 
 # Columns of Reduction.sums (fp64): Σw², Σg² of the step's inputs (the Adam base: Σu² of
 # its direction u in the SUM_G2 column); the CBLR secant's Σ(d(w_t) − d(w_t + s))² and Σs².

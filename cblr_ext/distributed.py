@@ -26,6 +26,11 @@ from .functional import (FLAG_MEASURED, FLAG_MEDIAN, FLAG_NONFINITE, FLAG_NORMS,
 # 0); median="approx" truncates to the top 16, so it stops there.
 EXACT_ROUNDS = ((20, 11), (10, 10), (0, 10))
 APPROX_ROUNDS = ((20, 11), (16, 4))
+# A round with rounds after it gathers this rank's keys still candidates (the op
+# median_candidates, a few per cent of them after the first round) so that the later
+# rounds count those instead of reading w and g again; not where they exceed this share
+# of the rank's quotients (ties can keep them all: the memory stays under 0.5 B/element).
+_GATHER_SHARE = 1 / 8
 _STEP_NORM = STAT_NAMES.index("step_norm")
 
 
@@ -138,14 +143,20 @@ class _MedianSelect:
     """The exact lower median of each measuring MCLR layer's quotients over all ranks: a
     radix select over their fp32 bits, one batched histogram per round for all layers
     (the op ``median_histogram``: one pass over the group's shards per round, in the
-    group's backend).  Round 0's counts are taken at construction."""
+    group's backend).  The second round's pass gathers the keys still candidates instead
+    (``median_candidates``), and it and the later rounds count those alone
+    (``median_candidate_histogram``; see ``_GATHER_SHARE``).  Round 0's counts are taken
+    at construction."""
 
     def __init__(self, g, reduction, grad_scale=None):
         self.rows = [i for i, m in enumerate(reduction.flags[:, FLAG_MEASURED].tolist()) if m]
         self.schedule = APPROX_ROUNDS if g.hp.approx_median else EXACT_ROUNDS
         device = reduction.sums.device
-        # The group's backend's op; the dispatcher's (on its device) for one without it (Triton).
+        # The group's backend's ops; the dispatcher's (on its device) for one without them (Triton).
         self.histogram_op = getattr(g.backend.ops, "median_histogram", None) or ops.OPS.median_histogram
+        self.candidates_op = getattr(g.backend.ops, "median_candidates", None) or ops.OPS.median_candidates
+        self.candidate_histogram_op = (getattr(g.backend.ops, "median_candidate_histogram", None)
+                                       or ops.OPS.median_candidate_histogram)
         self.weight_decay = float(g.hp.weight_decay)
         self.grad_scale = grad_scale
         # A replica that does not own its layer counts nothing: it passes an empty shard.
@@ -158,6 +169,9 @@ class _MedianSelect:
         self.prefix = torch.zeros(len(self.rows), dtype=torch.int64, device=device)
         # NaN quotients per layer: this rank's, all ranks' once merged (torch.median is NaN then).
         self.first, self.nan_counts = self._counts(0)
+        self.local = self.first  # this rank's counts of the latest round
+        self.kept_here = None  # this rank's keys inside the buckets chosen so far
+        self.keys = self.key_counts = None  # the gathered candidates, and their number per layer
         self.total = None  # the layer's number of quotients, all ranks
         self.rank = None  # the wanted element's 1-based rank inside the current bucket
 
@@ -165,10 +179,21 @@ class _MedianSelect:
         shift, width = self.schedule[r]
         return self.histogram_op(self.params, self.grads, self.grad_scale, self.weight_decay, self.prefix, shift, width)
 
+    def _gather(self, top: int) -> None:
+        self.keys, self.key_counts = self.candidates_op(self.params, self.grads, self.grad_scale, self.weight_decay,
+                                                        self.prefix, top)
+
     def histogram(self, r: int) -> torch.Tensor:
         """This rank's counts for round ``r`` ([rows, 2^width] fp64, flattened): of the keys
         inside the buckets chosen so far."""
-        return (self.first if r == 0 else self._counts(r)[0]).flatten()
+        if r > 0:
+            shift, width = self.schedule[r]
+            few = self.kept_here <= _GATHER_SHARE * sum(p.numel() for p in self.params)
+            if self.keys is None and r + 1 < len(self.schedule) and bool(few):
+                self._gather(shift + width)
+            self.local = (self._counts(r)[0] if self.keys is None else
+                          self.candidate_histogram_op(self.keys, self.key_counts, self.prefix, shift, width))
+        return self.local.flatten()
 
     def choose(self, r: int, merged: torch.Tensor) -> None:
         """Pick each layer's bucket of round ``r`` from the counts of all ranks."""
@@ -183,6 +208,7 @@ class _MedianSelect:
                              torch.zeros_like(self.rank))
         self.rank = self.rank - before
         self.prefix = self.prefix | (bucket << shift)
+        self.kept_here = self.local.view(len(self.rows), 1 << width).gather(1, bucket[:, None]).sum()
 
     def write(self, reduction) -> None:
         """The medians into the reduction: NaN where the layer has no quotient or a NaN one."""

@@ -71,9 +71,19 @@ def _median_histogram_fake(params, grads, grad_scale, weight_decay, prefix, shif
             prefix.new_empty((len(params),), dtype=torch.float64))
 
 
+def _median_candidates_fake(params, grads, grad_scale, weight_decay, prefix, top):
+    keys = torch.library.get_ctx().new_dynamic_size()  # how many keys lie under the prefixes
+    return prefix.new_empty((keys,), dtype=torch.int32), prefix.new_empty((len(params),), dtype=torch.int64)
+
+
+def _median_candidate_histogram_fake(keys, layer_counts, prefix, shift, width):
+    return prefix.new_empty((len(prefix), 1 << width), dtype=torch.float64)
+
+
 _FAKES = dict(zip(STEP_OPS + ADAM_OPS + SHARDED_OPS,
                   (_reduce_fake, _update_fake, _shift_fake, _restore_fake, _grad_sq_sums_fake, _adam_reduce_fake,
-                   _adam_update_fake, _median_histogram_fake)))
+                   _adam_update_fake, _median_histogram_fake, _median_candidates_fake,
+                   _median_candidate_histogram_fake)))
 for _namespace in ("cblr_ext", "cblr_ext_reference"):
     for _name, _fake in _FAKES.items():
         torch.library.register_fake(f"{_namespace}::{_name}", _fake)

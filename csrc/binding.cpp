@@ -14,6 +14,7 @@
 
 #include "binding_checks.h"
 #include "cpu/kernels.h"
+#include "cpu/median_candidates.h"
 
 namespace {
 
@@ -281,17 +282,14 @@ TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
 // No tensor arguments: registered for every dispatch key.
 TORCH_LIBRARY_IMPL(cblr_ext, CompositeExplicitAutograd, m) { m.impl("cpu_isa", &cpu_isa); }
 
-// The sharded median's radix select: one round's counts (cblr_ext/distributed.py).
+// The sharded median's radix select: one round's counts, and the keys still candidates
+// (cblr_ext/distributed.py).
 namespace {
 
-std::tuple<Tensor, Tensor> median_histogram(at::TensorList params, at::TensorList grads,
-                                            const std::optional<Tensor>& grad_scale, double weight_decay,
-                                            const Tensor& prefix, int64_t shift, int64_t width) {
+std::vector<cblr::cpu::HistogramLayer> histogram_inputs(at::TensorList params, at::TensorList grads,
+                                                        const std::optional<Tensor>& grad_scale, const Tensor& prefix) {
   const size_t count = params.size();
   kCheck.count(grads.size(), count, "gradients", false);
-  TORCH_CHECK(shift >= 0 && width >= 1 && width <= 16 && shift + width <= 31,
-              kCheck.who, "a round counts 1 to 16 key bits below bit 31 (got shift ", shift, ", width ",
-              width, ")");
   kCheck.table(prefix, at::kLong, {int64_t(count)}, kCpu, "the prefixes");
   const float g_unscale = grad_unscale(grad_scale);
   const int64_t* prefixes = prefix.data_ptr<int64_t>();
@@ -303,16 +301,67 @@ std::tuple<Tensor, Tensor> median_histogram(at::TensorList params, at::TensorLis
     layers[i] = {dtype_of(params[i], i), params[i].numel(), params[i].data_ptr(), grads[i].data_ptr(), g_unscale,
                  prefixes[i]};
   }
-  Tensor counts = at::empty({int64_t(count), int64_t(1) << width}, at::kDouble);
-  Tensor nans = at::empty({int64_t(count)}, at::kDouble);
+  return layers;
+}
+
+std::tuple<Tensor, Tensor> median_histogram(at::TensorList params, at::TensorList grads,
+                                            const std::optional<Tensor>& grad_scale, double weight_decay,
+                                            const Tensor& prefix, int64_t shift, int64_t width) {
+  TORCH_CHECK(shift >= 0 && width >= 1 && width <= 16 && shift + width <= 31,
+              kCheck.who, "a round counts 1 to 16 key bits below bit 31 (got shift ", shift, ", width ",
+              width, ")");
+  const auto layers = histogram_inputs(params, grads, grad_scale, prefix);
+  Tensor counts = at::empty({int64_t(layers.size()), int64_t(1) << width}, at::kDouble);
+  Tensor nans = at::empty({int64_t(layers.size())}, at::kDouble);
   cblr::cpu::histogram_layers(layers, int(shift), int(width), weight_decay, at::get_num_threads(),
                               counts.data_ptr<double>(), nans.data_ptr<double>());
   return {counts, nans};
 }
 
+std::tuple<Tensor, Tensor> median_candidates(at::TensorList params, at::TensorList grads,
+                                             const std::optional<Tensor>& grad_scale, double weight_decay,
+                                             const Tensor& prefix, int64_t top) {
+  TORCH_CHECK(top >= 0 && top <= 31, kCheck.who, "the prefix's lowest bit lies in 0 to 31 (got ", top, ")");
+  const auto layers = histogram_inputs(params, grads, grad_scale, prefix);
+  std::vector<int32_t> gathered;
+  Tensor layer_counts = at::empty({int64_t(layers.size())}, at::kLong);
+  cblr::cpu::gather_layers(layers, int(top), weight_decay, at::get_num_threads(), gathered,
+                           layer_counts.data_ptr<int64_t>());
+  Tensor keys = at::empty({int64_t(gathered.size())}, at::kInt);
+  std::copy(gathered.begin(), gathered.end(), keys.data_ptr<int32_t>());
+  return {keys, layer_counts};
+}
+
+Tensor median_candidate_histogram(const Tensor& keys, const Tensor& layer_counts, const Tensor& prefix, int64_t shift,
+                                  int64_t width) {
+  TORCH_CHECK(shift >= 0 && width >= 1 && width <= 16 && shift + width <= 31,
+              kCheck.who, "a round counts 1 to 16 key bits below bit 31 (got shift ", shift, ", width ",
+              width, ")");
+  const int64_t count = prefix.numel();
+  kCheck.table(prefix, at::kLong, {count}, kCpu, "the prefixes");
+  kCheck.table(layer_counts, at::kLong, {count}, kCpu, "the candidates per layer");
+  TORCH_CHECK(keys.dim() == 1 && keys.scalar_type() == at::kInt && keys.is_contiguous() && keys.device() == kCpu,
+              kCheck.who, "the candidate keys must be one dense int32 CPU vector");
+  const int64_t* per_layer = layer_counts.data_ptr<int64_t>();
+  int64_t total = 0;
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(per_layer[i] >= 0, kCheck.who, "layer ", i, " has a negative number of candidates");
+    total += per_layer[i];
+  }
+  TORCH_CHECK(total == keys.numel(), kCheck.who, "the layers hold ", total, " candidates, the keys ", keys.numel());
+  Tensor counts = at::empty({count, int64_t(1) << width}, at::kDouble);
+  cblr::cpu::count_candidates(keys.data_ptr<int32_t>(), per_layer, prefix.data_ptr<int64_t>(), count, int(shift),
+                              int(width), counts.data_ptr<double>());
+  return counts;
+}
+
 }  // namespace
 
-TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) { m.impl("median_histogram", &median_histogram); }
+TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
+  m.impl("median_histogram", &median_histogram);
+  m.impl("median_candidates", &median_candidates);
+  m.impl("median_candidate_histogram", &median_candidate_histogram);
+}
 
 // The Adam base's ops (LAMB): Σg² for the global clipping, and the two passes.
 namespace {

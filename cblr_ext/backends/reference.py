@@ -203,22 +203,28 @@ def probe_restore_(params, saved):
         p.copy_(w)
 
 
+def _median_keys(w, g, grad_scale, weight_decay):
+    """One layer's quotient keys for the sharded median: the fp32 bits of |d| / |w|, rounded
+    to fp32 from the state dtype (rounding is monotone, so the median of the rounded
+    quotients is the rounded median); −1 where w = 0 or the quotient is NaN (−1 >> top
+    matches no prefix ≥ 0).  Also whether each quotient is NaN where w ≠ 0."""
+    dtype = state_dtype(w)
+    w = w.to(dtype).flatten()
+    (g,) = _unscaled([g.to(dtype).flatten()], grad_scale)
+    q = (lm.decayed_grad(g, w, weight_decay).abs() / w.abs()).float()
+    nan = torch.isnan(q) & (w != 0)
+    return torch.where((w == 0) | nan, -1, q.view(torch.int32)), nan
+
+
 def median_histogram(params, grads, grad_scale, weight_decay, prefix, shift, width):
     """One round of the sharded median's radix select (cblr_ext/distributed.py): per layer,
-    its quotient keys (the fp32 bits of |d| / |w|, rounded to fp32 from the state dtype:
-    rounding is monotone, so the median of the rounded quotients is the rounded median;
-    none where w = 0 or the quotient is NaN) whose bits above ``shift + width`` equal the
-    layer's ``prefix``, counted by the ``width`` bits at ``shift`` ([L, 2^width] fp64), and
-    its NaN quotients where w ≠ 0 ([L] fp64)."""
+    its quotient keys (``_median_keys``; none where w = 0 or the quotient is NaN) whose bits
+    above ``shift + width`` equal the layer's ``prefix``, counted by the ``width`` bits at
+    ``shift`` ([L, 2^width] fp64), and its NaN quotients where w ≠ 0 ([L] fp64)."""
     bins, top = 1 << width, shift + width
     counts, nans = [], []
     for w, g, want in zip(params, grads, prefix):
-        dtype = state_dtype(w)
-        w = w.to(dtype).flatten()
-        (g,) = _unscaled([g.to(dtype).flatten()], grad_scale)
-        q = (lm.decayed_grad(g, w, weight_decay).abs() / w.abs()).float()
-        nan = torch.isnan(q) & (w != 0)
-        keys = torch.where((w == 0) | nan, -1, q.view(torch.int32))  # −1 >> top matches no prefix ≥ 0
+        keys, nan = _median_keys(w, g, grad_scale, weight_decay)
         kept = (keys >> top) == (want >> top)
         counts.append(torch.bincount(torch.where(kept, (keys >> shift) & (bins - 1), 0), weights=kept.double(),
                                      minlength=bins))
@@ -226,6 +232,28 @@ def median_histogram(params, grads, grad_scale, weight_decay, prefix, shift, wid
     device = prefix.device
     return (torch.stack(counts) if counts else torch.zeros((0, bins), dtype=torch.float64, device=device),
             torch.stack(nans) if nans else torch.zeros(0, dtype=torch.float64, device=device))
+
+
+def median_candidates(params, grads, grad_scale, weight_decay, prefix, top):
+    """The keys ``median_histogram`` would count under each layer's ``prefix`` (their bits
+    above ``top`` equal the prefix's), layer after layer in each layer's element order
+    ([K] int32), and their number per layer ([L] int64)."""
+    keys = [k[(k >> top) == (want >> top)] for w, g, want in zip(params, grads, prefix)
+            for k in [_median_keys(w, g, grad_scale, weight_decay)[0]]]
+    device = prefix.device
+    return (torch.cat(keys) if keys else torch.zeros(0, dtype=torch.int32, device=device),
+            torch.tensor([len(k) for k in keys], dtype=torch.int64, device=device))
+
+
+def median_candidate_histogram(keys, layer_counts, prefix, shift, width):
+    """``median_histogram``'s counts of round (``shift``, ``width``) from the keys
+    ``median_candidates`` gathered: one bincount for every layer."""
+    bins, top = 1 << width, shift + width
+    keys = keys.long()
+    rows = torch.repeat_interleave(torch.arange(len(prefix), device=keys.device), layer_counts)
+    kept = (keys >> top) == (prefix[rows] >> top)
+    index = rows * bins + ((keys >> shift) & (bins - 1))
+    return torch.bincount(index[kept], minlength=len(prefix) * bins).double().view(len(prefix), bins)
 
 
 # The default kernel of every op on any device, and the only one of ``cblr_ext_reference``.

@@ -18,6 +18,7 @@ struct KernelTable {
   decltype(&cpu::grad_sq_layers) grad_sq;
   decltype(&cpu::adam_reduce_layers) adam_reduce;
   decltype(&cpu::adam_apply_layers) adam_apply;
+  decltype(&cpu::gather_layers) gather;
 };
 
 // Null where the variant is not compiled in (not x86-64, or not GCC).

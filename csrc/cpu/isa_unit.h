@@ -25,7 +25,8 @@ const KernelTable* CBLR_JOIN(CBLR_ISA, _kernels)() {
   static const KernelTable table{CBLR_NAME(CBLR_ISA), &CBLR_ISA::reduce_layers, &CBLR_ISA::apply_layers,
                                  &CBLR_ISA::copy_layers, &CBLR_ISA::shift_layers,
                                  &CBLR_ISA::histogram_layers, &CBLR_ISA::grad_sq_layers,
-                                 &CBLR_ISA::adam_reduce_layers, &CBLR_ISA::adam_apply_layers};
+                                 &CBLR_ISA::adam_reduce_layers, &CBLR_ISA::adam_apply_layers,
+                                 &CBLR_ISA::gather_layers};
   return &table;
 }
 

@@ -109,6 +109,10 @@ struct HistogramLayer {
 // width bits at shift; nans[L]: its NaN quotients where w ≠ 0.
 void histogram_layers(const std::vector<HistogramLayer>& layers, int shift, int width, double weight_decay,
                       int threads, double* counts, double* nans);
+// The same keys (those whose bits above top equal the prefix's), layer after layer:
+// keys, and layer_counts[L] of them per layer.
+void gather_layers(const std::vector<HistogramLayer>& layers, int top, double weight_decay, int threads,
+                   std::vector<int32_t>& keys, int64_t* layer_counts);
 
 // The Adam base (LAMB and the median rule on the Adam direction u, adam_passes.h).  One
 // layer: n dense elements of w and g in the storage type, m and v in the math type,

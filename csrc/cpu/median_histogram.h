@@ -3,7 +3,8 @@
 // by the `width` bits at `shift`, among the keys whose bits above shift + width equal
 // the layer's prefix (the buckets chosen in earlier rounds).  The quotients are formed
 // again from w and g each round rather than kept: a round reads 2 values per element and
-// writes nothing, and the later rounds count a few keys only.
+// writes nothing.  gather_layers returns the keys under a prefix instead (a few per cent
+// of them after the first round), so that the rounds after it read those alone.
 #pragma once
 
 namespace cblr::cpu::CBLR_ISA {  // one instruction-set variant (isa_unit.h)
@@ -31,19 +32,17 @@ inline int32_t block_keys(const P* w, const P* g, math_t<P> gs, int64_t m, math_
   return nan;
 }
 
-// Adds one chunk's counts to hist (2^width bins) and returns its NaN quotients.  Two
-// interleaved histograms: clustered keys hit one bin in a row, and the increments of one
-// bin would otherwise wait on each other's stores.  Groups of 8 keys with none under the
-// prefix are skipped whole (the later rounds count a few keys only).
-template <typename P>
-int64_t count_chunk(const HistogramLayer& l, int64_t begin, int64_t end, int shift, int width, double weight_decay,
-                    int32_t* hist) {
+// Visits one chunk's keys under the prefix (their bits above top equal the prefix's):
+// all_kept(keys + j) for a group of 8 all kept, one_kept(key) for the others; returns the
+// chunk's NaN quotients.  Groups of 8 keys with none kept are skipped whole (the later
+// rounds keep a few keys only).
+template <typename P, typename AllKept, typename OneKept>
+int64_t visit_kept(const HistogramLayer& l, int64_t begin, int64_t end, int top, double weight_decay,
+                   AllKept&& all_kept, OneKept&& one_kept) {
   using T = math_t<P>;
   const P* w = static_cast<const P*>(l.w);
   const P* g = static_cast<const P*>(l.g);
-  const int top = shift + width;  // ≤ 31: the sign bit of a kept key is 0
-  const uint32_t want = uint32_t(l.prefix) >> top, mask = (uint32_t(1) << width) - 1;
-  int32_t* other = hist + (int64_t(1) << width);
+  const uint32_t want = uint32_t(l.prefix) >> top;  // top ≤ 31: a kept key's sign bit is 0
   int64_t nan = 0;
   alignas(64) uint32_t keys[kSumBlock];
   alignas(64) uint8_t kept[kSumBlock + 8] = {};
@@ -56,16 +55,13 @@ int64_t count_chunk(const HistogramLayer& l, int64_t begin, int64_t end, int shi
       std::memcpy(&group, kept + j0, 8);
       if (group == 0) continue;
       if (group == 0x0101010101010101ull) {  // all eight kept (the first round, mostly)
-        for (int64_t j = j0; j < j0 + 8; j += 2) {
-          ++hist[(keys[j] >> shift) & mask];
-          ++other[(keys[j + 1] >> shift) & mask];
-        }
+        all_kept(keys + j0);
         continue;
       }
       // Eight 0/1 bytes to an 8-bit mask (byte i to bit i), then visit the set bits only.
       uint32_t bits = uint32_t((group * 0x0102040810204080ull) >> 56);
       while (bits) {
-        ++hist[(keys[j0 + __builtin_ctz(bits)] >> shift) & mask];
+        one_kept(keys[j0 + __builtin_ctz(bits)]);
         bits &= bits - 1;
       }
     }
@@ -73,7 +69,52 @@ int64_t count_chunk(const HistogramLayer& l, int64_t begin, int64_t end, int shi
   return nan;
 }
 
+// Adds one chunk's counts to hist (2^width bins) and returns its NaN quotients.  Two
+// interleaved histograms: clustered keys hit one bin in a row, and the increments of one
+// bin would otherwise wait on each other's stores.
+template <typename P>
+int64_t count_chunk(const HistogramLayer& l, int64_t begin, int64_t end, int shift, int width, double weight_decay,
+                    int32_t* hist) {
+  const uint32_t mask = (uint32_t(1) << width) - 1;
+  int32_t* other = hist + (int64_t(1) << width);
+  return visit_kept<P>(
+      l, begin, end, shift + width, weight_decay,
+      [&](const uint32_t* keys) {
+        for (int j = 0; j < 8; j += 2) {
+          ++hist[(keys[j] >> shift) & mask];
+          ++other[(keys[j + 1] >> shift) & mask];
+        }
+      },
+      [&](uint32_t key) { ++hist[(key >> shift) & mask]; });
+}
+
 }  // namespace
+
+void gather_layers(const std::vector<HistogramLayer>& layers, int top, double weight_decay, int threads,
+                   std::vector<int32_t>& keys, int64_t* layer_counts) {
+  const std::vector<Chunk> chunks = make_chunks(layers);
+  std::vector<std::vector<int32_t>> chunk_keys(chunks.size());
+  parallel_items(int64_t(chunks.size()), threads, total_elements(layers), [&](int64_t k) {
+    const Chunk& c = chunks[k];
+    std::vector<int32_t>& out = chunk_keys[k];
+    dispatch(layers[c.layer].dtype, [&](auto tag) {
+      visit_kept<decltype(tag)>(
+          layers[c.layer], c.begin, c.end, top, weight_decay,
+          [&](const uint32_t* group) { out.insert(out.end(), group, group + 8); },
+          [&](uint32_t key) { out.push_back(int32_t(key)); });
+    });
+  });
+  // Chunks are in layer order: concatenated, each layer's keys are contiguous.
+  std::fill(layer_counts, layer_counts + layers.size(), 0);
+  size_t total = 0;
+  for (size_t k = 0; k < chunks.size(); ++k) {
+    layer_counts[chunks[k].layer] += int64_t(chunk_keys[k].size());
+    total += chunk_keys[k].size();
+  }
+  keys.clear();
+  keys.reserve(total);
+  for (const auto& part : chunk_keys) keys.insert(keys.end(), part.begin(), part.end());
+}
 
 void histogram_layers(const std::vector<HistogramLayer>& layers, int shift, int width, double weight_decay,
                       int threads, double* counts, double* nans) {
