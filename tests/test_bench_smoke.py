@@ -26,7 +26,8 @@ BYTES_PER_ELEMENT = {("SGD", "fused"): 20, ("AdamW", "fused"): 28, ("LARS", "lag
                      ("LARS", "lag=1"): 24,
                      ("MCLR", "exact"): 36, ("MCLR", "approx,lag=1"): 24, ("CBLR", "re-measure"): 52,
                      ("LARS", "lag=0,GradScaler"): 32, ("LARS", "lag=0,unscale_"): 36,
-                     ("MCLR", "exact,GradScaler"): 40, ("MCLR", "exact,unscale_"): 44}
+                     ("MCLR", "exact,GradScaler"): 40, ("MCLR", "exact,unscale_"): 44,
+                     ("LAMB", "no-clip"): 44, ("LAMB", "clip"): 48, ("LAMB", "clip,foreach"): 48}
 
 
 def bench_env():
@@ -106,9 +107,14 @@ def test_one_record_per_case(run):
         assert (backend in timed) != (backend in report["backends_unavailable"])
     expected = {("tiny", "fp32", opt, backend, variant) for backend in timed for opt, variant in CBLR_EXT_VARIANTS}
     expected |= {("tiny", "fp32", "SGD", "torch", "fused"), ("tiny", "fp32", "SGD", "torch", "foreach"),
-                 ("tiny", "fp32", "AdamW", "torch", "fused"),
+                 ("tiny", "fp32", "AdamW", "torch", "fused"), ("tiny", "fp32", "AdamW", "torch", "foreach"),
                  ("tiny", "fp32", "LARS", "pytorch-optimizer", "foreach"),
-                 ("tiny", "fp32", "LARS", "pytorch-optimizer", "per-param")}
+                 ("tiny", "fp32", "LARS", "pytorch-optimizer", "per-param"),
+                 ("tiny", "fp32", "LAMB", "pytorch-optimizer", "clip,foreach"),
+                 ("tiny", "fp32", "LAMB", "pytorch-optimizer", "clip,per-param")}
+    # LAMB on the backends with kernels of the Adam base's ops.
+    expected |= {("tiny", "fp32", "LAMB", backend, variant) for backend in timed & {"reference", "cpp"}
+                 for variant in ("no-clip", "clip")}
     assert set(keys) == expected  # --quick skips torch.compile ...
     assert "torch.compile(reference)" in report["backends_unavailable"]  # ... and says so
 
