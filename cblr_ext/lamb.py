@@ -199,9 +199,10 @@ class LAMB(Optimizer):
             if out_of_range is not None:
                 reductions[-1].flags[:, F.FLAG_NONFINITE] |= out_of_range
         found_inf = skip_decision(device, getattr(self, "found_inf", None), reductions, self.skip_nonfinite)
-        sharded = [g.median_inputs(grad_scale, clip) if g.sharding is not None else g for g in groups]
-        if any(g.sharding is not None for g in groups):  # the median's quotients are already unscaled
-            found_inf = distributed.merge_reductions(sharded, reductions, found_inf)
+        sharded = any(g.sharding is not None for g in groups)
+        if sharded:  # the median's quotients are already unscaled
+            merged = [g.median_inputs(grad_scale, clip) if g.sharding is not None else g for g in groups]
+            found_inf = distributed.merge_reductions(merged, reductions, found_inf)
         stats = []
         for g, red in zip(groups, reductions):
             hp = g.hyperparams
@@ -210,8 +211,8 @@ class LAMB(Optimizer):
                 grad_scale, clip, F.lr_value(hp["lr"], device), *hp["betas"], float(hp["eps"]),
                 float(F.applied_weight_decay(hp)), hp["bias_correction"], float(hp["trust_coefficient"]),
                 None if hp["max_ratio"] is None else float(hp["max_ratio"])))
-        if any(g.sharding is not None for g in groups):
-            distributed.merge_step_norms(sharded, stats)
+        if sharded:
+            distributed.merge_step_norms(merged, stats)
         self._results["stats"] = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
         self._results["skipped_steps"] = found_inf + self._results["skipped_steps"]
         return loss
