@@ -189,15 +189,17 @@ class LayerwiseOptimizer(Optimizer):
 
     Args (every one but ``skip_nonfinite``, ``reuse_weight_norm``, ``master_weights`` and the
     masks may be overridden per param group, plus ``adapt``; any other group key is refused):
-        lr: γ, a float or a 0-d tensor.
+        lr: γ, a float or a 0-d tensor.  Its default (1; 0.1 for CBLR) is a safe start, not a
+            choice: each rule's good γ window is narrower than an octave on the tasks
+            measured, so sweep γ on a ×√2 grid (docs/algorithm.md, "Defaults", has where).
         momentum, weight_decay, nesterov: as in ``torch.optim.SGD`` (dampening 0).
         trust_coefficient: η of r = η / κ̄.
         eps: ε of the curvature rules.
         exclude_1d: 0-d and 1-D tensors (biases, norms) are not adapted (r = 1); by default
             False for LARS and MCLR, True for CBLR (docs/algorithm.md, "Defaults").
         curvature_ema: ρ of κ̄ = ρ·κ̄ + (1−ρ)·κ; by default 0.5 for MCLR, 0 for LARS and CBLR.
-        max_ratio: upper bound on r, or None (no bound); by default None for LARS, 1 for
-            MCLR, 2 for CBLR (docs/algorithm.md, "Defaults").
+        max_ratio: upper bound on r, or None (no bound); by default None for LARS, 0.25 for
+            MCLR, 1 for CBLR (docs/algorithm.md, "Defaults").
         fallback_trust: η_F of the LARS fallback ratio.
         curvature_interval: re-measure κ every k-th step, reuse κ̄ in between.
         lag: 1 = LARS/MCLR measure on the previous step's inputs (one-pass variant).
@@ -546,7 +548,7 @@ class MCLR(LayerwiseOptimizer):
 
 class CBLR(LayerwiseOptimizer):
     """Curvature-based LR: κ = (‖d(w) − d(w + s_{t−1})‖ + ε) / ‖s_{t−1}‖ measured with
-    ``step(closure)`` on the same mini-batch; η defaults to 1, ρ to 0, r_max to 2."""
+    ``step(closure)`` on the same mini-batch; η defaults to 1, ρ to 0, r_max to 1."""
 
     rule = "cblr"
 

@@ -52,24 +52,28 @@ def test_lars_bias_ratio_is_the_lars_formula():
     assert stats["0.bias"]["ratio"] == pytest.approx(float(expected), rel=1e-5)
 
 
-# Every earlier default: 1-D tensors excluded (until issue 21), MCLR without the EMA and CBLR
-# with it (ρ = 0.5) and without a bound (until the ×√2 screen).
-_OLD = {LARS: dict(exclude_1d=True, max_ratio=None), MCLR: dict(exclude_1d=True, max_ratio=None, curvature_ema=0.0),
-        CBLR: dict(exclude_1d=True, max_ratio=None, curvature_ema=0.5)}
+# Every earlier default: 1-D tensors excluded (the first sweep), MCLR without the EMA and CBLR
+# with it (ρ = 0.5) and without a bound (the ×√2 screen), MCLR bounded at 1 and CBLR at 2
+# (the transfer protocol).
+_OLD = [(LARS, dict(exclude_1d=True, max_ratio=None)),
+        (MCLR, dict(exclude_1d=True, max_ratio=None, curvature_ema=0.0)),
+        (CBLR, dict(exclude_1d=True, max_ratio=None, curvature_ema=0.5)),
+        (MCLR, dict(exclude_1d=False, max_ratio=1.0, curvature_ema=0.5)),
+        (CBLR, dict(exclude_1d=True, max_ratio=2.0, curvature_ema=0.0))]
 
 
-@pytest.mark.parametrize("cls", [LARS, MCLR, CBLR])
-def test_old_defaults_stay_reachable(cls):
+@pytest.mark.parametrize("cls, old", _OLD)
+def test_old_defaults_stay_reachable(cls, old):
     model = _model()
-    opt = cls(model.parameters(), **_OLD[cls])
-    assert all(opt.defaults[k] == v for k, v in _OLD[cls].items())
+    opt = cls(model.parameters(), **old)
+    assert all(opt.defaults[k] == v for k, v in old.items())
     opt = cls(model.parameters(), exclude_1d=False)
     assert opt.defaults["exclude_1d"] is False
 
 
 def test_rule_defaults_table():
     assert {rule: (d["exclude_1d"], d["max_ratio"], d["curvature_ema"]) for rule, d in RULE_DEFAULTS.items()} == {
-        "lars": (False, None, 0.0), "mclr": (False, 1.0, 0.5), "cblr": (True, 2.0, 0.0)}
+        "lars": (False, None, 0.0), "mclr": (False, 0.25, 0.5), "cblr": (True, 1.0, 0.0)}
 
 
 def _run(cls, steps, power=2, **options):
@@ -90,11 +94,11 @@ def _run(cls, steps, power=2, **options):
     return w.detach(), ratios
 
 
-def test_cblr_ratio_is_bounded_by_two_by_default():
+def test_cblr_ratio_is_bounded_by_one_by_default():
     _, unbounded = _run(CBLR, 3, max_ratio=None)
     assert unbounded[-1] == pytest.approx(10.0, rel=1e-4)     # η/κ̄ with κ̄ = c once measured
     _, bounded = _run(CBLR, 3)
-    assert bounded[-1] == 2.0
+    assert bounded[-1] == 1.0
 
 
 def test_mclr_curvature_ema_is_a_half_by_default():

@@ -26,10 +26,10 @@ def test_tiny_median_leaves_finite_parameters(backend):
     opt.step()
     assert torch.isfinite(w).all()
     stats = opt.layer_stats()["0.0"]
-    assert stats["ratio"] == 1.0        # η/m = 1e-3/1e-30 = 1e27, bounded to the default 1
-    # the ordinary elements moved by lr · r · g = 1e12, the tiny ones by 1e-30 (lost in 1)
+    assert stats["ratio"] == 0.25       # η/m = 1e-3/1e-30 = 1e27, bounded to the default 0.25
+    # the ordinary elements moved by lr · r · g = 0.25 · 1e12, the tiny ones by 1e-30 (lost in 1)
     expected = torch.ones(121)
-    expected[:60] = 1.0 - 1e12
+    expected[:60] = 1.0 - 0.25 * torch.tensor(1e12)
     assert torch.equal(w.detach().reshape(-1), expected)
 
 
@@ -44,7 +44,7 @@ def test_unbounded_ratio_stays_reachable(backend):
 
 def test_default_bounds_per_rule():
     p = [torch.nn.Parameter(torch.ones(2, 2))]
-    assert MCLR(p).defaults["max_ratio"] == 1.0
-    assert LARS(p).defaults["max_ratio"] is None and CBLR(p).defaults["max_ratio"] == 2.0
+    assert MCLR(p).defaults["max_ratio"] == 0.25
+    assert LARS(p).defaults["max_ratio"] is None and CBLR(p).defaults["max_ratio"] == 1.0
     assert MCLR(p, max_ratio=5.0).defaults["max_ratio"] == 5.0
     assert repr(MCLR.__init__.__defaults__).count("RULE_DEFAULT") >= 1

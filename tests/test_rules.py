@@ -110,11 +110,18 @@ def test_mclr_fallback_when_median_is_zero():
 def test_fallback_undefined_gives_ratio_one():
     # n = 0 (all w zero): MCLR falls back, and the LARS fallback is undefined (‖w‖ = 0): r = 1
     p = layer([0.0, 0.0])
-    opt = MCLR([p], lr=0.5, backend="reference")
+    opt = MCLR([p], lr=0.5, max_ratio=None, backend="reference")
     set_grad(p, [1.0, -2.0])
     opt.step()
     assert_close(p, [-0.5, 1.0])
     assert opt.layer_stats()["0.0"]["ratio"] == 1.0
+    # r_max bounds the fallback too: MCLR's default 0.25 gives a quarter of that step
+    p = layer([0.0, 0.0])
+    opt = MCLR([p], lr=0.5, backend="reference")
+    set_grad(p, [1.0, -2.0])
+    opt.step()
+    assert_close(p, [-0.125, 0.25])
+    assert opt.layer_stats()["0.0"]["ratio"] == 0.25
 
     # LARS with g = 0 and β = ε = 0: κ = 0 is not positive, fallback undefined (‖g‖ = 0): r = 1
     q = layer([1.0, 1.0])

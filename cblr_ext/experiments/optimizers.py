@@ -72,7 +72,7 @@ _CANDIDATES = {
     "CBLR-x1d-nocap": (CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=None), CBLR_GRID),
     "CBLR-x1d-cap2": (CBLR, dict(exclude_1d=True, curvature_ema=0.5, max_ratio=2.0), CBLR_GRID),
     "CBLR-x1d-cap2-ema0": (CBLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=2.0), CBLR_GRID),
-    # the alternatives the transfer protocol weighs against today's defaults
+    # the defaults the transfer protocol chose, by the names its recorded run gave them
     "MCLR-cap0.25": (MCLR, dict(exclude_1d=False, curvature_ema=0.5, max_ratio=0.25), (2.0, 4.0, 8.0, 16.0, 32.0)),
     "CBLR-cap1": (CBLR, dict(exclude_1d=True, curvature_ema=0.0, max_ratio=1.0), CBLR_GRID),
 }

@@ -153,15 +153,16 @@ def run_protocol(config: TransferConfig, *, jobs: int = 1, progress: bool = True
     return {"selection": selection, "held_out": evaluate(config, selection["choice"], runs)}
 
 
-# The protocol of docs/experiments.md ("Defaults that transfer"). The centres are the best γ
+# The protocol of docs/experiments.md ("Defaults that transfer"): each rule's defaults
+# ("MCLR", "CBLR-k1") against the previous ones (r_max 1 and 2). The centres are the best γ
 # of the 30-epoch MNIST-1D sweep (docs/experiments.md, "The sweep") for each rule and batch.
 LARGE_BATCHES = (1024, 4096, 8192)
 PROTOCOL = TransferConfig(
     selection=(Task("mnist1d", "mlp", LARGE_BATCHES),),
     held_out=(Task("mnist1d-shifted", "mlp", LARGE_BATCHES), Task("mnist1d-seed2", "mlp-w128-d3", LARGE_BATCHES),
               Task("digits", "cnn", (1024,)), Task("teacher", "mlp", LARGE_BATCHES)),
-    candidates={"SGD": ("SGD",), "LARS": ("LARS",), "MCLR": ("MCLR", "MCLR-cap0.25"),
-                "CBLR": ("CBLR-k1", "CBLR-cap1")},
+    candidates={"SGD": ("SGD",), "LARS": ("LARS",), "MCLR": ("MCLR", "MCLR-all-cap1-ema0.5"),
+                "CBLR": ("CBLR-k1", "CBLR-x1d-cap2-ema0")},
     centres={"SGD": {1024: 0.2, 4096: 0.025, 8192: 0.0125}, "LARS": {1024: 32.0, 4096: 64.0, 8192: 64.0},
              "MCLR": {1024: 16.0, 4096: 16.0, 8192: 8.0}, "CBLR": {1024: 0.8, 4096: 1.6, 8192: 1.6}},
 )
@@ -176,7 +177,7 @@ SHORT = replace(
     epochs=10, selection_seeds=(0, 1))
 # Seconds: the protocol end to end, for the tests and a first look at the output.
 TINY = TransferConfig(selection=(Task("teacher", "mlp", (256,)),), held_out=(Task("digits", "mlp", (256,)),),
-                      candidates={"SGD": ("SGD",), "CBLR": ("CBLR-k1", "CBLR-cap1")},
+                      candidates={"SGD": ("SGD",), "CBLR": ("CBLR-k1", "CBLR-x1d-cap2-ema0")},
                       centres={"SGD": {256: 0.05}, "CBLR": {256: 0.8}}, grid=(-1, 1), epochs=1,
                       selection_seeds=(0,), held_out_seeds=(100,), train_size=1024)
 TRANSFER_PRESETS = {"full": PROTOCOL, "short": SHORT, "tiny": TINY}
