@@ -72,7 +72,7 @@ def test_params_without_grad_are_skipped_and_zero_element_tensors_work():
     w = torch.nn.Parameter(torch.randn(3, 3))
     frozen = torch.nn.Parameter(torch.randn(3, 3))
     empty = torch.nn.Parameter(torch.randn(0, 4))
-    opt = MCLR([w, frozen, empty], lr=1.0, momentum=0.9, backend="reference")
+    opt = MCLR([w, frozen, empty], lr=1.0, momentum=0.9, max_ratio=None, backend="reference")
     w.grad, empty.grad = torch.randn(3, 3), torch.randn(0, 4)
     before = frozen.detach().clone()
     opt.step()
