@@ -243,7 +243,7 @@ class LAMB(Optimizer):
             groups.append(_AdamGroup(gi, tuple(positions), group, [local(p) for p in params],
                                      [local(g) for g in grads], [local(s["exp_avg"]) for s in states],
                                      [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], adapt,
-                                     backends.resolve_ops(group["backend"]), sharding))
+                                     backends.for_params(group["backend"], params[0].device, params).ops, sharding))
         return groups
 
     def _clip_divisor(self, groups: list, grad_scale):

@@ -9,6 +9,10 @@
 #include "passes.cuh"
 #include "radix_select.cuh"
 
+static_assert(sizeof(cblr::cuda::LayerTable) + sizeof(cblr::cuda::Scratch) + sizeof(cblr::cuda::AdamMath) +
+                      sizeof(cblr::cuda::AdamUpdateArgs) <= 4000,
+              "the update's launch arguments must fit the 4 KiB kernel parameter space");
+
 namespace cblr {
 namespace cuda {
 namespace {

@@ -503,7 +503,6 @@ std::tuple<Tensor, Tensor, Tensor> adam_reduce(const std::string& rule, at::Tens
   const Tensor& first = params[0];
   c10::cuda::CUDAGuard guard(first.device());
   std::vector<Layer> layers = adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps);
-  kCheck.grad_scale(grad_scale, first.device());
   const Tensor unscale = grad_unscale(grad_scale, first);
   const cblr::cuda::AdamMath math = adam_math(unscale, clip, first, beta1, beta2, eps, weight_decay, bias_correction);
   const int64_t rows = int64_t(params.size());
@@ -538,7 +537,6 @@ Tensor adam_update_(const std::string& rule, at::TensorList params, at::TensorLi
   std::vector<Layer> layers = adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps);
   const int64_t rows = int64_t(params.size());
   kCheck.reduction(sums, median, flags, rows, 4, 4, first.device());
-  kCheck.grad_scale(grad_scale, first.device());
   TORCH_CHECK(found_inf.numel() == 1 && lr.numel() == 1, kWho, "found_inf and lr are scalars");
   TORCH_CHECK(found_inf.device() == first.device(), kWho, "found_inf must be on ", first.device(),
               " (it is read by the kernels, never on the host)");
