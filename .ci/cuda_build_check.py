@@ -25,7 +25,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-OPS = ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_")
+# The step ops and the Adam base's (cblr_ext/contract.py: STEP_OPS, ADAM_OPS).
+OPS = ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_", "grad_sq_sums", "adam_reduce",
+       "adam_update_")
 
 
 def step(title):
@@ -57,6 +59,8 @@ def check_registration():
         cuda_row = next(line for line in table.splitlines() if line.startswith("CUDA:"))
         assert "csrc/cuda/binding.cpp" in cuda_row, cuda_row
     print(f"   {cuda_row.strip()}")
+    from cblr_ext.contract import ADAM_OPS, STEP_OPS
+    assert OPS == STEP_OPS + ADAM_OPS, (OPS, STEP_OPS + ADAM_OPS)
     assert backends.why_unavailable("cuda", "cuda") is None, backends.why_unavailable("cuda", "cuda")
     assert backends.get("cuda", "cuda").updates_from_saved
     assert backends.why_unavailable("cuda", "cpu") is not None
@@ -98,6 +102,19 @@ def check_fakes():
         w_sq = ops.probe_shift_(params, steps, saved, [torch.empty_like(s) for s in steps])
         assert (w_sq.shape, w_sq.dtype, w_sq.device) == ((n,), torch.float64, dev), w_sq
         ops.probe_restore_(params, saved)
+        moments = [torch.empty_like(p, dtype=torch.float32) for p in params]
+        g2 = ops.grad_sq_sums(grads, None)
+        assert (g2.shape, g2.dtype, g2.device) == ((n,), torch.float64, dev), g2
+        clip = torch.empty((), device=dev)
+        sums, median, flags = ops.adam_reduce("mclr", params, grads, moments, moments, scalars, None, clip, 0.9,
+                                              0.999, 1e-6, 0.01, True)
+        assert (sums.shape, sums.dtype, sums.device) == ((n, SUM_COLUMNS), torch.float64, dev), sums
+        assert (median.shape, median.dtype, flags.shape, flags.dtype) == ((n,), torch.float32, (n, FLAG_COLUMNS),
+                                                                          torch.bool), (median, flags)
+        stats = ops.adam_update_("lars", params, grads, moments, moments, scalars, [True] * n, sums, median, flags,
+                                 torch.empty((), dtype=torch.bool, device=dev), None, clip,
+                                 torch.empty((), device=dev), 0.9, 0.999, 1e-6, 0.01, True, 1.0, None)
+        assert (stats.shape, stats.dtype, stats.device) == ((n, STAT_COLUMNS), SCALAR_DTYPE, dev), stats
 
 
 def cuda_home():

@@ -29,7 +29,7 @@ LINK_FLAGS = ["-fopenmp"]
 JIT_NAME = "cblr_ext_cpu"
 
 # The CUDA extension: torch-free kernels (each compiles alone with nvcc -c) and one binding.
-CUDA_SOURCES = ("cuda/binding.cpp", "cuda/reduce.cu", "cuda/update.cu", "cuda/probe.cu")
+CUDA_SOURCES = ("cuda/binding.cpp", "cuda/reduce.cu", "cuda/update.cu", "cuda/probe.cu", "cuda/adam.cu")
 # --fmad=false: no fused multiply-add (bit-identical quotients and updates, as the CPU's
 # -ffp-contract=off); IEEE division and square root (no --use_fast_math).
 NVCC_FLAGS = ["-O3", "--fmad=false", "-std=c++17", "-lineinfo"]

@@ -29,9 +29,9 @@ from .step_common import (fp64_out_of_range, grad_scale_on, layers_with_grads, l
 
 ADAM_RULES = ("lars", "mclr")
 # The backends with kernels of the Adam base's ops: the dispatcher's choice (the C++
-# kernels on CPU, the Triton kernels on CUDA where they own it, the reference elsewhere),
-# or one by name.
-ADAM_BACKENDS = ("auto", "reference", "cpp", "triton")
+# kernels on CPU, the CUDA extension's or else the Triton kernels on CUDA, the reference
+# elsewhere), or one by name.
+ADAM_BACKENDS = ("auto", "reference", "cpp", "triton", "cuda")
 
 
 @dataclass(frozen=True)
@@ -113,7 +113,7 @@ class LAMB(Optimizer):
             a group with weight_decay 0 is not adapted.
         adapt: False: no layer of the group is adapted (Adam with decoupled decay).
         skip_nonfinite: skip the whole step when a gradient holds NaN/Inf.
-        backend: "auto", "reference", "cpp" or "triton".
+        backend: "auto", "reference", "cpp", "triton" or "cuda".
         adapt_mask, decay_mask: which parameters are adapted / take weight decay, by name
             (cblr_ext.masks; docs/algorithm.md, "Masks").
         maximize: ascend the objective, as torch.optim.Adam's: the moments take −g for g (one
@@ -243,7 +243,7 @@ class LAMB(Optimizer):
             groups.append(_AdamGroup(gi, tuple(positions), group, [local(p) for p in params],
                                      [local(g) for g in grads], [local(s["exp_avg"]) for s in states],
                                      [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], adapt,
-                                     backends.resolve_ops(group["backend"]), sharding))
+                                     backends.for_params(group["backend"], params[0].device, params).ops, sharding))
         return groups
 
     def _clip_divisor(self, groups: list, grad_scale):

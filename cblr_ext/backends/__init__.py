@@ -99,6 +99,10 @@ def _reason(name: str, device: torch.device) -> Optional[str]:
             return f"the CUDA extension is not loaded: {ops.CUDA_LOAD_ERROR}"
         if not ops.cuda_kernels_registered():
             return "the CUDA extension loaded but registers no CUDA kernels (a stale build?)"
+        missing = [op for op in ADAM_OPS
+                   if not torch._C._dispatch_has_kernel_for_dispatch_key(f"cblr_ext::{op}", "CUDA")]
+        if missing:
+            return f"the CUDA extension loaded but registers no CUDA kernels of {', '.join(missing)} (a stale build?)"
         return None
     raise ValueError(f"unknown cblr_ext backend {name!r} (choose from auto, {', '.join(NAMES)})")
 

@@ -112,6 +112,9 @@ STAGES = (
           "extension must load", 110, install, probe("cpu"), needs=("probe",)),
     Stage("cuda-tests", "tests/test_cuda_backend.py: parity table, real sizes, the exact median on adversarial "
           "data, CUDA-graph replay, no host sync", 60, pytest("tests/test_cuda_backend.py"), needs=("build",)),
+    Stage("lamb-tests", "tests/test_lamb_cuda.py: LAMB and the Adam-base MCLR on the CUDA kernels against the "
+          "formula, the reference element-wise and the C++ kernels bit for bit; skipped steps, GradScaler, no host "
+          "sync", 20, pytest("tests/test_lamb_cuda.py"), needs=("build",)),
     Stage("triton-tests", "tests/test_triton_backend.py, compiled on the GPU (dry run: a small interpreter subset)",
           60, pytest("tests/test_triton_backend.py"), pytest(*TRITON_INTERPRETER_SUBSET, env={"TRITON_INTERPRET": "1"}),
           needs=("build",)),

@@ -404,6 +404,176 @@ void probe_restore_(at::TensorList params, at::TensorList saved) {
   }
 }
 
+// ------------------------------------------------------------------ the Adam base (LAMB)
+
+// The layers of an Adam op, checked before anything is launched: w, g, the fp32 moments
+// and the fp32 step count (a device scalar the kernels read and advance).
+std::vector<Layer> adam_layers(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                               at::TensorList exp_avg_sqs, at::TensorList steps) {
+  const size_t count = params.size();
+  kCheck.count(grads.size(), count, "gradients", false);
+  kCheck.count(exp_avgs.size(), count, "exp_avgs", false);
+  kCheck.count(exp_avg_sqs.size(), count, "exp_avg_sqs", false);
+  kCheck.count(steps.size(), count, "steps", false);
+  std::vector<Layer> layers(count);
+  for (size_t i = 0; i < count; ++i) {
+    const Tensor& p = params[i];
+    check_param(p, params[0], i);
+    kCheck.companion(p, grads[i], p.scalar_type(), "gradient", i);
+    kCheck.companion(p, exp_avgs[i], at::kFloat, "exp_avg", i);
+    kCheck.companion(p, exp_avg_sqs[i], at::kFloat, "exp_avg_sq", i);
+    kCheck.scalar_state(steps[i], at::kFloat, 1, p.device(), "step", i);
+    Layer& l = layers[i];
+    l.row = int(i);
+    l.dtype = dtype_of(p, i);
+    l.n = p.numel();
+    l.ptr[cblr::cuda::ROLE_W] = l.ptr[cblr::cuda::ROLE_W_IN] = p.data_ptr();
+    l.ptr[cblr::cuda::ROLE_G] = grads[i].data_ptr();
+    l.ptr[cblr::cuda::ROLE_EXP_AVG] = exp_avgs[i].data_ptr();
+    l.ptr[cblr::cuda::ROLE_EXP_AVG_SQ] = exp_avg_sqs[i].data_ptr();
+    l.age = steps[i].data_ptr<float>();  // the step count (kernels.h)
+  }
+  return layers;
+}
+
+// The element-wise constants (each rounded once to fp32, as the CPU kernels round them)
+// and the device scalars; the clip divisor a one-element fp32 tensor on the device.
+cblr::cuda::AdamMath adam_math(const Tensor& unscale, const std::optional<Tensor>& clip, const Tensor& first,
+                               double beta1, double beta2, double eps, double weight_decay, bool bias_correction) {
+  if (clip.has_value()) {
+    TORCH_CHECK(clip->device() == first.device() && clip->numel() == 1 && clip->scalar_type() == at::kFloat, kWho,
+                "clip must be a one-element fp32 tensor on ", first.device(), " (got ", clip->scalar_type(),
+                " of shape ", clip->sizes(), " on ", clip->device(), ")");
+  }
+  cblr::cuda::AdamMath m{};
+  m.beta1 = float(beta1);
+  m.one_minus_beta1 = float(1.0 - beta1);
+  m.beta2 = float(beta2);
+  m.one_minus_beta2 = float(1.0 - beta2);
+  m.eps = float(eps);
+  m.weight_decay = float(weight_decay);
+  m.bias_correction = bias_correction;
+  m.unscale = unscale.data_ptr<float>();
+  m.clip = clip.has_value() ? clip->data_ptr<float>() : nullptr;
+  return m;
+}
+
+int adam_rule(const std::string& rule) {
+  const int id = int(kCheck.rule(rule));
+  TORCH_CHECK(id != cblr::cuda::CUDA_RULE_CBLR, kWho, "the Adam base runs the rules lars and mclr (got 'cblr')");
+  return id;
+}
+
+Tensor grad_sq_sums(at::TensorList grads, const std::optional<Tensor>& grad_scale) {
+  if (grads.empty()) return at::empty({0}, at::TensorOptions().dtype(at::kDouble));
+  const Tensor& first = grads[0];
+  c10::cuda::CUDAGuard guard(first.device());
+  std::vector<Layer> layers(grads.size());
+  for (size_t i = 0; i < grads.size(); ++i) {
+    check_param(grads[i], first, i);
+    Layer& l = layers[i];
+    l.row = int(i);
+    l.dtype = dtype_of(grads[i], i);
+    l.n = grads[i].numel();
+    l.ptr[cblr::cuda::ROLE_G] = grads[i].data_ptr();
+  }
+  const Tensor unscale = grad_unscale(grad_scale, first);
+  Tensor sums = at::empty({int64_t(grads.size())}, on(first, at::kDouble));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();
+  for (const Batch& b : make_batches(layers)) {
+    Tensor partials = at::empty({b.table.chunks > 0 ? b.table.chunks : 1}, on(first, at::kDouble));
+    check_launch(cblr::cuda::grad_sq_batch(b.dtype, b.table, partials.data_ptr<double>(), unscale.data_ptr<float>(),
+                                           sums.data_ptr<double>(), stream), "grad_sq_sums");
+  }
+  return sums;
+}
+
+std::tuple<Tensor, Tensor, Tensor> adam_reduce(const std::string& rule, at::TensorList params, at::TensorList grads,
+                                               at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                                               at::TensorList steps, const std::optional<Tensor>& grad_scale,
+                                               const std::optional<Tensor>& clip, double beta1, double beta2,
+                                               double eps, double weight_decay, bool bias_correction) {
+  const int rule_id = adam_rule(rule);
+  if (params.empty()) {
+    kCheck.count(grads.size(), 0, "gradients", false);
+    const auto options = at::TensorOptions().dtype(at::kDouble);
+    return {at::empty({0, 4}, options), at::empty({0}, options.dtype(at::kFloat)),
+            at::empty({0, 4}, options.dtype(at::kBool))};
+  }
+  const Tensor& first = params[0];
+  c10::cuda::CUDAGuard guard(first.device());
+  std::vector<Layer> layers = adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps);
+  const Tensor unscale = grad_unscale(grad_scale, first);
+  const cblr::cuda::AdamMath math = adam_math(unscale, clip, first, beta1, beta2, eps, weight_decay, bias_correction);
+  const int64_t rows = int64_t(params.size());
+  Tensor sums = at::empty({rows, 4}, on(first, at::kDouble));
+  Tensor median = at::empty({rows}, on(first, at::kFloat));
+  Tensor flags = at::empty({rows, 4}, on(first, at::kBool));
+  const bool mclr = rule_id == cblr::cuda::CUDA_RULE_MCLR;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();
+  for (const Batch& b : make_batches(layers)) {
+    ScratchBuffer scratch(b.table, mclr, first.device());
+    check_launch(cblr::cuda::adam_reduce_batch(b.dtype, b.table, scratch.scratch, math, mclr, sums.data_ptr<double>(),
+                                               median.data_ptr<float>(), flags.data_ptr<bool>(), stream),
+                 "adam_reduce");
+  }
+  return {sums, median, flags};
+}
+
+Tensor adam_update_(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                    at::TensorList exp_avg_sqs, at::TensorList steps, c10::List<bool> adapt, const Tensor& sums,
+                    const Tensor& median, const Tensor& flags, const Tensor& found_inf,
+                    const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip, const Tensor& lr,
+                    double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
+                    double trust_coefficient, std::optional<double> max_ratio) {
+  const int rule_id = adam_rule(rule);
+  kCheck.count(adapt.size(), params.size(), "adapt flags", false);
+  if (params.empty()) {
+    kCheck.count(grads.size(), 0, "gradients", false);
+    return at::empty({0, 7}, at::TensorOptions().dtype(at::kDouble));
+  }
+  const Tensor& first = params[0];
+  c10::cuda::CUDAGuard guard(first.device());
+  std::vector<Layer> layers = adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps);
+  const int64_t rows = int64_t(params.size());
+  kCheck.reduction(sums, median, flags, rows, 4, 4, first.device());
+  TORCH_CHECK(found_inf.numel() == 1 && lr.numel() == 1, kWho, "found_inf and lr are scalars");
+  TORCH_CHECK(found_inf.device() == first.device(), kWho, "found_inf must be on ", first.device(),
+              " (it is read by the kernels, never on the host)");
+  TORCH_CHECK(lr.is_cpu() || lr.device() == first.device(), kWho, "lr must be on the CPU or on ", first.device());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    if (adapt.get(i)) layers[i].bits |= cblr::cuda::BIT_ADAPT;
+  }
+  const Tensor unscale = grad_unscale(grad_scale, first);
+  const cblr::cuda::AdamMath math = adam_math(unscale, clip, first, beta1, beta2, eps, weight_decay, bias_correction);
+  // Written through raw pointers (on a skipped step too, as far as the host knows).
+  for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps}) bump_versions(written);
+  const Tensor skip = found_inf.to(at::kFloat);  // device scalars as the kernels read them (no sync)
+  const Tensor lr_device = lr.is_cpu() ? Tensor() : lr.to(at::kFloat);
+  Tensor stats = at::empty({rows, 7}, on(first, at::kDouble));
+  cblr::cuda::AdamUpdateArgs args{};
+  args.rule = rule_id;
+  args.trust_coefficient = trust_coefficient;
+  args.eps = eps;
+  args.has_max_ratio = max_ratio.has_value();
+  args.max_ratio = max_ratio.value_or(0.0);
+  args.sums = sums.data_ptr<double>();
+  args.median = median.data_ptr<float>();
+  args.flags = flags.data_ptr<bool>();
+  args.found_inf = skip.data_ptr<float>();
+  args.lr = lr.is_cpu() ? nullptr : lr_device.data_ptr<float>();
+  args.lr_value = lr.is_cpu() ? lr.to(at::kFloat).item<float>() : 0.0f;  // a CPU value: no device sync
+  args.stats = stats.data_ptr<double>();
+  const bool mclr = rule_id == cblr::cuda::CUDA_RULE_MCLR;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(first.device().index()).stream();
+  for (const Batch& b : make_batches(layers)) {
+    ScratchBuffer scratch(b.table, mclr, first.device());
+    check_launch(cblr::cuda::adam_update_batch(b.dtype, b.table, scratch.scratch, math, args, stream),
+                 "adam_update_");
+  }
+  return stats;
+}
+
 }  // namespace
 
 // The ops and their schemas are declared once, in cblr_ext/ops.py (SCHEMAS): this file
@@ -413,6 +583,9 @@ TORCH_LIBRARY_IMPL(cblr_ext, CUDA, m) {
   m.impl("layerwise_update_", &layerwise_update_);
   m.impl("probe_shift_", &probe_shift_);
   m.impl("probe_restore_", &probe_restore_);
+  m.impl("grad_sq_sums", &grad_sq_sums);
+  m.impl("adam_reduce", &adam_reduce);
+  m.impl("adam_update_", &adam_update_);
 }
 
 // An empty Python module, so that the setup.py build imports as ``cblr_ext._C_cuda``

@@ -53,6 +53,30 @@ __device__ __forceinline__ void store_vec(P* p, const float (&in)[kVec]) {
   *reinterpret_cast<Vec<P>*>(p) = x;
 }
 
+// kVec elements from p + base: one vector access where `vector`, else the first `count`
+// one by one (the rest 0).  Unrolled: the arrays stay in registers.
+template <typename P>
+__device__ __forceinline__ void load_span(const P* p, int64_t base, int count, bool vector, float (&out)[kVec]) {
+  if (vector) {
+    load_vec(p + base, out);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) out[k] = k < count ? load_value(p[base + k]) : 0.0f;
+}
+
+template <typename P>
+__device__ __forceinline__ void store_span(P* p, int64_t base, int count, bool vector, const float (&in)[kVec]) {
+  if (vector) {
+    store_vec(p + base, in);
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    if (k < count) p[base + k] = store_value<P>(in[k]);
+  }
+}
+
 // The layer (slot) of the table that block `block` works on: the last slot whose
 // chunk_start is <= block (layers without elements own no chunk).
 __device__ __forceinline__ int find_slot(const LayerTable& t, int block) {

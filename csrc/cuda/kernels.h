@@ -39,6 +39,10 @@ enum Role : int {
   ROLE_STEP,       // pass 1 / shift: s (fp32)
   ROLE_COUNT
 };
+// The Adam base's ops (adam.cu) take the same tables: w in ROLE_W and ROLE_W_IN, g in
+// ROLE_G, the moments (fp32) in these two slots, and the step count in `age`'s.
+constexpr Role ROLE_EXP_AVG = ROLE_V;
+constexpr Role ROLE_EXP_AVG_SQ = ROLE_PREV;
 
 // Host bits of a layer.
 enum LayerBit : uint8_t {
@@ -113,6 +117,31 @@ struct UpdateArgs {
   double* next_w_sq;  // [L] or null
 };
 
+// The Adam base (adam.cu): the element-wise constants, each rounded once to fp32 on the
+// host (as the CPU kernels' AdamConstants), and the device scalars the kernels read.
+struct AdamMath {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, eps, weight_decay;
+  bool bias_correction;
+  const float* unscale;  // device scalar, as ReduceArgs::unscale
+  const float* clip;     // device scalar (g ÷ clip, LAMB's global clipping) or null
+};
+constexpr int kAdamPartials = 4;  // Σw², Σu², non-finite g, NaN quotients
+
+struct AdamUpdateArgs {
+  int rule;  // CUDA_RULE_LARS or CUDA_RULE_MCLR
+  double trust_coefficient, eps;
+  bool has_max_ratio;
+  double max_ratio;
+  // the reduction, indexed by row
+  const double* sums;
+  const float* median;
+  const bool* flags;
+  const float* found_inf;  // device scalar (fp32): nonzero skips the step, writing nothing
+  const float* lr;         // device scalar, or null: lr_value
+  float lr_value;
+  double* stats;  // [L][7]
+};
+
 // The median passes' (shift, bits) schedule: exact 11/11/10 bits, approx the top 16 bits.
 int median_passes(bool approx, int* shift, int* bits);
 
@@ -127,6 +156,18 @@ cudaError_t shift_batch(DType dtype, const LayerTable& table, double* partials, 
                         cudaStream_t stream);
 // w ← saved (ROLE_W ← ROLE_W_IN), bit-exactly.
 cudaError_t restore_batch(DType dtype, const LayerTable& table, cudaStream_t stream);
+// sums[row] = Σ(g·unscale)² of each layer (fp64); partials: [chunks] doubles.
+cudaError_t grad_sq_batch(DType dtype, const LayerTable& table, double* partials, const float* unscale, double* sums,
+                          cudaStream_t stream);
+// Pass 1 of the Adam base: Σw², Σu² of the direction u this step would take, the lower
+// median of |u_i|/|w_i| (mclr), the non-finite flag of g; into sums [L][4], median [L],
+// flags [L][4] by row.  Writes nothing else.
+cudaError_t adam_reduce_batch(DType dtype, const LayerTable& table, const Scratch& scratch, const AdamMath& math,
+                              bool mclr, double* sums, float* median, bool* flags, cudaStream_t stream);
+// Pass 2: what the reduction lacks taken first, the ratio, w ← w − α·u with m, v written
+// and the step count advanced; a skipped step writes nothing but the statistics.
+cudaError_t adam_update_batch(DType dtype, const LayerTable& table, const Scratch& scratch, const AdamMath& math,
+                              const AdamUpdateArgs& args, cudaStream_t stream);
 
 }  // namespace cuda
 }  // namespace cblr

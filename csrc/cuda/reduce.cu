@@ -5,6 +5,7 @@
 // memory, exact integer counts added into per-layer histograms).  Torch-free.
 #include "common.cuh"
 #include "passes.cuh"
+#include "radix_select.cuh"
 
 namespace cblr {
 namespace cuda {
@@ -97,13 +98,8 @@ __global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_const
       }
     }
     if (select && e.w != 0.0f) {
-      const float q = curvature_quotient(decayed_grad(e.g, e.w, weight_decay), e.w);
-      if (q != q) {
-        acc[5] += 1.0;
-      } else {
-        const uint32_t b = float_bits(q);
-        if (pass == 0 || (b >> high) == (prefix >> high)) atomicAdd(&hist[(b >> shift) & mask], 1u);
-      }
+      add_quotient(hist, curvature_quotient(decayed_grad(e.g, e.w, weight_decay), e.w), pass, shift, prefix, high,
+                   mask, acc[5]);
     }
   };
 
@@ -146,51 +142,12 @@ __global__ void __launch_bounds__(kThreads) chunk_pass_kernel(const __grid_const
     }
   }
 
-  if (select) {
-    __syncthreads();
-    uint32_t* layer_hist = scratch.hist + int64_t(slot) * kRadixBins;
-    for (int b = int(threadIdx.x); b <= int(mask); b += kThreads) {
-      if (hist[b]) atomicAdd(layer_hist + b, hist[b]);  // integer counts: exact in any order
-    }
-  }
+  if (select) flush_histogram(hist, scratch, slot, mask);
   if (pass == 0) {
     block_sums.sum(acc);
     if (threadIdx.x == 0) {
       for (int k = 0; k < kPartials; ++k) scratch.partials[int64_t(blockIdx.x) * kPartials + k] = acc[k];
     }
-  }
-}
-
-// One radix digit of the lower median of each selecting layer: the bin holding the
-// rank-th smallest quotient among those matching the prefix (one block per layer).
-__global__ void __launch_bounds__(kThreads) select_kernel(const Scratch scratch, int count, int pass, int shift,
-                                                          int nbits) {
-  using Scan = cub::BlockScan<uint32_t, kThreads>;
-  __shared__ typename Scan::TempStorage scan;
-  const int slot = int(blockIdx.x);
-  if (slot >= count || !(scratch.mode[slot] & M_SELECT)) return;
-  const uint32_t* hist = scratch.hist + int64_t(slot) * kRadixBins;
-  uint32_t* state = scratch.select + slot * 3;  // prefix, rank, count
-  const int bins = 1 << nbits;
-  const int per = (bins + kThreads - 1) / kThreads;
-  const int first = int(threadIdx.x) * per;
-  const uint32_t carried_rank = pass == 0 ? 0u : state[1];  // read before any thread writes it
-  const uint32_t carried_prefix = pass == 0 ? 0u : state[0];
-  uint32_t local = 0;
-  for (int b = first; b < first + per && b < bins; ++b) local += hist[b];
-  uint32_t before = 0, total = 0;
-  Scan(scan).ExclusiveSum(local, before, total);
-  const uint32_t rank = pass == 0 ? (total ? uint32_t(lower_median_rank(int64_t(total))) : 0u) : carried_rank;
-  if (pass == 0 && threadIdx.x == 0) state[2] = total;  // quotients that are not NaN
-  if (total == 0 || rank < before || rank >= before + local) return;
-  uint32_t cum = before;
-  for (int b = first; b < first + per && b < bins; ++b) {
-    if (rank < cum + hist[b]) {
-      state[0] = carried_prefix | (uint32_t(b) << shift);
-      state[1] = rank - cum;
-      return;
-    }
-    cum += hist[b];
   }
 }
 
@@ -204,8 +161,7 @@ __global__ void __launch_bounds__(kThreads) finish_kernel(const __grid_constant_
   const uint8_t mode = scratch.mode[slot];
   float median = 0.0f;  // not taken
   if (mode & M_SELECT) {
-    const uint32_t* state = scratch.select + slot * 3;
-    median = (state[2] == 0 || acc[5] > 0.0) ? quiet_nan() : bits_float(state[0]);
+    median = selected_median(scratch, slot, acc[5]);
     if (args.approx_median) median = approx_median(median);
   }
   if (!args.to_outputs) {
