@@ -195,7 +195,8 @@ def main(argv=None) -> int:
         "cpp_kernel_isa": cpp_kernel_isa() if device.type == "cpu" and "cpp" not in unavailable else None,
         "suites": {s.name: {"tensors": len(s), "numel": s.numel, "description": s.description} for s in chosen},
         "traffic_model": {f"{opt} {variant}".strip(): {"param_elements": t.param, "state_elements": t.state,
-                                                        "counted": t.counted}
+                                                        "counted": t.counted,
+                                                        "passes": [dict(vars(p)) for p in t.passes]}
                           for (opt, variant), t in TRAFFIC.items()},
     }
 
@@ -282,7 +283,7 @@ def _record(suite, dtype_name, dtype, case, result) -> dict:
               "compare_to": case.compare_to, "error": result.get("error")}
     for field in report.TIMING_FIELDS + report.PAIRED_FIELDS:
         record[field] = result.get(field)
-    for field in ("first_call_s", "closure_ms", "closure_calls", "with_closure_ms"):
+    for field in ("first_call_s", "closure_ms", "closure_calls", "with_closure_ms", "passes"):
         if field in result:
             record[field] = result[field]
     for field in report.LAUNCH_FIELDS:

@@ -26,47 +26,89 @@ CBLR_NEVER = 10**9
 
 
 @dataclass(frozen=True)
-class Traffic:
-    """Element reads + writes per parameter element, of parameter-dtype tensors
-    (w, g and their copies) and of state-dtype tensors (momentum v, s, scratch)."""
+class Pass:
+    """One pass over the parameters: the op whose time is the pass's (its name in
+    torch.profiler; None: the whole step, for optimizers not split into our ops) and its
+    element reads + writes per parameter element, of parameter-dtype tensors (w, g and
+    their copies) and of state-dtype tensors (momentum v, m, s, scratch)."""
 
+    op: Optional[str]
     param: int
     state: int
     counted: str
 
-    def bytes_per_step(self, numel: int, param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
+    def bytes(self, numel: int, param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
         return numel * (self.param * param_dtype.itemsize + self.state * state_dtype.itemsize)
 
 
-UPDATE = "update: read w, g, v; write w, v"
+@dataclass(frozen=True)
+class Traffic:
+    """A step's minimum traffic: its passes, in order."""
+
+    passes: tuple
+
+    @property
+    def param(self) -> int:
+        return sum(p.param for p in self.passes)
+
+    @property
+    def state(self) -> int:
+        return sum(p.state for p in self.passes)
+
+    @property
+    def counted(self) -> str:
+        return "; ".join(p.counted for p in self.passes)
+
+    def bytes_per_step(self, numel: int, param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
+        return sum(p.bytes(numel, param_dtype, state_dtype) for p in self.passes)
+
+    def whole_step(self) -> "Traffic":
+        """The same traffic as one pass, the step: for another implementation of the job,
+        whose ops are not ours."""
+        return Traffic((Pass(None, self.param, self.state, self.counted),))
+
+
+UPDATE = Pass("layerwise_update_", 3, 2, "update: read w, g, v; write w, v")
+PASS1 = Pass("layerwise_reduce", 2, 0, "pass 1: read w, g")
+CHECK = Pass("layerwise_reduce", 1, 0, "non-finite check: read g")
+QUOTIENTS = Pass("layerwise_reduce", 2, 2, "median pass: read w, g, write + read quotients")
+AMP_CHECK = "aten::_amp_foreach_non_finite_check_and_unscale_"
+INF_CHECK = Pass(AMP_CHECK, 1, 0, "GradScaler's Inf check: read g")
+UNSCALE = Pass(AMP_CHECK, 2, 0, "scaler.unscale_: read g, write g/S")
+ADAM_PASS1 = Pass("adam_reduce", 2, 2, "pass 1: read w, g, m, v")
+ADAM_UPDATE = Pass("adam_update_", 3, 4, "update: read w, g, m, v; write w, m, v")
+
+
+def _with(base: Pass, note: str) -> Pass:
+    return Pass(base.op, base.param, base.state, f"{base.counted} ({note})")
+
+
 TRAFFIC = {
-    ("SGD", ""): Traffic(3, 2, UPDATE),
-    ("AdamW", ""): Traffic(3, 4, "update: read w, g, m, v; write w, m, v"),
-    ("LAMB", "no-clip"): Traffic(5, 6, "pass 1: read w, g, m, v; update: read w, g, m, v; write w, m, v"),
-    ("LAMB", "clip"): Traffic(6, 6, "global ‖g‖: read g; pass 1: read w, g, m, v; update: read w, g, m, v; "
-                              "write w, m, v"),
-    ("LARS", "lag=0"): Traffic(5, 2, "pass 1: read w, g; " + UPDATE),
-    ("LARS", "lag=0,reuse-w-norm"): Traffic(4, 2, "pass 1: read g (‖w‖ from the last update); " + UPDATE
-                                            + " (‖w‖ of the result on the fly)"),
-    ("LARS", "lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms for the next step on the fly)"),
-    ("LARS", "lag=1,no-skip"): Traffic(3, 2, UPDATE + " (norms for the next step on the fly; skip_nonfinite=False: "
-                                       "no pass 1)"),
-    ("MCLR", "exact"): Traffic(5, 4, "median pass: read w, g, write + read quotients; " + UPDATE),
-    ("MCLR", "approx"): Traffic(5, 2, "median pass: read w, g (histogram on chip); " + UPDATE),
-    ("MCLR", "exact,lag=1"): Traffic(4, 4, "non-finite check: read g; " + UPDATE + "; write + read quotients"),
-    ("MCLR", "approx,lag=1"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (histogram on the fly)"),
-    ("CBLR", "reuse"): Traffic(4, 2, "non-finite check: read g; " + UPDATE + " (norms on the fly; closure's grad "
-                                "write not counted)"),
-    ("LARS", "lag=0,GradScaler"): Traffic(6, 2, "GradScaler's Inf check: read g; pass 1: read w, g; " + UPDATE
-                                          + " (g unscaled as read)"),
-    ("LARS", "lag=0,unscale_"): Traffic(7, 2, "scaler.unscale_: read g, write g/S; pass 1: read w, g; " + UPDATE),
-    ("MCLR", "exact,GradScaler"): Traffic(6, 4, "GradScaler's Inf check: read g; median pass: read w, g, write + "
-                                          "read quotients; " + UPDATE + " (g unscaled as read)"),
-    ("MCLR", "exact,unscale_"): Traffic(7, 4, "scaler.unscale_: read g, write g/S; median pass: read w, g, write + "
-                                        "read quotients; " + UPDATE),
-    ("CBLR", "re-measure"): Traffic(8, 5, "shift: read w, s, write the copy of w, w + s and the realised "
-                                    "displacement Δ (‖w_t‖ on the way); pass 1: read g, g(w+s), Δ (secant); update: read the copy, g, v; write w, v "
-                                    "(g is set aside, not copied; closures' grad writes not counted)"),
+    ("SGD", ""): Traffic((Pass(None, 3, 2, "update: read w, g, v; write w, v"),)),
+    ("AdamW", ""): Traffic((Pass(None, 3, 4, "update: read w, g, m, v; write w, m, v"),)),
+    ("LAMB", "no-clip"): Traffic((ADAM_PASS1, ADAM_UPDATE)),
+    ("LAMB", "clip"): Traffic((Pass("grad_sq_sums", 1, 0, "global ‖g‖: read g"), ADAM_PASS1, ADAM_UPDATE)),
+    ("LARS", "lag=0"): Traffic((PASS1, UPDATE)),
+    ("LARS", "lag=0,reuse-w-norm"): Traffic((Pass(PASS1.op, 1, 0, "pass 1: read g (‖w‖ from the last update)"),
+                                            _with(UPDATE, "‖w‖ of the result on the fly"))),
+    ("LARS", "lag=1"): Traffic((CHECK, _with(UPDATE, "norms for the next step on the fly"))),
+    ("LARS", "lag=1,no-skip"): Traffic((_with(UPDATE, "norms for the next step on the fly; skip_nonfinite=False: "
+                                              "no pass 1"),)),
+    ("MCLR", "exact"): Traffic((QUOTIENTS, UPDATE)),
+    ("MCLR", "approx"): Traffic((Pass(PASS1.op, 2, 0, "median pass: read w, g (histogram on chip)"), UPDATE)),
+    ("MCLR", "exact,lag=1"): Traffic((CHECK, Pass(UPDATE.op, 3, 4, f"{UPDATE.counted}; write + read quotients"))),
+    ("MCLR", "approx,lag=1"): Traffic((CHECK, _with(UPDATE, "histogram on the fly"))),
+    ("CBLR", "reuse"): Traffic((CHECK, _with(UPDATE, "norms on the fly; closure's grad write not counted"))),
+    ("LARS", "lag=0,GradScaler"): Traffic((INF_CHECK, PASS1, _with(UPDATE, "g unscaled as read"))),
+    ("LARS", "lag=0,unscale_"): Traffic((UNSCALE, PASS1, UPDATE)),
+    ("MCLR", "exact,GradScaler"): Traffic((INF_CHECK, QUOTIENTS, _with(UPDATE, "g unscaled as read"))),
+    ("MCLR", "exact,unscale_"): Traffic((UNSCALE, QUOTIENTS, UPDATE)),
+    ("CBLR", "re-measure"): Traffic((
+        Pass("probe_shift_", 3, 2, "shift: read w, s, write the copy of w, w + s and the realised "
+             "displacement Δ (‖w_t‖ on the way)"),
+        Pass(PASS1.op, 2, 1, "pass 1: read g, g(w+s), Δ (secant)"),
+        Pass(UPDATE.op, 3, 2, "update: read the copy, g, v; write w, v (g is set aside, not copied; closures' "
+             "grad writes not counted)"))),
 }
 
 # The cblr_ext variants: (optimizer, variant) -> constructor keywords.
@@ -239,20 +281,20 @@ def all_cases(device: torch.device, compile_reference: bool, only_backends=None)
                               compare_to=(optimizer, variant), fp32_state=True))
     if compile_reference:
         for optimizer, variant in COMPILED_VARIANTS:
-            cases.append(Case(optimizer, COMPILED, variant, TRAFFIC[optimizer, variant],
+            cases.append(Case(optimizer, COMPILED, variant, TRAFFIC[optimizer, variant].whole_step(),
                               _cblr_ext_step(optimizer, "reference", variant, compiled=True),
                               compare_to=(optimizer, variant), fp32_state=True, isolated=True))
     else:
         missing[COMPILED] = "skipped (--quick or --no-compile)"
     for foreach, variant in ((True, "foreach"), (False, "per-param")):
-        cases.append(Case("LARS", "pytorch-optimizer", variant, TRAFFIC["LARS", "lag=0"],
+        cases.append(Case("LARS", "pytorch-optimizer", variant, TRAFFIC["LARS", "lag=0"].whole_step(),
                           _pytorch_optimizer_lars(foreach), compare_to=("LARS", "lag=0")))
     for variant in LAMB_CLIP:
         for backend in (b for b in backends if b in ADAM_BACKENDS):
             cases.append(Case("LAMB", backend, variant, TRAFFIC["LAMB", variant], _lamb(backend, variant),
                               compare_to=("LAMB", variant), fp32_state=True))
     for foreach, variant in ((True, "foreach"), (False, "per-param")):
-        cases.append(Case("LAMB", "pytorch-optimizer", f"clip,{variant}", TRAFFIC["LAMB", "clip"],
+        cases.append(Case("LAMB", "pytorch-optimizer", f"clip,{variant}", TRAFFIC["LAMB", "clip"].whole_step(),
                           _pytorch_optimizer_lamb(foreach), compare_to=("LAMB", "clip")))
     return cases, missing
 

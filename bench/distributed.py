@@ -4,7 +4,8 @@ ResNet-50's shapes as DTensor parameters sharded ``Shard(0)`` over 2 gloo ranks 
 machine's CPU (one thread each), against the same step in one process (two threads: the
 same cores): the median step time of each rule and the bytes its collectives move per step
 (counted by wrapping ``torch.distributed``'s collectives; CBLR's closure only copies
-gradients, so every byte counted is the optimizer's).
+gradients, so every byte counted is the optimizer's), and where each rank's time goes, op
+by op (passes.py: the package's ops, the collectives, the rest).
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from . import suites
+from . import passes, suites
 
 RULES = {  # name -> (optimizer class name, keywords)
     "LARS": ("LARS", {}),
@@ -108,7 +109,8 @@ def _measure(rule: str, shapes, steps: int, mesh=None) -> dict:
             opt.step(closure)
         times.append((time.perf_counter() - start) * 1e3)
     per_step = counts[-1]
-    return dict(ms=statistics.median(times), collectives=len(per_step), bytes=sum(b for _, b in per_step))
+    return dict(ms=statistics.median(times), collectives=len(per_step), bytes=sum(b for _, b in per_step),
+                passes=passes.passes(lambda: opt.step(closure), steps))
 
 
 def _rank(rank, port, shapes, steps, out):
@@ -138,7 +140,8 @@ def run(small: bool, steps: int = 10, suite: str = "resnet50") -> dict:
     for rule in RULES:
         sharded = [r[rule] for r in ranks]
         rows[rule] = dict(single_ms=single[rule]["ms"], sharded_ms=max(r["ms"] for r in sharded),
-                          collectives=sharded[0]["collectives"], collective_bytes=sharded[0]["bytes"])
+                          collectives=sharded[0]["collectives"], collective_bytes=sharded[0]["bytes"],
+                          single_passes=single[rule]["passes"], rank_passes=[r["passes"] for r in sharded])
     return dict(suite=suite.name, tensors=len(shapes), numel=suite.numel, world=WORLD, backend="gloo, CPU",
                 threads="single process: 2; each rank: 1", steps=steps, rows=rows)
 

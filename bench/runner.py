@@ -14,7 +14,7 @@ import traceback
 
 import torch
 
-from . import launches, machine, stats, timing
+from . import launches, machine, passes, stats, timing
 from .clock import for_device as clock_for
 
 SEED = 0
@@ -46,7 +46,8 @@ def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch
     ``baseline`` case (fused SGD, on its own copies) takes turns with the step, one
     call each per round, and the ratio is taken round by round.  A CBLR step's
     closure calls are timed inside the step and left out, call by call.  With
-    ``count_launches``, one more (untimed) step counts the GPU's kernels (launches.py)."""
+    ``count_launches``, one more (untimed) step counts the GPU's kernels (launches.py).
+    On the CPU, a few more (untimed, profiled) steps time each pass (passes.py)."""
     clock = clock_for(device)
     step = build(case, params_master, grad_sets)
     clock.sync()
@@ -78,6 +79,10 @@ def measure(case, params_master, grad_sets, budget: timing.Budget, device: torch
                    ratio_to_fused_sgd=ratio.median, ratio_ci_low=ratio.low, ratio_ci_high=ratio.high)
     if count_launches and (counts := launches.per_step(step, device)) is not None:
         out.update(counts)
+    if device.type == "cpu":
+        first = params_master[0]
+        out["passes"] = passes.passes(step.run, budget.profiled_steps, case.traffic,
+                                      sum(p.numel() for p in params_master), first.dtype, case.state_dtype(first.dtype))
     return out
 
 

@@ -20,17 +20,19 @@ class Budget:
     first call, which also compiles and allocates state), then rounds until every
     median interval and paired ratio interval is within ±``target`` of its median,
     at least ``min_samples`` and at most ``max_samples`` rounds, stopping after
-    ``seconds`` once ``min_samples`` are in."""
+    ``seconds`` once ``min_samples`` are in; then ``profiled_steps`` untimed steps under
+    the profiler, pass by pass (passes.py, CPU only)."""
 
     warmup: int
     min_samples: int
     max_samples: int
     seconds: float
     target: float = 0.05
+    profiled_steps: int = 5
 
 
 FULL = Budget(warmup=1, min_samples=stats.MIN_SAMPLES, max_samples=400, seconds=10.0)
-QUICK = Budget(warmup=1, min_samples=stats.MIN_SAMPLES, max_samples=60, seconds=1.0)
+QUICK = Budget(warmup=1, min_samples=stats.MIN_SAMPLES, max_samples=60, seconds=1.0, profiled_steps=1)
 # A case whose rejected rounds outnumber its accepted ones (and at least this many) has no figure.
 MAX_REJECTED = 10
 

@@ -16,3 +16,12 @@ def test_every_rule_runs_sharded_with_the_documented_collectives():
         "LARS": 2, "MCLR exact": 4, "MCLR approx": 3, "CBLR": 2}
     for row in rows.values():
         assert row["single_ms"] > 0 and row["sharded_ms"] > 0 and row["collective_bytes"] > 0
+        # Each rank's step, op by op: the package's two passes, and every collective counted above.
+        for ops in [row["single_passes"], *row["rank_passes"]]:
+            calls = {p["op"]: p["calls_per_step"] for p in ops}
+            assert calls["layerwise_reduce"] == calls["layerwise_update_"] == 1
+            assert ops[-1]["op"] == "other"
+        for ops in row["rank_passes"]:
+            assert sum(p["calls_per_step"] for p in ops if p["op"].startswith("c10d::")) == row["collectives"]
+    assert all(p["op"] != "median_histogram" for p in rows["MCLR exact"]["single_passes"])
+    assert any(p["op"] == "median_histogram" for p in rows["MCLR exact"]["rank_passes"][0])

@@ -168,3 +168,20 @@ def test_microbenchmarks_run():
                           cwd=ROOT, env=bench_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     assert " passed" in proc.stdout and "failed" not in proc.stdout and "error" not in proc.stdout
+
+
+
+def test_every_pass_of_the_traffic_model_ran_and_its_bytes_add_up(run):
+    """Each CPU record times its passes (bench/passes.py): every op the traffic model names
+    ran in the profiled steps, the passes' bytes are the step's, and "other" closes the row."""
+    report, *_ = run
+    for r in report["records"]:
+        passes = r["passes"]
+        assert passes[-1]["op"] == "other" and passes[-1]["ms"] >= 0
+        modelled = [p for p in passes if p["bytes"] is not None]
+        assert sum(p["bytes"] for p in modelled) == r["bytes_per_step"], r
+        for p in modelled:
+            assert p["calls_per_step"] >= 1, (r["optimizer"], r["backend"], r["variant"], p["op"])
+            assert p["ms"] > 0 and p["gbps"] == pytest.approx(p["bytes"] / p["ms"] / 1e6)
+        if r["backend"] in ("reference", "cpp"):  # the package's steps are split into its ops
+            assert all(p["op"] != "step" for p in modelled)
