@@ -50,7 +50,7 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true",
                     help="about a minute: ResNet-50 at --small size, 1 s per case, fp32, no torch.compile")
-    ap.add_argument("--suite", action="append", choices=list(suites.SUITES),
+    ap.add_argument("--suite", action="append", choices=list(suites.NAMES),
                     help=f"suite to run (repeatable; default: {', '.join(suites.DEFAULT_SUITES)})")
     ap.add_argument("--full", action="store_true",
                     help="every model suite at full size on a CPU too (by default a CPU run keeps ResNet-50 "

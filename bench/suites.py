@@ -108,6 +108,9 @@ def _tiny():
 
 SUITES = {s.name: s for s in (_resnet50(), _bert("bert-base", 768, 3072, 12), _bert("bert-large", 1024, 4096, 24),
                                _gpt2_small(), _many_tiny(), _tiny())}
+# Other names a user may give a suite (``--suite gpt2``): the records keep the suite's own name.
+ALIASES = {"gpt2": "gpt2-small"}
+NAMES = (*SUITES, *ALIASES)
 # What a full run measures ("tiny" is only for the smoke test; BERT-large, the
 # GPU bandwidth target's second model, joins on GPUs).
 DEFAULT_SUITES = ("resnet50", "bert-base", "gpt2-small", "many-tiny")
@@ -118,7 +121,8 @@ SMALL_DIVISOR = 4
 
 
 def get(name: str, small: bool = False) -> Suite:
+    name = ALIASES.get(name, name)
     if name not in SUITES:
-        raise ValueError(f"unknown suite {name!r}; choose from {', '.join(SUITES)}")
+        raise ValueError(f"unknown suite {name!r}; choose from {', '.join(NAMES)}")
     suite = SUITES[name]
     return suite.scaled(SMALL_DIVISOR) if small and name in ("resnet50", "bert-base", "bert-large", "gpt2-small") else suite

@@ -185,3 +185,23 @@ def test_every_pass_of_the_traffic_model_ran_and_its_bytes_add_up(run):
             assert p["ms"] > 0 and p["gbps"] == pytest.approx(p["bytes"] / p["ms"] / 1e6)
         if r["backend"] in ("reference", "cpp"):  # the package's steps are split into its ops
             assert all(p["op"] != "step" for p in modelled)
+
+
+def test_gpt2_suite_has_gpt2_smalls_tensors_and_runs_by_its_short_name():
+    """``--suite gpt2``: HF GPT2Model's 148 tensors and 124,439,808 parameters (the count
+    HF reports for gpt2), by hand: wte 50257×768, wpe 1024×768, 12 blocks of two layer
+    norms, c_attn 768×2304, c_proj 768×768, c_fc 768×3072, mlp c_proj 3072×768 (each with
+    a bias), and ln_f."""
+    from bench import suites
+    from bench.__main__ import parse_args
+
+    block = 2 * 2 * 768 + (768 * 2304 + 2304) + (768 * 768 + 768) + (768 * 3072 + 3072) + (3072 * 768 + 768)
+    assert 50257 * 768 + 1024 * 768 + 12 * block + 2 * 768 == 124_439_808
+    (name,) = parse_args(["--suite", "gpt2"]).suite
+    suite = suites.get(name)
+    assert suite is suites.get("gpt2-small") and (len(suite), suite.numel) == (148, 124_439_808)
+    shapes = dict(suite.shapes)
+    assert shapes["wte.weight"] == (50257, 768) and shapes["h.11.attn.c_attn.weight"] == (768, 2304)
+    assert shapes["h.0.mlp.c_proj.weight"] == (3072, 768) and shapes["ln_f.bias"] == (768,)
+    small = suites.get("gpt2", small=True)  # a CPU run's default size
+    assert len(small) == 148 and small.name == "gpt2-small-small"

@@ -100,7 +100,7 @@ def _run(cls, kwargs, backend, dtype, steps=7):
 
 @needs_cuda
 @pytest.mark.parametrize("dtype", BACKEND_DTYPES["cuda"], ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("case", list(cases()), ids=lambda c: c[0])
+@pytest.mark.parametrize("case", list(cases("cuda")), ids=lambda c: c[0])
 def test_parity_table_on_cuda(case, dtype):
     _, info, kwargs = case
     ref, ref_opt = _run(info.cls, kwargs, "reference", dtype)

@@ -340,6 +340,45 @@ def test_kernels_compile_for_a_cuda_target():
     assert done.returncode == 0, done.stderr[-3000:]
 
 
+UNINTERPRETED_SCRIPT = textwrap.dedent("""
+    import torch
+    from cblr_ext import LAMB, functional
+    from cblr_ext.backends import BackendUnavailable
+    params = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(3))]
+    opt = LAMB(params, lr=0.01, backend="reference")
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    opt.step()  # state to keep
+    before = [p.detach().clone() for p in params], [{k: t.clone() for k, t in s.items()} for s in opt.state.values()]
+    opt.param_groups[0]["backend"] = "triton"
+    try:
+        opt.step()
+    except BackendUnavailable as exc:
+        assert "TRITON_INTERPRET=1" in str(exc), exc
+    else:
+        raise AssertionError("a step on CPU tensors without the interpreter did not raise")
+    assert all(torch.equal(p, b) for p, b in zip(params, before[0]))
+    for s, b in zip(opt.state.values(), before[1]):
+        assert all(torch.equal(s[k], b[k]) for k in b), "a moment or step count changed"
+    try:
+        functional.probe_restore_(list(params), [p.detach() for p in params], backend="triton")
+    except BackendUnavailable as exc:
+        assert "TRITON_INTERPRET=1" in str(exc), exc
+    else:
+        raise AssertionError("the functional call did not raise")
+""")
+
+
+def test_cpu_tensors_without_the_interpreter_raise_a_clear_error_before_anything_changes():
+    """backend="triton" resolved by name (no device yet) checks the tensors' device at the
+    first op: without TRITON_INTERPRET=1 (a fresh process) a CPU step raises
+    BackendUnavailable naming the fix, with parameters, moments and step counts unchanged."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path, on a machine with a GPU too
+    done = subprocess.run([sys.executable, "-c", UNINTERPRETED_SCRIPT], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 # ------------------------------------------------------------------- GPU
 
 triton_owns_cuda = pytest.mark.skipif(ops.cuda_kernels() != "triton",

@@ -1,7 +1,8 @@
 """Every backend on this machine against the reference, over the whole parity table
 (tests/optim_db.py), through one scenario with torch's tricks: a skipped first step,
 a gradient None at one step, a frozen layer, a zero-size parameter, and a state_dict
-round trip mid-run that switches backend (there and back).
+round trip mid-run that switches backend (there and back).  Where the table names an
+independent implementation, every backend follows it too, over 20 steps.
 """
 import io
 
@@ -10,7 +11,7 @@ import torch
 
 import cblr_ext
 from helpers import max_rel_diff
-from optim_db import BACKEND_DTYPES, TOLERANCE, cases
+from optim_db import BACKEND_DTYPES, TOLERANCE, cases, optim_db
 
 FUSED = [b for b in cblr_ext.available_backends("cpu") if b != "reference"]
 STEPS = 7
@@ -67,7 +68,8 @@ def run(cls, kwargs, backend, dtype, switch):
         trajectory.append([p.detach().clone() for p in params])
         if switch and t in SWITCH:
             opt = build("reference" if t == SWITCH[0] else backend, opt.state_dict())
-    assert opt.skipped_steps == 1  # carried through the state_dict round trips
+    if not switch:  # whether a state_dict carries it over: tests/test_conformance.py
+        assert opt.skipped_steps == 1
     return trajectory, calls
 
 
@@ -76,9 +78,11 @@ def run(cls, kwargs, backend, dtype, switch):
                          ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("case", list(cases()), ids=lambda c: c[0])
 def test_backend_follows_the_reference(case, dtype, backend):
+    _, info, kwargs = case
+    if backend not in info.backends:
+        pytest.skip(f"{info.name} has no kernels in the {backend} backend")
     if dtype not in BACKEND_DTYPES[backend]:
         pytest.skip(f"the {backend} backend does not run {dtype}")
-    _, info, kwargs = case
     ref, ref_calls = run(info.cls, kwargs, "reference", dtype, switch=False)
     got, got_calls = run(info.cls, kwargs, backend, dtype, switch=True)
     assert got_calls == ref_calls
@@ -88,3 +92,45 @@ def test_backend_follows_the_reference(case, dtype, backend):
                 assert torch.equal(p0, p), "a skipped step changed a parameter"
         for i, (p, q) in enumerate(zip(a, b)):
             assert max_rel_diff(p, q) <= TOLERANCE[dtype], f"step {t}, parameter {i}"
+
+
+INDEPENDENT_STEPS = 20
+
+
+def run_independent(opt, params, model, lr_factor=None):
+    """Parameters after each of 20 plain steps (no skipped step: the other implementation
+    has none); ``lr_factor(t)`` rescales our learning rate at step t."""
+    base_lr = opt.param_groups[0]["lr"]
+    gen = torch.Generator().manual_seed(1)
+    trajectory = []
+    for t in range(1, INDEPENDENT_STEPS + 1):
+        x, y = torch.randn(16, 6, generator=gen), torch.randn(16, 3, generator=gen)
+        if lr_factor is not None:
+            for group in opt.param_groups:
+                group["lr"] = base_lr * lr_factor(t)
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        trajectory.append([p.detach().clone() for p in params])
+    return trajectory
+
+
+@pytest.mark.parametrize("backend", ["reference", *FUSED])
+@pytest.mark.parametrize("info", [pytest.param(i, id=i.name) for i in optim_db if i.independent is not None])
+def test_backend_follows_the_independent_implementation(info, backend):
+    """Ours (the mapped variant) against the entry's independent implementation, fp32,
+    ≤ 1e-6 relative after every step."""
+    if backend != "reference" and backend not in info.backends:
+        pytest.skip(f"{info.name} has no kernels in the {backend} backend")
+    independent = info.independent
+    model, empty = make_model(torch.float32)
+    params = [*model.parameters(), empty]
+    theirs = independent.build(params)
+    want = run_independent(theirs, params, model)
+    model, empty = make_model(torch.float32)
+    params = [*model.parameters(), empty]
+    ours = info.cls(params, backend=backend, **independent.ours)
+    got = run_independent(ours, params, model, independent.lr_factor)
+    for t, (a, b) in enumerate(zip(want, got), start=1):
+        for i, (p, q) in enumerate(zip(a, b)):
+            assert max_rel_diff(p, q) <= 1e-6, f"{independent.name}: step {t}, parameter {i}"

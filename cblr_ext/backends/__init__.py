@@ -177,6 +177,41 @@ def _auto(device: torch.device) -> tuple:
     return Backend("reference", ops.OPS, updates_from_saved=False), "; ".join(reasons) or None
 
 
+def _first_device(args: tuple):
+    """The device of an op call's first tensor (the ops take their layers as lists), or None."""
+    for arg in args:
+        if isinstance(arg, torch.Tensor):
+            return arg.device
+        if isinstance(arg, (list, tuple)) and arg and isinstance(arg[0], torch.Tensor):
+            return arg[0].device
+    return None
+
+
+class _DeviceCheckedOps:
+    """A backend's op functions called directly, each first checking (``get``: a dict
+    lookup once resolved) that the backend runs on its tensors' device: resolved by name
+    alone there is no device yet, and the kernels would fail unclearly on one they cannot
+    run (CPU tensors without the Triton interpreter), or with triton not installed."""
+
+    def __init__(self, name: str, module):
+        self._name, self._module = name, module
+
+    def __getattr__(self, attribute: str):
+        value = getattr(self._module, attribute)
+        if not callable(value):
+            return value
+
+        def checked(*args, **kwargs):
+            device = _first_device(args)
+            if device is not None:
+                get(self._name, device)  # BackendUnavailable before the op reads or writes anything
+            return value(*args, **kwargs)
+        return checked
+
+
+_CHECKED_TRITON = _DeviceCheckedOps("triton", triton)
+
+
 def resolve_ops(backend):
     """The ops object a functional call runs: a ``Backend``'s, a backend name's on the
     dispatcher's device choice ("auto": ``torch.ops.cblr_ext``)."""
@@ -187,7 +222,7 @@ def resolve_ops(backend):
     if backend == "reference":
         return ops.REFERENCE_OPS
     if backend == "triton":
-        return triton
+        return _CHECKED_TRITON
     if backend == "cuda":
         return get(backend, "cuda").ops
     return get(backend, "cpu").ops
