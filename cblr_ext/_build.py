@@ -22,9 +22,12 @@ SOURCES = ("binding.cpp", "cpu/dispatch.cpp", "cpu/isa_baseline.cpp", "cpu/isa_a
 # -ffp-contract=off: no fused multiply-add, so MCLR quotients are bit-identical across backends.
 # -fno-trapping-math: lets gcc compute |d|/|w| for w = 0 lanes too and blend (vectorised
 # quotient loops); results are unchanged, only FP exception traps are assumed off.
+# -fno-math-errno: sqrtf need not set errno for a negative argument, so gcc emits vsqrtps
+# instead of a scalar sqrtss with a library call behind it, and the Adam passes vectorise;
+# every result is the same IEEE square root (no reassociation, unlike -ffast-math).
 # No -march: the passes are compiled per instruction set and picked at run time
 # (csrc/cpu/dispatch.h), so one build runs on every x86-64 CPU at its best.
-CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+CXX_FLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", "-fno-math-errno"]
 LINK_FLAGS = ["-fopenmp"]
 JIT_NAME = "cblr_ext_cpu"
 

@@ -424,6 +424,20 @@ std::vector<cblr::cpu::AdamLayer> adam_layers(at::TensorList params, at::TensorL
   return layers;
 }
 
+// An Adam op's checked inputs: the group's configuration and its layers.
+struct AdamInputs {
+  cblr::cpu::AdamConfig cfg;
+  std::vector<cblr::cpu::AdamLayer> layers;
+};
+
+AdamInputs adam_inputs(const std::string& rule, at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList steps, const std::optional<Tensor>& grad_scale,
+                       const std::optional<Tensor>& clip, double beta1, double beta2, double eps, double weight_decay,
+                       bool bias_correction) {
+  return {adam_config(rule, grad_scale, clip, beta1, beta2, eps, weight_decay, bias_correction),
+          adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps)};
+}
+
 Tensor grad_sq_sums(at::TensorList grads, const std::optional<Tensor>& grad_scale) {
   const float g_unscale = grad_unscale(grad_scale);
   std::vector<cblr::cpu::AdamLayer> layers(grads.size());
@@ -443,9 +457,8 @@ std::tuple<Tensor, Tensor, Tensor> adam_reduce(const std::string& rule, at::Tens
                                                at::TensorList steps, const std::optional<Tensor>& grad_scale,
                                                const std::optional<Tensor>& clip, double beta1, double beta2,
                                                double eps, double weight_decay, bool bias_correction) {
-  const cblr::cpu::AdamConfig cfg = adam_config(rule, grad_scale, clip, beta1, beta2, eps, weight_decay,
-                                                bias_correction);
-  const std::vector<cblr::cpu::AdamLayer> layers = adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps);
+  const auto [cfg, layers] = adam_inputs(rule, params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, clip, beta1,
+                                         beta2, eps, weight_decay, bias_correction);
   const int64_t rows = int64_t(layers.size());
   Tensor sums = at::empty({rows, cblr::cpu::SUM_COLUMNS}, at::kDouble);
   Tensor median = at::empty({rows}, at::kFloat);
@@ -461,11 +474,11 @@ Tensor adam_update_(const std::string& rule, at::TensorList params, at::TensorLi
                     const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip, const Tensor& lr,
                     double beta1, double beta2, double eps, double weight_decay, bool bias_correction,
                     double trust_coefficient, std::optional<double> max_ratio) {
-  cblr::cpu::AdamConfig cfg = adam_config(rule, grad_scale, clip, beta1, beta2, eps, weight_decay, bias_correction);
+  auto [cfg, layers] = adam_inputs(rule, params, grads, exp_avgs, exp_avg_sqs, steps, grad_scale, clip, beta1, beta2,
+                                   eps, weight_decay, bias_correction);
   cfg.trust_coefficient = trust_coefficient;
   cfg.has_max_ratio = max_ratio.has_value();
   cfg.max_ratio = max_ratio.value_or(0.0);
-  std::vector<cblr::cpu::AdamLayer> layers = adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps);
   kCheck.count(adapt.size(), layers.size(), "adapt flags", false);
   for (size_t i = 0; i < layers.size(); ++i) layers[i].adapt = adapt.get(i);
   const int64_t rows = int64_t(layers.size());

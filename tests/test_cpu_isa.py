@@ -84,22 +84,56 @@ def _extension_path():
 WIDE = re.compile(r"\t(v[a-z0-9]+|shlx|shrx|sarx|andn|pdep|pext|bzhi|blsr|blsi|blsmsk|rorx|mulx)\s")
 
 
-@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
-@pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
-                    reason="the variants exist on x86-64 only")
-def test_wide_instructions_stay_in_their_variant():
+def _disassembly():
+    """(function, instruction line) for every instruction of the built extension."""
     listing = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", _extension_path()],
                              capture_output=True, text=True, check=True).stdout
-    function, leaks, variants_seen = None, set(), set()
+    function = None
     for line in listing.splitlines():
         header = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
         if header:
             function = header.group(1)
-            continue
-        if function and WIDE.search(line):
+        elif function:
+            yield function, line
+
+
+needs_objdump = pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+x86_64_only = pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
+                                 reason="the variants exist on x86-64 only")
+
+
+@needs_objdump
+@x86_64_only
+def test_wide_instructions_stay_in_their_variant():
+    leaks, variants_seen = set(), set()
+    for function, line in _disassembly():
+        if WIDE.search(line):
             if "cblr::cpu::avx2::" in function or "cblr::cpu::avx512::" in function:
                 variants_seen.add("avx512" if "avx512::" in function else "avx2")
             else:
                 leaks.add(function)
     assert variants_seen == {"avx2", "avx512"}  # the check sees the variants' code at all
     assert not leaks, sorted(leaks)[:5]
+
+
+# A packed fp32 square root or division on a 256- or 512-bit register.
+PACKED_SQRT_DIV = re.compile(r"\t(vsqrtps|vdivps)\s+.*%[yz]mm")
+
+
+@needs_objdump
+@x86_64_only
+def test_adam_passes_vectorise_in_the_wide_variants():
+    # u = m̂/(√v̂ + ε) + λw: with errno-setting sqrtf (no -fno-math-errno) gcc leaves these
+    # loops scalar (sqrtss, divss), several times slower than the bytes they move.
+    seen = set()
+    for function, line in _disassembly():
+        found = PACKED_SQRT_DIV.search(line)
+        if not found:
+            continue
+        for isa in ("avx2", "avx512"):
+            for pass_name in ("adam_reduce", "adam_apply"):
+                if f"cblr::cpu::{isa}::" in function and pass_name in function:
+                    seen.add((isa, pass_name, found.group(1)))
+    wanted = {(isa, pass_name, op) for isa in ("avx2", "avx512") for pass_name in ("adam_reduce", "adam_apply")
+              for op in ("vsqrtps", "vdivps")}
+    assert seen == wanted, sorted(wanted - seen)

@@ -82,22 +82,40 @@ void adam_apply_block(P* w, const P* g, math_t<P>* m, math_t<P>* v, int64_t n, c
   r.s2 += s2;
 }
 
+// A layer's arrays from element `offset` on: w and g in the storage type P, m and v in
+// the math type.
+template <typename P>
+struct AdamArrays {
+  P* w;
+  const P* g;
+  math_t<P>* m;
+  math_t<P>* v;
+};
+
+template <typename P>
+AdamArrays<P> adam_arrays(const AdamLayer& l, int64_t offset = 0) {
+  return {static_cast<P*>(l.w) + offset, static_cast<const P*>(l.g) + offset, static_cast<math_t<P>*>(l.m) + offset,
+          static_cast<math_t<P>*>(l.v) + offset};
+}
+
+// The quotient |u_i|/|w_i| of element i, for w_i ≠ 0 (the median's scalar paths).
+template <typename P>
+math_t<P> adam_quotient_at(bool clip, const AdamConstants<math_t<P>>& c, const AdamArrays<P>& a, int64_t i) {
+  using T = math_t<P>;
+  const T wv = load(a.w[i]);
+  T mv = a.m[i], vv = a.v[i];
+  const T gv = clip ? adam_grad<true>(T(load(a.g[i])), c) : adam_grad<false>(T(load(a.g[i])), c);
+  return curvature_quotient(adam_element(gv, wv, mv, vv, c), wv);
+}
+
 // Every valid quotient |u_i|/|w_i| of a layer into out (the median's fallback); returns how many.
 template <typename P>
 int64_t adam_quotients(const AdamConfig& cfg, const AdamLayer& l, math_t<P>* out) {
-  using T = math_t<P>;
-  const AdamConstants<T> c = adam_constants<T>(cfg, l);
-  const P* w = static_cast<const P*>(l.w);
-  const P* g = static_cast<const P*>(l.g);
-  const T* m = static_cast<const T*>(l.m);
-  const T* v = static_cast<const T*>(l.v);
+  const AdamConstants<math_t<P>> c = adam_constants<math_t<P>>(cfg, l);
+  const AdamArrays<P> a = adam_arrays<P>(l);
   int64_t count = 0;
   for (int64_t i = 0; i < l.n; ++i) {
-    const T wv = load(w[i]);
-    if (wv == 0) continue;
-    T mv = m[i], vv = v[i];
-    const T gv = cfg.has_clip ? adam_grad<true>(T(load(g[i])), c) : adam_grad<false>(T(load(g[i])), c);
-    out[count++] = curvature_quotient(adam_element(gv, wv, mv, vv, c), wv);
+    if (load(a.w[i]) != 0) out[count++] = adam_quotient_at(cfg.has_clip, c, a, i);
   }
   return count;
 }
@@ -107,24 +125,15 @@ template <typename P>
 Bracket<math_t<P>> adam_bracket(const AdamConfig& cfg, const AdamLayer& l) {
   using T = math_t<P>;
   const AdamConstants<T> c = adam_constants<T>(cfg, l);
-  const P* w = static_cast<const P*>(l.w);
-  const P* g = static_cast<const P*>(l.g);
-  const T* m = static_cast<const T*>(l.m);
-  const T* v = static_cast<const T*>(l.v);
+  const AdamArrays<P> a = adam_arrays<P>(l);
   return bracket_of<T>(
       l.n,
+      [&](int64_t i) { return load(a.w[i]) != 0 ? adam_quotient_at(cfg.has_clip, c, a, i) : kNoQuotient<T>; },
       [&](int64_t i) {
-        const T wv = load(w[i]);
-        if (wv == 0) return kNoQuotient<T>;
-        T mv = m[i], vv = v[i];
-        const T gv = cfg.has_clip ? adam_grad<true>(T(load(g[i])), c) : adam_grad<false>(T(load(g[i])), c);
-        return curvature_quotient(adam_element(gv, wv, mv, vv, c), wv);
-      },
-      [&](int64_t i) {
-        __builtin_prefetch(w + i);
-        __builtin_prefetch(g + i);
-        __builtin_prefetch(m + i);
-        __builtin_prefetch(v + i);
+        __builtin_prefetch(a.w + i);
+        __builtin_prefetch(a.g + i);
+        __builtin_prefetch(a.m + i);
+        __builtin_prefetch(a.v + i);
       });
 }
 
@@ -133,10 +142,7 @@ void adam_reduce_chunk(const AdamConfig& cfg, const AdamLayer& l, const Chunk& c
                        const Bracket<math_t<P>>* bracket, math_t<P>* candidates, ChunkResult& r, bool& nonfinite) {
   using T = math_t<P>;
   const AdamConstants<T> c = adam_constants<T>(cfg, l);
-  const P* w = static_cast<const P*>(l.w) + chunk.begin;
-  const P* g = static_cast<const P*>(l.g) + chunk.begin;
-  const T* m = static_cast<const T*>(l.m) + chunk.begin;
-  const T* v = static_cast<const T*>(l.v) + chunk.begin;
+  const AdamArrays<P> a = adam_arrays<P>(l, chunk.begin);
   const int64_t n = chunk.end - chunk.begin;
   alignas(64) T h[kSumBlock];
   T zeros = 0;
@@ -144,10 +150,10 @@ void adam_reduce_chunk(const AdamConfig& cfg, const AdamLayer& l, const Chunk& c
     for (int64_t b = 0; b < n; b += kSumBlock) {
       const int64_t k = std::min(kSumBlock, n - b);
       if (bracket) {
-        adam_reduce_block<P, clip.value, true>(w + b, g + b, m + b, v + b, k, c, h, r, zeros);
+        adam_reduce_block<P, clip.value, true>(a.w + b, a.g + b, a.m + b, a.v + b, k, c, h, r, zeros);
         collect_block(h, k, *bracket, candidates + chunk.begin, r.counts);
       } else {
-        adam_reduce_block<P, clip.value, false>(w + b, g + b, m + b, v + b, k, c, h, r, zeros);
+        adam_reduce_block<P, clip.value, false>(a.w + b, a.g + b, a.m + b, a.v + b, k, c, h, r, zeros);
       }
     }
   });
@@ -159,13 +165,11 @@ void adam_apply_chunk(const AdamConfig& cfg, const AdamLayer& l, const Chunk& ch
   using T = math_t<P>;
   const AdamConstants<T> c = adam_constants<T>(cfg, l);
   const int64_t n = chunk.end - chunk.begin;
-  P* w = static_cast<P*>(l.w) + chunk.begin;
-  const P* g = static_cast<const P*>(l.g) + chunk.begin;
-  T* m = static_cast<T*>(l.m) + chunk.begin;
-  T* v = static_cast<T*>(l.v) + chunk.begin;
+  const AdamArrays<P> a = adam_arrays<P>(l, chunk.begin);
   with_flag(cfg.has_clip, [&](auto clip) {
     for (int64_t b = 0; b < n; b += kSumBlock) {
-      adam_apply_block<P, clip.value>(w + b, g + b, m + b, v + b, std::min(kSumBlock, n - b), c, T(alpha), r);
+      adam_apply_block<P, clip.value>(a.w + b, a.g + b, a.m + b, a.v + b, std::min(kSumBlock, n - b), c, T(alpha),
+                                      r);
     }
   });
 }
