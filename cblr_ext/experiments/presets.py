@@ -35,8 +35,8 @@ PRESETS = {
     **{f"mnist1d-edge{'' if k == 1 else k}": dict(
         tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [4096]}, epochs={"mnist1d": 30},
         optimizers=list(names), variants=["plain"], seeds=3, select="mean") for k, names in EDGE_ROUNDS.items()},
-    # the Adam base (docs/experiments.md, "The Adam base"): 10 epochs so that three seeds and
-    # the whole five-point grids fit about 40 minutes of the shared 2-core VM
+    # the Adam base (docs/experiments.md, "The Adam base"): 10 epochs; the recorded run also
+    # took --lr-points 3 to fit about 40 minutes of the shared 2-core VM
     "adam": dict(tasks=[("mnist1d", "mlp"), ("teacher", "mlp")],
                  batch_sizes={"mnist1d": [256, 4096, 8192], "teacher": [256, 4096, 8192]},
                  epochs={"mnist1d": 10, "teacher": 10}, optimizers=ADAM_OPTIMIZERS, variants=["plain"], seeds=3,
