@@ -3,6 +3,7 @@ structure (no accuracy is asserted), and the options its --help documents."""
 import json
 
 import pytest
+import torch
 
 from cblr_ext.experiments import cli
 from cblr_ext.experiments.presets import preset_config
@@ -103,3 +104,42 @@ def test_screened_entries_name_every_rule_dependent_option():
     assert len(layerwise) == len(entries) - 1          # all but SGD-edge
     missing = {name: set(o.SCREENED_OPTIONS) - set(opts) for name, opts in layerwise.items()}
     assert not any(missing.values()), missing
+
+
+def test_adam_preset_runs_adamw_lamb_and_the_median_rule_end_to_end(tmp_path, capsys):
+    import math
+    from cblr_ext.experiments.optimizers import OPTIMIZERS
+    config = preset_config("adam")
+    assert config.optimizers == ["AdamW", "LAMB", "LAMB-mclr"]
+    assert config.batch_sizes == {"mnist1d": [256, 4096, 8192], "teacher": [256, 4096, 8192]} and config.seeds == 3
+    for name in config.optimizers:   # the same budget: five points a factor 2 apart
+        grid = config.lr_grid(name)
+        assert len(grid) == 5 and [b / a for a, b in zip(grid, grid[1:])] == pytest.approx([2.0] * 4)
+    out = tmp_path / "adam"
+    assert cli.main(["--preset", "adam", "--tasks", "teacher/mlp", "--train-size", "512", "--batch-sizes", "128",
+                     "256", "--epochs", "1", "--seeds", "2", "--lr-points", "1", "--jobs", "1", "--no-progress",
+                     "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [(r["optimizer"], r["batch_size"]) for r in results] == [
+        (name, batch) for batch in (128, 256) for name in ("AdamW", "LAMB", "LAMB-mclr")]
+    for r in results:
+        assert r["lr"] == OPTIMIZERS[r["optimizer"]].lr_grid[2]          # the grid's centre
+        assert r["steps"]["mean"] == 512 // r["batch_size"]               # one epoch of 512 samples
+        assert not r["diverged_seeds"] and all(math.isfinite(v) for v in r["test_acc"]["values"])
+        assert len(r["test_acc"]["values"]) == 2
+    rows = (out / "results.txt").read_text().splitlines()[2:8]
+    assert [row.split()[2] for row in rows] == [r["optimizer"] for r in results]
+
+
+def test_adam_base_lr_follows_the_square_root_of_the_batch_from_4096():
+    from cblr_ext.experiments.optimizers import OPTIMIZERS
+    from cblr_ext.train import ScaledLR
+    for name in ("AdamW", "LAMB", "LAMB-mclr"):
+        spec = OPTIMIZERS[name]
+        opt = spec.make(list(torch.nn.Linear(3, 2).named_parameters()), 0.064)
+        assert opt.param_groups[0]["weight_decay"] == 0.01
+        rule = ScaledLR(opt, spec.base_batch, rule=spec.lr_rule)
+        rule.apply(1024, step=0)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.032)      # 0.064 · √(1024/4096)
+        rule.apply(16384, step=0)
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.128)      # 0.064 · √4

@@ -1,8 +1,9 @@
 """The sweeps ``--preset`` names: "quick" (the package's main job: MNIST-1D at batch 256 and
 4096, under 5 minutes on 2 cores), "quick-teacher" (the same comparison on the synthetic
 teacher task), "full" (the study in docs/experiments.md), "mnist1d" (the sweep behind the
-defaults) and "mnist1d-edge", "mnist1d-edge2", "mnist1d-edge3" (the three rounds of the ×√2
-screen near each rule's edge of stability)."""
+defaults), "mnist1d-edge", "mnist1d-edge2", "mnist1d-edge3" (the three rounds of the ×√2
+screen near each rule's edge of stability) and "adam" (AdamW, LAMB and the median rule on the
+Adam direction, MNIST-1D and the teacher task)."""
 from .optimizers import EDGE_ROUNDS
 from .run import VARIANTS
 from .sweep import SweepConfig
@@ -13,6 +14,7 @@ from .sweep import SweepConfig
 QUICK_LR_GRIDS = {"SGD": (0.025, 0.05, 0.1), "LARS": (16.0, 32.0, 64.0), "MCLR": (4.0, 8.0, 16.0),
                   "CBLR-k1": (0.4, 0.8, 1.6)}
 MAIN_OPTIMIZERS = ["SGD", "LARS", "MCLR", "CBLR-k1"]
+ADAM_OPTIMIZERS = ["AdamW", "LAMB", "LAMB-mclr"]
 
 PRESETS = {
     "quick": dict(tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [256, 4096]}, epochs={"mnist1d": 15},
@@ -33,6 +35,12 @@ PRESETS = {
     **{f"mnist1d-edge{'' if k == 1 else k}": dict(
         tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [4096]}, epochs={"mnist1d": 30},
         optimizers=list(names), variants=["plain"], seeds=3, select="mean") for k, names in EDGE_ROUNDS.items()},
+    # the Adam base (docs/experiments.md, "The Adam base"): 10 epochs; the recorded run also
+    # took --lr-points 3 to fit about 40 minutes of the shared 2-core VM
+    "adam": dict(tasks=[("mnist1d", "mlp"), ("teacher", "mlp")],
+                 batch_sizes={"mnist1d": [256, 4096, 8192], "teacher": [256, 4096, 8192]},
+                 epochs={"mnist1d": 10, "teacher": 10}, optimizers=ADAM_OPTIMIZERS, variants=["plain"], seeds=3,
+                 train_size=16384),
 }
 
 
