@@ -197,7 +197,8 @@ class LAMB(Optimizer):
     def _add_missing_keys(self) -> None:
         for group in self.param_groups:
             for key, value in self.defaults.items():
-                group.setdefault(key, value)
+                if key != "differentiable":  # torch's __setstate__ adds it to the defaults; LAMB takes no such key
+                    group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):
