@@ -66,10 +66,10 @@ def make_probe(group: dict, params: list, grads: list, states: list, adapt: list
                        probe_backend=probe_backend, maximize=bool(group.get("maximize", False)))
 
 
-def secant_ops(group_ops):
-    """The kernels of the secant's ops: the group's, or the dispatcher's (the reference on
-    a device whose backend has none)."""
-    return group_ops if hasattr(group_ops, "adam_secant_sums") else ops.OPS
+def secant_op(group_ops, name: str):
+    """The kernel of secant op ``name``: the group's backend's, or the dispatcher's (the
+    reference where that backend has none: the Triton backend has no ``adam_secant_update_``)."""
+    return getattr(group_ops, name, None) or getattr(ops.OPS, name)
 
 
 def measure_(g, reduction: F.Reduction, probe_inputs: dict, grad_scale, clip) -> torch.Tensor:
@@ -82,7 +82,7 @@ def measure_(g, reduction: F.Reduction, probe_inputs: dict, grad_scale, clip) ->
     measured = [i for i in range(n) if measures[i]]
     if measured:
         pick = lambda tensors: [tensors[i] for i in measured]  # noqa: E731
-        sums = secant_ops(g.ops).adam_secant_sums(
+        sums = secant_op(g.ops, "adam_secant_sums")(
             pick(g.params), pick(g.grads), pick(probe_inputs["probe_grads"]), pick(probe_inputs["probe_steps"]),
             pick(g.exp_avg_sqs), pick(g.steps), grad_scale, clip, hp["betas"][1], float(hp["eps"]),
             hp["bias_correction"])
@@ -113,7 +113,7 @@ def update_(g, reduction: F.Reduction, measured: torch.Tensor, found_inf: torch.
         max_ratio=None if hp["max_ratio"] is None else float(hp["max_ratio"]), weight_decay=0.0, eps=0.0,
         fallback_trust=float(hp["fallback_trust"]))
     alpha = lm.layer_alpha(ratio, lr)
-    step_norm = secant_ops(g.ops).adam_secant_update_(
+    step_norm = secant_op(g.ops, "adam_secant_update_")(
         g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, _prev_steps(g, found_inf, step_applies), alpha,
         found_inf, grad_scale, clip, *hp["betas"], float(hp["eps"]), float(F.applied_weight_decay(hp)),
         hp["bias_correction"])

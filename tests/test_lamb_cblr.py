@@ -4,6 +4,7 @@ C++ secant kernel against the reference element-wise, and the step's contracts (
 step changes nothing, exact resume, the closure required before anything is modified)."""
 import copy
 import math
+import os
 
 import pytest
 import torch
@@ -326,3 +327,38 @@ def test_secant_ops_pass_opcheck(kernels, dtype):
                                [v.clone() for v in exp_avg_sqs], [s.clone() for s in steps],
                                [s.clone() for s in probe_steps], torch.tensor([0.01, 0.02], dtype=torch.float64),
                                torch.tensor(found_inf), scale, clip, 0.9, 0.999, 1e-6, 0.01, True))
+
+
+interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                 reason="TRITON_INTERPRET was not 1 when triton was imported")
+
+
+@interpreted
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("scaled_and_clipped", [False, True])
+def test_triton_secant_sums_match_the_reference_element_wise(dtype, scaled_and_clipped):
+    """The Triton kernel (in the interpreter) rounds every fp32 operation once, as the
+    reference; its sums of squares are added in another order: 1e-6."""
+    tb = pytest.importorskip("cblr_ext.backends.triton")
+    sizes = [5000, 1025, 9]
+    params, grads, probe_grads, probe_steps, exp_avg_sqs, steps = _secant_inputs(dtype, sizes, 18)
+    extra = (torch.tensor([8.0]), torch.tensor(1.3)) if scaled_and_clipped else (None, None)
+    args = (params, grads, probe_grads, probe_steps, exp_avg_sqs, steps, *extra, 0.999, 1e-6, True)
+    got = tb.adam_secant_sums(*args)
+    want = ops.REFERENCE_OPS.adam_secant_sums(*args)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    assert (got > 0).all()
+
+
+@interpreted
+def test_triton_backend_steps_as_the_reference():
+    loss = Quadratic(19)
+    results = []
+    for backend in ("reference", "triton"):
+        params = _params(20)
+        opt = LAMB(params, lr=0.01, rule="cblr", curvature_ema=0.5, backend=backend)
+        for _ in range(6):
+            opt.step(loss.closure_for(params))
+        results.append([p.detach() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
