@@ -6,8 +6,9 @@ r = η / (median_i |u_i|/|w_i| + ε) (``rule="mclr"``: the paper's median rule o
 direction, an extension of the paper) or r = η/κ̄ of the secant of the preconditioned
 gradient, measured with ``step(closure)`` (``rule="cblr"``, cblr_ext/lamb_secant.py; also
 an extension).  Two ops per group and step, one step-wide skip decision between them
-(``contract.ADAM_OPS``; CBLR adds the secant's op and takes its own pass 2); with ``max_grad_norm`` a pass over the
-gradients before them forms the global clip divisor on the device.  Nothing is read on the
+(``contract.ADAM_OPS``; CBLR adds the secant's op and takes its own pass 2); with
+``max_grad_norm`` a pass over the gradients before them forms the global clip divisor on
+the device.  Nothing is read on the
 host during a step: the step count is a device tensor per layer.  DTensor parameters
 (FSDP2, tensor parallelism) step on their local shards with whole-layer norms, medians and
 clip norm: one packed collective per pass for every sharded group (cblr_ext/distributed.py).

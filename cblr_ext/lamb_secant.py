@@ -120,7 +120,8 @@ def update_(g, reduction: F.Reduction, measured: torch.Tensor, found_inf: torch.
     skip = found_inf.reshape(())
     ages = torch.stack([s["age"] for s in states])
     torch._foreach_copy_([s["kappa"] for s in states], list(torch.where(skip, kappa_bars, new_bar).unbind()))
-    torch._foreach_copy_([s["age"] for s in states], list(torch.where(skip, ages, lm.next_age(ages, measured)).unbind()))
+    new_ages = torch.where(skip, ages, lm.next_age(ages, measured))
+    torch._foreach_copy_([s["age"] for s in states], list(new_ages.unbind()))
     return torch.stack([w_norm, u_norm, step_norm, used, ratio, alpha, fallback.double()], dim=1)
 
 

@@ -51,8 +51,8 @@ def _params(seed, dtype=torch.float32, sizes=SIZES):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("clip", [None, 0.5])
 def test_kappa_matches_an_fp64_evaluation_on_a_quadratic(backend, clip):
-    """g(w) − g(w + Δ) = −AΔ exactly, so κ of each layer is (‖(AΔ)_layer/c/(√v̂ + ε)‖ + ε)/‖Δ_layer‖,
-    v̂ this step's second moment (of g_t ÷ the clip divisor c), evaluated here in fp64 from the
+    """g(w) − g(w + Δ) = −AΔ exactly, so κ of each layer is
+    (‖(AΔ)_layer/c/(√v̂ + ε)‖ + ε)/‖Δ_layer‖, v̂ this step's second moment (of g_t ÷ the clip divisor c), evaluated here in fp64 from the
     state the optimizer held before the step (fp64 parameters: the gradients are exact to 1e-16;
     β2 = 1/2: the bias correction 1 − β2^t, formed in fp32 from the fp32 step count, is exact)."""
     loss = Quadratic(1)
