@@ -15,6 +15,8 @@ the columns of what the ops return, and the dtypes of the state they read and wr
 | ``median_candidates`` | w, g ÷ grad scale, each layer's key prefix | | the keys under the prefixes, layer after layer, and their number per layer (the sharded median's later rounds count these) |
 | ``median_candidate_histogram`` | those keys, each layer's key prefix | | a round's counts per layer of the keys under the prefixes |
 | ``adam_update_`` | w, g ÷ grad scale ÷ clip, m, v, step count, a reduction | w, m, v, step count; nothing when ``found_inf`` | [L, 7] statistics (``g_norm``: ‖u‖) |
+| ``adam_secant_sums`` | g and the probe's g at w + s (÷ grad scale ÷ clip), s, v, step count | | [L, 2] fp64: Σ((g − g_s)/(√v̂ + ε))², Σs² (CBLR on the Adam direction) |
+| ``adam_secant_update_`` | w, g ÷ grad scale ÷ clip, m, v, step count, each layer's α | w, m, v, step count, s ← α·u; nothing when ``found_inf`` | [L] fp64 ‖α·u‖ |
 """
 from __future__ import annotations
 
@@ -53,6 +55,17 @@ SCHEMAS = {
         "Tensor(d!)[] steps, bool[] adapt, Tensor sums, Tensor median, Tensor flags, Tensor found_inf, "
         "Tensor? grad_scale, Tensor? clip, Tensor lr, float beta1, float beta2, float eps, float weight_decay, "
         "bool bias_correction, float trust_coefficient, float? max_ratio) -> Tensor"),
+    # CBLR on the Adam direction: the secant of the preconditioned gradient, Σ(P·(g − g_s))² and Σs².
+    "adam_secant_sums": (
+        "adam_secant_sums(Tensor[] params, Tensor[] grads, Tensor[] probe_grads, Tensor[] probe_steps, "
+        "Tensor[] exp_avg_sqs, Tensor[] steps, Tensor? grad_scale, Tensor? clip, float beta2, float eps, "
+        "bool bias_correction) -> Tensor"),
+    # Its pass 2: w ← w − α·u with each layer's α = γ·r (the ratio formed from the secant by
+    # layer_math.layer_ratio), and the step s = α·u kept for the next probe.
+    "adam_secant_update_": (
+        "adam_secant_update_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+        "Tensor(d!)[] steps, Tensor(e!)[] prev_steps, Tensor alpha, Tensor found_inf, Tensor? grad_scale, "
+        "Tensor? clip, float beta1, float beta2, float eps, float weight_decay, bool bias_correction) -> Tensor"),
     # The sharded median's radix select (cblr_ext/distributed.py): one round's counts of every layer of a group.
     "median_histogram": ("median_histogram(Tensor[] params, Tensor[] grads, Tensor? grad_scale, float weight_decay, "
                          "Tensor prefix, int shift, int width) -> (Tensor counts, Tensor nans)"),
@@ -65,6 +78,8 @@ SCHEMAS = {
 STEP_OPS = ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_")
 # The Adam base's ops: the reference implements them (the default kernel on every device).
 ADAM_OPS = ("grad_sq_sums", "adam_reduce", "adam_update_")
+# CBLR on the Adam direction's ops: the reference implements them (the default kernel on every device).
+ADAM_PROBE_OPS = ("adam_secant_sums", "adam_secant_update_")
 # Sharded groups' ops: the reference and the C++ CPU kernel (csrc/binding.cpp).
 SHARDED_OPS = ("median_histogram", "median_candidates", "median_candidate_histogram")
 
@@ -111,3 +126,9 @@ class Reduction:
 
     def tensors(self) -> tuple:
         return self.sums, self.median, self.flags
+
+
+def host_flags(values: list, device) -> Tensor:
+    """Host bools as an [L] bool tensor made by fills, not copied from host memory (no
+    host-to-device copy: a CUDA graph can capture it)."""
+    return torch.stack([torch.full((), bool(v), dtype=torch.bool, device=device) for v in values])

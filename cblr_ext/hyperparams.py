@@ -86,18 +86,11 @@ def validate_group(group: dict, rule: str, read_tensor_lr: bool = False) -> None
         raise ValueError(f"Invalid weight_decay value: {group['weight_decay']}")
     if not _number("trust_coefficient", group["trust_coefficient"]) > 0:
         raise ValueError(f"Invalid trust_coefficient: {group['trust_coefficient']} (must be > 0)")
-    if not _number("fallback_trust", group["fallback_trust"]) > 0:
-        raise ValueError(f"Invalid fallback_trust: {group['fallback_trust']} (must be > 0)")
     if _number("eps", group["eps"]) < 0:
         raise ValueError(f"Invalid epsilon value: {group['eps']} (must be >= 0)")
-    ema = _number("curvature_ema", group["curvature_ema"])
-    if not 0.0 <= ema < 1.0:
-        raise ValueError(f"Invalid curvature_ema: {ema} (must be in [0, 1))")
     if group["max_ratio"] is not None and not _number("max_ratio", group["max_ratio"]) > 0:
         raise ValueError(f"Invalid max_ratio: {group['max_ratio']} (must be None or > 0)")
-    k = group["curvature_interval"]
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"Invalid curvature_interval: {k!r} (must be an integer >= 1)")
+    check_curvature_options(group)
     if group["nesterov"] and momentum == 0:
         raise ValueError("Invalid nesterov: Nesterov momentum requires a momentum and zero dampening")
     if group["backend"] not in BACKENDS:
@@ -109,6 +102,19 @@ def validate_group(group: dict, rule: str, read_tensor_lr: bool = False) -> None
     if group["lag"] and rule == "cblr":
         raise ValueError("Invalid lag: lag=1 exists for LARS and MCLR only (CBLR measures with a closure)")
     check_flags(group, ("adapt", "maximize"))
+
+
+def check_curvature_options(group: dict) -> None:
+    """The running curvature's options (the SGD base's rules, and CBLR on the Adam base):
+    η_F > 0, ρ in [0, 1), k an integer ≥ 1."""
+    if not _number("fallback_trust", group["fallback_trust"]) > 0:
+        raise ValueError(f"Invalid fallback_trust: {group['fallback_trust']} (must be > 0)")
+    ema = _number("curvature_ema", group["curvature_ema"])
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"Invalid curvature_ema: {ema} (must be in [0, 1))")
+    k = group["curvature_interval"]
+    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+        raise ValueError(f"Invalid curvature_interval: {k!r} (must be an integer >= 1)")
 
 
 def check_flags(group: dict, keys: tuple) -> None:

@@ -3,9 +3,12 @@
 u = m̂/(√v̂ + ε) + λ·w per layer (bias-corrected moments, decoupled weight decay), then
 w ← w − γ·r·u with r = η‖w‖/‖u‖ (``rule="lars"``: LAMB, apex's FusedLAMB) or
 r = η / (median_i |u_i|/|w_i| + ε) (``rule="mclr"``: the paper's median rule on the Adam
-direction, an extension of the paper).  Two ops per group and step, one step-wide skip
-decision between them (``contract.ADAM_OPS``); with ``max_grad_norm`` a pass over the
-gradients before them forms the global clip divisor on the device.  Nothing is read on the
+direction, an extension of the paper) or r = η/κ̄ of the secant of the preconditioned
+gradient, measured with ``step(closure)`` (``rule="cblr"``, cblr_ext/lamb_secant.py; also
+an extension).  Two ops per group and step, one step-wide skip decision between them
+(``contract.ADAM_OPS``; CBLR adds the secant's op and takes its own pass 2); with
+``max_grad_norm`` a pass over the gradients before them forms the global clip divisor on
+the device.  Nothing is read on the
 host during a step: the step count is a device tensor per layer.  DTensor parameters
 (FSDP2, tensor parallelism) step on their local shards with whole-layer norms, medians and
 clip norm: one packed collective per pass for every sharded group (cblr_ext/distributed.py).
@@ -20,14 +23,16 @@ from torch.optim import Optimizer
 
 from . import backends, distributed
 from . import functional as F
+from . import lamb_secant
 from . import layer_math as lm
 from .group_checks import ADAM_OPTIONS, add_param_groups, check_torch_options
-from .hyperparams import _number, check_flags, check_learning_rate
+from .hyperparams import _number, check_curvature_options, check_flags, check_learning_rate
 from .masks import ParamMask, check_mask_names
+from .probe import CurvatureProbe, ProbeBuffers
 from .step_common import (fp64_out_of_range, grad_scale_on, layers_with_grads, load_state_own_dtypes, skip_decision,
                           stats_by_layer)
 
-ADAM_RULES = ("lars", "mclr")
+ADAM_RULES = ("lars", "mclr", "cblr")
 # The backends with kernels of the Adam base's ops: the dispatcher's choice (the C++
 # kernels on CPU, the CUDA extension's or else the Triton kernels on CUDA, the reference
 # elsewhere), or one by name.
@@ -50,6 +55,8 @@ class _AdamGroup:
     adapt: list
     ops: object
     sharding: distributed.Sharding = None  # None: no parameter is a DTensor
+    states: list = None  # CBLR: the layers' state dicts
+    probe: lamb_secant.SecantProbe = None  # CBLR: what the closure protocol shifts and measures
 
     def median_inputs(self, grad_scale, clip) -> SimpleNamespace:
         """What ``distributed.merge_reductions`` reads of a sharded group: for MCLR, the
@@ -90,12 +97,17 @@ def _validate(group: dict, read_tensor_lr: bool = False) -> None:
     if group["backend"] not in ADAM_BACKENDS:
         raise ValueError(f"Invalid backend: {group['backend']!r} (the Adam base runs on "
                          f"{', '.join(ADAM_BACKENDS)}: the others have no kernels of its ops)")
+    check_curvature_options(group)
     check_flags(group, ("bias_correction", "exclude_1d", "adapt", "nvlamb", "maximize"))
 
 
+def _step_applies(found_inf: torch.Tensor) -> bool:
+    return not bool(found_inf)
+
+
 class LAMB(Optimizer):
-    """LAMB (You et al. 2019) with apex FusedLAMB's semantics, and the median rule on the
-    Adam direction.
+    """LAMB (You et al. 2019) with apex FusedLAMB's semantics, and the median and secant
+    rules on the Adam direction.
 
     Args (every one but ``skip_nonfinite`` and the masks may be overridden per param group; any
     other group key is refused):
@@ -105,9 +117,13 @@ class LAMB(Optimizer):
         bias_correction: m̂ = m/(1 − β1^t), v̂ = v/(1 − β2^t).
         max_grad_norm: the gradients of the whole step (every group) are divided by
             max(1, ‖g‖/max_grad_norm) before the moments; None: no clipping.  apex's default 1.0.
-        rule: "lars" (r = η‖w‖/‖u‖, LAMB) or "mclr" (r = η/(median |u_i|/|w_i| + ε)).
+        rule: "lars" (r = η‖w‖/‖u‖, LAMB), "mclr" (r = η/(median |u_i|/|w_i| + ε)) or
+            "cblr" (r = η/κ̄, κ the secant of the preconditioned gradient along the last
+            step: ``step(closure)`` required on measuring steps, as for ``CBLR``).
         trust_coefficient: η (1 for LAMB).
         max_ratio: the trust clip, an upper bound on r, or None.
+        curvature_ema, curvature_interval, fallback_trust: "cblr" only: ρ of κ̄, re-measure
+            every k-th step, η_F of the fallback r = η_F·‖w‖/‖u‖ (as ``CBLR``'s).
         exclude_1d: 0-d and 1-D tensors are not adapted (r = 1).
         nvlamb: adapt layers with λ = 0 too (apex's ``use_nvlamb``); without it, as apex,
             a group with weight_decay 0 is not adapted.
@@ -128,17 +144,20 @@ class LAMB(Optimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01, bias_correction=True,
                  max_grad_norm=1.0, rule="lars", trust_coefficient=1.0, max_ratio=None, exclude_1d=False,
                  nvlamb=False, adapt=True, skip_nonfinite=True, backend="auto", adapt_mask=None, decay_mask=None, *,
+                 curvature_ema=0.0, curvature_interval=1, fallback_trust=1e-3,
                  maximize=False, foreach=None, differentiable=False, fused=None, amsgrad=False, capturable=False):
         check_torch_options("LAMB", dict(foreach=foreach, differentiable=differentiable,
                                          fused=fused, amsgrad=amsgrad, capturable=capturable), ADAM_OPTIONS)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
                         bias_correction=bias_correction, max_grad_norm=max_grad_norm, rule=rule,
                         trust_coefficient=trust_coefficient, max_ratio=max_ratio, exclude_1d=exclude_1d,
-                        nvlamb=nvlamb, adapt=adapt, backend=backend, maximize=maximize)
+                        nvlamb=nvlamb, adapt=adapt, backend=backend, maximize=maximize, curvature_ema=curvature_ema,
+                        curvature_interval=curvature_interval, fallback_trust=fallback_trust)
         self.skip_nonfinite = bool(skip_nonfinite)
         self._adapt_mask = None if adapt_mask is None else ParamMask(adapt_mask, "adapt_mask")
         self._decay_mask = None if decay_mask is None else ParamMask(decay_mask, "decay_mask")
         self._results = {"skipped_steps": 0, "stats": []}
+        self._probe_buffers = ProbeBuffers()  # CBLR: reused by every probe
         super().__init__(params, defaults)
         check_mask_names(self.param_groups, self._adapt_mask, self._decay_mask)
 
@@ -164,13 +183,23 @@ class LAMB(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_results", {"skipped_steps": 0, "stats": []})
+        self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
+        self._add_missing_keys()
         for key, value in self._PICKLED.items():
             self.__dict__.setdefault(key, value)
 
     def load_state_dict(self, state_dict):
         """torch's, but the moments keep their fp32 dtype for 16-bit parameters and every
-        loaded tensor (the step counts too, which the kernels advance in place) is a copy."""
+        loaded tensor (the step counts too, which the kernels advance in place) is a copy;
+        groups of older checkpoints get the keys added since from the defaults."""
         load_state_own_dtypes(self, state_dict)
+        self._add_missing_keys()
+
+    def _add_missing_keys(self) -> None:
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                if key != "differentiable":  # torch's __setstate__ adds it to the defaults; LAMB takes no such key
+                    group.setdefault(key, value)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -184,18 +213,36 @@ class LAMB(Optimizer):
         if not groups:
             self._results["stats"] = []
             return loss
+        probed = [g.probe for g in groups if g.probe is not None and any(g.probe.measures)]
+        if probed and closure is None:
+            raise RuntimeError(
+                "LAMB(rule='cblr') needs step(closure) on a re-measure step (every curvature_interval-th step): "
+                "the closure re-evaluates the loss on the same batch at w + s. Nothing was modified.")
+        with CurvatureProbe(self._probe_buffers) as probe:
+            if probed:  # every shifted parameter is back at w_t when this returns
+                probe.measure(probed, closure)
+            self._run(groups, probe)
+        return loss
+
+    def _run(self, groups: list, probe: CurvatureProbe) -> None:
+        """Pass 1 over every group (and CBLR's secant), one step-wide skip decision, pass 2."""
         device = groups[0].params[0].device
         grad_scale = grad_scale_on(getattr(self, "grad_scale", None), device)
         clip = self._clip_divisor(groups, grad_scale)
-        reductions = []
+        reductions, measured = [], []
         for g in groups:
             hp = g.hyperparams
-            # Sharded MCLR: a shard's median is not the layer's; merge_reductions takes it across ranks.
-            rule = "lars" if g.sharding is not None else hp["rule"]
+            # Sharded MCLR: a shard's median is not the layer's; merge_reductions takes it across
+            # ranks.  CBLR takes the norms of pass 1 and its secant from the probe.
+            rule = "lars" if g.sharding is not None or hp["rule"] == "cblr" else hp["rule"]
             reductions.append(F.Reduction(*g.ops.adam_reduce(
                 rule, g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, grad_scale, clip, *hp["betas"],
                 float(hp["eps"]), float(F.applied_weight_decay(hp)), hp["bias_correction"])))
-            out_of_range = fp64_out_of_range(g.params, g.grads, grad_scale)
+            probe_inputs = {} if g.probe is None else probe.reduce_inputs(g.probe)
+            measured.append(None if g.probe is None else
+                            lamb_secant.measure_(g, reductions[-1], probe_inputs, grad_scale, clip))
+            out_of_range = fp64_out_of_range(g.params, g.grads, grad_scale, probe_inputs.get("probe_grads"),
+                                             probe_inputs.get("probe_steps"))
             if out_of_range is not None:
                 reductions[-1].flags[:, F.FLAG_NONFINITE] |= out_of_range
         found_inf = skip_decision(device, getattr(self, "found_inf", None), reductions, self.skip_nonfinite)
@@ -204,8 +251,12 @@ class LAMB(Optimizer):
             merged = [g.median_inputs(grad_scale, clip) if g.sharding is not None else g for g in groups]
             found_inf = distributed.merge_reductions(merged, reductions, found_inf)
         stats = []
-        for g, red in zip(groups, reductions):
+        for g, red, measured_layers in zip(groups, reductions, measured):
             hp = g.hyperparams
+            if g.probe is not None:
+                stats.append(lamb_secant.update_(g, red, measured_layers, found_inf, grad_scale, clip,
+                                                 F.lr_value(hp["lr"], device), _step_applies))
+                continue
             stats.append(g.ops.adam_update_(
                 hp["rule"], g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.adapt, *red.tensors(), found_inf,
                 grad_scale, clip, F.lr_value(hp["lr"], device), *hp["betas"], float(hp["eps"]),
@@ -215,7 +266,6 @@ class LAMB(Optimizer):
             distributed.merge_step_norms(merged, stats)
         self._results["stats"] = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
         self._results["skipped_steps"] = found_inf + self._results["skipped_steps"]
-        return loss
 
     def _init_groups(self) -> list:
         """An ``_AdamGroup`` per group with gradients; every check runs before any state is created."""
@@ -228,6 +278,10 @@ class LAMB(Optimizer):
         shardings = [distributed.sharding(gi, group, params, grads, positions, "LAMB")
                      for gi, positions, group, params, grads in collected]
         for (gi, positions, group, params, grads), sharding in zip(collected, shardings):
+            if sharding is not None and group["rule"] == "cblr":
+                raise ValueError(f"param group {gi}: rule 'cblr' is not supported for DTensor parameters")
+        for (gi, positions, group, params, grads), sharding in zip(collected, shardings):
+            held_grads = grads
             if group.get("maximize", False):  # (absent in older checkpoints) the moments take −g of −f
                 grads = torch._foreach_neg(grads)
             states = [self.state[p] for p in params]
@@ -239,11 +293,16 @@ class LAMB(Optimizer):
                                                        memory_format=torch.preserve_format)
             adapted = group["adapt"] and (group["nvlamb"] or group["weight_decay"] != 0)
             adapt = [adapted and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
+            probe = None
+            if group["rule"] == "cblr":
+                lamb_secant.init_state(states, params)
+                probe = lamb_secant.make_probe(group, params, held_grads, states, adapt)
             local = distributed.local
             groups.append(_AdamGroup(gi, tuple(positions), group, [local(p) for p in params],
                                      [local(g) for g in grads], [local(s["exp_avg"]) for s in states],
                                      [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], adapt,
-                                     backends.for_params(group["backend"], params[0].device, params).ops, sharding))
+                                     backends.for_params(group["backend"], params[0].device, params).ops, sharding,
+                                     states=states, probe=probe))
         return groups
 
     def _clip_divisor(self, groups: list, grad_scale):

@@ -199,13 +199,21 @@ def adam_step(w: Tensor, g: Tensor, m: Tensor, v: Tensor, step: Tensor, beta1: f
     return m, v, adam_direction(m, v, w, bc1.to(w.dtype), bc2.to(w.dtype), eps, weight_decay)
 
 
+def adam_secant_difference(g: Tensor, g_s: Tensor, v: Tensor, bc2: Tensor, eps: float) -> Tensor:
+    """(g − g_s) / (√v̂ + ε), v̂ = v / (1 − β2^t): the secant of the preconditioned gradient
+    (CBLR on the Adam direction), g_s the gradient at the probe point, v this step's second
+    moment; the division as u's gradient part takes it (``adam_direction``)."""
+    return (g - g_s) / ((v / bc2).sqrt() + eps)
+
+
 def adam_ratio(rule: str, w_norm: Tensor, u_norm: Tensor, median: Tensor, adapt: Tensor, *,
                trust_coefficient: float, eps: float, max_ratio) -> tuple:
     """Ratio r of the Adam direction and the curvature it stands for, fp64 [L]:
     "lars" (LAMB): κ = ‖u‖/‖w‖, r = η·‖w‖/‖u‖; "mclr": κ = median |u_i|/|w_i| + ε, r = η/κ.
     r = 1 where undefined (‖w‖ = 0, ‖u‖ = 0, no median) and for not-adapted layers; the
     bound ``max_ratio`` (LAMB's trust clip) applies to defined ratios.  Returns
-    (ratio, κ or NaN where not used, fallback flag)."""
+    (ratio, κ or NaN where not used, fallback flag).  (CBLR's ratio on the Adam direction
+    is the SGD base's ``layer_ratio`` with ‖u‖ for ‖g‖, no decay and no ε.)"""
     if rule == "lars":
         kappa = u_norm / w_norm
         r = trust_coefficient * w_norm / u_norm

@@ -14,13 +14,13 @@ from __future__ import annotations
 import torch
 
 from . import _build
-from .contract import ADAM_OPS, FLAG_COLUMNS, SCALAR_DTYPE, SCHEMAS, SHARDED_OPS, STAT_COLUMNS, STEP_OPS, SUM_COLUMNS
+from .contract import ADAM_OPS, ADAM_PROBE_OPS, FLAG_COLUMNS, SCALAR_DTYPE, SCHEMAS, SHARDED_OPS, STAT_COLUMNS, STEP_OPS, SUM_COLUMNS
 
 LIBRARY = torch.library.Library("cblr_ext", "DEF")  # noqa: the namespace's one definition
 REFERENCE_LIBRARY = torch.library.Library("cblr_ext_reference", "DEF")  # noqa: its one definition
 for _name, _schema in SCHEMAS.items():
     LIBRARY.define(_schema)
-    if _name in STEP_OPS + ADAM_OPS + SHARDED_OPS:
+    if _name in STEP_OPS + ADAM_OPS + ADAM_PROBE_OPS + SHARDED_OPS:
         REFERENCE_LIBRARY.define(_schema)
 
 
@@ -66,6 +66,16 @@ def _adam_update_fake(rule, params, grads, exp_avgs, exp_avg_sqs, steps, adapt, 
     return torch.empty((len(params), STAT_COLUMNS), dtype=SCALAR_DTYPE, device=_layers_device(params))
 
 
+def _adam_secant_sums_fake(params, grads, probe_grads, probe_steps, exp_avg_sqs, steps, grad_scale, clip, beta2,
+                           eps, bias_correction):
+    return torch.empty((len(params), 2), dtype=torch.float64, device=_layers_device(params))
+
+
+def _adam_secant_update_fake(params, grads, exp_avgs, exp_avg_sqs, steps, prev_steps, alpha, found_inf, grad_scale,
+                             clip, beta1, beta2, eps, weight_decay, bias_correction):
+    return torch.empty((len(params),), dtype=torch.float64, device=_layers_device(params))
+
+
 def _median_histogram_fake(params, grads, grad_scale, weight_decay, prefix, shift, width):
     return (prefix.new_empty((len(params), 1 << width), dtype=torch.float64),
             prefix.new_empty((len(params),), dtype=torch.float64))
@@ -80,10 +90,10 @@ def _median_candidate_histogram_fake(keys, layer_counts, prefix, shift, width):
     return prefix.new_empty((len(prefix), 1 << width), dtype=torch.float64)
 
 
-_FAKES = dict(zip(STEP_OPS + ADAM_OPS + SHARDED_OPS,
+_FAKES = dict(zip(STEP_OPS + ADAM_OPS + ADAM_PROBE_OPS + SHARDED_OPS,
                   (_reduce_fake, _update_fake, _shift_fake, _restore_fake, _grad_sq_sums_fake, _adam_reduce_fake,
-                   _adam_update_fake, _median_histogram_fake, _median_candidates_fake,
-                   _median_candidate_histogram_fake)))
+                   _adam_update_fake, _adam_secant_sums_fake, _adam_secant_update_fake, _median_histogram_fake,
+                   _median_candidates_fake, _median_candidate_histogram_fake)))
 for _namespace in ("cblr_ext", "cblr_ext_reference"):
     for _name, _fake in _FAKES.items():
         torch.library.register_fake(f"{_namespace}::{_name}", _fake)

@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "binding_checks.h"
+#include "cpu/adam_secant.h"
 #include "cpu/kernels.h"
 #include "cpu/median_candidates.h"
 
@@ -502,6 +503,64 @@ TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
   m.impl("grad_sq_sums", &grad_sq_sums);
   m.impl("adam_reduce", &adam_reduce);
   m.impl("adam_update_", &adam_update_);
+}
+
+// CBLR on the Adam direction: the secant's sums (csrc/cpu/adam_secant.h).
+namespace {
+
+// A layer's gradient in its math type: 16-bit ones converted to fp32 (kept alive in `converted`).
+const void* secant_grad(const Tensor& grad, std::vector<Tensor>& converted) {
+  if (grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble) return grad.data_ptr();
+  converted.push_back(grad.to(at::kFloat));
+  return converted.back().data_ptr();
+}
+
+Tensor adam_secant_sums(at::TensorList params, at::TensorList grads, at::TensorList probe_grads,
+                        at::TensorList probe_steps, at::TensorList exp_avg_sqs, at::TensorList steps,
+                        const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip, double beta2,
+                        double eps, bool bias_correction) {
+  const size_t count = params.size();
+  kCheck.count(grads.size(), count, "gradients", false);
+  kCheck.count(probe_grads.size(), count, "probe gradients", false);
+  kCheck.count(probe_steps.size(), count, "probe steps", false);
+  kCheck.count(exp_avg_sqs.size(), count, "exp_avg_sqs", false);
+  kCheck.count(steps.size(), count, "steps", false);
+  for (size_t i = 0; i < count; ++i) {
+    check_param(params[i], i);
+    kCheck.companion(params[i], grads[i], params[i].scalar_type(), "gradient", i);
+    kCheck.companion(params[i], probe_grads[i], params[i].scalar_type(), "probe gradient", i);
+    kCheck.companion(params[i], probe_steps[i], state_dtype(params[i]), "probe step", i);
+    kCheck.companion(params[i], exp_avg_sqs[i], state_dtype(params[i]), "exp_avg_sq", i);
+    kCheck.scalar_state(steps[i], at::kFloat, 1, kCpu, "step", i);
+  }
+  cblr::cpu::AdamConfig cfg;
+  cfg.g_unscale = grad_unscale(grad_scale);
+  use_clip(clip, cfg);
+  cfg.beta2 = beta2;
+  cfg.eps = eps;
+  cfg.bias_correction = bias_correction;
+  cfg.threads = at::get_num_threads();
+  std::vector<Tensor> converted;
+  std::vector<cblr::cpu::SecantLayer> layers(count);
+  for (size_t i = 0; i < count; ++i) {
+    cblr::cpu::SecantLayer& l = layers[i];
+    l.wide = params[i].scalar_type() == at::kDouble;
+    l.n = params[i].numel();
+    l.g = secant_grad(grads[i], converted);
+    l.g_s = secant_grad(probe_grads[i], converted);
+    l.s = probe_steps[i].data_ptr();
+    l.v = exp_avg_sqs[i].data_ptr();
+    l.step = *steps[i].data_ptr<float>();
+  }
+  Tensor sums = at::empty({int64_t(count), 2}, at::kDouble);
+  cblr::cpu::secant_sums_layers(cfg, layers, sums.data_ptr<double>());
+  return sums;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
+  m.impl("adam_secant_sums", &adam_secant_sums);
 }
 
 // An empty Python module, so that the setup.py build imports as ``cblr_ext._C``

@@ -285,4 +285,17 @@ CBLR_HD AdamRatio adam_ratio(Rule rule, double w_norm, double u_norm, float medi
   return out;
 }
 
+// ---------------------------------------------------------------- CBLR on the Adam direction
+
+// (g − g_s) / (√v̂ + ε), v̂ = v / (1 − β2^t): the secant of the preconditioned gradient, g_s the
+// gradient at the probe point, v this step's second moment; rounded op by op in T, the
+// division as adam_direction takes it.
+template <typename T>
+CBLR_HD T adam_secant_difference(T g, T g_s, T v, T bc2, T eps) {
+  T diff = g - g_s;
+  T v_hat = v / bc2;
+  T denominator = square_root(v_hat) + eps;
+  return diff / denominator;
+}
+
 }  // namespace cblr

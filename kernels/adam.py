@@ -99,3 +99,32 @@ def adam_update_kernel(chunks, ptrs, n_layers, partials, alpha, skip, bc1, bc2, 
     step_ptr = tensor_ptr(ptrs, ROLE_STEP, n_layers, row, tl.float32) + lane
     tl.store(step_ptr, tl.load(step_ptr, mask=first, other=0.0) + 1.0, mask=first)
     tl.store(partials + c * UPDATE_PARTIALS + A_MOVE2, sum_of_squares(move, mask))  # 0 on a skipped step
+
+
+# CBLR on the Adam direction: roles of its pointer table (g and g_s in the parameters'
+# dtype, the realised displacement Δ and v fp32) and its partial columns.
+ROLE_S_G, ROLE_S_GS, ROLE_S_DELTA, ROLE_S_V = (tl.constexpr(i) for i in range(4))
+S_DIFF2, S_STEP2 = (tl.constexpr(i) for i in range(2))
+SECANT_PARTIALS = tl.constexpr(2)
+
+
+@triton.jit
+def adam_secant_kernel(chunks, ptrs, n_layers, partials, bc2, unscale, clip, beta2, one_minus_beta2, eps,
+                       DTYPE: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+    """The secant's sums over a chunk: Σ((g − g_s)/(√v̂ + ε))², v̂ of this step's v (g and
+    g_s ÷ grad scale ÷ clip, as ``adam_chunk`` takes g), and ΣΔ²; writes nothing else."""
+    c, row, offs, mask = chunk_span(chunks, BLOCK)
+    g = tl.load(tensor_ptr(ptrs, ROLE_S_G, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    g_s = tl.load(tensor_ptr(ptrs, ROLE_S_GS, n_layers, row, DTYPE) + offs, mask=mask, other=0.0).to(tl.float32)
+    delta = tl.load(tensor_ptr(ptrs, ROLE_S_DELTA, n_layers, row, tl.float32) + offs, mask=mask, other=0.0)
+    v = tl.load(tensor_ptr(ptrs, ROLE_S_V, n_layers, row, tl.float32) + offs, mask=mask, other=0.0)
+    g = g * tl.load(unscale)
+    g_s = g_s * tl.load(unscale)
+    if CLIP:
+        g = tl.math.div_rn(g, tl.load(clip))
+        g_s = tl.math.div_rn(g_s, tl.load(clip))
+    v = v * beta2 + (g * g) * one_minus_beta2
+    d = tl.math.div_rn(g - g_s, tl.sqrt_rn(tl.math.div_rn(v, tl.load(bc2 + row))) + eps)
+    out = partials + c * SECANT_PARTIALS
+    tl.store(out + S_DIFF2, sum_of_squares(d, mask))
+    tl.store(out + S_STEP2, sum_of_squares(delta, mask))

@@ -164,7 +164,7 @@ def test_a_loaded_state_is_its_own_and_keeps_fp32_moments_of_bf16_parameters():
 
 @pytest.mark.parametrize("bad, message", [
     (dict(lr=-1.0), "Invalid learning rate"), (dict(betas=(1.0, 0.9)), "beta parameter at index 0"),
-    (dict(rule="cblr"), "Invalid rule"), (dict(backend="tpu"), "the others have no kernels of its ops"),
+    (dict(rule="secant"), "Invalid rule"), (dict(backend="tpu"), "the others have no kernels of its ops"),
     (dict(max_grad_norm=0.0), "Invalid max_grad_norm"),
 ])
 def test_bad_hyperparameters_are_refused(bad, message):

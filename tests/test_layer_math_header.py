@@ -82,6 +82,10 @@ int main() {
                                           float(a[5]), float(a[6])));
     } else if (!std::strcmp(fn, "adam_direction_f64")) {
       std::printf("%a\n", adam_direction(a[0], a[1], a[2], a[3], a[4], a[5], a[6]));
+    } else if (!std::strcmp(fn, "adam_secant_difference_f32")) {
+      std::printf("%a\n", adam_secant_difference(float(a[0]), float(a[1]), float(a[2]), float(a[3]), float(a[4])));
+    } else if (!std::strcmp(fn, "adam_secant_difference_f64")) {
+      std::printf("%a\n", adam_secant_difference(a[0], a[1], a[2], a[3], a[4]));
     } else if (!std::strcmp(fn, "adam_ratio")) {
       AdamRatio r = adam_ratio(Rule(int(a[0])), a[1], a[2], float(a[3]), a[4] != 0, a[5], a[6], a[7] != 0, a[8]);
       std::printf("%a %a %d\n", r.ratio, r.kappa, int(r.fallback));
@@ -268,6 +272,17 @@ def test_adam_direction(probe):
                for m, v, w, c1, c2, e, wd in cases])
 
 
+def test_adam_secant_difference(probe):
+    cases = [  # g, g_s, v, bc2, eps
+        (0.3, 0.1, 2.5e-4, 1e-3, 1e-6), (-1.7, 2.9, 0.09, 0.003, 1e-8), (0.5, 0.5, 0.3, 0.7, 1e-6),
+        (1e-30, -3e-30, 0.0, 1.0, 1e-6), (0.0, 0.0, 0.0, 1.0, 0.0),  # 0/0: NaN, as torch's
+        (2.0, -1.0, 0.0, 1.0, 0.0), (0.1, 0.2, 0.3, 0.4, 0.5)]  # v = 0, ε = 0: ±inf
+    for suffix, make in (("f32", f32), ("f64", f64)):
+        check(probe, f"adam_secant_difference_{suffix}", cases,
+              [lm.adam_secant_difference(make([g]), make([g_s]), make([v]), make([c2]), e)[0]
+               for g, g_s, v, c2, e in cases])
+
+
 def test_adam_ratio(probe):
     cases = [  # rule, ‖w‖, ‖u‖, median, adapt, η, ε, has max, max
         (0, 3.0, 4.0, 0.0, 1, 1.0, 1e-6, 0, 0.0), (0, 3.0, 4.0, 0.0, 1, 1.0, 1e-6, 1, 0.5),
@@ -306,7 +321,8 @@ def test_header_compiles_as_cuda(tmp_path):
         "      + cblr::reduction_kappa(cblr::RULE_CBLR, 1.f, x, 2.0, double(x), x, 0.f, 1e-8f)\n"
         "      + cblr::adam_moments(x, w, v, 0.9f, 0.1f, 0.999f, 0.001f).v\n"
         "      + cblr::adam_direction(x, w, v, cblr::bias_corrections(x, 0.9f, 0.999f, true).first, 0.5f, 1e-6f, 0.f)\n"
-        "      + cblr::adam_ratio(cblr::RULE_LARS, 1.0, double(x), x, true, 1.0, 1e-6, false, 0.0).ratio;\n"
+        "      + cblr::adam_ratio(cblr::RULE_LARS, 1.0, double(x), x, true, 1.0, 1e-6, false, 0.0).ratio\n"
+        "      + cblr::adam_secant_difference(x, w, v, 0.5f, 1e-6f);\n"
         "}\n")
     subprocess.run([nvcc, "-x", "cu", "-c", "--fmad=false", f"-I{CSRC}", str(src), "-o", str(tmp_path / "k.o")],
                    check=True)

@@ -103,7 +103,8 @@ def test_shift_returns_the_squares_of_w_t(backend):
 
 def test_ops_are_declared_once_in_python():
     assert set(ops.SCHEMAS) == {"layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_",
-                                "cpu_isa", "grad_sq_sums", "adam_reduce", "adam_update_", "median_histogram",
+                                "cpu_isa", "grad_sq_sums", "adam_reduce", "adam_update_", "adam_secant_sums",
+                                "adam_secant_update_", "median_histogram",
                                 "median_candidates", "median_candidate_histogram"}
     for name, schema in ops.SCHEMAS.items():
         assert str(getattr(ops.OPS, name).default._schema).startswith(f"cblr_ext::{name}(")

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import layer_math as lm
 from .. import ops
-from ..contract import (FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SHARDED_OPS, STEP_OPS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2,
+from ..contract import (host_flags, FLAG_MEASURED, FLAG_MEDIAN, FLAG_NORMS, SHARDED_OPS, STEP_OPS, SUM_DIFF2, SUM_G2, SUM_STEP2, SUM_W2,
                         state_dtype)
 
 
@@ -31,12 +31,6 @@ def _squares(x: Tensor) -> Tensor:
 def _sums(xs: list) -> Tensor:
     """Σx² of every layer, [L] fp64."""
     return torch.stack([_squares(x) for x in xs])
-
-
-def _host_flags(values: list, device) -> Tensor:
-    """Host bools as an [L] bool tensor made by fills, not copied from host memory (no
-    host-to-device copy: a CUDA graph can capture it)."""
-    return torch.stack([torch.full((), bool(v), dtype=torch.bool, device=device) for v in values])
 
 
 def _in_state_dtype(tensors: list, params: list) -> list:
@@ -108,9 +102,9 @@ def layerwise_reduce(rule, params, grads, ages, adapt, lagged_valid, probe_grads
             diff2[i], step2[i] = _squares(diff), _squares(s)
             probe_nonfinite[i] = nonfinite[i] | ~torch.isfinite(g_s).all()  # an overflow at w_t + s
         diff2, step2, nonfinite = torch.stack(diff2), torch.stack(step2), torch.stack(probe_nonfinite)
-        measured = _host_flags([adapt[i] and i in probes for i in range(n)], device)
+        measured = host_flags([adapt[i] and i in probes for i in range(n)], device)
     else:
-        measured = _host_flags(adapt, device) & lm.measurement_due(torch.stack(ages), curvature_interval)
+        measured = host_flags(adapt, device) & lm.measurement_due(torch.stack(ages), curvature_interval)
     sums = torch.stack([_sums(ws), _sums(gs), diff2, step2], dim=1)
     every = torch.ones((n,), dtype=torch.bool, device=device)
     flags = torch.stack([measured, every, every if rule == "mclr" else ~every, nonfinite], dim=1)
@@ -167,7 +161,7 @@ def layerwise_update_(rule, params, grads, momentum_buffers, prev_steps, kappas,
     kappa_bar, age = torch.stack(kappas), torch.stack(ages)
     measured = flags[:, FLAG_MEASURED]
     ratio, new_bar, used, fallback = lm.layer_ratio(
-        kappa, measured, kappa_bar, w_norm, g_norm, _host_flags(adapt, device),
+        kappa, measured, kappa_bar, w_norm, g_norm, host_flags(adapt, device),
         trust_coefficient=trust_coefficient, curvature_ema=curvature_ema, max_ratio=max_ratio,
         weight_decay=weight_decay, eps=eps, fallback_trust=fallback_trust)
     alpha = lm.layer_alpha(ratio, lr)

@@ -652,6 +652,34 @@ def _adam_reduce(rule, params, grads, exp_avgs, exp_avg_sqs, steps, scalars) -> 
     return sums, median, flags
 
 
+def adam_secant_sums(params, grads, probe_grads, probe_steps, exp_avg_sqs, steps, grad_scale, clip, beta2, eps,
+                     bias_correction):
+    """CBLR on the Adam direction (``reference_adam.adam_secant_sums``): Σ((g − g_s)/(√v̂ + ε))²
+    and Σs² of every layer, [L, 2] fp64, in one launch per dtype; writes nothing."""
+    from ..kernels import adam as ka
+    from ..kernels.chunks import chunk_plans, pointer_table
+    n = len(params)
+    device = params[0].device if params else torch.device("cpu")
+    if n == 0:
+        return torch.zeros((0, 2), dtype=torch.float64, device=device)
+    _check(params, "parameter")
+    _check_lengths(n, {}, dict(gradients=grads, probe_gradients=probe_grads, probe_steps=probe_steps,
+                               exp_avg_sqs=exp_avg_sqs, steps=steps))
+    _check(grads, "gradient", like=params)
+    _check(probe_grads, "probe gradient", like=params)
+    _check_fp32_like(probe_steps, params, "probe step")
+    _check_fp32_like(exp_avg_sqs, params, "exp_avg_sq")
+    _check_small(steps, "step count", 1, device, torch.float32)
+    if clip is not None:
+        _check_shape(clip.reshape(-1), "the clip divisor", (1,), torch.float32, device)
+    with _on_device(params):
+        bc2 = lm.bias_corrections(_stack(steps), 0.0, beta2, bias_correction)[1]
+        ptrs = pointer_table([grads, probe_grads, probe_steps, exp_avg_sqs])
+        return _layer_sums(ka.adam_secant_kernel, chunk_plans(params, CHUNK), n, ka.SECANT_PARTIALS.value, device,
+                           ptrs, bc2, _unscale(grad_scale, device), clip, float(beta2), 1.0 - beta2, float(eps),
+                           CLIP=clip is not None)
+
+
 def adam_update_(rule, params, grads, exp_avgs, exp_avg_sqs, steps, adapt, sums, median, flags, found_inf,
                  grad_scale, clip, lr, beta1, beta2, eps, weight_decay, bias_correction, trust_coefficient,
                  max_ratio):
@@ -710,4 +738,4 @@ def _adam_update(rule, params, grads, exp_avgs, exp_avg_sqs, steps, adapt, sums,
 # Where the CUDA extension did not load, these kernels run the ops on CUDA tensors.
 if ops.CUDA_LOAD_ERROR is not None and torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
     ops.register(sys.modules[__name__], "CUDA", "triton")
-    ops.register(sys.modules[__name__], "CUDA", "triton", names=ADAM_OPS)
+    ops.register(sys.modules[__name__], "CUDA", "triton", names=ADAM_OPS + ("adam_secant_sums",))
