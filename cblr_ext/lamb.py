@@ -29,8 +29,8 @@ from .group_checks import ADAM_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import _number, check_curvature_options, check_flags, check_learning_rate
 from .masks import ParamMask, check_mask_names
 from .probe import CurvatureProbe, ProbeBuffers
-from .step_common import (fp64_out_of_range, grad_scale_on, layers_with_grads, load_state_own_dtypes, skip_decision,
-                          stats_by_layer)
+from .step_common import (fp64_out_of_range, grad_scale_on, layers_with_grads, load_state_own_dtypes,
+                          prepare_step_applies, skip_decision, stats_by_layer)
 
 ADAM_RULES = ("lars", "mclr", "cblr")
 # The backends with kernels of the Adam base's ops: the dispatcher's choice (the C++
@@ -101,10 +101,6 @@ def _validate(group: dict, read_tensor_lr: bool = False) -> None:
     check_flags(group, ("bias_correction", "exclude_1d", "adapt", "nvlamb", "maximize"))
 
 
-def _step_applies(found_inf: torch.Tensor) -> bool:
-    return not bool(found_inf)
-
-
 class LAMB(Optimizer):
     """LAMB (You et al. 2019) with apex FusedLAMB's semantics, and the median and secant
     rules on the Adam direction.
@@ -171,6 +167,7 @@ class LAMB(Optimizer):
     def _add_one_group(self, param_group):
         super().add_param_group(param_group)
         _validate(self.param_groups[-1], read_tensor_lr=True)
+        prepare_step_applies()
 
     # Attributes a copy or pickle keeps besides torch's, with the value an older pickle gets.
     _PICKLED = {"skip_nonfinite": True, "_adapt_mask": None, "_decay_mask": None}
@@ -185,6 +182,7 @@ class LAMB(Optimizer):
         self.__dict__.setdefault("_results", {"skipped_steps": 0, "stats": []})
         self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
         self._add_missing_keys()
+        prepare_step_applies()
         for key, value in self._PICKLED.items():
             self.__dict__.setdefault(key, value)
 
@@ -255,7 +253,7 @@ class LAMB(Optimizer):
             hp = g.hyperparams
             if g.probe is not None:
                 stats.append(lamb_secant.update_(g, red, measured_layers, found_inf, grad_scale, clip,
-                                                 F.lr_value(hp["lr"], device), _step_applies))
+                                                 F.lr_value(hp["lr"], device)))
                 continue
             stats.append(g.ops.adam_update_(
                 hp["rule"], g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, g.adapt, *red.tensors(), found_inf,

@@ -21,6 +21,7 @@ from . import functional as F
 from . import layer_math as lm
 from . import ops
 from .contract import host_flags
+from .step_common import NewState
 
 
 @dataclass(frozen=True)
@@ -96,10 +97,10 @@ def measure_(g, reduction: F.Reduction, probe_inputs: dict, grad_scale, clip) ->
 
 
 def update_(g, reduction: F.Reduction, measured: torch.Tensor, found_inf: torch.Tensor, grad_scale, clip,
-            lr: torch.Tensor, step_applies) -> torch.Tensor:
-    """Pass 2 of ``g``: the ratio from the secant and κ̄, w ← w − γ·r·u, s kept; κ̄ and the
-    age written unless the step is skipped.  ``step_applies(found_inf)``: the host read a
-    layer's first step makes (its ``prev_step`` is kept only then).  Returns [L, 7] statistics."""
+            lr: torch.Tensor) -> torch.Tensor:
+    """Pass 2 of ``g``: the ratio from the secant and κ̄, w ← w − γ·r·u, s kept (a layer's
+    first ``prev_step`` only if the step applies); κ̄ and the age written unless the step is
+    skipped.  Returns [L, 7] statistics."""
     hp, states = g.hyperparams, g.states
     device = g.params[0].device
     sums = reduction.sums
@@ -113,8 +114,11 @@ def update_(g, reduction: F.Reduction, measured: torch.Tensor, found_inf: torch.
         max_ratio=None if hp["max_ratio"] is None else float(hp["max_ratio"]), weight_decay=0.0, eps=0.0,
         fallback_trust=float(hp["fallback_trust"]))
     alpha = lm.layer_alpha(ratio, lr)
+    prev_steps = NewState(found_inf).buffers(
+        "prev_step", g.params, states,
+        lambda p: torch.zeros_like(p, dtype=F.state_dtype(p), memory_format=torch.preserve_format))
     step_norm = secant_op(g.ops, "adam_secant_update_")(
-        g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, _prev_steps(g, found_inf, step_applies), alpha,
+        g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, prev_steps, alpha,
         found_inf, grad_scale, clip, *hp["betas"], float(hp["eps"]), float(F.applied_weight_decay(hp)),
         hp["bias_correction"])
     skip = found_inf.reshape(())
@@ -124,19 +128,3 @@ def update_(g, reduction: F.Reduction, measured: torch.Tensor, found_inf: torch.
     torch._foreach_copy_([s["age"] for s in states], list(new_ages.unbind()))
     return torch.stack([w_norm, u_norm, step_norm, used, ratio, alpha, fallback.double()], dim=1)
 
-
-def _prev_steps(g, found_inf: torch.Tensor, step_applies) -> list:
-    """The layers' ``prev_step`` buffers, made where missing (zeros in the state dtype) and
-    kept only if the step applies: a skipped step creates no state."""
-    keep = None
-    buffers = []
-    for p, s in zip(g.params, g.states):
-        buffer = s.get("prev_step")
-        if buffer is None:
-            if keep is None:
-                keep = step_applies(found_inf)
-            buffer = torch.zeros_like(p, dtype=F.state_dtype(p), memory_format=torch.preserve_format)
-            if keep:
-                s["prev_step"] = buffer
-        buffers.append(buffer)
-    return buffers

@@ -15,23 +15,8 @@ from .group_checks import SGD_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import RULE_DEFAULT, RULE_DEFAULTS, validate_group
 from .masks import ParamMask, check_mask_names
 from .probe import CurvatureProbe, ProbeBuffers
-from .step_common import fp64_out_of_range, grad_scale_on, layers_with_grads, load_state_own_dtypes, stats_by_layer
-
-
-def _read_step_applies(found_inf: torch.Tensor) -> bool:
-    return not bool(found_inf)
-
-
-# _read_step_applies as torch.compile runs it: a quiet graph break (no item() warning), on
-# a layer's first step only.  Made when a group is added, not on import: importing
-# torch._dynamo imports the Triton package, which must follow TRITON_INTERPRET (see backends/).
-_step_applies = None
-
-
-def _prepare_step_applies() -> None:
-    global _step_applies
-    if _step_applies is None:
-        _step_applies = torch.compiler.disable(_read_step_applies)
+from .step_common import (NewState, fp64_out_of_range, grad_scale_on, layers_with_grads, load_state_own_dtypes,
+                          prepare_step_applies, stats_by_layer)
 
 
 @dataclass(frozen=True)
@@ -278,7 +263,7 @@ class LayerwiseOptimizer(Optimizer):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         validate_group(group, self.rule, read_tensor_lr=True)
-        _prepare_step_applies()
+        prepare_step_applies()
         if group["params"]:
             # Resolved now: a step, traced by torch.compile too, then finds it cached.
             device = group["params"][0].device
@@ -312,7 +297,7 @@ class LayerwiseOptimizer(Optimizer):
                 self.__dict__.setdefault(key, value)
         self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
         self.__dict__.setdefault("_scratch", {})
-        _prepare_step_applies()
+        prepare_step_applies()
         for group in self.param_groups:  # groups of older versions get the keys added since
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -385,20 +370,8 @@ class LayerwiseOptimizer(Optimizer):
             wanted.append(("prev_step", lambda p: torch.zeros_like(p, dtype=F.state_dtype(p))))
         if g.hp.lag:
             wanted.append(("lagged", lambda p: torch.zeros(3, dtype=F.SCALAR_DTYPE, device=p.device)))
-        lists = {}
-        keep = None
-        for key, make in wanted:
-            tensors = []
-            for p, s in zip(g.state_like, g.states):
-                tensor = s.get(key)
-                if tensor is None:
-                    if keep is None:
-                        keep = _step_applies(found_inf)
-                    tensor = make(p)
-                    if keep:
-                        s[key] = tensor
-                tensors.append(tensor)
-            lists[key] = tensors
+        new = NewState(found_inf)
+        lists = {key: new.buffers(key, g.state_like, g.states, make) for key, make in wanted}
         return F.LayerState(kappas=[s["kappa"] for s in g.states], ages=[s["age"] for s in g.states],
                             momentum_buffers=lists.get("momentum_buffer", []),
                             prev_steps=lists.get("prev_step", []), lagged=lists.get("lagged", []),

@@ -1,11 +1,51 @@
 """What every optimizer of the package does around its ops in a step, one copy each: the
 layers of a group that have gradients (checked before any state exists), the step-wide
-skip decision, GradScaler's scale on the device, and the per-layer statistics by name."""
+skip decision, GradScaler's scale on the device, state a step creates, and the per-layer
+statistics by name."""
 from __future__ import annotations
 
 import torch
 
 from .contract import STAT_NAMES
+
+
+def _read_step_applies(found_inf: torch.Tensor) -> bool:
+    return not bool(found_inf)
+
+
+# _read_step_applies as torch.compile runs it: a quiet graph break (no item() warning), on
+# a layer's first step only.  Made when a group is added, not on import: importing
+# torch._dynamo imports the Triton package, which must follow TRITON_INTERPRET (see backends/).
+_step_applies = None
+
+
+def prepare_step_applies() -> None:
+    global _step_applies
+    if _step_applies is None:
+        _step_applies = torch.compiler.disable(_read_step_applies)
+
+
+class NewState:
+    """The state buffers of one step's update: a layer's own where it has them, else made
+    for this step and kept only if the step applies (a skipped step creates no state: only
+    then, once per step, is ``found_inf`` read on the host; ``prepare_step_applies`` first)."""
+
+    def __init__(self, found_inf: torch.Tensor):
+        self.found_inf = found_inf
+        self.keep = None
+
+    def buffers(self, key: str, likes: list, states: list, make) -> list:
+        tensors = []
+        for like, s in zip(likes, states):
+            tensor = s.get(key)
+            if tensor is None:
+                if self.keep is None:
+                    self.keep = _step_applies(self.found_inf)
+                tensor = make(like)
+                if self.keep:
+                    s[key] = tensor
+            tensors.append(tensor)
+        return tensors
 
 
 def layers_with_grads(optimizer: str, gi: int, group: dict) -> tuple:
