@@ -15,31 +15,32 @@ PACKAGE = "cblr_ext"  # the namespaces of the package's ops: cblr_ext, cblr_ext_
 COLLECTIVES = "c10d::"
 
 
-def _op_of(event: str) -> str:
-    """A package op's event by its op name alone (each backend registers its kernels in a
-    namespace of its own); any other event by its full name."""
+def _op_of(event: str) -> tuple:
+    """(op, whether it gets a row even unnamed): a package op's event by its op name alone
+    (each backend registers its kernels in a namespace of its own), a collective's and any
+    other event by its full name."""
     namespace, _, name = event.partition("::")
-    return name if namespace.startswith(PACKAGE) and name else event
-
-
-def _own(op: str, event_names: set) -> bool:
-    return any(_op_of(e) == op and e != op for e in event_names) or op.startswith(COLLECTIVES)
+    if namespace.startswith(PACKAGE) and name:
+        return name, True
+    return event, event.startswith(COLLECTIVES)
 
 
 def profile_ops(run, steps: int) -> tuple:
-    """({op: (calls per step, ms per step)}, event names, step ms) over ``steps`` calls of
-    ``run``; an op's time includes the events it called."""
+    """({op: (calls per step, ms per step)}, the ops that get a row unnamed, step ms) over
+    ``steps`` calls of ``run``; an op's time includes the events it called."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(steps):
             run()
         wall_ms = (time.perf_counter() - start) * 1e3
-    ops, names = {}, set()
+    ops, own = {}, set()
     for e in prof.key_averages():
-        names.add(e.key)
-        calls, ms = ops.get(_op_of(e.key), (0.0, 0.0))
-        ops[_op_of(e.key)] = (calls + e.count / steps, ms + e.cpu_time_total / 1e3 / steps)
-    return ops, names, wall_ms / steps
+        op, has_row = _op_of(e.key)
+        calls, ms = ops.get(op, (0.0, 0.0))
+        ops[op] = (calls + e.count / steps, ms + e.cpu_time_total / 1e3 / steps)
+        if has_row:
+            own.add(op)
+    return ops, own, wall_ms / steps
 
 
 def passes(run, steps: int, traffic=None, numel: int = 0, param_dtype: torch.dtype = torch.float32,
@@ -47,7 +48,7 @@ def passes(run, steps: int, traffic=None, numel: int = 0, param_dtype: torch.dty
     """One row per pass of ``traffic`` ({op, counted, calls_per_step, ms, bytes, gbps}; a
     pass of op None is the whole step; no traffic: no modelled rows), then the package's
     ops and collectives it does not name, then "other"."""
-    ops, names, step_ms = profile_ops(run, steps)
+    ops, own, step_ms = profile_ops(run, steps)
     rows, named = [], set()
     for p in traffic.passes if traffic is not None else ():
         calls, ms = (1.0, step_ms) if p.op is None else ops.get(p.op, (0.0, 0.0))
@@ -56,7 +57,7 @@ def passes(run, steps: int, traffic=None, numel: int = 0, param_dtype: torch.dty
         rows.append(dict(op=p.op or "step", counted=p.counted, calls_per_step=calls, ms=ms, bytes=nbytes,
                          gbps=nbytes / (ms * 1e6) if ms > 0 else None))
     rows += [dict(op=op, counted=None, calls_per_step=calls, ms=ms, bytes=None, gbps=None)
-             for op, (calls, ms) in sorted(ops.items()) if op not in named and _own(op, names)]
+             for op, (calls, ms) in sorted(ops.items()) if op in own and op not in named]
     timed = sum(r["ms"] for r in rows)
     rows.append(dict(op="other", counted=None, calls_per_step=None, ms=max(step_ms - timed, 0.0), bytes=None,
                      gbps=None))
