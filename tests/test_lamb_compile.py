@@ -10,7 +10,8 @@ from cblr_ext import LAMB, backends
 from cblr_ext.lamb import ADAM_BACKENDS
 from helpers import max_rel_diff, mlp
 from host_traffic import HostTraffic
-from test_compile import assert_compiles_once, package_breaks
+from test_compile import assert_compiles_once, cpu_backend, package_breaks
+from test_compile import fresh_dynamo  # noqa: F401 (an autouse fixture)
 from test_no_sync import kernel_launches_paused  # noqa: F401 (a fixture)
 
 VARIANTS = {  # clipped (apex's default) LAMB, the median rule with a trust clip, unclipped nvlamb
@@ -21,20 +22,6 @@ VARIANTS = {  # clipped (apex's default) LAMB, the median rule with a trust clip
 # dynamo cannot trace the Triton interpreter (NumPy on the host at every launch): on the CPU
 # the named triton backend is left to the host-traffic test.
 COMPILED = [b for b in ADAM_BACKENDS if b != "triton"]
-
-
-def cpu_backend(name):
-    reason = None if name == "auto" else backends.why_unavailable(name, "cpu")
-    if reason is not None:
-        pytest.skip(reason)
-    return name
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 class Training:
