@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch._dynamo
 
-from cblr_ext import LAMB, backends
+from cblr_ext import LAMB
 from cblr_ext.lamb import ADAM_BACKENDS
 from helpers import max_rel_diff, mlp
 from host_traffic import HostTraffic
