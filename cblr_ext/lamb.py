@@ -19,18 +19,19 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
-from torch.optim import Optimizer
 
 from . import backends, distributed
 from . import functional as F
 from . import lamb_secant
 from . import layer_math as lm
+from .checkpoint import CheckpointedOptimizer
 from .group_checks import ADAM_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import _number, check_curvature_options, check_flags, check_learning_rate
+from .layouts import dense_copies, relayout_state, state_layouts
 from .masks import ParamMask, check_mask_names
 from .probe import CurvatureProbe, ProbeBuffers
-from .step_common import (fp64_out_of_range, grad_scale_on, layers_with_grads, load_state_own_dtypes,
-                          prepare_step_applies, skip_decision, stats_by_layer)
+from .step_common import (fp64_out_of_range, grad_scale_on, layers_with_grads, prepare_step_applies, skip_decision,
+                          stats_by_layer)
 
 ADAM_RULES = ("lars", "mclr", "cblr")
 # The backends with kernels of the Adam base's ops: the dispatcher's choice (the C++
@@ -57,6 +58,7 @@ class _AdamGroup:
     sharding: distributed.Sharding = None  # None: no parameter is a DTensor
     states: list = None  # CBLR: the layers' state dicts
     probe: lamb_secant.SecantProbe = None  # CBLR: what the closure protocol shifts and measures
+    written_back: tuple = ()  # (strided views, the dense copies the kernels update), copied after the update
 
     def median_inputs(self, grad_scale, clip) -> SimpleNamespace:
         """What ``distributed.merge_reductions`` reads of a sharded group: for MCLR, the
@@ -73,6 +75,19 @@ class _AdamGroup:
         return SimpleNamespace(sharding=self.sharding, rule=rule, local_params=self.params, local_grads=directions,
                                hp=SimpleNamespace(approx_median=False, weight_decay=0.0),
                                backend=SimpleNamespace(ops=self.ops))
+
+
+def _as_the_kernels_take(params: list, grads: list, sharding, backend: backends.Backend) -> tuple:
+    """(params, grads, written_back, state_like) of a group as its kernels take them: the
+    local shards of DTensors, a dense copy of a strided view the kernels cannot address
+    (with its gradient in the copy's layout), ``(views, copies)`` to write back after the
+    update, and per layer what its state is laid out like (cblr_ext.layouts)."""
+    local_params, local_grads = [distributed.local(p) for p in params], [distributed.local(g) for g in grads]
+    substitutes = []  # (view, its dense copy)
+    if sharding is None:  # a DTensor's local shard is dense
+        dense_copies(local_params, local_grads, substitutes, backend)
+    return (local_params, local_grads, tuple(map(list, zip(*substitutes))),
+            state_layouts(params, local_params, substitutes))
 
 
 def _validate(group: dict, read_tensor_lr: bool = False) -> None:
@@ -101,7 +116,7 @@ def _validate(group: dict, read_tensor_lr: bool = False) -> None:
     check_flags(group, ("bias_correction", "exclude_1d", "adapt", "nvlamb", "maximize"))
 
 
-class LAMB(Optimizer):
+class LAMB(CheckpointedOptimizer):
     """LAMB (You et al. 2019) with apex FusedLAMB's semantics, and the median and secant
     rules on the Adam direction.
 
@@ -152,7 +167,7 @@ class LAMB(Optimizer):
         self.skip_nonfinite = bool(skip_nonfinite)
         self._adapt_mask = None if adapt_mask is None else ParamMask(adapt_mask, "adapt_mask")
         self._decay_mask = None if decay_mask is None else ParamMask(decay_mask, "decay_mask")
-        self._results = {"skipped_steps": 0, "stats": []}
+        self._results = self._empty_results(0)
         self._probe_buffers = ProbeBuffers()  # CBLR: reused by every probe
         super().__init__(params, defaults)
         check_mask_names(self.param_groups, self._adapt_mask, self._decay_mask)
@@ -169,35 +184,14 @@ class LAMB(Optimizer):
         _validate(self.param_groups[-1], read_tensor_lr=True)
         prepare_step_applies()
 
-    # Attributes a copy or pickle keeps besides torch's, with the value an older pickle gets.
+    # The conventions of cblr_ext.checkpoint: what a copy or pickle keeps (with the value an
+    # older pickle without it gets) and rebuilds, what loaded state must be shaped like
+    # (other keys: the parameter's shape) and which dtype loaded scalar state takes (the
+    # kernels advance an fp32 step count in place).
     _PICKLED = {"skip_nonfinite": True, "_adapt_mask": None, "_decay_mask": None}
-
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.update({key: getattr(self, key) for key in self._PICKLED})
-        return state
-
-    def __setstate__(self, state):
-        super().__setstate__(state)
-        self.__dict__.setdefault("_results", {"skipped_steps": 0, "stats": []})
-        self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
-        self._add_missing_keys()
-        prepare_step_applies()
-        for key, value in self._PICKLED.items():
-            self.__dict__.setdefault(key, value)
-
-    def load_state_dict(self, state_dict):
-        """torch's, but the moments keep their fp32 dtype for 16-bit parameters and every
-        loaded tensor (the step counts too, which the kernels advance in place) is a copy;
-        groups of older checkpoints get the keys added since from the defaults."""
-        load_state_own_dtypes(self, state_dict)
-        self._add_missing_keys()
-
-    def _add_missing_keys(self) -> None:
-        for group in self.param_groups:
-            for key, value in self.defaults.items():
-                if key != "differentiable":  # torch's __setstate__ adds it to the defaults; LAMB takes no such key
-                    group.setdefault(key, value)
+    _CACHES = {"_probe_buffers": ProbeBuffers}
+    _STATE_SHAPES = {"step": (), "kappa": (), "age": ()}
+    _SCALAR_STATE = {"step": torch.float32, "kappa": F.SCALAR_DTYPE}
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -260,6 +254,9 @@ class LAMB(Optimizer):
                 grad_scale, clip, F.lr_value(hp["lr"], device), *hp["betas"], float(hp["eps"]),
                 float(F.applied_weight_decay(hp)), hp["bias_correction"], float(hp["trust_coefficient"]),
                 None if hp["max_ratio"] is None else float(hp["max_ratio"])))
+        for g in groups:
+            if g.written_back:  # also on a skipped step: the copies are then unchanged
+                torch._foreach_copy_(*g.written_back)
         if sharded:
             distributed.merge_step_norms(merged, stats)
         self._results["stats"] = [((g.index, g.positions), s) for g, s in zip(groups, stats)]
@@ -282,25 +279,28 @@ class LAMB(Optimizer):
             held_grads = grads
             if group.get("maximize", False):  # (absent in older checkpoints) the moments take −g of −f
                 grads = torch._foreach_neg(grads)
+            backend = backends.for_params(group["backend"], params[0].device, params)
+            local_params, local_grads, written_back, state_like = _as_the_kernels_take(params, grads, sharding, backend)
             states = [self.state[p] for p in params]
-            for p, s in zip(params, states):
+            relayout_state(states, state_like, ("exp_avg", "exp_avg_sq", "prev_step"))
+            for like, s in zip(state_like, states):
                 if "step" not in s:  # fp32 state, as torch's Adam keeps it for 16-bit parameters
-                    s["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                    s["exp_avg"] = torch.zeros_like(p, dtype=F.state_dtype(p), memory_format=torch.preserve_format)
-                    s["exp_avg_sq"] = torch.zeros_like(p, dtype=F.state_dtype(p),
+                    s["step"] = torch.zeros((), dtype=torch.float32, device=like.device)
+                    s["exp_avg"] = torch.zeros_like(like, dtype=F.state_dtype(like),
+                                                    memory_format=torch.preserve_format)
+                    s["exp_avg_sq"] = torch.zeros_like(like, dtype=F.state_dtype(like),
                                                        memory_format=torch.preserve_format)
             adapted = group["adapt"] and (group["nvlamb"] or group["weight_decay"] != 0)
             adapt = [adapted and not (group["exclude_1d"] and p.ndim <= 1) for p in params]
             probe = None
             if group["rule"] == "cblr":
                 lamb_secant.init_state(states, params)
-                probe = lamb_secant.make_probe(group, params, held_grads, states, adapt)
+                probe = lamb_secant.make_probe(group, params, held_grads, states, adapt, local_params)
             local = distributed.local
-            groups.append(_AdamGroup(gi, tuple(positions), group, [local(p) for p in params],
-                                     [local(g) for g in grads], [local(s["exp_avg"]) for s in states],
+            groups.append(_AdamGroup(gi, tuple(positions), group, local_params, local_grads,
+                                     [local(s["exp_avg"]) for s in states],
                                      [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], adapt,
-                                     backends.for_params(group["backend"], params[0].device, params).ops, sharding,
-                                     states=states, probe=probe))
+                                     backend.ops, sharding, states=states, probe=probe, written_back=written_back))
         return groups
 
     def _clip_divisor(self, groups: list, grad_scale):
@@ -315,10 +315,6 @@ class LAMB(Optimizer):
         sums = [g.ops.grad_sq_sums(g.grads, grad_scale) for g in groups]
         norm = distributed.global_sum(groups, sums).sqrt()
         return torch.clamp(norm / bounds.pop(), min=1.0).float()
-
-    @property
-    def skipped_steps(self) -> int:
-        return int(self._results["skipped_steps"])
 
     def layer_stats(self) -> dict:
         """Per layer of the last step: ‖w‖, ‖u‖ (as ``g_norm``), ‖s‖, κ, r, α, fallback."""

@@ -21,6 +21,7 @@ from . import functional as F
 from . import layer_math as lm
 from . import ops
 from .contract import host_flags
+from .layouts import in_layout_of
 from .step_common import NewState
 
 
@@ -37,6 +38,7 @@ class SecantProbe:
     measures: list     # host bools: adapted, due and with a previous step
     probe_backend: backends.Backend
     maximize: bool     # the moments take −g: so does the secant
+    kernel_params: list  # what the kernels update per layer (a strided view's dense copy): its layout
     probe_restores = True
 
     @property
@@ -44,6 +46,7 @@ class SecantProbe:
         return self.params
 
     def probe_grad(self, i: int, grad):
+        grad = in_layout_of(grad, self.kernel_params[i])
         return -grad if self.maximize else grad
 
 
@@ -55,8 +58,9 @@ def init_state(states: list, params: list) -> None:
             s["age"] = torch.full((), float("inf"), dtype=torch.float32, device=p.device)
 
 
-def make_probe(group: dict, params: list, grads: list, states: list, adapt: list) -> SecantProbe:
-    """The group's probe for this step (``grads``: the gradients as ``.grad`` holds them)."""
+def make_probe(group: dict, params: list, grads: list, states: list, adapt: list, kernel_params: list) -> SecantProbe:
+    """The group's probe for this step (``grads``: the gradients as ``.grad`` holds them;
+    ``kernel_params``: what the kernels update)."""
     prev_steps = [s.get("prev_step") for s in states]
     k = group["curvature_interval"]
     due = [True] * len(states) if k == 1 else lm.measurement_due(torch.stack([s["age"] for s in states]), k).tolist()
@@ -64,7 +68,8 @@ def make_probe(group: dict, params: list, grads: list, states: list, adapt: list
     probe_backend = backends.addressing(backends.for_params(group["backend"], device, params), params)
     return SecantProbe(params=params, grads=grads, prev_steps=prev_steps,
                        measures=[a and d and s is not None for a, d, s in zip(adapt, due, prev_steps)],
-                       probe_backend=probe_backend, maximize=bool(group.get("maximize", False)))
+                       probe_backend=probe_backend, maximize=bool(group.get("maximize", False)),
+                       kernel_params=kernel_params)
 
 
 def secant_op(group_ops, name: str):

@@ -5,18 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch._prims_common import is_non_overlapping_and_dense_or_false as is_non_overlapping_and_dense
-from torch.optim import Optimizer
 
 from . import backends, distributed
 from . import functional as F
 from . import layer_math as lm
+from .checkpoint import CheckpointedOptimizer
 from .group_checks import SGD_OPTIONS, add_param_groups, check_torch_options
 from .hyperparams import RULE_DEFAULT, RULE_DEFAULTS, validate_group
+from .layouts import dense_copies, in_layout_of, relayout_state, state_layouts
 from .masks import ParamMask, check_mask_names
 from .probe import CurvatureProbe, ProbeBuffers
-from .step_common import (NewState, fp64_out_of_range, grad_scale_on, layers_with_grads, load_state_own_dtypes,
-                          prepare_step_applies, stats_by_layer)
+from .step_common import (NewState, fp64_out_of_range, grad_scale_on, layers_with_grads, prepare_step_applies,
+                          stats_by_layer)
 
 
 @dataclass(frozen=True)
@@ -63,13 +63,11 @@ class _Group:
             cls._masters(params, grads, states, local_params, local_grads, substitutes, backend)
         substituted = len(substitutes)
         if sharding is None:  # a DTensor's local shard is dense
-            cls._dense_copies(local_params, local_grads, substitutes, backend)
+            dense_copies(local_params, local_grads, substitutes, backend)
         copies_views = len(substitutes) > substituted
         written_back = tuple(map(list, zip(*substitutes)))
-        # State is laid out like what the kernels update (a dense copy, not its view).
-        substitute_ids = {id(w) for _, w in substitutes}
-        state_like = [w if id(w) in substitute_ids else p for p, w in zip(params, local_params)]
-        _relayout_state(states, state_like)
+        state_like = state_layouts(params, local_params, substitutes)
+        relayout_state(states, state_like, ("momentum_buffer", "prev_step"))
         maximize = group["maximize"]
         if maximize:  # the step descends −f: the kernels take −g
             local_grads = torch._foreach_neg(local_grads)
@@ -102,20 +100,8 @@ class _Group:
                     master = p.detach().float()
                     states[i]["master"] = master if backend.takes_layout(master) else master.contiguous()
                 local_params[i] = states[i]["master"]
-                local_grads[i] = _in_layout_of(grads[i].float(), local_params[i])
+                local_grads[i] = in_layout_of(grads[i].float(), local_params[i])
                 substitutes.append((p, local_params[i]))
-
-    @staticmethod
-    def _dense_copies(local_params, local_grads, substitutes, backend) -> None:
-        """Parameters the kernels cannot address where they lie (a strided view) are
-        stepped on a dense copy, their gradients in the copy's layout; the update writes
-        the copy back into the view (also on a skipped step: it is then unchanged)."""
-        substituted = {id(w) for _, w in substitutes}
-        for i, w in enumerate(local_params):
-            if id(w) not in substituted and not backend.takes_layout(w):
-                local_params[i] = w.contiguous()
-                local_grads[i] = _in_layout_of(local_grads[i], local_params[i])
-                substitutes.append((w, local_params[i]))
 
     @property
     def probe_restores(self) -> bool:
@@ -133,7 +119,7 @@ class _Group:
         a dense copy's layout)."""
         grad = self.local(grad)
         grad = grad.float() if self.local_params[i].dtype != grad.dtype else grad
-        grad = _in_layout_of(grad, self.local_params[i])
+        grad = in_layout_of(grad, self.local_params[i])
         return -grad if self.maximize else grad
 
     def local(self, tensor):
@@ -141,35 +127,12 @@ class _Group:
         return tensor if self.sharding is None else distributed.local(tensor)
 
 
-def _in_layout_of(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``tensor`` with the strides of ``like`` (itself when it has them)."""
-    return tensor if tensor.stride() == like.stride() else torch.empty_like(like, dtype=tensor.dtype).copy_(tensor)
-
-
-def _laid_out_like(buffer: torch.Tensor, like: torch.Tensor) -> bool:
-    """``buffer`` has the layout ``torch.empty_like(like)`` gives (contiguous for a view with
-    gaps); the strides are compared first: the density check costs graph nodes per layer
-    in a compiled step."""
-    return buffer.stride() == like.stride() or (buffer.is_contiguous() and not is_non_overlapping_and_dense(like))
-
-
-def _relayout_state(states: list, state_like: list) -> None:
-    """Buffers kept from another layout (state loaded from a contiguous model now
-    channels_last, or from a backend that stepped a view where it lies) are copied into
-    the layout of what the kernels update: they read both as flat memory."""
-    for state, like in zip(states, state_like):
-        for key in ("momentum_buffer", "prev_step"):
-            buffer = state.get(key)
-            if buffer is not None and buffer.shape == like.shape and not _laid_out_like(buffer, like):
-                state[key] = torch.empty_like(like, dtype=buffer.dtype).copy_(buffer)
-
-
 def _step_result(key: str) -> property:
     """An attribute kept in the optimizer's ``_results`` dict."""
     return property(lambda self: self._results[key], lambda self, value: self._results.__setitem__(key, value))
 
 
-class LayerwiseOptimizer(Optimizer):
+class LayerwiseOptimizer(CheckpointedOptimizer):
     """Shared implementation; subclasses set ``rule``.
 
     Args (every one but ``skip_nonfinite``, ``reuse_weight_norm``, ``master_weights`` and the
@@ -241,8 +204,7 @@ class LayerwiseOptimizer(Optimizer):
         self.master_weights = bool(master_weights)
         self._adapt_mask = None if adapt_mask is None else ParamMask(adapt_mask, "adapt_mask")
         self._decay_mask = None if decay_mask is None else ParamMask(decay_mask, "decay_mask")
-        # found_inf: the last step's skip decision (a device bool, for cblr_ext.amp.update)
-        self._results = {"skipped_steps": 0, "stats": [], "found_inf": None}
+        self._results = self._empty_results(0)
         self._probe_buffers = ProbeBuffers()  # CBLR: reused by every probe
         self._scratch = {}  # backends' scratch kept between steps (workspaces, carried Σw²)
         super().__init__(params, defaults)
@@ -269,38 +231,18 @@ class LayerwiseOptimizer(Optimizer):
             device = group["params"][0].device
             backends.prepare_group(group["backend"], device)
 
-    # Attributes a copy or pickle keeps besides torch's (defaults, state, param_groups), with
-    # the value an older pickle without them gets.
+    # The conventions of cblr_ext.checkpoint: what a copy or pickle keeps (with the value an
+    # older pickle without it gets) and rebuilds, what loaded state must be shaped like
+    # (other keys: the parameter's shape) and which dtype loaded scalar state takes.
     _PICKLED = {"skip_nonfinite": True, "reuse_weight_norm": False, "master_weights": False, "_adapt_mask": None,
-                "_decay_mask": None, "_skipped_steps": 0}
+                "_decay_mask": None}
+    _CACHES = {"_probe_buffers": ProbeBuffers, "_scratch": dict}
+    _STATE_SHAPES = {"kappa": (), "age": (), "lagged": (3,)}
+    _SCALAR_STATE = {"kappa": F.SCALAR_DTYPE, "lagged": F.SCALAR_DTYPE}  # fp32 in checkpoints before the fp64 scalars
 
-    def __getstate__(self):
-        state = super().__getstate__()
-        state.update({key: getattr(self, key) for key in self._PICKLED})
-        return state
-
-    def __setstate__(self, state):
-        state = dict(state)
-        # The last step's statistics are a cache, not kept: rebuilt on the next step.
-        results = {"skipped_steps": state.pop("_skipped_steps", self._PICKLED["_skipped_steps"]), "stats": [],
-                   "found_inf": None}
-        defaults = state.get("defaults", self.__dict__.get("defaults", {}))
-        had_differentiable = "differentiable" in defaults
-        super().__setstate__(state)
-        # torch's __setstate__ adds defaults["differentiable"], which these optimizers do not
-        # take: a copy, pickle or load must leave defaults (and so the groups) as they were.
-        if not had_differentiable:
-            self.defaults.pop("differentiable", None)
-        self.__dict__["_results"] = results
-        for key, value in self._PICKLED.items():
-            if key != "_skipped_steps":
-                self.__dict__.setdefault(key, value)
-        self.__dict__.setdefault("_probe_buffers", ProbeBuffers())
-        self.__dict__.setdefault("_scratch", {})
-        prepare_step_applies()
-        for group in self.param_groups:  # groups of older versions get the keys added since
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
+    def _empty_results(self, skipped_steps) -> dict:
+        # found_inf: the last step's skip decision (a device bool, for cblr_ext.amp.update)
+        return {**super()._empty_results(skipped_steps), "found_inf": None}
 
     # ----------------------------------------------------------------- step
 
@@ -452,15 +394,9 @@ class LayerwiseOptimizer(Optimizer):
     # writes into a dict it holds; a step writes the dict itself (torch 2.11's dynamo
     # cannot trace a property's setter).
     _stats = _step_result("stats")
-    _skipped_steps = _step_result("skipped_steps")
     _found_inf = _step_result("found_inf")
 
     # ---------------------------------------------------------- inspection
-
-    @property
-    def skipped_steps(self) -> int:
-        """Steps skipped because a gradient held NaN/Inf (reading it syncs the device)."""
-        return int(self._skipped_steps)
 
     def layer_stats(self) -> dict:
         """Per layer of the last step: ‖w‖, ‖g‖, ‖s‖ (step length), κ (κ̄ used, NaN for the
@@ -470,41 +406,6 @@ class LayerwiseOptimizer(Optimizer):
         statistics stay on the device during ``step()``; this call copies them.
         """
         return stats_by_layer(self.param_groups, self._stats)
-
-    # ----------------------------------------------------------- state dict
-
-    def state_dict(self):
-        sd = super().state_dict()
-        sd["skipped_steps"] = self.skipped_steps
-        return sd
-
-    def load_state_dict(self, state_dict):
-        """torch's, with load-state-dict hooks honoured; loaded state keeps its own dtype
-        (fp32 state of 16-bit parameters), where torch casts floating state to the
-        parameter's, but κ̄ and the lag stash become SCALAR_DTYPE (older checkpoints hold fp32); every group keeps the backend it has (a checkpoint from any backend
-        loads under any other) and gets the keys an older checkpoint lacks from the defaults."""
-        chosen = [group["backend"] for group in self.param_groups]
-        loaded = load_state_own_dtypes(self, state_dict, self._SCALAR_STATE, F.SCALAR_DTYPE, self._check_loaded_shapes)
-        for group, backend in zip(self.param_groups, chosen):
-            for key, value in self.defaults.items():
-                group.setdefault(key, value)
-            group["backend"] = backend
-        self._skipped_steps = loaded.get("skipped_steps", 0)
-
-    _STATE_SHAPES = {"kappa": (), "age": (), "lagged": (3,)}  # the others: the parameter's
-    _SCALAR_STATE = ("kappa", "lagged")  # fp32 in checkpoints before the fp64 scalars
-
-    def _check_loaded_shapes(self, state_dict) -> None:
-        """A clear error, before anything is loaded, for state of another model."""
-        for saved_group, group in zip(state_dict["param_groups"], self.param_groups):
-            for pid, p in zip(saved_group["params"], group["params"]):
-                for key, value in state_dict["state"].get(pid, {}).items():
-                    if not isinstance(value, torch.Tensor):
-                        continue
-                    want = self._STATE_SHAPES.get(key, tuple(p.shape))
-                    if tuple(value.shape) != want:
-                        raise ValueError(f"loaded state[{key!r}] of parameter {pid} has shape "
-                                         f"{tuple(value.shape)}, expected {want} (a checkpoint of another model?)")
 
 
 class LARS(LayerwiseOptimizer):

@@ -131,34 +131,6 @@ def skip_decision(device, amp_found_inf, reductions: list, skip_nonfinite: bool)
     return found_inf
 
 
-def load_state_own_dtypes(optimizer, state_dict, scalar_keys=(), scalar_dtype=None, check=None) -> dict:
-    """torch's ``load_state_dict`` (its pre- and post-hooks honoured), then every loaded state
-    tensor copied in with its own dtype (torch casts floating state to the parameter's: fp32
-    state of 16-bit parameters would become 16-bit) and storage (not shared with the dict
-    loaded); ``scalar_keys`` become ``scalar_dtype``.  ``check(sd)`` runs before torch loads
-    anything.  Returns the state dict torch loaded (after the user's pre-hooks)."""
-    hooked = {}
-
-    def capture(opt, sd):
-        if check is not None:
-            check(sd)
-        hooked["sd"] = sd
-
-    handle = optimizer.register_load_state_dict_pre_hook(capture)
-    try:
-        torch.optim.Optimizer.load_state_dict(optimizer, state_dict)
-    finally:
-        handle.remove()
-    loaded = hooked["sd"]
-    for saved_group, group in zip(loaded["param_groups"], optimizer.param_groups):
-        for pid, p in zip(saved_group["params"], group["params"]):
-            for key, value in loaded["state"].get(pid, {}).items():
-                if isinstance(value, torch.Tensor):
-                    dtype = scalar_dtype if key in scalar_keys else value.dtype
-                    optimizer.state[p][key] = value.to(device=p.device, dtype=dtype, copy=True)
-    return loaded
-
-
 def stats_by_layer(param_groups: list, stats: list) -> dict:
     """``layer_stats()``: rows of ``((group index, positions), [L, 7] stats)`` keyed by parameter
     name where names were given, else "group.index"; copies the statistics to the host."""

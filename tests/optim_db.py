@@ -154,15 +154,6 @@ optim_db = [
         not_applicable={
             "construct_with_an_unrunnable_backend": "its backends are checked at construction (there is no cuda one)",
         },
-        known_gaps={
-            "skipped_steps_in_state_dict": "its state_dict does not carry skipped_steps (a loaded optimizer counts from 0)",
-            "backend_kept_over_a_checkpoint": "its load_state_dict is torch's: a checkpoint's backend replaces the "
-                                              "constructor's",
-            "wrong_shaped_state_refused": "its load_state_dict does not check shapes: the next step fails instead",
-            "round_trips": "a deepcopy or pickle adds differentiable=False to its defaults (torch's __setstate__)",
-            "strided_view_parameters": "its cpp kernels refuse a parameter with gaps (a clear error) where the SGD "
-                                       "rules step a dense copy",
-        },
     ),
 ]
 
