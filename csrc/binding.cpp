@@ -377,12 +377,11 @@ void use_clip(const std::optional<Tensor>& clip, cblr::cpu::AdamConfig& cfg) {
   cfg.clip = clip->item<float>();
 }
 
-cblr::cpu::AdamConfig adam_config(const std::string& rule, const std::optional<Tensor>& grad_scale,
-                                  const std::optional<Tensor>& clip, double beta1, double beta2, double eps,
-                                  double weight_decay, bool bias_correction) {
+// What the element math of every Adam op reads (the ratio's hyperparameters aside).
+cblr::cpu::AdamConfig adam_math_config(const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& clip,
+                                       double beta1, double beta2, double eps, double weight_decay,
+                                       bool bias_correction) {
   cblr::cpu::AdamConfig cfg;
-  cfg.rule = kCheck.rule(rule);
-  TORCH_CHECK(cfg.rule != cblr::RULE_CBLR, kCheck.who, "the Adam base runs the rules lars and mclr (got 'cblr')");
   cfg.g_unscale = grad_unscale(grad_scale);
   use_clip(clip, cfg);
   cfg.beta1 = beta1;
@@ -391,6 +390,16 @@ cblr::cpu::AdamConfig adam_config(const std::string& rule, const std::optional<T
   cfg.weight_decay = weight_decay;
   cfg.bias_correction = bias_correction;
   cfg.threads = at::get_num_threads();
+  return cfg;
+}
+
+cblr::cpu::AdamConfig adam_config(const std::string& rule, const std::optional<Tensor>& grad_scale,
+                                  const std::optional<Tensor>& clip, double beta1, double beta2, double eps,
+                                  double weight_decay, bool bias_correction) {
+  const cblr::Rule rule_id = kCheck.rule(rule);
+  TORCH_CHECK(rule_id != cblr::RULE_CBLR, kCheck.who, "the Adam base runs the rules lars and mclr (got 'cblr')");
+  cblr::cpu::AdamConfig cfg = adam_math_config(grad_scale, clip, beta1, beta2, eps, weight_decay, bias_correction);
+  cfg.rule = rule_id;
   return cfg;
 }
 
@@ -505,7 +514,7 @@ TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
   m.impl("adam_update_", &adam_update_);
 }
 
-// CBLR on the Adam direction: the secant's sums (csrc/cpu/adam_secant.h).
+// CBLR on the Adam direction: the secant's sums (csrc/cpu/adam_secant.h) and its pass 2.
 namespace {
 
 // A layer's gradient in its math type: 16-bit ones converted to fp32 (kept alive in `converted`).
@@ -533,13 +542,8 @@ Tensor adam_secant_sums(at::TensorList params, at::TensorList grads, at::TensorL
     kCheck.companion(params[i], exp_avg_sqs[i], state_dtype(params[i]), "exp_avg_sq", i);
     kCheck.scalar_state(steps[i], at::kFloat, 1, kCpu, "step", i);
   }
-  cblr::cpu::AdamConfig cfg;
-  cfg.g_unscale = grad_unscale(grad_scale);
-  use_clip(clip, cfg);
-  cfg.beta2 = beta2;
-  cfg.eps = eps;
-  cfg.bias_correction = bias_correction;
-  cfg.threads = at::get_num_threads();
+  // β1 and λ: not read by the secant.
+  const cblr::cpu::AdamConfig cfg = adam_math_config(grad_scale, clip, 0.0, beta2, eps, 0.0, bias_correction);
   std::vector<Tensor> converted;
   std::vector<cblr::cpu::SecantLayer> layers(count);
   for (size_t i = 0; i < count; ++i) {
@@ -557,10 +561,39 @@ Tensor adam_secant_sums(at::TensorList params, at::TensorList grads, at::TensorL
   return sums;
 }
 
+// Its pass 2, the Adam base's update (adam_passes.h) with each layer's α given and the
+// moves s = α·u written into prev_steps; nothing is written when found_inf.
+Tensor adam_secant_update_(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList steps, at::TensorList prev_steps,
+                           const Tensor& alpha, const Tensor& found_inf, const std::optional<Tensor>& grad_scale,
+                           const std::optional<Tensor>& clip, double beta1, double beta2, double eps,
+                           double weight_decay, bool bias_correction) {
+  const cblr::cpu::AdamConfig cfg =
+      adam_math_config(grad_scale, clip, beta1, beta2, eps, weight_decay, bias_correction);
+  std::vector<cblr::cpu::AdamLayer> layers = adam_layers(params, grads, exp_avgs, exp_avg_sqs, steps);
+  kCheck.count(prev_steps.size(), layers.size(), "previous steps", false);
+  for (size_t i = 0; i < layers.size(); ++i) {
+    kCheck.companion(params[i], prev_steps[i], state_dtype(params[i]), "previous step", i);
+    layers[i].s = prev_steps[i].data_ptr();
+  }
+  const int64_t rows = int64_t(layers.size());
+  kCheck.table(alpha, at::kDouble, {rows}, kCpu, "alpha");
+  TORCH_CHECK(found_inf.numel() == 1 && found_inf.device().is_cpu(), kCheck.who,
+              "found_inf is a one-element CPU tensor");
+  const bool skip = found_inf.item<bool>();
+  if (!skip) {
+    for (at::TensorList written : {params, exp_avgs, exp_avg_sqs, steps, prev_steps}) bump_versions(written);
+  }
+  Tensor step_norms = at::empty({rows}, at::kDouble);
+  cblr::cpu::adam_secant_apply_layers(cfg, layers, alpha.data_ptr<double>(), skip, step_norms.data_ptr<double>());
+  return step_norms;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(cblr_ext, CPU, m) {
   m.impl("adam_secant_sums", &adam_secant_sums);
+  m.impl("adam_secant_update_", &adam_secant_update_);
 }
 
 // An empty Python module, so that the setup.py build imports as ``cblr_ext._C``

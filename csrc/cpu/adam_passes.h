@@ -1,6 +1,7 @@
 // The Adam base's passes over all layers of a group (LAMB, and the median rule on the
 // Adam direction u): pass 1 forms m, v and u in registers and writes nothing; pass 2
-// forms them again from the same inputs and writes w, m, v and the step count.  u is
+// forms them again from the same inputs and writes w, m, v and the step count (and, for
+// CBLR on the Adam direction, whose ratio is given, its step s = α·u).  u is
 // recomputed, not stored: 44 bytes per fp32 parameter (pass 1 reads g, w, m, v; pass 2
 // reads them and writes w, m, v), where writing u out and reading it back would add 8.
 #pragma once
@@ -62,11 +63,12 @@ void adam_reduce_block(const P* w, const P* g, const math_t<P>* m, const math_t<
   nonfinite += zeros;
 }
 
-// Pass 2 of one block: writes m, v and w ← w − α·u (rounded to the storage type); adds
+// Pass 2 of one block: writes m, v and w ← w − α·u (rounded to the storage type), and with
+// KeepMoves the moves α·u into `moves` (CBLR's step s, kept for the next probe); adds
 // Σ(α·u)² of the moves.
-template <typename P, bool Clip>
-void adam_apply_block(P* w, const P* g, math_t<P>* m, math_t<P>* v, int64_t n, const AdamConstants<math_t<P>>& c,
-                      math_t<P> alpha, ChunkResult& r) {
+template <typename P, bool Clip, bool KeepMoves>
+void adam_apply_block(P* w, const P* g, math_t<P>* m, math_t<P>* v, math_t<P>* moves, int64_t n,
+                      const AdamConstants<math_t<P>>& c, math_t<P> alpha, ChunkResult& r) {
   using T = math_t<P>;
   double s2 = 0;
 #pragma omp simd reduction(+ : s2)
@@ -77,25 +79,27 @@ void adam_apply_block(P* w, const P* g, math_t<P>* m, math_t<P>* v, int64_t n, c
     m[i] = mv;
     v[i] = vv;
     w[i] = store<P>(wv - move);
+    if (KeepMoves) moves[i] = move;
     s2 += square_in_double(move);
   }
   r.s2 += s2;
 }
 
-// A layer's arrays from element `offset` on: w and g in the storage type P, m and v in
-// the math type.
+// A layer's arrays from element `offset` on: w and g in the storage type P, m, v and the
+// kept moves s (null where not kept) in the math type.
 template <typename P>
 struct AdamArrays {
   P* w;
   const P* g;
   math_t<P>* m;
   math_t<P>* v;
+  math_t<P>* s;
 };
 
 template <typename P>
 AdamArrays<P> adam_arrays(const AdamLayer& l, int64_t offset = 0) {
   return {static_cast<P*>(l.w) + offset, static_cast<const P*>(l.g) + offset, static_cast<math_t<P>*>(l.m) + offset,
-          static_cast<math_t<P>*>(l.v) + offset};
+          static_cast<math_t<P>*>(l.v) + offset, l.s ? static_cast<math_t<P>*>(l.s) + offset : nullptr};
 }
 
 // The quotient |u_i|/|w_i| of element i, for w_i ≠ 0 (the median's scalar paths).
@@ -167,11 +171,34 @@ void adam_apply_chunk(const AdamConfig& cfg, const AdamLayer& l, const Chunk& ch
   const int64_t n = chunk.end - chunk.begin;
   const AdamArrays<P> a = adam_arrays<P>(l, chunk.begin);
   with_flag(cfg.has_clip, [&](auto clip) {
-    for (int64_t b = 0; b < n; b += kSumBlock) {
-      adam_apply_block<P, clip.value>(a.w + b, a.g + b, a.m + b, a.v + b, std::min(kSumBlock, n - b), c, T(alpha),
-                                      r);
-    }
+    with_flag(a.s != nullptr, [&](auto keep) {
+      for (int64_t b = 0; b < n; b += kSumBlock) {
+        adam_apply_block<P, clip.value, keep.value>(a.w + b, a.g + b, a.m + b, a.v + b, keep.value ? a.s + b : nullptr,
+                                                    std::min(kSumBlock, n - b), c, T(alpha), r);
+      }
+    });
   });
+}
+
+// The update over every layer: w ← w − α_i·u with m, v (and the moves, where a layer keeps
+// them) written, then the step counts advanced; returns ‖α_i·u‖ per layer.
+std::vector<double> adam_move_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& layers,
+                                     const double* alphas) {
+  const std::vector<Chunk> chunks = make_chunks(layers);
+  std::vector<ChunkResult> results(chunks.size());
+  parallel_items(int64_t(chunks.size()), cfg.threads, total_elements(layers), [&](int64_t k) {
+    const Chunk& c = chunks[k];
+    dispatch(layers[c.layer].dtype, [&](auto tag) {
+      adam_apply_chunk<decltype(tag)>(cfg, layers[c.layer], c, alphas[c.layer], results[k]);
+    });
+  });
+  const std::vector<LayerSums> sums = sum_chunks(layers.size(), chunks, results);
+  std::vector<double> step_norms(layers.size());
+  for (size_t i = 0; i < layers.size(); ++i) {
+    step_norms[i] = norm_from_sum(sums[i].s2);
+    *layers[i].step = *layers[i].step + 1.0f;  // read by every chunk above: advanced last
+  }
+  return step_norms;
 }
 
 }  // namespace
@@ -283,19 +310,18 @@ void adam_apply_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& laye
     row[STAT_FALLBACK] = r.fallback ? 1.0 : 0.0;
   }
   if (skip) return;
-  const std::vector<Chunk> chunks = make_chunks(layers);
-  std::vector<ChunkResult> results(chunks.size());
-  parallel_items(int64_t(chunks.size()), cfg.threads, total_elements(layers), [&](int64_t k) {
-    const Chunk& c = chunks[k];
-    dispatch(layers[c.layer].dtype, [&](auto tag) {
-      adam_apply_chunk<decltype(tag)>(cfg, layers[c.layer], c, alphas[c.layer], results[k]);
-    });
-  });
-  const std::vector<LayerSums> sums = sum_chunks(count, chunks, results);
-  for (size_t i = 0; i < count; ++i) {
-    stats[i * STAT_COLUMNS + STAT_STEP_NORM] = norm_from_sum(sums[i].s2);
-    *layers[i].step = *layers[i].step + 1.0f;  // read by every chunk above: advanced last
+  const std::vector<double> step_norms = adam_move_layers(cfg, layers, alphas.data());
+  for (size_t i = 0; i < count; ++i) stats[i * STAT_COLUMNS + STAT_STEP_NORM] = step_norms[i];
+}
+
+void adam_secant_apply_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& layers, const double* alphas,
+                              bool skip, double* step_norms) {
+  if (skip) {
+    std::fill(step_norms, step_norms + layers.size(), 0.0);
+    return;
   }
+  const std::vector<double> norms = adam_move_layers(cfg, layers, alphas);
+  std::copy(norms.begin(), norms.end(), step_norms);
 }
 
 }  // namespace cblr::cpu::CBLR_ISA

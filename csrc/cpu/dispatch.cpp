@@ -82,6 +82,11 @@ void adam_apply_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& laye
   kernels().adam_apply(cfg, layers, reduction, skip, lr, stats);
 }
 
+void adam_secant_apply_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& layers, const double* alphas,
+                              bool skip, double* step_norms) {
+  kernels().adam_secant_apply(cfg, layers, alphas, skip, step_norms);
+}
+
 void gather_layers(const std::vector<HistogramLayer>& layers, int top, double weight_decay, int threads,
                    std::vector<int32_t>& keys, int64_t* layer_counts) {
   kernels().gather(layers, top, weight_decay, threads, keys, layer_counts);

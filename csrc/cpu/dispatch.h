@@ -18,6 +18,7 @@ struct KernelTable {
   decltype(&cpu::grad_sq_layers) grad_sq;
   decltype(&cpu::adam_reduce_layers) adam_reduce;
   decltype(&cpu::adam_apply_layers) adam_apply;
+  decltype(&cpu::adam_secant_apply_layers) adam_secant_apply;
   decltype(&cpu::gather_layers) gather;
 };
 

@@ -26,7 +26,7 @@ const KernelTable* CBLR_JOIN(CBLR_ISA, _kernels)() {
                                  &CBLR_ISA::copy_layers, &CBLR_ISA::shift_layers,
                                  &CBLR_ISA::histogram_layers, &CBLR_ISA::grad_sq_layers,
                                  &CBLR_ISA::adam_reduce_layers, &CBLR_ISA::adam_apply_layers,
-                                 &CBLR_ISA::gather_layers};
+                                 &CBLR_ISA::adam_secant_apply_layers, &CBLR_ISA::gather_layers};
   return &table;
 }
 

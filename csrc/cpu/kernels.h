@@ -126,6 +126,7 @@ struct AdamLayer {
   void* v = nullptr;
   float* step = nullptr;
   bool adapt = false;
+  void* s = nullptr;  // where pass 2 keeps the moves α·u (CBLR's step, math type), or null
 };
 
 // Group hyperparameters of one Adam step; g is read as g·g_unscale, then ÷ clip (the
@@ -159,6 +160,12 @@ void adam_reduce_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& lay
 // are taken first; when skip, nothing is written but the statistics.
 void adam_apply_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& layers, const ReductionIn& reduction,
                        bool skip, float lr, double* stats);
+
+// Pass 2 of CBLR on the Adam direction, each layer's α = γ·r given: w ← w − α·u with m, v
+// and the moves s = α·u (AdamLayer::s) written and the step count advanced;
+// step_norms[i] = ‖α_i·u‖.  When skip, nothing is written but step_norms (0).
+void adam_secant_apply_layers(const AdamConfig& cfg, const std::vector<AdamLayer>& layers, const double* alphas,
+                              bool skip, double* step_norms);
 
 }  // namespace cpu
 }  // namespace cblr
