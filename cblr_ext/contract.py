@@ -78,7 +78,8 @@ SCHEMAS = {
 STEP_OPS = ("layerwise_reduce", "layerwise_update_", "probe_shift_", "probe_restore_")
 # The Adam base's ops: the reference implements them (the default kernel on every device).
 ADAM_OPS = ("grad_sq_sums", "adam_reduce", "adam_update_")
-# CBLR on the Adam direction's ops: the reference implements them (the default kernel on every device).
+# CBLR on the Adam direction's ops: the reference implements them (the default kernel on every device);
+# the C++ CPU kernels both; Triton adam_secant_sums only; CUDA neither (the reference runs there).
 ADAM_PROBE_OPS = ("adam_secant_sums", "adam_secant_update_")
 # Sharded groups' ops: the reference and the C++ CPU kernel (csrc/binding.cpp).
 SHARDED_OPS = ("median_histogram", "median_candidates", "median_candidate_histogram")

@@ -362,3 +362,60 @@ def test_triton_backend_steps_as_the_reference():
         results.append([p.detach() for p in params])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def _secant_update_inputs(dtype, sizes, seed):
+    """w, g, m, v, step, s of each layer (m, v, s in the state dtype: fp32 for 16-bit w)."""
+    gen = torch.Generator().manual_seed(seed)
+    state = torch.promote_types(dtype, torch.float32)
+    rand = lambda n, scale=1.0: (torch.randn(n, generator=gen, dtype=torch.float64) * scale)  # noqa: E731
+    return ([rand(n).to(dtype) for n in sizes], [rand(n, 64.0).to(dtype) for n in sizes],
+            [rand(n, 0.1).to(state) for n in sizes],
+            [(torch.rand(n, generator=gen, dtype=torch.float64) * 0.01).to(state) for n in sizes],
+            [torch.tensor(float(i + 2)) for i in range(len(sizes))], [rand(n, 1e-3).to(state) for n in sizes])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16],
+                         ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("found_inf", [False, True])
+@pytest.mark.parametrize("sizes", [[70001, 65536, 9, 0], []], ids=["chunks", "empty"])
+def test_cpp_secant_update_matches_the_reference(dtype, found_inf, sizes):
+    """m, v and the step count bit-identical to the reference; w and s within an fp32 ulp
+    (torch's vector square root, tests/test_lamb.py); a skipped step leaves every input's bits."""
+    inputs = _secant_update_inputs(dtype, sizes, 21)
+    before = [[t.clone() for t in role] for role in inputs]
+    got_in, want_in = [[t.clone() for t in role] for role in inputs], [[t.clone() for t in role] for role in inputs]
+    alpha = torch.linspace(0.01, 0.04, len(sizes), dtype=torch.float64)
+    rest = (alpha, torch.tensor(found_inf), torch.tensor([64.0]), torch.tensor(1.7), 0.9, 0.999, 1e-6, 0.01, True)
+    got = ops.OPS.adam_secant_update_(*got_in, *rest)
+    want = ops.REFERENCE_OPS.adam_secant_update_(*want_in, *rest)
+    assert got.dtype == torch.float64 and got.shape == (len(sizes),)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    if found_inf:
+        for role, original in zip(got_in, before):
+            assert all(torch.equal(a, b) for a, b in zip(role, original))
+        return
+    for name, k in (("exp_avg", 2), ("exp_avg_sq", 3), ("step", 4)):
+        assert all(torch.equal(a, b) for a, b in zip(got_in[k], want_in[k])), name
+    ulp = 1e-6 if dtype in (torch.float32, torch.float64) else 1e-2
+    for k in (0, 5):
+        for a, b in zip(got_in[k], want_in[k]):
+            if b.numel():
+                torch.testing.assert_close(a.double(), b.double(), rtol=ulp, atol=ulp * float(b.abs().max()))
+
+
+def test_cpp_registers_the_secant_update_for_the_cpu():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("cblr_ext::adam_secant_update_", "CPU")
+
+
+def test_cpp_steps_as_the_reference_over_20_steps():
+    loss = Quadratic(22)
+    results = []
+    for backend in ("reference", "cpp"):
+        params = _params(23)
+        opt = LAMB(params, lr=0.01, rule="cblr", curvature_ema=0.5, backend=backend)
+        for _ in range(20):
+            opt.step(loss.closure_for(params))
+        results.append([p.detach() for p in params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
