@@ -273,9 +273,6 @@ class LAMB(CheckpointedOptimizer):
         shardings = [distributed.sharding(gi, group, params, grads, positions, "LAMB")
                      for gi, positions, group, params, grads in collected]
         for (gi, positions, group, params, grads), sharding in zip(collected, shardings):
-            if sharding is not None and group["rule"] == "cblr":
-                raise ValueError(f"param group {gi}: rule 'cblr' is not supported for DTensor parameters")
-        for (gi, positions, group, params, grads), sharding in zip(collected, shardings):
             held_grads = grads
             if group.get("maximize", False):  # (absent in older checkpoints) the moments take −g of −f
                 grads = torch._foreach_neg(grads)

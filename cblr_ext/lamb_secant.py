@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import backends
+from . import backends, distributed
 from . import functional as F
 from . import layer_math as lm
 from . import ops
@@ -28,25 +28,24 @@ from .step_common import NewState
 @dataclass(frozen=True)
 class SecantProbe:
     """What ``CurvatureProbe`` takes of one group (its duck type): ``params`` and ``grads``
-    as the optimizer holds them (``.grad`` is swapped on these), the previous steps, which
-    layers measure, and who shifts them.  The parameters go back to w_t right after the
-    closure (the update reads w_t, not a saved copy)."""
+    as the optimizer holds them (DTensors under FSDP2: ``.grad`` is swapped on these), the
+    local shards it shifts and the previous steps as the kernels take them, which layers
+    measure, and who shifts them.  The parameters go back to w_t right after the closure
+    (the update reads w_t, not a saved copy)."""
 
     params: list
     grads: list
-    prev_steps: list   # s_{t−1} per layer, None before its first applied step
+    probe_params: list  # the local shards of ``params`` (the same tensors where none is a DTensor)
+    prev_steps: list   # s_{t−1} per layer (local shards), None before its first applied step
     measures: list     # host bools: adapted, due and with a previous step
     probe_backend: backends.Backend
     maximize: bool     # the moments take −g: so does the secant
     kernel_params: list  # what the kernels update per layer (a strided view's dense copy): its layout
     probe_restores = True
 
-    @property
-    def probe_params(self) -> list:
-        return self.params
-
     def probe_grad(self, i: int, grad):
-        grad = in_layout_of(grad, self.kernel_params[i])
+        # the local shard of g_s (as pass 1 takes g_t's), in the layout the kernels update
+        grad = in_layout_of(distributed.local(grad), self.kernel_params[i])
         return -grad if self.maximize else grad
 
 
@@ -61,12 +60,13 @@ def init_state(states: list, params: list) -> None:
 def make_probe(group: dict, params: list, grads: list, states: list, adapt: list, kernel_params: list) -> SecantProbe:
     """The group's probe for this step (``grads``: the gradients as ``.grad`` holds them;
     ``kernel_params``: what the kernels update)."""
-    prev_steps = [s.get("prev_step") for s in states]
+    prev_steps = [None if s.get("prev_step") is None else distributed.local(s["prev_step"]) for s in states]
     k = group["curvature_interval"]
     due = [True] * len(states) if k == 1 else lm.measurement_due(torch.stack([s["age"] for s in states]), k).tolist()
     device = params[0].device
-    probe_backend = backends.addressing(backends.for_params(group["backend"], device, params), params)
-    return SecantProbe(params=params, grads=grads, prev_steps=prev_steps,
+    local_params = [distributed.local(p) for p in params]
+    probe_backend = backends.addressing(backends.for_params(group["backend"], device, params), local_params)
+    return SecantProbe(params=params, grads=grads, probe_params=local_params, prev_steps=prev_steps,
                        measures=[a and d and s is not None for a, d, s in zip(adapt, due, prev_steps)],
                        probe_backend=probe_backend, maximize=bool(group.get("maximize", False)),
                        kernel_params=kernel_params)
@@ -119,9 +119,12 @@ def update_(g, reduction: F.Reduction, measured: torch.Tensor, found_inf: torch.
         max_ratio=None if hp["max_ratio"] is None else float(hp["max_ratio"]), weight_decay=0.0, eps=0.0,
         fallback_trust=float(hp["fallback_trust"]))
     alpha = lm.layer_alpha(ratio, lr)
+    # Made like the parameters as the optimizer holds them (DTensors: DCP saves and reshards
+    # s as it does m and v); the kernel writes their local shards.
     prev_steps = NewState(found_inf).buffers(
-        "prev_step", g.params, states,
+        "prev_step", g.probe.params, states,
         lambda p: torch.zeros_like(p, dtype=F.state_dtype(p), memory_format=torch.preserve_format))
+    prev_steps = [distributed.local(s) for s in prev_steps]
     step_norm = secant_op(g.ops, "adam_secant_update_")(
         g.params, g.grads, g.exp_avgs, g.exp_avg_sqs, g.steps, prev_steps, alpha,
         found_inf, grad_scale, clip, *hp["betas"], float(hp["eps"]), float(F.applied_weight_decay(hp)),

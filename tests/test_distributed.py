@@ -160,17 +160,9 @@ def test_dcp_checkpoint_resumes_bit_identically(two_ranks, config):
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP: loading in one process, as meant
 @pytest.mark.parametrize("config", ["mclr", "cblr"])
 def test_sharded_checkpoint_loads_into_one_process(two_ranks, config):
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
     result = ranks(two_ranks, "checkpoint")[0][config]
     with one_thread():
-        model = W.plain_model()
-        opt = W.make_optimizer(model, config, "cpp")
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(state, checkpoint_id=result["path"])
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
+        model, opt = W.load_in_one_process(result["path"], lambda model: W.make_optimizer(model, config, "cpp"))
         assert all(torch.is_tensor(s.get("momentum_buffer")) for s in opt.state.values())
         stats = W.train(model, opt, 4)
     assert_params_close(dict(model.named_parameters()), result["went_on"]["params"], 1e-6)

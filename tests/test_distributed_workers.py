@@ -168,25 +168,30 @@ def scenario_tp(mesh, out):
     return result
 
 
+def step_with_nan_on_one_rank(model, opt, poisoned_call: int) -> dict:
+    """After 3 steps, one step whose closure's ``poisoned_call``-th call (1: g_t; 2: the
+    probe's g_s) leaves a NaN in rank 1's first non-empty gradient shard: whether every
+    parameter shard and state tensor of this rank kept its bytes, the skip count, the calls."""
+    train(model, opt, 3)
+    x, y = batch()
+    calls = []
+
+    def poison():
+        calls.append(1)
+        if dist.get_rank() == 1 and len(calls) == poisoned_call:
+            p = next(q for q in model.parameters() if q.grad.to_local().numel())
+            p.grad.to_local().view(-1)[0] = float("nan")
+    before = snapshot(model, opt)
+    opt.step(make_closure(model, opt, x, y, poison))
+    return dict(unchanged=snapshot(model, opt) == before, skipped=opt.skipped_steps, closure_calls=len(calls))
+
+
 def scenario_nan_one_rank(mesh, out):
     """A NaN in one rank's shard of g_t: every rank skips, nothing changes anywhere."""
     result = {}
     for config in ("mclr", "cblr"):
         model = fsdp_model(mesh)
-        opt = make_optimizer(model, config, "cpp")
-        train(model, opt, 3)
-        x, y = batch()
-        calls = []
-
-        def poison():  # the closure's first call (g_t) on rank 1 only
-            calls.append(1)
-            if dist.get_rank() == 1 and len(calls) == 1:
-                p = next(q for q in model.parameters() if q.grad.to_local().numel())
-                p.grad.to_local().view(-1)[0] = float("nan")
-        before = snapshot(model, opt)
-        opt.step(make_closure(model, opt, x, y, poison))
-        result[config] = dict(unchanged=snapshot(model, opt) == before, skipped=opt.skipped_steps,
-                              closure_calls=len(calls))
+        result[config] = step_with_nan_on_one_rank(model, make_optimizer(model, config, "cpp"), poisoned_call=1)
     return result
 
 
@@ -200,45 +205,70 @@ def scenario_collective_count(mesh, out):
         for widths in (WIDTHS, LONG_WIDTHS):
             model = fsdp_model(mesh, widths)
             opt = make_optimizer(model, config.removesuffix("_two_groups"), "cpp", **overrides)
-            x, y = batch(widths)
-            inner = make_closure(model, opt, x, y)
-
-            def closure():
-                with paused():
-                    return inner()
-            counts = []
-            with counting_collectives(counts):
-                for _ in range(3):
-                    counts.append([])
-                    opt.step(closure)
-            result[config, len(widths) - 1] = counts
+            result[config, len(widths) - 1] = collectives_per_step(model, opt, widths)
     return result
+
+
+def collectives_per_step(model, opt, widths, steps: int = 3) -> list:
+    """(name, bytes) of every collective of each of ``steps`` steps, the closure's left out."""
+    x, y = batch(widths)
+    inner = make_closure(model, opt, x, y)
+
+    def closure():
+        with paused():
+            return inner()
+    counts = []
+    with counting_collectives(counts):
+        for _ in range(steps):
+            counts.append([])
+            opt.step(closure)
+    return counts
 
 
 def scenario_checkpoint(mesh, out):
     """Save through torch.distributed.checkpoint after 4 steps, go on 4 steps; a fresh model
     and optimizer loaded from the checkpoint go on the same 4 steps."""
+    return {config: checkpoint_round_trip(mesh, os.path.join(out, f"checkpoint-{config}"),
+                                          lambda model: make_optimizer(model, config, "cpp"))
+            for config in ("mclr", "cblr")}
+
+
+def checkpoint_round_trip(mesh, path: str, make) -> dict:
+    """Save the FSDP2 model and ``make(model)``'s optimizer through DCP after 4 steps, go on
+    4 steps; a fresh model and optimizer loaded from ``path`` go on the same 4 steps."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                          set_model_state_dict, set_optimizer_state_dict)
-    result = {}
-    for config in ("mclr", "cblr"):
-        path = os.path.join(out, f"checkpoint-{config}")
-        model = fsdp_model(mesh)
-        opt = make_optimizer(model, config, "cpp")
-        train(model, opt, 4)
-        dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-                 checkpoint_id=path)
-        went_on = dict(stats=train(model, opt, 4), params=full_params(model))
-        model = fsdp_model(mesh)
-        opt = make_optimizer(model, config, "cpp")
-        state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-        dcp.load(state, checkpoint_id=path)
-        set_model_state_dict(model, state["model"])
-        set_optimizer_state_dict(model, opt, state["optim"])
-        resumed = dict(stats=train(model, opt, 4), params=full_params(model))
-        result[config] = dict(path=path, went_on=went_on, resumed=resumed)
-    return result
+    model = fsdp_model(mesh)
+    opt = make(model)
+    train(model, opt, 4)
+    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
+             checkpoint_id=path)
+    went_on = dict(stats=train(model, opt, 4), params=full_params(model))
+    model = fsdp_model(mesh)
+    opt = make(model)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    state_types = sorted({(key, type(value).__name__) for s in opt.state.values() for key, value in s.items()})
+    return dict(path=path, went_on=went_on, resumed=dict(stats=train(model, opt, 4), params=full_params(model)),
+                state_types=state_types)
+
+
+def load_in_one_process(path: str, make):
+    """The plain model and ``make(model)``'s optimizer loaded from the DCP checkpoint at
+    ``path`` (saved by ranks), in this process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                         set_model_state_dict, set_optimizer_state_dict)
+    model = plain_model()
+    opt = make(model)
+    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
+    dcp.load(state, checkpoint_id=path)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, opt, state["optim"])
+    return model, opt
 
 
 def scenario_ddp(mesh, out):
@@ -370,11 +400,17 @@ def run_script(world: int, code: str, out: str, timeout: float) -> list:
 # ------------------------------------------------------- the Adam base (LAMB)
 
 CLIP = 0.25  # below the model's first gradient norm (~0.54): the global clip bites
-LAMB_CONFIGS = {  # name: LAMB's keywords (every one clips but the last)
+LAMB_CONFIGS = {  # name: LAMB's keywords (every one clips but the nvlamb one)
     "lamb": dict(lr=0.01, weight_decay=0.01, max_grad_norm=CLIP),
     "lamb_mclr": dict(lr=0.01, weight_decay=0.01, rule="mclr", max_ratio=50.0, max_grad_norm=CLIP),
     "lamb_two_groups": dict(lr=0.01, weight_decay=0.01, two_groups=True, max_grad_norm=CLIP),
     "lamb_nvlamb_unclipped": dict(lr=0.01, weight_decay=0.0, nvlamb=True, max_grad_norm=None, exclude_1d=True),
+    # CBLR: the secant on every step, κ̄ averaged; two groups, the vectors' without decay (not
+    # adapted).  Then re-measured every 2nd step (κ̄ reused in between), unclipped.  (lr: both
+    # keep a valid κ̄ on every step after the first: tests/test_lamb_distributed.py.)
+    "lamb_cblr": dict(lr=0.5, weight_decay=0.01, rule="cblr", max_ratio=50.0, curvature_ema=0.9,
+                      two_groups=True, max_grad_norm=CLIP),
+    "lamb_cblr_every_2nd": dict(lr=1.0, weight_decay=0.01, rule="cblr", curvature_interval=2, max_grad_norm=None),
 }
 
 
@@ -405,61 +441,28 @@ def scenario_lamb_parity(mesh, out):
 
 
 def scenario_lamb_nan_one_rank(mesh, out):
-    """A NaN in one rank's shard of g: every rank skips; params, m, v, step counts unchanged."""
+    """A NaN in one rank's shard of g (for CBLR: of g_t, or of the probe's g_s): every rank
+    skips; params, m, v, step counts (and κ̄, age, s) unchanged."""
+    cases = {"lamb": ("lamb", 1), "lamb_mclr": ("lamb_mclr", 1), "lamb_cblr": ("lamb_cblr", 1),
+             "lamb_cblr_probe": ("lamb_cblr", 2)}
     result = {}
-    for config in ("lamb", "lamb_mclr"):
+    for case, (config, poisoned_call) in cases.items():
         model = fsdp_model(mesh)
-        opt = make_lamb(model, config, "reference")
-        train(model, opt, 3)
-        x, y = batch()
-
-        def poison():
-            if dist.get_rank() == 1:
-                p = next(q for q in model.parameters() if q.grad.to_local().numel())
-                p.grad.to_local().view(-1)[0] = float("nan")
-        before = snapshot(model, opt)
-        opt.step(make_closure(model, opt, x, y, poison))
-        result[config] = dict(unchanged=snapshot(model, opt) == before, skipped=opt.skipped_steps)
+        result[case] = step_with_nan_on_one_rank(model, make_lamb(model, config, "reference"), poisoned_call)
     return result
 
 
 def scenario_lamb_collective_count(mesh, out):
     """Collectives of each LAMB step outside the closure."""
     result = {}
-    for config in ("lamb", "lamb_mclr", "lamb_two_groups", "lamb_nvlamb_unclipped"):
+    for config in LAMB_CONFIGS:
         model = fsdp_model(mesh, LONG_WIDTHS)
-        opt = make_lamb(model, config, "reference")
-        x, y = batch(LONG_WIDTHS)
-        inner = make_closure(model, opt, x, y)
-
-        def closure():
-            with paused():
-                return inner()
-        counts = []
-        with counting_collectives(counts):
-            for _ in range(3):
-                counts.append([])
-                opt.step(closure)
-        result[config] = counts
+        result[config] = collectives_per_step(model, make_lamb(model, config, "reference"), LONG_WIDTHS)
     return result
 
 
 def scenario_lamb_checkpoint(mesh, out):
     """DCP: save after 4 steps, go on 4; a fresh model and LAMB loaded from it go on the same 4."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                         set_model_state_dict, set_optimizer_state_dict)
-    path = os.path.join(out, "checkpoint-lamb")
-    model = fsdp_model(mesh)
-    opt = make_lamb(model, "lamb_mclr", "reference")
-    train(model, opt, 4)
-    dcp.save({"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)},
-             checkpoint_id=path)
-    went_on = dict(stats=train(model, opt, 4), params=full_params(model))
-    model = fsdp_model(mesh)
-    opt = make_lamb(model, "lamb_mclr", "reference")
-    state = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, opt)}
-    dcp.load(state, checkpoint_id=path)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, opt, state["optim"])
-    return dict(went_on=went_on, resumed=dict(stats=train(model, opt, 4), params=full_params(model)))
+    return {config: checkpoint_round_trip(mesh, os.path.join(out, f"checkpoint-{config}"),
+                                          lambda model: make_lamb(model, config, "reference"))
+            for config in ("lamb_mclr", "lamb_cblr")}
