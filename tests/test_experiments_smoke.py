@@ -106,11 +106,12 @@ def test_screened_entries_name_every_rule_dependent_option():
     assert not any(missing.values()), missing
 
 
-def test_adam_preset_runs_adamw_lamb_and_the_median_rule_end_to_end(tmp_path, capsys):
+def test_adam_preset_runs_adamw_lamb_and_the_median_and_secant_rules_end_to_end(tmp_path, capsys):
     import math
     from cblr_ext.experiments.optimizers import OPTIMIZERS
     config = preset_config("adam")
-    assert config.optimizers == ["AdamW", "LAMB", "LAMB-mclr"]
+    names = ["AdamW", "LAMB", "LAMB-mclr", "LAMB-cblr"]
+    assert config.optimizers == names
     assert config.batch_sizes == {"mnist1d": [256, 4096, 8192], "teacher": [256, 4096, 8192]} and config.seeds == 3
     for name in config.optimizers:   # the same budget: five points a factor 2 apart
         grid = config.lr_grid(name)
@@ -121,20 +122,24 @@ def test_adam_preset_runs_adamw_lamb_and_the_median_rule_end_to_end(tmp_path, ca
                      "--out", str(out)]) == 0
     results = json.loads((out / "results.json").read_text())["results"]
     assert [(r["optimizer"], r["batch_size"]) for r in results] == [
-        (name, batch) for batch in (128, 256) for name in ("AdamW", "LAMB", "LAMB-mclr")]
+        (name, batch) for batch in (128, 256) for name in names]
     for r in results:
         assert r["lr"] == OPTIMIZERS[r["optimizer"]].lr_grid[2]          # the grid's centre
         assert r["steps"]["mean"] == 512 // r["batch_size"]               # one epoch of 512 samples
         assert not r["diverged_seeds"] and all(math.isfinite(v) for v in r["test_acc"]["values"])
         assert len(r["test_acc"]["values"]) == 2
-    rows = (out / "results.txt").read_text().splitlines()[2:8]
+        # the loss change on the same batch exists only where the step evaluated the closure
+        # a second time, at w + s: LAMB-cblr's curvature probe, on every step after the first
+        same_batch = r["telemetry"]["mean_loss_drop_same_batch"]
+        assert (same_batch is not None and math.isfinite(same_batch)) == (r["optimizer"] == "LAMB-cblr")
+    rows = (out / "results.txt").read_text().splitlines()[2:10]
     assert [row.split()[2] for row in rows] == [r["optimizer"] for r in results]
 
 
 def test_adam_base_lr_follows_the_square_root_of_the_batch_from_4096():
     from cblr_ext.experiments.optimizers import OPTIMIZERS
     from cblr_ext.train import ScaledLR
-    for name in ("AdamW", "LAMB", "LAMB-mclr"):
+    for name in ("AdamW", "LAMB", "LAMB-mclr", "LAMB-cblr"):
         spec = OPTIMIZERS[name]
         opt = spec.make(list(torch.nn.Linear(3, 2).named_parameters()), 0.064)
         assert opt.param_groups[0]["weight_decay"] == 0.01
@@ -143,3 +148,6 @@ def test_adam_base_lr_follows_the_square_root_of_the_batch_from_4096():
         assert opt.param_groups[0]["lr"] == pytest.approx(0.032)      # 0.064 · √(1024/4096)
         rule.apply(16384, step=0)
         assert opt.param_groups[0]["lr"] == pytest.approx(0.128)      # 0.064 · √4
+    # the secant rule re-measures κ every step, as the SGD base's CBLR-k1 in the main study
+    group = OPTIMIZERS["LAMB-cblr"].make(list(torch.nn.Linear(3, 2).named_parameters()), 1.0).param_groups[0]
+    assert (group["rule"], group["curvature_interval"]) == ("cblr", 1)

@@ -9,6 +9,7 @@ import time
 from .data import DATASETS
 from .models import MODELS
 from .optimizers import OPTIMIZERS
+from .merge import merge_documents, read_results
 from .plots import write_all
 from .presets import PRESETS, preset_config
 from .report import batch_effect, legend, table, write_json
@@ -125,31 +126,51 @@ def run(args) -> int:
         print(note)
     os.makedirs(args.out, exist_ok=True)
     results = run_sweep(config, jobs=args.jobs, progress=not args.no_progress)
+    _write_results(args.out, dataclasses.asdict(config), results)
+    return 0
+
+
+def _write_results(out, config: dict, results) -> None:
+    """results.txt, results.json and the plots into ``out``, and the table to stdout."""
     text = table(results)
-    with open(os.path.join(args.out, "results.txt"), "w") as f:
+    with open(os.path.join(out, "results.txt"), "w") as f:
         f.write(text + "\n\ncolumns:\n" + legend() + "\n")
-    write_json(os.path.join(args.out, "results.json"), dataclasses.asdict(config), results)
-    plots = write_all(results, args.out)
+    write_json(os.path.join(out, "results.json"), config, results)
+    plots = write_all(results, out)
     print(text)
     print("\ncolumns:\n" + legend())
     effect = batch_effect(results)
     if effect:
         print("\n" + effect)
-    print(f"\nwrote {os.path.join(args.out, 'results.json')}, results.txt and plots:")
+    print(f"\nwrote {os.path.join(out, 'results.json')}, results.txt and plots:")
     for path in plots:
         print(f"  {path}")
-    return 0
 
 
-# the sweep's options that --transfer does not take (its preset fixes them all)
+# the sweep's options that --transfer (its preset fixes them all) and --merge (its parts did) do not take
 _SWEEP_ONLY = ("tasks", "batch_sizes", "epochs", "optimizers", "variants", "variant_batch_sizes",
                "variant_optimizers", "seeds", "train_size", "lr_points", "select")
 
 
-def run_transfer(args) -> int:
+def _refuse_sweep_options(args, mode: str, why: str) -> None:
     given = [f"--{name.replace('_', '-')}" for name in _SWEEP_ONLY if getattr(args, name) is not None]
     if given:
-        raise SystemExit(f"--transfer runs its preset's protocol as it is; drop {' '.join(given)}")
+        raise SystemExit(f"{mode} {why}; drop {' '.join(given)}")
+
+
+def run_merge(args) -> int:
+    _refuse_sweep_options(args, "--merge", "takes the configuration of the results it merges")
+    try:
+        config, results = merge_documents([read_results(folder) for folder in args.merge])
+    except ValueError as error:
+        raise SystemExit(f"--merge: {error}") from None
+    os.makedirs(args.out, exist_ok=True)
+    _write_results(args.out, config, results)
+    return 0
+
+
+def run_transfer(args) -> int:
+    _refuse_sweep_options(args, "--transfer", "runs its preset's protocol as it is")
     config = TRANSFER_PRESETS[args.transfer]
     started = time.perf_counter()
     result = run_protocol(config, jobs=args.jobs, progress=not args.no_progress)
@@ -169,5 +190,11 @@ def main(argv=None) -> int:
                              "choose each rule's candidate and γ on a selection suite, report them unchanged on "
                              "a held-out suite; tiny: seconds, short: about half an hour on 2 cores, full: the "
                              "whole protocol. Writes transfer.json, transfer.md and gamma_windows.png to --out")
+    parser.add_argument("--merge", nargs="+", metavar="DIR",
+                        help="instead of a sweep, merge the results.json of sweeps that differ only in their "
+                             "optimizers (run on this machine) into --out, as one sweep over all of them: "
+                             "results.json, results.txt and the plots")
     args = parser.parse_args(argv)
-    return run_transfer(args) if args.transfer else run(args)
+    if args.transfer and args.merge:
+        raise SystemExit("--transfer and --merge are two different jobs: give one")
+    return run_transfer(args) if args.transfer else run_merge(args) if args.merge else run(args)

@@ -120,27 +120,30 @@ OPTIMIZERS.update({name: OptimizerSpec(name, _layerwise(cls, **options), root2_g
                    for name, (_, cls, options, centre, rule) in _EDGE.items()})
 
 
-# The Adam base (docs/experiments.md, "The Adam base"): AdamW, LAMB and the median rule on the
-# Adam direction, with the AdamW convention's weight decay (0.01, decoupled) for all three and
+# The Adam base (docs/experiments.md, "The Adam base"): AdamW, LAMB and the median and secant
+# rules on the Adam direction, with the AdamW convention's weight decay (0.01, decoupled) for all four and
 # otherwise each one's defaults (LAMB: apex's ε = 1e-6 and global clip 1.0; AdamW: torch's).
 # Their γ follows the batch by the square-root rule (Malladi et al. 2022 for Adam; LARS's best
 # γ on MNIST-1D doubled per ×4 batch, 16 → 32 → 64 from 256 to 4096), from batch 4096.  The
 # centres: a ×4 look at batch 4096 (MNIST-1D, 15 epochs, seed 0) found every one's best
 # validation accuracy at 0.064 (AdamW 1e-3 … 0.064: 44, 62, 71, 73 %; LAMB and LAMB-mclr
-# 4e-3 … 0.256: 22/22, 51/53, 78/83, 9/9 %, the last diverged).
+# 4e-3 … 0.256: 22/22, 51/53, 78/83, 9/9 %, the last diverged).  LAMB-cblr's γ is the fraction
+# of the secant-Newton step (as CBLR's), so its look, the same ×4 points from 4e-3, went on
+# to 65.536: 12, 18, 26, 38, 61, 72, 9, 10 %, the best at 4.096 (16.384 stalled at chance).
 ADAM_WEIGHT_DECAY = 0.01
 ADAM_BASE_BATCH = 4096
 
 
-def _lamb(rule):
-    return lambda params, lr: LAMB(params, lr=lr, weight_decay=ADAM_WEIGHT_DECAY, rule=rule)
+def _lamb(rule, **options):
+    return lambda params, lr: LAMB(params, lr=lr, weight_decay=ADAM_WEIGHT_DECAY, rule=rule, **options)
 
 
 _ADAM_BASE = {
     "AdamW": (lambda params, lr: torch.optim.AdamW(params, lr=lr, weight_decay=ADAM_WEIGHT_DECAY), 0.064),
     "LAMB": (_lamb("lars"), 0.064),
     "LAMB-mclr": (_lamb("mclr"), 0.064),
-    # "LAMB-cblr" (CBLR's secant ratio on the Adam direction) goes here once the package has it.
+    # re-measuring κ every step, as the SGD base's CBLR-k1 (the main study's CBLR)
+    "LAMB-cblr": (_lamb("cblr", curvature_interval=1), 4.096),
 }
 OPTIMIZERS.update({name: OptimizerSpec(name, make, tuple(centre * 2.0 ** k for k in range(-2, 3)), "sqrt",
                                        ADAM_BASE_BATCH)

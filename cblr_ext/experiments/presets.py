@@ -14,7 +14,7 @@ from .sweep import SweepConfig
 QUICK_LR_GRIDS = {"SGD": (0.025, 0.05, 0.1), "LARS": (16.0, 32.0, 64.0), "MCLR": (4.0, 8.0, 16.0),
                   "CBLR-k1": (0.4, 0.8, 1.6)}
 MAIN_OPTIMIZERS = ["SGD", "LARS", "MCLR", "CBLR-k1"]
-ADAM_OPTIMIZERS = ["AdamW", "LAMB", "LAMB-mclr"]
+ADAM_OPTIMIZERS = ["AdamW", "LAMB", "LAMB-mclr", "LAMB-cblr"]
 
 PRESETS = {
     "quick": dict(tasks=[("mnist1d", "mlp")], batch_sizes={"mnist1d": [256, 4096]}, epochs={"mnist1d": 15},
