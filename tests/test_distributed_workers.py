@@ -278,17 +278,7 @@ def scenario_ddp(mesh, out):
     for config in ("lars", "mclr"):
         model = DistributedDataParallel(plain_model())
         opt = make_optimizer(model, config, "cpp")
-        x, y = batch()
-        inner = make_closure(model, opt, x, y)
-
-        def closure():
-            with paused():
-                return inner()
-        counts = []
-        with counting_collectives(counts):
-            for _ in range(STEPS):
-                counts.append([])
-                opt.step(closure)
+        counts = collectives_per_step(model, opt, WIDTHS, STEPS)
         result[config] = dict(collectives=sum(map(len, counts)),
                               params={n.removeprefix("module."): full(p) for n, p in model.named_parameters()})
     return result

@@ -350,20 +350,6 @@ def test_triton_secant_sums_match_the_reference_element_wise(dtype, scaled_and_c
     assert (got > 0).all()
 
 
-@interpreted
-def test_triton_backend_steps_as_the_reference():
-    loss = Quadratic(19)
-    results = []
-    for backend in ("reference", "triton"):
-        params = _params(20)
-        opt = LAMB(params, lr=0.01, rule="cblr", curvature_ema=0.5, backend=backend)
-        for _ in range(6):
-            opt.step(loss.closure_for(params))
-        results.append([p.detach() for p in params])
-    for a, b in zip(*results):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
-
-
 def _secant_update_inputs(dtype, sizes, seed):
     """w, g, m, v, step, s of each layer (m, v, s in the state dtype: fp32 for 16-bit w)."""
     gen = torch.Generator().manual_seed(seed)
@@ -408,13 +394,14 @@ def test_cpp_registers_the_secant_update_for_the_cpu():
     assert torch._C._dispatch_has_kernel_for_dispatch_key("cblr_ext::adam_secant_update_", "CPU")
 
 
-def test_cpp_steps_as_the_reference_over_20_steps():
+@pytest.mark.parametrize("backend, steps", [pytest.param("triton", 6, marks=interpreted), ("cpp", 20)])
+def test_backend_steps_as_the_reference(backend, steps):
     loss = Quadratic(22)
     results = []
-    for backend in ("reference", "cpp"):
+    for name in ("reference", backend):
         params = _params(23)
-        opt = LAMB(params, lr=0.01, rule="cblr", curvature_ema=0.5, backend=backend)
-        for _ in range(20):
+        opt = LAMB(params, lr=0.01, rule="cblr", curvature_ema=0.5, backend=name)
+        for _ in range(steps):
             opt.step(loss.closure_for(params))
         results.append([p.detach() for p in params])
     for a, b in zip(*results):
